@@ -1,0 +1,109 @@
+"""The segmentation network: a MONAI 3D U-Net body with two heads.
+
+* ``voxel`` head, full resolution, 2 sigmoid channels: marrow edema and bone.
+* ``sites`` head, half resolution, ``n_sites()+1`` softmax classes (0 = no bone).
+
+A 67-class head at full resolution costs more than the whole U-Net body on a CPU; bone sites are large
+structures, so they are classified at half resolution and sharpened by the full-resolution bone channel.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .sites import n_sites
+
+EDEMA, BONE = 0, 1
+
+
+class NetworkConfig(BaseModel):
+    """Architecture and input geometry: the one place that fixes the model's spacing and patch."""
+    model_config = ConfigDict(extra="forbid")
+
+    arch: Literal["unet", "basicunet"] = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    res_units: int = Field(1, ge=0, le=4)
+    features: int = Field(16, ge=4, description="channels of the shared feature map before the heads")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    patch: tuple[int, int, int] = (96, 96, 96)
+
+
+class WbmriNet(nn.Module):
+    """U-Net body, full-resolution edema/bone logits, half-resolution site logits."""
+
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        if cfg.arch == "unet":
+            from monai.networks.nets import UNet
+            if len(cfg.strides) != len(cfg.channels) - 1:
+                raise ValueError("network.strides needs one entry fewer than network.channels")
+            self.body = UNet(3, 1, cfg.features, cfg.channels, cfg.strides, num_res_units=cfg.res_units,
+                             dropout=cfg.dropout)
+        else:
+            from monai.networks.nets import BasicUNet
+            if len(cfg.channels) != 6:
+                raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
+            self.body = BasicUNet(3, 1, cfg.features, features=cfg.channels, dropout=cfg.dropout)
+        self.act = nn.PReLU(cfg.features)
+        self.voxel = nn.Conv3d(cfg.features, 2, 1)
+        self.sites = nn.Sequential(nn.Conv3d(cfg.features, 32, 1), nn.PReLU(32), nn.Conv3d(32, n_sites() + 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.act(self.body(x))
+        return self.voxel(feat), self.sites(nn.functional.avg_pool3d(feat, 2, ceil_mode=True))
+
+
+
+def build_network(cfg: NetworkConfig) -> WbmriNet:
+    return WbmriNet(cfg)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is a clear error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 would be emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CPUs with native bf16, fp16/bf16 on CUDA, otherwise a no-op context."""
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if cpu_supports_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_for_device(net: nn.Module, device: torch.device) -> nn.Module:
+    """Move to device; channels_last_3d where it speeds the convolutions."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last_3d)
+
+
+def size_divisor(cfg: NetworkConfig) -> int:
+    """Spatial input sizes must be multiples of this (the product of the U-Net strides)."""
+    out = 1
+    for s in cfg.strides:
+        out *= s
+    return out

@@ -1,0 +1,147 @@
+"""Safe NIfTI reading and atomic writing.
+
+Every check that can be made from the header is made before the voxel data is read, so a hostile or broken
+file is refused cheaply. Messages name the problem and never echo header free text (it may hold patient data).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import nibabel as nib
+import numpy as np
+
+DEFAULT_MAX_VOXELS = 120_000_000  # about 480 MB as float32; a 2 mm adult whole body is under 40 M
+
+
+class InputError(ValueError):
+    """A study that cannot be analysed; the message is safe to show to the user and to log."""
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A validated 3D volume: float32 voxels and the affine to RAS+ world millimetres."""
+    data: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
+
+    @property
+    def orientation(self) -> str:
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def _check_gzip(path: Path) -> None:
+    """Refuse truncated or corrupt gzip streams before nibabel meets them."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 22):
+                pass
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
+
+
+def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, int, int]:
+    """Validate shape, dimensionality, voxel budget and spacing from the header alone; return the 3D shape."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        raise InputError(f"image is {len(shape)}D (shape {shape}); a 3D volume is required")
+    if len(shape) > 3:
+        extra = shape[3:]
+        if any(s != 1 for s in extra):
+            raise InputError(f"image is 4D with {int(np.prod(extra))} volumes (shape {shape}); give one 3D volume")
+        shape = shape[:3]
+    if min(shape) < 2:
+        raise InputError(f"image shape {shape} has an axis of length 1: a 2D slice, not a volume")
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > max_voxels:
+        raise InputError(f"image has {n:,} voxels (shape {shape}), over the budget of {max_voxels:,}")
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise InputError("header affine is missing or not finite")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.any(zooms <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in zooms)} mm is zero or degenerate")
+    if np.any(zooms > 50):
+        raise InputError(f"voxel spacing {tuple(round(float(z), 2) for z in zooms)} mm is implausible (> 50 mm)")
+    return shape  # type: ignore[return-value]
+
+
+def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
+    """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`."""
+    if isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
+        img = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"no such file: {path.name}")
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+        if magic == b"\x1f\x8b":
+            _check_gzip(path)
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for non-NIfTI input
+            raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
+    shape = check_header(img, max_voxels)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise InputError(f"voxel data could not be read ({type(exc).__name__}: file truncated?)") from None
+    if not np.all(np.isfinite(data)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"image holds {bad:,} NaN or infinite voxels")
+    if float(data.max()) <= float(data.min()):
+        raise InputError("image is constant (e.g. all zero): nothing to analyse")
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64))
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type | None = None) -> None:
+    """Write a NIfTI-1 file (gzip when the name ends in .gz) with a clean header: no free text is copied."""
+    arr = np.asarray(data if dtype is None else data.astype(dtype, copy=False))
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    nib.save(img, str(path))

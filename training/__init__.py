@@ -1,0 +1,1 @@
+"""Training layer: the synthetic phantom, datasets, the training loop and evaluation. Builds on ``models``."""

@@ -1,0 +1,1 @@
+"""The synthetic paediatric whole-body STIR phantom with CNO lesions."""
