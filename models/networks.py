@@ -1,6 +1,6 @@
 """The segmentation network: a MONAI 3D U-Net body with two heads.
 
-* ``voxel`` head, full resolution, 2 sigmoid channels: marrow edema and bone.
+* ``voxel`` head, full resolution, 3 sigmoid channels: marrow edema, bone, growth plate (physis).
 * ``sites`` head, half resolution, ``n_sites()+1`` softmax classes (0 = no bone).
 
 A 67-class head at full resolution costs more than the whole U-Net body on a CPU; bone sites are large
@@ -17,7 +17,8 @@ from torch import nn
 
 from .sites import n_sites
 
-EDEMA, BONE = 0, 1
+EDEMA, BONE, PHYSIS = 0, 1, 2
+VOXEL_CHANNELS = ("edema", "bone", "physis")
 
 
 class NetworkConfig(BaseModel):
@@ -51,7 +52,7 @@ class WbmriNet(nn.Module):
                 raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
             self.body = BasicUNet(3, 1, cfg.features, features=cfg.channels, dropout=cfg.dropout)
         self.act = nn.PReLU(cfg.features)
-        self.voxel = nn.Conv3d(cfg.features, 2, 1)
+        self.voxel = nn.Conv3d(cfg.features, len(VOXEL_CHANNELS), 1)
         self.sites = nn.Sequential(nn.Conv3d(cfg.features, 32, 1), nn.PReLU(32), nn.Conv3d(32, n_sites() + 1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
