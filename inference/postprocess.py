@@ -1,0 +1,605 @@
+"""Lesion measurement on the input's own grid: site, side, subregion, size, signal and extension per lesion.
+
+All arrays share one 3D grid of any orientation; ``affine`` maps voxel indices to RAS+ world millimetres
+(+x = patient's right, +y = anterior, +z = superior). Work is done in bounding-box crops
+(``scipy.ndimage.find_objects``), so a whole-body grid costs a few passes over the volume, not one per lesion.
+
+Rules (documented here because the report's meaning depends on them):
+
+* **site**: the majority site among the lesion's voxels that lie in bone; if none does, the nearest bone
+  within ``NEAR_BONE_MM`` (periosteal / juxta-cortical edema); else ``soft_tissue``.
+* **soft-tissue lesions**: ``region`` is the region of the nearest bone within ``REGION_SEARCH_MM``, else
+  ``soft_tissue``; ``side`` comes from the centroid's x against the body midline (within ``MIDLINE_MM`` =
+  midline); signal ratios use that nearest bone's marrow when there is one; subregion, juxtaphyseal,
+  bone_fraction, extension_grade and soft_tissue_extension are None (no bone to refer to).
+* **long bones**: proximal = nearer the trunk. The proximal end is the end of the bone's principal axis
+  nearer its proximal neighbour (scapula for the humerus, humerus for radius/ulna, pelvis for the femur,
+  femur for tibia/fibula, sternum for the clavicle, midfoot for the metatarsals); without that neighbour:
+  the superior end, the medial end for the clavicle, the posterior end for the metatarsals. Subregions
+  follow the physes when the physis mask has voxels at that end of the bone (epiphysis beyond the physis,
+  metaphysis within ``METAPHYSIS_SPAN`` of the bone length on the shaft side), else fixed fractions
+  (epiphysis 0-8 %, metaphysis 8-22 % from each end). A bone cut by the field of view at one end is given
+  twice its visible length, measured from its intact end; cut at both ends, only physes place subregions.
+* **vertebrae**: vertebral body = the anterior ``VERTEBRAL_BODY_SHARE`` of the vertebra's A-P extent.
+* the subregion is the majority subregion of the lesion's voxels in that bone.
+* **juxtaphyseal**: a lesion voxel within ``JUXTA_MM`` of a physis voxel of the same bone; None when the
+  physis mask is missing, the bone is not long, or no physis was found in that bone.
+* **signal ratios**: median lesion signal (its voxels in bone when it has any) over the median of the same
+  bone's marrow (bone eroded by one voxel along axes finer than 2.5 mm, without lesions or physes), and over
+  the median of a body soft-tissue shell ``SHELL_MM`` outside the bone near the lesion (a muscle proxy;
+  voxels of other bones, lesions, physes and air excluded). None when fewer than ``MIN_REF_VOXELS``.
+* **soft_tissue_extension**: at least ``SOFT_EXT_MIN_ML`` of the lesion lies outside bone and that part is at
+  least ``SOFT_EXT_FRACTION`` of the lesion or ``SOFT_EXT_ML`` in volume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
+
+from models.preprocessing import body_mask_threshold
+from models.sites import REGIONS, SOFT_TISSUE, Site, by_code, by_id
+
+NEAR_BONE_MM = 5.0
+REGION_SEARCH_MM = 30.0
+MIDLINE_MM = 15.0
+JUXTA_MM = 5.0
+SHELL_MM = (2.0, 8.0)
+MIN_REF_VOXELS = 20
+SOFT_EXT_FRACTION = 0.2
+SOFT_EXT_ML = 1.0
+SOFT_EXT_MIN_ML = 0.1
+METAPHYSIS_SPAN = 0.15
+FALLBACK_EPIPHYSIS, FALLBACK_METAPHYSIS = 0.08, 0.22
+VERTEBRAL_BODY_SHARE = 0.55
+MAX_DIAMETER_POINTS = 2000
+MAX_AXIS_POINTS = 200_000
+ERODE_MAX_SPACING_MM = 2.5
+
+LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
+               "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
+               "soft_tissue_extension", "confidence")
+
+# proximal neighbours of long bones: the end nearer their centroid is the proximal end
+_PROXIMAL_NEIGHBOURS: dict[str, tuple[str, ...]] = {
+    "humerus": ("scapula",), "radius": ("humerus",), "ulna": ("humerus",),
+    "femur": ("ilium", "ischium", "pubis"), "tibia": ("femur",), "fibula": ("femur",),
+    "metatarsals": ("midfoot",), "clavicle": ("sternum",),
+}
+_MIDLINE_REFERENCE = ("sternum", "sacrum") + tuple(f"vertebra_{c}{i}" for c, n in (("C", 7), ("T", 12), ("L", 5))
+                                                    for i in range(1, n + 1))
+
+
+def voxel_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm along the three array axes."""
+    return np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+
+
+def extension_grade(fraction: float | None) -> str | None:
+    """CROMRIS-style extension class of a bone fraction: '<25%', '25-50%', '>50%' (None for None)."""
+    if fraction is None:
+        return None
+    if fraction < 0.25:
+        return "<25%"
+    return "25-50%" if fraction <= 0.5 else ">50%"
+
+
+def _labels(arr: np.ndarray) -> np.ndarray:
+    """A label array that ``find_objects`` accepts (unsigned stays as is)."""
+    return arr if arr.dtype.kind == "u" else arr.astype(np.int32, copy=False)
+
+
+def _margin(mm: float, spacing: np.ndarray) -> np.ndarray:
+    return np.ceil(mm / spacing).astype(int) + 1
+
+
+def _expand(sl: tuple[slice, ...], margin: np.ndarray, shape: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(max(0, s.start - int(m)), min(int(n), s.stop + int(m))) for s, m, n in zip(sl, margin, shape))
+
+
+def _offset(sl: tuple[slice, ...]) -> np.ndarray:
+    return np.array([s.start for s in sl])
+
+
+@dataclass
+class _BoneAxis:
+    """A long bone's principal axis, oriented proximal -> distal, and where its physes sit (fractions)."""
+    centre: np.ndarray
+    axis: np.ndarray
+    start: float          # projection (mm) of the proximal end of the normalised length
+    length: float         # normalised length (mm), doubled when one end is cut by the field of view
+    both_cut: bool
+    physis_prox: float | None
+    physis_dist: float | None
+
+    def fraction(self, pts: np.ndarray) -> np.ndarray:
+        """Position along the bone, 0 = proximal end, 1 = distal end."""
+        return ((pts - self.centre) @ self.axis - self.start) / max(self.length, 1e-6)
+
+    def subregion(self, f: np.ndarray) -> np.ndarray:
+        """Subregion name per fraction."""
+        out = np.full(f.shape, "diaphysis", dtype=object)
+        if self.physis_prox is not None:
+            epi, meta = self.physis_prox, self.physis_prox + METAPHYSIS_SPAN
+        elif not self.both_cut:
+            epi, meta = FALLBACK_EPIPHYSIS, FALLBACK_METAPHYSIS
+        else:
+            epi = meta = -np.inf
+        out[f < meta] = "metaphysis_proximal"
+        out[f < epi] = "epiphysis_proximal"
+        if self.physis_dist is not None:
+            epi, meta = self.physis_dist, self.physis_dist - METAPHYSIS_SPAN
+        elif not self.both_cut:
+            epi, meta = 1 - FALLBACK_EPIPHYSIS, 1 - FALLBACK_METAPHYSIS
+        else:
+            epi = meta = np.inf
+        out[(f > meta) & (out == "diaphysis")] = "metaphysis_distal"
+        out[f > epi] = "epiphysis_distal"
+        return out
+
+
+class _Scene:
+    """The arrays of one study plus per-site caches (bounding boxes, axes, marrow medians)."""
+
+    def __init__(self, lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
+                 physis: np.ndarray | None):
+        shapes = {a.shape for a in (lesions, sites, image) + ((physis,) if physis is not None else ())}
+        if len(shapes) != 1 or lesions.ndim != 3:
+            raise ValueError(f"lesions, sites, image (and physis) must share one 3D shape, got {sorted(shapes)}")
+        self.lesions, self.sites, self.image, self.physis = lesions, sites, image, physis
+        self.affine = np.asarray(affine, float)
+        self.spacing = voxel_spacing(self.affine)
+        self.voxel_ml = float(np.prod(self.spacing)) / 1000.0
+        self.site_boxes = ndimage.find_objects(_labels(sites))
+        self.site_counts = np.bincount(sites.ravel(), minlength=len(by_id()) + 1)
+        self.body_thr = body_mask_threshold(image)
+        self._axes: dict[int, _BoneAxis | None] = {}
+        self._marrow: dict[int, float | None] = {}
+        self._centroids: dict[int, np.ndarray] = {}
+        self._physis_voxels: dict[int, np.ndarray] = {}
+        self._midline: float | None = None
+
+    # geometry helpers
+    def world(self, idx: np.ndarray) -> np.ndarray:
+        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def site_box(self, sid: int) -> tuple[slice, ...] | None:
+        return self.site_boxes[sid - 1] if 0 < sid <= len(self.site_boxes) else None
+
+    def site_points(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel indices and world points of a site (subsampled evenly above MAX_AXIS_POINTS)."""
+        sl = self.site_box(sid)
+        if sl is None:
+            return np.zeros((0, 3), int), np.zeros((0, 3))
+        idx = np.argwhere(self.sites[sl] == sid) + _offset(sl)
+        if len(idx) > MAX_AXIS_POINTS:
+            idx = idx[:: int(np.ceil(len(idx) / MAX_AXIS_POINTS))]
+        return idx, self.world(idx)
+
+    def centroid(self, sid: int) -> np.ndarray | None:
+        if sid not in self._centroids:
+            _, pts = self.site_points(sid)
+            if len(pts) == 0:
+                return None
+            self._centroids[sid] = pts.mean(axis=0)
+        return self._centroids[sid]
+
+    def midline_x(self) -> float:
+        """Body midline x (mm): midline bones if present, else all bones, else the field of view's centre."""
+        if self._midline is None:
+            mids = [c for code in _MIDLINE_REFERENCE if (c := self.centroid(by_code()[code].id)) is not None]
+            if mids:
+                self._midline = float(np.median([c[0] for c in mids]))
+            else:
+                xs, ws = [], []
+                for sid, sl in enumerate(self.site_boxes, start=1):
+                    if sl is not None:
+                        xs.append(self.world(np.array([(s.start + s.stop - 1) / 2 for s in sl]))[0])
+                        ws.append(self.site_counts[sid])
+                if xs:
+                    self._midline = float(np.average(xs, weights=ws))
+                else:
+                    self._midline = float(self.world((np.array(self.image.shape) - 1) / 2.0)[0])
+        return self._midline
+
+    def physis_points(self, sid: int) -> np.ndarray:
+        """World points of physis voxels that belong to a site (in it or within two voxels of it)."""
+        if sid not in self._physis_voxels:
+            pts = np.zeros((0, 3))
+            sl = self.site_box(sid)
+            if self.physis is not None and sl is not None:
+                sl = _expand(sl, np.full(3, 2), self.sites.shape)
+                near = ndimage.binary_dilation(self.sites[sl] == sid, iterations=2)
+                idx = np.argwhere(self.physis[sl] & near) + _offset(sl)
+                pts = self.world(idx)
+            self._physis_voxels[sid] = pts
+        return self._physis_voxels[sid]
+
+    def bone_axis(self, site: Site) -> _BoneAxis | None:
+        if site.id not in self._axes:
+            self._axes[site.id] = self._compute_axis(site)
+        return self._axes[site.id]
+
+    def _compute_axis(self, site: Site) -> _BoneAxis | None:
+        idx, pts = self.site_points(site.id)
+        if len(pts) < 4:
+            return None
+        centre = pts.mean(axis=0)
+        evals, evecs = np.linalg.eigh(np.cov((pts - centre).T))
+        axis = evecs[:, int(np.argmax(evals))]
+        t = (pts - centre) @ axis
+        lo, hi = np.percentile(t, [0.5, 99.5])
+        if self._first_end_is_distal(site, centre + lo * axis, centre + hi * axis):
+            axis, t, lo, hi = -axis, -t, -hi, -lo
+        on_border = np.any((idx == 0) | (idx == np.array(self.sites.shape) - 1), axis=1)
+        span = max(hi - lo, 1e-6)
+        cut_prox = bool(np.any(on_border & (t < lo + 0.05 * span)))
+        cut_dist = bool(np.any(on_border & (t > hi - 0.05 * span)))
+        start, length = lo, span
+        if cut_prox and not cut_dist:
+            start, length = hi - 2 * span, 2 * span
+        elif cut_dist and not cut_prox:
+            length = 2 * span
+        bone = _BoneAxis(centre, axis, float(start), float(length), cut_prox and cut_dist, None, None)
+        ph = self.physis_points(site.id)
+        if len(ph):
+            f = bone.fraction(ph)
+            prox, dist = f[f < 0.35], f[f > 0.65]
+            bone.physis_prox = float(np.median(prox)) if len(prox) >= 5 else None
+            bone.physis_dist = float(np.median(dist)) if len(dist) >= 5 else None
+        return bone
+
+    def _first_end_is_distal(self, site: Site, end_a: np.ndarray, end_b: np.ndarray) -> bool:
+        """True when ``end_a`` (the low end of the principal axis) is the distal end."""
+        refs = []
+        for bone in _PROXIMAL_NEIGHBOURS.get(site.bone, ()):
+            for code in (f"{bone}_{site.side}", bone):
+                if code in by_code() and (c := self.centroid(by_code()[code].id)) is not None:
+                    refs.append(c)
+                    break
+        if refs:
+            ref = np.mean(refs, axis=0)
+            return bool(np.linalg.norm(end_a - ref) > np.linalg.norm(end_b - ref))
+        if site.bone == "clavicle":
+            mid = self.midline_x()
+            return bool(abs(end_a[0] - mid) > abs(end_b[0] - mid))
+        if site.bone == "metatarsals":
+            return bool(end_a[1] > end_b[1])
+        return bool(end_a[2] < end_b[2])
+
+    def vertebral_body_cut(self, sid: int) -> float | None:
+        """y (mm) above which a vertebra's voxels count as vertebral body."""
+        _, pts = self.site_points(sid)
+        if len(pts) == 0:
+            return None
+        lo, hi = np.percentile(pts[:, 1], [2, 98])
+        return float(hi - VERTEBRAL_BODY_SHARE * (hi - lo))
+
+    def marrow_median(self, sid: int) -> float | None:
+        """Median signal of normal marrow of a site (cached)."""
+        if sid not in self._marrow:
+            self._marrow[sid] = self._compute_marrow(sid)
+        return self._marrow[sid]
+
+    def _compute_marrow(self, sid: int) -> float | None:
+        sl = self.site_box(sid)
+        if sl is None:
+            return None
+        bone = self.sites[sl] == sid
+        clean = self.lesions[sl] == 0
+        if self.physis is not None:
+            clean &= ~self.physis[sl]
+        axes = [ax for ax in range(3) if self.spacing[ax] <= ERODE_MAX_SPACING_MM]
+        normal = bone & clean
+        if axes:
+            struct = np.zeros((3, 3, 3), bool)
+            struct[1, 1, 1] = True
+            for ax in axes:
+                line = [1, 1, 1]
+                line[ax] = slice(None)
+                struct[tuple(line)] = True
+            eroded = ndimage.binary_erosion(bone, struct) & clean
+            if np.count_nonzero(eroded) >= MIN_REF_VOXELS:
+                normal = eroded
+        vals = self.image[sl][normal]
+        return float(np.median(vals)) if vals.size >= MIN_REF_VOXELS else None
+
+    def shell_median(self, sl: tuple[slice, ...], inner: np.ndarray) -> float | None:
+        """Median body soft-tissue signal SHELL_MM outside ``inner`` (a mask on crop ``sl``)."""
+        if not inner.any():
+            return None
+        dist = ndimage.distance_transform_edt(~inner, sampling=self.spacing)
+        shell = (dist >= SHELL_MM[0]) & (dist <= SHELL_MM[1]) & (self.sites[sl] == 0) & (self.lesions[sl] == 0)
+        img = self.image[sl]
+        shell &= img > self.body_thr
+        if self.physis is not None:
+            shell &= ~self.physis[sl]
+        vals = img[shell]
+        return float(np.median(vals)) if vals.size >= MIN_REF_VOXELS else None
+
+
+def _max_diameter(mask: np.ndarray, offset: np.ndarray, scene: _Scene) -> float:
+    """Largest distance (mm) between voxel centres of a lesion, from its boundary voxels' convex hull."""
+    edge = mask & ~ndimage.binary_erosion(mask)
+    pts = scene.world(np.argwhere(edge) + offset)
+    if len(pts) < 2:
+        return 0.0
+    if len(pts) > MAX_DIAMETER_POINTS:
+        try:
+            pts = pts[ConvexHull(pts, qhull_options="QJ").vertices]
+        except (QhullError, ValueError):
+            pass
+        if len(pts) > MAX_DIAMETER_POINTS:
+            pts = pts[:: int(np.ceil(len(pts) / MAX_DIAMETER_POINTS))]
+    return float(pdist(pts).max())
+
+
+def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...]) -> tuple[int, float]:
+    """Site id and distance (mm) of the bone nearest to a lesion within REGION_SEARCH_MM; (0, inf) if none."""
+    big = _expand(sl, _margin(REGION_SEARCH_MM, scene.spacing), scene.sites.shape)
+    sites_c = scene.sites[big]
+    bone = sites_c > 0
+    if not bone.any():
+        return 0, float("inf")
+    dist, inds = ndimage.distance_transform_edt(~bone, sampling=scene.spacing, return_indices=True)
+    lm = scene.lesions[big] == lid
+    d = dist[lm]
+    k = int(np.argmin(d))
+    if d[k] > REGION_SEARCH_MM:
+        return 0, float("inf")
+    nearest = tuple(inds[ax][lm][k] for ax in range(3))
+    return int(sites_c[nearest]), float(d[k])
+
+
+def _subregion(scene: _Scene, site: Site, pts: np.ndarray) -> str | None:
+    """Majority subregion of lesion points (world mm) in a long bone or vertebra; None for other kinds."""
+    if len(pts) == 0:
+        return None
+    if site.kind == "vertebra":
+        cut = scene.vertebral_body_cut(site.id)
+        if cut is None:
+            return None
+        return "vertebral_body" if np.count_nonzero(pts[:, 1] >= cut) * 2 >= len(pts) else "posterior_elements"
+    if site.kind != "long":
+        return None
+    bone = scene.bone_axis(site)
+    if bone is None:
+        return None
+    names, counts = np.unique(bone.subregion(bone.fraction(pts)), return_counts=True)
+    return str(names[int(np.argmax(counts))])
+
+
+def _juxtaphyseal(scene: _Scene, site: Site, lid: int, sl: tuple[slice, ...]) -> bool | None:
+    """Whether a lesion lies within JUXTA_MM of a physis of its own (long) bone; None when unknown."""
+    if scene.physis is None or site.kind != "long" or len(scene.physis_points(site.id)) == 0:
+        return None
+    big = _expand(sl, _margin(JUXTA_MM, scene.spacing), scene.sites.shape)
+    own = ndimage.binary_dilation(scene.sites[big] == site.id, iterations=2)
+    ph = scene.physis[big] & own
+    if not ph.any():
+        return False
+    dist = ndimage.distance_transform_edt(~ph, sampling=scene.spacing)
+    return bool(dist[scene.lesions[big] == lid].min() <= JUXTA_MM)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return round(num / den, 3)
+
+
+def _soft_tissue_side(scene: _Scene, centroid: np.ndarray) -> str:
+    dx = float(centroid[0]) - scene.midline_x()
+    if abs(dx) <= MIDLINE_MM:
+        return "midline"
+    return "right" if dx > 0 else "left"
+
+
+def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: float) -> dict:
+    mask = scene.lesions[sl] == lid
+    off = _offset(sl)
+    idx = np.argwhere(mask) + off
+    pts = scene.world(idx)
+    n = len(idx)
+    centroid = pts.mean(axis=0)
+    site_vals = scene.sites[sl][mask]
+    in_bone = site_vals > 0
+    signal_all = scene.image[sl][mask]
+    if in_bone.any():
+        sid, dist = int(np.argmax(np.bincount(site_vals[in_bone]))), 0.0
+    else:
+        sid, dist = _nearest_bone(scene, lid, sl)
+    ref = by_id().get(sid)
+    is_bone = ref is not None and dist <= NEAR_BONE_MM
+    own = site_vals == sid if ref is not None else np.zeros(n, bool)
+    lesion_signal = float(np.median(signal_all[own] if own.any() else signal_all))
+    marrow = scene.marrow_median(sid) if ref is not None else None
+    near = _expand(sl, _margin(SHELL_MM[1] + 4.0, scene.spacing), scene.sites.shape)
+    inner = scene.sites[near] == sid if is_bone else scene.lesions[near] == lid
+    muscle = scene.shell_median(near, inner)
+    out = {
+        "id": int(lid),
+        "volume_ml": round(n * scene.voxel_ml, 4),
+        "max_diameter_mm": round(_max_diameter(mask, off, scene), 2),
+        "centroid_ras_mm": [round(float(v), 2) for v in centroid],
+        "signal_ratio_marrow": _ratio(lesion_signal, marrow),
+        "signal_ratio_muscle": _ratio(lesion_signal, muscle),
+        "confidence": float(min(1.0, max(0.0, confidence))),
+    }
+    if is_bone:
+        fraction = min(1.0, np.count_nonzero(own) / max(int(scene.site_counts[sid]), 1))
+        vol_out = np.count_nonzero(~in_bone) * scene.voxel_ml
+        out.update(site=ref.code, side=ref.side, region=ref.region,
+                   subregion=_subregion(scene, ref, pts[own] if own.any() else pts),
+                   juxtaphyseal=_juxtaphyseal(scene, ref, lid, sl),
+                   bone_fraction=round(float(fraction), 4), extension_grade=extension_grade(fraction),
+                   soft_tissue_extension=bool(vol_out >= SOFT_EXT_MIN_ML and
+                                              (vol_out >= SOFT_EXT_FRACTION * n * scene.voxel_ml or vol_out >= SOFT_EXT_ML)))
+    else:
+        out.update(site=SOFT_TISSUE, side=_soft_tissue_side(scene, centroid),
+                   region=ref.region if ref is not None else SOFT_TISSUE, subregion=None, juxtaphyseal=None,
+                   bone_fraction=None, extension_grade=None, soft_tissue_extension=None)
+    return {k: out[k] for k in LESION_KEYS}
+
+
+def measure_lesions(lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
+                    physis: np.ndarray | None, confidence: Mapping[int, float]) -> list[dict]:
+    """Measure every lesion (instance labels 1..N) on the input grid; one dict per lesion in id order,
+    with exactly the report schema's lesion keys. ``confidence`` must hold every lesion id."""
+    physis = None if physis is None else np.asarray(physis, bool)
+    scene = _Scene(lesions, sites, np.asarray(image, np.float32), affine, physis)
+    boxes = ndimage.find_objects(_labels(lesions))
+    present = [lid for lid, sl in enumerate(boxes, start=1) if sl is not None]
+    missing = [lid for lid in present if lid not in confidence]
+    if missing:
+        raise ValueError(f"no confidence given for lesion ids {missing}")
+    return [_measure_one(scene, lid, boxes[lid - 1], float(confidence[lid])) for lid in present]
+
+
+# ------------------------------------------------------------------ study-level summaries
+
+def _site_sort_key(code: str) -> tuple[int, str]:
+    site = by_code().get(code)
+    return (site.id if site else 10_000, code)
+
+
+def site_table(lesions: Sequence[Mapping]) -> list[dict]:
+    """The report's ``sites`` array: one entry per affected site (bones by id, ``soft_tissue`` last), with the
+    lesion ids, the summed volume and, for bones, the summed bone fraction and its extension grade."""
+    groups: dict[str, list[Mapping]] = {}
+    for les in lesions:
+        groups.setdefault(str(les["site"]), []).append(les)
+    table = []
+    for code in sorted(groups, key=_site_sort_key):
+        items = groups[code]
+        site = by_code().get(code)
+        fractions = [les.get("bone_fraction") for les in items if les.get("bone_fraction") is not None]
+        fraction = round(min(1.0, float(sum(fractions))), 4) if site and fractions else None
+        table.append({
+            "site": code,
+            "name": site.name if site else "soft tissue (no bone involved)",
+            "region": site.region if site else SOFT_TISSUE,
+            "side": site.side if site else None,
+            "lesion_count": len(items),
+            "lesion_ids": sorted(int(les["id"]) for les in items),
+            "volume_ml": round(float(sum(les["volume_ml"] for les in items)), 4),
+            "bone_fraction": fraction,
+            "extension_grade": extension_grade(fraction),
+        })
+    return table
+
+
+def symmetric_pairs(lesions: Sequence[Mapping]) -> list[list[int]]:
+    """Pairs of lesion ids at mirror sites with the same subregion; each lesion in at most one pair.
+    Candidates are matched greedily by how close they sit in the S-I and A-P directions."""
+    cands = []
+    for a in lesions:
+        site = by_code().get(str(a["site"]))
+        if site is None or site.mirror_code is None or site.side != "left":
+            continue
+        for b in lesions:
+            if b["site"] == site.mirror_code and b.get("subregion") == a.get("subregion"):
+                ca, cb = a["centroid_ras_mm"], b["centroid_ras_mm"]
+                cands.append((abs(ca[2] - cb[2]) + abs(ca[1] - cb[1]), int(a["id"]), int(b["id"])))
+    used: set[int] = set()
+    pairs = []
+    for _, ia, ib in sorted(cands):
+        if ia not in used and ib not in used:
+            used.update((ia, ib))
+            pairs.append(sorted((ia, ib)))
+    return sorted(pairs)
+
+
+def summarise(lesions: Sequence[Mapping]) -> dict:
+    """The report's ``summary``. ``affected_sites`` counts bones (soft-tissue-only lesions are not a site);
+    ``affected_regions`` lists the regions of bone lesions in sites.tsv order."""
+    bone = [les for les in lesions if les["site"] != SOFT_TISSUE]
+    regions = {str(les["region"]) for les in bone}
+    volumes = [float(les["volume_ml"]) for les in lesions]
+    return {
+        "lesion_count": len(lesions),
+        "affected_sites": len({les["site"] for les in bone}),
+        "affected_regions": [r for r in REGIONS if r in regions],
+        "total_volume_ml": round(sum(volumes), 4),
+        "largest_lesion_ml": round(max(volumes), 4) if volumes else None,
+        "spine_involved": any(str(les["region"]).startswith("spine_") for les in bone),
+        "soft_tissue_involved": any(les["site"] == SOFT_TISSUE or les.get("soft_tissue_extension") is True
+                                    for les in lesions),
+        "symmetric_pairs": symmetric_pairs(lesions),
+    }
+
+
+def sites_in_view(sites: np.ndarray, voxel_volume_ml: float, min_ml: float = 0.5) -> list[str]:
+    """Codes of the sites with at least ``min_ml`` of bone in the image, in sites.tsv order."""
+    counts = np.bincount(np.asarray(sites).ravel(), minlength=len(by_id()) + 1)
+    return [by_id()[sid].code for sid in range(1, len(by_id()) + 1)
+            if sid < len(counts) and counts[sid] * voxel_volume_ml >= min_ml]
+
+
+# ------------------------------------------------------------------ warnings
+
+MAX_SLICE_MM = 7.0
+MAX_INPLANE_MM = 2.5
+MIN_SNR = 5.0
+
+
+def border_lesions(lesions_arr: np.ndarray) -> list[int]:
+    """Ids of lesions that touch a face of the array (cut by the field of view)."""
+    faces = []
+    for ax in range(3):
+        for i in (0, lesions_arr.shape[ax] - 1):
+            faces.append(np.take(lesions_arr, i, axis=ax).ravel())
+    ids = np.unique(np.concatenate(faces))
+    return [int(i) for i in ids if i > 0]
+
+
+def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
+    """Rough signal-to-noise: median body signal over a robust noise sigma from neighbour differences along
+    the finest axis (a subsample of lines keeps it fast). None when the body is too small to judge."""
+    img = np.asarray(image, np.float32)
+    ax = int(np.argmin(spacing))
+    steps = [1, 1, 1]
+    others = [a for a in range(3) if a != ax]
+    per_line = img.shape[ax]
+    n_lines = img.size // per_line
+    stride = max(1, int(np.ceil(np.sqrt(n_lines * per_line / 2_000_000))))
+    for a in others:
+        steps[a] = stride
+    sub = img[:: steps[0], :: steps[1], :: steps[2]]
+    thr = body_mask_threshold(sub)
+    a, b = np.take(sub, range(per_line - 1), axis=ax), np.take(sub, range(1, per_line), axis=ax)
+    both = (a > thr) & (b > thr)
+    if np.count_nonzero(both) < 1000:
+        return None
+    sigma = 1.4826 * float(np.median(np.abs(a[both] - b[both]))) / np.sqrt(2.0)
+    signal = float(np.median(sub[sub > thr]))
+    return float("inf") if sigma <= 0 else signal / sigma
+
+
+def study_warnings(image: np.ndarray, sites: np.ndarray, lesions_arr: np.ndarray,
+                   spacing: Sequence[float]) -> list[str]:
+    """Plain-language warnings about the study that limit how far the results can be trusted."""
+    out = []
+    if not np.any(sites):
+        out.append("No bone was recognised in the image: lesions cannot be assigned to sites. "
+                   "Check that this is an MRI of the skeleton (coronal STIR or T2 fat-suppressed).")
+    cut = border_lesions(lesions_arr)
+    if cut:
+        out.append(f"Lesion(s) {', '.join(map(str, cut))} touch the edge of the field of view: part of them may lie "
+                   "outside the image, so their size and extent may be underestimated.")
+    sp = sorted(float(s) for s in spacing)
+    if sp[2] > MAX_SLICE_MM:
+        out.append(f"Slices are {sp[2]:.1f} mm apart (over {MAX_SLICE_MM:g} mm): small lesions may be missed and "
+                   "volumes are coarse.")
+    if sp[1] > MAX_INPLANE_MM:
+        out.append(f"In-plane pixels are {sp[0]:.1f} x {sp[1]:.1f} mm (over {MAX_INPLANE_MM:g} mm): small lesions "
+                   "may be missed.")
+    snr = estimate_snr(image, spacing)
+    if snr is not None and snr < MIN_SNR:
+        out.append(f"The image is very noisy (estimated signal-to-noise about {snr:.1f}): faint edema may be missed "
+                   "and noise may be mistaken for edema.")
+    return out

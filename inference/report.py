@@ -1,0 +1,85 @@
+"""The study report (``report.json``): assembly and validation against the contract's JSON Schema."""
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import PurePath
+from typing import Any, Mapping, Sequence
+
+from jsonschema import Draft202012Validator
+
+from models.sites import REPORT_SCHEMA
+
+SCHEMA_VERSION = "1.0"
+DISCLAIMER = (
+    "Decision support only, not a diagnosis. This tool supports and does not replace clinical judgement: "
+    "every finding must be reviewed by a qualified radiologist together with the clinical picture. Bone-marrow "
+    "edema is not specific to CNO/CRMO; mimics such as bacterial osteomyelitis (infection), leukaemia, "
+    "Langerhans cell histiocytosis (LCH) and tumours must be excluded clinically. Normal findings in children "
+    "(growth plates, residual red marrow, foot marrow foci) can look like edema; lesions can also be missed.")
+
+
+def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]],
+                 summary: Mapping[str, Any], sites: Sequence[Mapping[str, Any]], warnings: Sequence[str],
+                 timings: Mapping[str, float], sites_in_view: Sequence[str]) -> dict:
+    """Assemble a report dict (schema_version 1.0). ``study['filename']`` is reduced to its base name; the
+    sites in view go into ``study.sites_in_view``; timings are rounded to milliseconds."""
+    study_out = dict(study)
+    if "filename" in study_out:
+        study_out["filename"] = PurePath(str(study_out["filename"]).replace("\\", "/")).name
+    study_out["sites_in_view"] = [str(s) for s in sites_in_view]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "study": study_out,
+        "model": dict(model),
+        "timings_s": {str(k): round(max(0.0, float(v)), 3) for k, v in timings.items()},
+        "lesions": [dict(les) for les in lesions],
+        "sites": [dict(s) for s in sites],
+        "summary": dict(summary),
+        "warnings": [str(w) for w in warnings],
+        "disclaimer": DISCLAIMER,
+    }
+
+
+@lru_cache(maxsize=1)
+def _validator() -> Draft202012Validator:
+    schema = json.loads(REPORT_SCHEMA.read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _where(path: Sequence[Any]) -> str:
+    out = "report"
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def validate_report(report: Mapping[str, Any]) -> None:
+    """Raise ValueError listing every problem when ``report`` breaks the schema, is not plain JSON (NaN,
+    numpy types) or is inconsistent (duplicate lesion ids, summary count differs from the lesion list)."""
+    problems = [f"{_where(e.absolute_path)}: {e.message}"
+                for e in sorted(_validator().iter_errors(report), key=lambda e: list(map(str, e.absolute_path)))]
+    try:
+        json.dumps(report, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"report is not plain JSON: {exc}")
+    lesions = report.get("lesions")
+    if isinstance(lesions, list):
+        ids = [les.get("id") for les in lesions if isinstance(les, Mapping)]
+        dups = sorted({i for i in ids if ids.count(i) > 1}, key=str)
+        if dups:
+            problems.append(f"report.lesions: duplicate ids {dups}")
+        summary = report.get("summary")
+        if isinstance(summary, Mapping) and isinstance(summary.get("lesion_count"), int) \
+                and summary["lesion_count"] != len(lesions):
+            problems.append(f"report.summary.lesion_count is {summary['lesion_count']} but there are "
+                            f"{len(lesions)} lesions")
+        for i, les in enumerate(lesions):
+            for key in ("volume_ml", "max_diameter_mm", "signal_ratio_marrow", "signal_ratio_muscle"):
+                v = les.get(key) if isinstance(les, Mapping) else None
+                if isinstance(v, float) and not math.isfinite(v):
+                    problems.append(f"report.lesions[{i}].{key}: {v} is not a finite number")
+    if problems:
+        raise ValueError("invalid report:\n  " + "\n  ".join(problems))

@@ -1,0 +1,295 @@
+"""Evaluation metrics and folder evaluation on hand-made masks with answers worked out by hand."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.nifti import save_nifti
+from models.sites import site_id
+from training.evaluate import GridMismatchError, check_same_grid, evaluate_folders, load_case
+from training.metrics import (FrocCase, detection_counts, dice, froc, majority_labels, match_lesions,
+                              per_site_dice, sensitivity_at_fp, site_agreement)
+
+
+def box(shape, *slices, value=1, out=None):
+    arr = np.zeros(shape, dtype=np.uint16) if out is None else out
+    arr[tuple(slices)] = value
+    return arr
+
+
+# ---------------------------------------------------------------- Dice
+
+def test_dice_by_hand():
+    a = np.array([1, 1, 1, 0], dtype=bool)
+    b = np.array([0, 1, 1, 1], dtype=bool)
+    assert dice(a, b) == pytest.approx(2 * 2 / 6)
+    assert dice(a, a) == 1.0
+    assert dice(a, np.zeros(4, bool)) == 0.0
+    assert dice(np.zeros(4, bool), np.zeros(4, bool)) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        dice(a, np.zeros(5, bool))
+
+
+def test_per_site_dice_only_present_sites():
+    ref = np.zeros((4, 4, 4), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[0:2] = 49  # 32 voxels
+    pred[0:1] = 49  # 16 voxels, all inside
+    ref[3, 0] = 50  # 4 voxels, not predicted
+    pred[3, 3] = 51  # 4 voxels, not in the reference
+    got = per_site_dice(pred, ref)
+    assert set(got) == {49, 50, 51}
+    assert got[49] == pytest.approx(2 * 16 / 48)
+    assert got[50] == 0.0 and got[51] == 0.0
+    assert per_site_dice(pred, ref, ids=[49, 7]) == {49: pytest.approx(2 / 3)}
+
+
+def test_majority_labels_prefers_bone_over_background():
+    inst = box((6, 6, 6), slice(0, 4), slice(0, 1), slice(0, 1))  # 4 voxels
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[0, 0, 0] = 49
+    labels[1:3, 0, 0] = 50
+    inst[5, 5, 5] = 2  # no bone at all
+    assert majority_labels(inst, labels) == {1: 50, 2: 0}
+
+
+# ---------------------------------------------------------------- matching
+
+SHAPE = (20, 20, 20)
+
+
+def two_refs_three_preds():
+    ref = box(SHAPE, slice(2, 6), slice(2, 6), slice(2, 6), value=1)  # 64
+    box(SHAPE, slice(10, 14), slice(10, 14), slice(10, 14), value=2, out=ref)  # 64
+    pred = box(SHAPE, slice(3, 7), slice(2, 6), slice(2, 6), value=1)  # 64, 48 inside ref 1
+    box(SHAPE, slice(10, 12), slice(10, 14), slice(10, 14), value=2, out=pred)  # 32, all inside ref 2
+    box(SHAPE, slice(16, 18), slice(16, 18), slice(16, 18), value=3, out=pred)  # 8, false positive
+    return pred, ref
+
+
+def test_two_references_three_predictions_one_false_positive():
+    pred, ref = two_refs_three_preds()
+    m = match_lesions(pred, ref)
+    assert m.pred_to_ref == {1: 1, 2: 2, 3: None}
+    assert m.ref_detected == {1: True, 2: True}
+    assert m.fp_preds == [3] and m.missed_refs == []
+    assert m.ref_volume_ml == {1: pytest.approx(0.064), 2: pytest.approx(0.064)}
+    assert m.pred_volume_ml[3] == pytest.approx(0.008)
+    c = detection_counts(m)
+    assert (c.n_ref, c.n_detected, c.n_tp, c.n_fp, c.n_ignored) == (2, 2, 2, 1, 0)
+    assert c.sensitivity == 1.0
+    assert c.precision == pytest.approx(2 / 3)
+    assert c.f1 == pytest.approx(0.8)
+    assert c.fp_per_scan == 1.0
+    assert dice(pred > 0, ref > 0) == pytest.approx(2 * 80 / (128 + 104))
+
+
+def test_split_lesion_is_one_detection_two_true_positives():
+    ref = box(SHAPE, slice(2, 10), slice(2, 6), slice(2, 6))
+    pred = box(SHAPE, slice(2, 6), slice(2, 6), slice(2, 6), value=1)
+    box(SHAPE, slice(6, 10), slice(2, 6), slice(2, 6), value=2, out=pred)
+    m = match_lesions(pred, ref)
+    assert m.pred_to_ref == {1: 1, 2: 1}
+    c = detection_counts(m)
+    assert (c.n_ref, c.n_detected, c.n_tp, c.n_fp) == (1, 1, 2, 0)
+    assert c.sensitivity == 1.0 and c.precision == 1.0
+
+
+def test_one_prediction_spanning_two_references_detects_both_and_maps_to_larger_overlap():
+    ref = box(SHAPE, slice(2, 4), slice(2, 6), slice(2, 6), value=1)  # 32
+    box(SHAPE, slice(4, 8), slice(2, 6), slice(2, 6), value=2, out=ref)  # 64
+    pred = box(SHAPE, slice(3, 8), slice(2, 6), slice(2, 6))  # 16 in ref 1, 64 in ref 2
+    m = match_lesions(pred, ref)
+    assert m.pred_hits == {1: (1, 2)}
+    assert m.pred_to_ref == {1: 2}
+    assert m.ref_detected == {1: True, 2: True}
+
+
+def test_overlap_must_reach_ten_percent_of_smaller_lesion():
+    ref = box(SHAPE, slice(0, 10), slice(0, 10), slice(0, 10))  # 1000
+    pred = box(SHAPE, slice(9, 19), slice(0, 10), slice(0, 1))  # 100 voxels, 10 inside the reference
+    assert match_lesions(pred, ref).pred_to_ref == {1: 1}
+    pred[9, 9, 0] = 0  # 99 voxels, 9 inside: 9 < 9.9
+    m = match_lesions(pred, ref)
+    assert m.pred_to_ref == {1: None} and m.ref_detected == {1: False}
+    touching = box(SHAPE, slice(9, 11), slice(0, 1), slice(0, 1))  # 2 voxels, 1 inside: 50% of the smaller
+    assert match_lesions(touching, ref).pred_to_ref == {1: 1}
+    assert match_lesions(touching, ref, min_overlap_voxels=2).pred_to_ref == {1: None}
+
+
+def test_size_restricted_counts_below_half_millilitre():
+    vox = 0.01  # mL per voxel
+    ref = box(SHAPE, slice(0, 4), slice(0, 4), slice(0, 4), value=1)  # 64 -> 0.64 mL
+    box(SHAPE, slice(10, 13), slice(10, 13), slice(10, 13), value=2, out=ref)  # 27 -> 0.27 mL
+    box(SHAPE, slice(15, 20), slice(0, 5), slice(0, 6), value=3, out=ref)  # 150 -> 1.5 mL, missed
+    pred = box(SHAPE, slice(0, 4), slice(0, 4), slice(0, 4), value=1)
+    box(SHAPE, slice(10, 13), slice(10, 13), slice(10, 13), value=2, out=pred)
+    box(SHAPE, slice(6, 8), slice(15, 17), slice(15, 17), value=3, out=pred)  # false positive
+    m = match_lesions(pred, ref, voxel_ml=vox)
+    assert m.ref_volume_ml == {1: pytest.approx(0.64), 2: pytest.approx(0.27), 3: pytest.approx(1.5)}
+    ge = detection_counts(m, min_ml=0.5)
+    assert (ge.n_ref, ge.n_detected, ge.n_tp, ge.n_fp, ge.n_ignored) == (2, 1, 1, 1, 1)
+    assert ge.sensitivity == 0.5 and ge.precision == 0.5 and ge.f1 == 0.5
+    small = detection_counts(m, max_ml=1.0)
+    assert (small.n_ref, small.n_detected, small.n_tp, small.n_fp, small.n_ignored) == (2, 2, 2, 1, 0)
+    large = detection_counts(m, min_ml=1.0)
+    assert (large.n_ref, large.n_detected, large.sensitivity, large.precision) == (1, 0, 0.0, 0.0)
+    pooled = ge + small
+    assert (pooled.n_scans, pooled.n_ref, pooled.n_fp) == (2, 4, 2)
+    assert pooled.fp_per_scan == 1.0
+
+
+# ---------------------------------------------------------------- FROC and sites
+
+def test_froc_points_by_hand_and_monotonic():
+    cases = [FrocCase([(0.9, {1}), (0.8, set()), (0.3, {2})], 2),
+             ([(0.7, ()), (0.6, (1,)), (0.5, (1,))], 1)]  # a split lesion: counted once
+    pts = froc(cases)
+    assert [t for _, _, t in pts] == [0.9, 0.8, 0.7, 0.6, 0.5, 0.3]
+    assert [fp for fp, _, _ in pts] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [s for _, s, _ in pts] == pytest.approx([1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0])
+    for (fp0, s0, _), (fp1, s1, _) in zip(pts, pts[1:]):
+        assert fp1 >= fp0 and s1 >= s0
+    assert sensitivity_at_fp(pts, 0.5) == pytest.approx(1 / 3)
+    assert sensitivity_at_fp(pts, 1.0) == 1.0
+    assert froc(cases, thresholds=[0.95]) == [(0.0, 0.0, 0.95)]
+
+
+def test_site_and_side_agreement():
+    a = site_agreement([("femur_left", "femur_left"), ("femur_right", "femur_left"), ("tibia_left", "femur_left"),
+                        ("sacrum", "vertebra_L5"), ("soft_tissue", "soft_tissue")])
+    assert (a.n, a.n_site, a.n_side) == (5, 2, 4)
+    assert a.site_accuracy == pytest.approx(0.4) and a.side_accuracy == pytest.approx(0.8)
+    assert site_agreement([]).site_accuracy is None
+
+
+# ---------------------------------------------------------------- folders
+
+N = 16
+AFF = np.diag([2.0, 2.0, 2.0, 1.0])  # 8 mm^3 = 0.008 mL per voxel
+FEMUR_L, TIBIA_R = site_id("femur_left"), site_id("tibia_right")
+
+
+def write_case(folder: Path, lesions: np.ndarray, sites: np.ndarray | None, json_name: str | None,
+               entries: list[dict], affine: np.ndarray = AFF) -> None:
+    folder.mkdir(parents=True)
+    save_nifti(folder / "lesions.nii.gz", lesions, affine, np.uint16)
+    if sites is not None:
+        save_nifti(folder / "sites.nii.gz", sites, affine, np.uint8)
+    if json_name:
+        (folder / json_name).write_text(json.dumps({"lesions": entries}))
+
+
+def site_map(tibia_hi: int = 15) -> np.ndarray:
+    s = np.zeros((N,) * 3, np.uint8)
+    s[0:8, 0:8, 0:8] = FEMUR_L
+    s[9:15, 9:15, 9:tibia_hi] = TIBIA_R
+    return s
+
+
+def build_folders(root: Path) -> tuple[Path, Path]:
+    ref, pred = root / "ref", root / "pred"
+    shp = (N,) * 3
+    # case_a: reference 1.2 mL femur_left + 0.216 mL tibia_right; prediction hits both (wrong site on the 2nd) + 1 FP
+    ra = box(shp, slice(1, 7), slice(1, 6), slice(1, 6), value=1)
+    box(shp, slice(10, 13), slice(10, 13), slice(10, 13), value=2, out=ra)
+    write_case(ref / "case_a", ra, site_map(), "case.json",
+               [{"id": 1, "site": "femur_left", "subregion": None, "volume_ml": 1.2},
+                {"id": 2, "site": "tibia_right", "subregion": None, "volume_ml": 0.216}])
+    pa = box(shp, slice(2, 7), slice(1, 6), slice(1, 6), value=1)  # 125 voxels inside ref 1
+    box(shp, slice(10, 13), slice(10, 13), slice(10, 12), value=2, out=pa)  # 18 voxels inside ref 2
+    box(shp, slice(13, 15), slice(0, 2), slice(0, 2), value=3, out=pa)  # 8 voxels, false positive
+    write_case(pred / "case_a", pa, site_map(tibia_hi=14), "report.json",
+               [{"id": 1, "site": "femur_left", "confidence": 0.9},
+                {"id": 2, "site": "tibia_left", "confidence": 0.6},
+                {"id": 3, "site": "humerus_left", "confidence": 0.4}])
+    # case_b: no reference lesion, one false positive
+    write_case(ref / "case_b", np.zeros(shp, np.uint16), site_map(), "case.json", [])
+    write_case(pred / "case_b", box(shp, slice(0, 2), slice(0, 2), slice(0, 2)), site_map(), "report.json",
+               [{"id": 1, "site": "femur_left", "confidence": 0.8}])
+    # case_c: 0.512 mL reference lesion, prediction missing
+    write_case(ref / "case_c", box(shp, slice(4, 8), slice(4, 8), slice(4, 8)), site_map(), "case.json",
+               [{"id": 1, "site": "femur_left"}])
+    # case_d: prediction on a shifted grid
+    rd = box(shp, slice(1, 7), slice(1, 6), slice(1, 6))
+    write_case(ref / "case_d", rd, site_map(), None, [])
+    shifted = AFF.copy()
+    shifted[0, 3] = 1.0
+    write_case(pred / "case_d", rd, site_map(), "report.json", [{"id": 1, "site": "femur_left", "confidence": 0.9}],
+               affine=shifted)
+    # a prediction without reference
+    write_case(pred / "case_z", rd, None, None, [])
+    return pred, ref
+
+
+def test_evaluate_folders_numbers(tmp_path):
+    pred, ref = build_folders(tmp_path)
+    out = tmp_path / "eval"
+    s = evaluate_folders(pred, ref, out, quiet=False)
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(s))
+    assert (s["n_cases"], s["n_ok"], s["n_failed"]) == (4, 2, 2)
+    assert {f["case"]: f["error"] for f in s["failures"]}["case_c"] == "prediction missing"
+    assert "grid mismatch" in {f["case"]: f["error"] for f in s["failures"]}["case_d"]
+    assert s["unpaired_predictions"] == ["case_z"]
+    assert "10%" in s["matching_rule"]
+
+    les = s["lesions"]
+    assert {k: (v["n_ref"], v["n_detected"], v["n_tp"], v["n_fp"], v["n_ignored"]) for k, v in les.items()} == {
+        "all": (4, 2, 2, 2, 0), "lt_1ml": (2, 1, 1, 2, 1), "ge_1ml": (2, 1, 1, 2, 1), "ge_0p5ml": (3, 1, 1, 2, 1)}
+    assert les["all"]["sensitivity"] == 0.5 and les["all"]["precision"] == 0.5 and les["all"]["f1"] == 0.5
+    assert les["all"]["fp_per_scan"] == 0.5
+    assert s["sensitivity_ge_0p5ml"] == pytest.approx(1 / 3)
+    assert s["fp_per_scan_no_reference_lesions"] == {"value": 1.0, "n_cases": 1}
+    case_a_dice = 2 * 143 / (177 + 151)
+    assert s["edema_dice"]["mean"] == pytest.approx(case_a_dice / 4)
+    assert s["edema_dice"]["median"] == 0.0
+    assert s["site_accuracy"] == {"n_matched": 2, "site": 0.5, "side": 0.5}
+    case_a_site_dice = (1.0 + 2 * 180 / (216 + 180)) / 2
+    assert s["mean_site_dice"]["mean"] == pytest.approx((case_a_site_dice + 1.0 + 0 + 0) / 4)
+
+    fr = s["froc"]
+    assert [(p["fp_per_scan"], p["threshold"]) for p in fr["points"]] == [(0.0, 0.9), (0.25, 0.8), (0.5, 0.4)]
+    assert [p["sensitivity"] for p in fr["points"]] == pytest.approx([1 / 3] * 3)
+    assert fr["sensitivity_at_target_fp"] == pytest.approx(1 / 3) and fr["target_met"] is False
+
+    with open(out / "per_case.csv", newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    a = rows["case_a"]
+    assert (a["status"], a["n_ref"], a["n_ref_ge_0p5ml"], a["n_pred"], a["tp"], a["fp"], a["fn"]) == \
+        ("ok", "2", "1", "3", "2", "1", "0")
+    assert float(a["edema_dice"]) == pytest.approx(case_a_dice, abs=1e-6)
+    assert float(a["mean_site_dice"]) == pytest.approx(case_a_site_dice, abs=1e-6)
+    assert float(a["site_accuracy"]) == 0.5 and float(a["side_accuracy"]) == 0.5
+    assert float(a["ref_volume_ml"]) == pytest.approx(177 * 0.008)
+    c = rows["case_c"]
+    assert (c["status"], c["n_ref"], c["n_pred"], c["fn"], c["edema_dice"], c["site_accuracy"]) == \
+        ("failed", "1", "0", "1", "0.0", "")
+    assert rows["case_d"]["status"] == "failed" and "grid mismatch" in rows["case_d"]["error"]
+
+    png = (out / "froc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_reference_sites_derived_from_site_map_without_json(tmp_path):
+    lesions = box((N,) * 3, slice(0, 2), slice(0, 2), slice(0, 2), value=1)
+    box((N,) * 3, slice(10, 12), slice(10, 12), slice(10, 12), value=2, out=lesions)
+    box((N,) * 3, slice(15, 16), slice(15, 16), slice(15, 16), value=3, out=lesions)  # outside all bones
+    write_case(tmp_path / "c", lesions, site_map(), None, [])
+    case = load_case(tmp_path / "c")
+    assert case.lesion_site == {1: "femur_left", 2: "tibia_right", 3: "soft_tissue"}
+    assert case.confidence == {1: 1.0, 2: 1.0, 3: 1.0}
+    assert case.warnings
+
+
+def test_grid_mismatch_is_a_clear_error():
+    check_same_grid((4, 4, 4), AFF, (4, 4, 4), AFF + 5e-4)  # within tolerance
+    with pytest.raises(GridMismatchError, match=r"shape \(4, 4, 4\) vs \(4, 4, 5\)"):
+        check_same_grid((4, 4, 4), AFF, (4, 4, 5), AFF)
+    moved = AFF.copy()
+    moved[1, 3] = 0.01
+    with pytest.raises(GridMismatchError, match="affines differ by up to 0.01"):
+        check_same_grid((4, 4, 4), AFF, (4, 4, 4), moved)

@@ -1,0 +1,267 @@
+"""Lesion measurement on hand-built scenes with known answers (world RAS mm, any grid orientation)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.postprocess import (border_lesions, extension_grade, measure_lesions, site_table, sites_in_view,
+                                   study_warnings, summarise)
+from models.sites import by_code
+
+SPACING = {"x": 2.0, "y": 3.0, "z": 2.5}
+EXTENT = {"x": (-100.0, 100.0), "y": (-36.0, 36.0), "z": (-20.0, 220.0)}
+
+
+def grid_affine(oriented: bool) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape covering EXTENT. ``oriented``: voxel axes (I, L, P) -- S->I, R->L, A->P -- instead of RAS."""
+    n = {k: int(round((EXTENT[k][1] - EXTENT[k][0]) / SPACING[k])) + 1 for k in "xyz"}
+    aff = np.eye(4)
+    if not oriented:
+        aff[:3, :3] = np.diag([SPACING["x"], SPACING["y"], SPACING["z"]])
+        aff[:3, 3] = [EXTENT["x"][0], EXTENT["y"][0], EXTENT["z"][0]]
+        return aff, (n["x"], n["y"], n["z"])
+    aff[:3, :3] = np.array([[0, -SPACING["x"], 0], [0, 0, -SPACING["y"]], [-SPACING["z"], 0, 0]])
+    aff[:3, 3] = [EXTENT["x"][1], EXTENT["y"][1], EXTENT["z"][1]]
+    return aff, (n["z"], n["x"], n["y"])
+
+
+def world_grid(aff: np.ndarray, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ijk = np.indices(shape, dtype=float).reshape(3, -1)
+    xyz = aff[:3, :3] @ ijk + aff[:3, 3:4]
+    return tuple(np.round(c, 6).reshape(shape) for c in xyz)
+
+
+def box(X, Y, Z, x, y, z):
+    return (X >= x[0]) & (X <= x[1]) & (Y >= y[0]) & (Y <= y[1]) & (Z >= z[0]) & (Z <= z[1])
+
+
+# lesion boxes (x, y, z ranges in mm) and what they should measure as
+LESIONS = {
+    1: ((-46, -34), (-6, 6), (25, 40)),        # femur_left distal metaphysis, next to the distal physis
+    2: ((34, 46), (-6, 6), (25, 40)),          # its mirror in femur_right
+    3: ((40, 60), (-6, 6), (95, 110)),         # femur_right diaphysis, half outside the bone
+    4: ((-27, -22), (-4, 4), (120, 130)),      # 4 mm lateral of femur_left, no voxel in bone
+    5: ((-96, -88), (-6, 6), (60, 70)),        # 38 mm from any bone: soft tissue
+    6: ((-6, 6), (0, 15), (105, 115)),         # vertebra_L3, anterior: vertebral body
+    7: ((-6, 6), (-28, -20), (105, 115)),      # vertebra_L3, posterior elements
+    8: ((-78, -70), (-6, 6), (140, 150)),      # soft tissue 20 mm from femur_left
+    9: ((-27, -22), (16, 24), (205, 215)),     # clavicle_left, medial part: metaphysis_proximal
+    10: ((-46, -38), (14, 22), (40, 50)),      # patella_left, most of it
+}
+
+
+def build_scene(oriented: bool = True, noise: float = 0.02, seed: int = 0):
+    """Two femora (with physes), L3, left clavicle and patella inside a body of muscle; lesions of LESIONS."""
+    aff, shape = grid_affine(oriented)
+    X, Y, Z = world_grid(aff, shape)
+    sites = np.zeros(shape, np.uint8)
+    cortex = np.zeros(shape, bool)
+    for code, cx in (("femur_left", -40.0), ("femur_right", 40.0)):
+        r2 = (X - cx) ** 2 + Y ** 2
+        bone = (r2 <= 100) & (Z >= 0) & (Z <= 200)
+        sites[bone] = by_code()[code].id
+        cortex |= bone & (r2 > 64)
+    sites[box(X, Y, Z, (-12, 12), (-30, 18), (100, 120))] = by_code()["vertebra_L3"].id
+    clav = (X >= -75) & (X <= -15) & ((Y - 20) ** 2 + (Z - 210) ** 2 <= 25)
+    sites[clav] = by_code()["clavicle_left"].id
+    sites[box(X, Y, Z, (-48, -36), (14, 22), (40, 50))] = by_code()["patella_left"].id
+    physis = (sites == by_code()["femur_left"].id) | (sites == by_code()["femur_right"].id)
+    physis &= ((Z >= 20) & (Z <= 24)) | ((Z >= 176) & (Z <= 180))
+    lesions = np.zeros(shape, np.uint16)
+    for lid, (x, y, z) in LESIONS.items():
+        lesions[box(X, Y, Z, x, y, z)] = lid
+    image = np.where(np.abs(X) <= 98, 0.5, 0.0).astype(np.float32)
+    image[sites > 0] = 1.0
+    image[cortex] = 0.2
+    image[physis] = 1.8
+    image[lesions > 0] = 2.0
+    image += np.random.default_rng(seed).normal(0, noise, shape).astype(np.float32) * (image > 0)
+    return dict(lesions=lesions, sites=sites, image=image, affine=aff, physis=physis, X=X, Y=Y, Z=Z)
+
+
+CONF = {lid: 0.5 + lid / 100 for lid in LESIONS}
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return build_scene()
+
+
+@pytest.fixture(scope="module")
+def measured(scene):
+    out = measure_lesions(scene["lesions"], scene["sites"], scene["image"], scene["affine"], scene["physis"], CONF)
+    return {les["id"]: les for les in out}
+
+
+def test_keys_ids_and_confidence(measured):
+    assert sorted(measured) == sorted(LESIONS)
+    keys = {"id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
+            "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
+            "soft_tissue_extension", "confidence"}
+    for lid, les in measured.items():
+        assert set(les) == keys
+        assert les["confidence"] == pytest.approx(CONF[lid])
+
+
+def test_volume_and_centroid_in_world_mm(scene, measured):
+    vox_ml = SPACING["x"] * SPACING["y"] * SPACING["z"] / 1000
+    for lid in LESIONS:
+        m = scene["lesions"] == lid
+        assert measured[lid]["volume_ml"] == pytest.approx(m.sum() * vox_ml, abs=1e-4)
+        expect = [scene[k][m].mean() for k in "XYZ"]
+        assert measured[lid]["centroid_ras_mm"] == pytest.approx(expect, abs=0.01)
+    # lesion 1 is on the patient's left: negative x in RAS although the grid runs R->L
+    assert measured[1]["centroid_ras_mm"][0] == pytest.approx(-40.0, abs=0.01)
+
+
+def test_max_diameter_is_the_box_diagonal(scene, measured):
+    m = scene["lesions"] == 1
+    ext = [np.ptp(scene[k][m]) for k in "XYZ"]
+    assert measured[1]["max_diameter_mm"] == pytest.approx(float(np.linalg.norm(ext)), abs=0.01)
+
+
+def test_distal_metaphysis_juxtaphyseal_lesion(measured):
+    les = measured[1]
+    assert (les["site"], les["side"], les["region"]) == ("femur_left", "left", "lower_limb")
+    assert les["subregion"] == "metaphysis_distal"
+    assert les["juxtaphyseal"] is True
+    assert les["soft_tissue_extension"] is False
+    assert les["signal_ratio_marrow"] == pytest.approx(2.0, rel=0.05)
+    assert les["signal_ratio_muscle"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_bone_fraction_and_grade(scene, measured):
+    sid = by_code()["femur_left"].id
+    frac = np.count_nonzero((scene["lesions"] == 1) & (scene["sites"] == sid)) / np.count_nonzero(scene["sites"] == sid)
+    assert measured[1]["bone_fraction"] == pytest.approx(frac, abs=1e-4)
+    assert measured[1]["extension_grade"] == "<25%"
+    pat = by_code()["patella_left"].id
+    frac = np.count_nonzero((scene["lesions"] == 10) & (scene["sites"] == pat)) / np.count_nonzero(scene["sites"] == pat)
+    assert frac > 0.5
+    assert (measured[10]["site"], measured[10]["subregion"], measured[10]["juxtaphyseal"]) == ("patella_left", None, None)
+    assert measured[10]["bone_fraction"] == pytest.approx(frac, abs=1e-4)
+    assert measured[10]["extension_grade"] == ">50%"
+
+
+def test_extension_grade_bounds():
+    assert [extension_grade(f) for f in (0.0, 0.2499, 0.25, 0.5, 0.5001, 1.0, None)] == \
+        ["<25%", "<25%", "25-50%", "25-50%", ">50%", ">50%", None]
+
+
+def test_soft_tissue_extension_and_diaphysis(measured):
+    les = measured[3]
+    assert (les["site"], les["side"], les["subregion"]) == ("femur_right", "right", "diaphysis")
+    assert les["soft_tissue_extension"] is True
+    assert les["juxtaphyseal"] is False
+
+
+def test_lesion_next_to_bone_is_assigned_to_it(measured):
+    les = measured[4]
+    assert (les["site"], les["side"], les["region"]) == ("femur_left", "left", "lower_limb")
+    assert les["bone_fraction"] == 0.0
+    assert les["soft_tissue_extension"] is True
+
+
+def test_far_lesion_is_soft_tissue(measured):
+    far, near = measured[5], measured[8]
+    assert (far["site"], far["side"], far["region"]) == ("soft_tissue", "left", "soft_tissue")
+    assert (near["site"], near["side"], near["region"]) == ("soft_tissue", "left", "lower_limb")
+    for les in (far, near):
+        assert les["subregion"] is None and les["bone_fraction"] is None and les["extension_grade"] is None
+    assert far["signal_ratio_marrow"] is None
+    assert near["signal_ratio_marrow"] == pytest.approx(2.0, rel=0.05)   # against the nearest bone, femur_left
+    assert far["signal_ratio_muscle"] == pytest.approx(4.0, rel=0.05)
+
+
+def test_vertebra_body_and_posterior_elements(measured):
+    assert (measured[6]["site"], measured[6]["side"], measured[6]["region"]) == ("vertebra_L3", "midline", "spine_lumbar")
+    assert measured[6]["subregion"] == "vertebral_body"
+    assert measured[7]["subregion"] == "posterior_elements"
+    assert measured[6]["juxtaphyseal"] is None
+
+
+def test_clavicle_medial_end_is_proximal(measured):
+    les = measured[9]
+    assert (les["site"], les["subregion"]) == ("clavicle_left", "metaphysis_proximal")
+    assert les["juxtaphyseal"] is None        # no physis found in the clavicle
+
+
+def test_same_answers_on_a_ras_grid(measured):
+    ras = build_scene(oriented=False)
+    out = {les["id"]: les for les in measure_lesions(ras["lesions"], ras["sites"], ras["image"], ras["affine"],
+                                                      ras["physis"], CONF)}
+    for lid, les in measured.items():
+        for key in ("site", "side", "region", "subregion", "juxtaphyseal", "extension_grade", "soft_tissue_extension"):
+            assert out[lid][key] == les[key], (lid, key)
+        assert out[lid]["volume_ml"] == pytest.approx(les["volume_ml"])
+        assert out[lid]["centroid_ras_mm"] == pytest.approx(les["centroid_ras_mm"], abs=0.01)
+        assert out[lid]["max_diameter_mm"] == pytest.approx(les["max_diameter_mm"], abs=0.01)
+
+
+def test_without_physis_fractions_place_subregions(scene):
+    out = measure_lesions(scene["lesions"], scene["sites"], scene["image"], scene["affine"], None, CONF)
+    les = {x["id"]: x for x in out}
+    assert les[1]["subregion"] == "metaphysis_distal"
+    assert les[3]["subregion"] == "diaphysis"
+    assert all(x["juxtaphyseal"] is None for x in out)
+
+
+def test_proximal_epiphysis_above_the_physis(scene):
+    lesions = np.zeros_like(scene["lesions"])
+    X, Y, Z = scene["X"], scene["Y"], scene["Z"]
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (185, 195))] = 1
+    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], scene["physis"], {1: 0.9})
+    assert (out[0]["site"], out[0]["subregion"], out[0]["juxtaphyseal"]) == ("femur_left", "epiphysis_proximal", True)
+
+
+def test_missing_confidence_is_refused(scene):
+    with pytest.raises(ValueError, match="confidence"):
+        measure_lesions(scene["lesions"], scene["sites"], scene["image"], scene["affine"], None, {1: 0.5})
+
+
+def test_summary_and_site_table(measured):
+    lesions = [measured[k] for k in sorted(measured)]
+    s = summarise(lesions)
+    assert s["lesion_count"] == 10
+    assert s["affected_sites"] == 5           # femur L/R, L3, clavicle L, patella L
+    assert s["affected_regions"] == ["spine_lumbar", "chest_wall", "lower_limb"]
+    assert s["total_volume_ml"] == pytest.approx(sum(x["volume_ml"] for x in lesions), abs=1e-3)
+    assert s["largest_lesion_ml"] == pytest.approx(max(x["volume_ml"] for x in lesions), abs=1e-4)
+    assert s["spine_involved"] is True and s["soft_tissue_involved"] is True
+    assert s["symmetric_pairs"] == [[1, 2], [3, 4]]
+    table = {row["site"]: row for row in site_table(lesions)}
+    assert table["femur_left"]["lesion_count"] == 2 and table["femur_left"]["lesion_ids"] == [1, 4]
+    assert table["soft_tissue"]["lesion_count"] == 2
+    assert list(table)[-1] == "soft_tissue"
+    assert table["femur_left"]["volume_ml"] == pytest.approx(measured[1]["volume_ml"] + measured[4]["volume_ml"])
+
+
+def test_each_lesion_in_at_most_one_pair():
+    def les(i, site, z):
+        return {"id": i, "site": site, "region": "lower_limb", "subregion": "metaphysis_distal", "volume_ml": 1.0,
+                "centroid_ras_mm": [0.0, 0.0, z], "soft_tissue_extension": False}
+    lesions = [les(1, "tibia_left", 10.0), les(2, "tibia_right", 12.0), les(3, "tibia_right", 50.0),
+               les(4, "tibia_left", 49.0), les(5, "tibia_left", 90.0)]
+    assert summarise(lesions)["symmetric_pairs"] == [[1, 2], [3, 4]]
+    assert summarise([])["largest_lesion_ml"] is None
+
+
+def test_sites_in_view(scene):
+    vox_ml = SPACING["x"] * SPACING["y"] * SPACING["z"] / 1000
+    codes = sites_in_view(scene["sites"], vox_ml)
+    assert codes == ["vertebra_L3", "clavicle_left", "femur_left", "femur_right", "patella_left"]
+    assert "patella_left" not in sites_in_view(scene["sites"], vox_ml, min_ml=5.0)
+
+
+def test_study_warnings(scene):
+    sp = (2.0, 3.0, 2.5)
+    assert study_warnings(scene["image"], scene["sites"], scene["lesions"], sp) == []
+    noisy = scene["image"] + np.random.default_rng(1).normal(0, 0.5, scene["image"].shape).astype(np.float32)
+    warn = study_warnings(noisy, scene["sites"], scene["lesions"], sp)
+    assert len(warn) == 1 and "noisy" in warn[0]
+    edge = scene["lesions"].copy()
+    edge[0, 5:8, 5:8] = 11
+    warn = study_warnings(scene["image"], np.zeros_like(scene["sites"]), edge, (1.0, 3.0, 8.0))
+    text = " ".join(warn)
+    assert "No bone" in text and "Lesion(s) 11" in text and "8.0 mm" in text and "In-plane" in text
+    assert border_lesions(edge) == [11]

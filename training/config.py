@@ -1,0 +1,264 @@
+"""The one configuration schema of wbmri (phantom and training), YAML loading and ``--set key=value`` overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.networks import NetworkConfig
+
+Range = tuple[float, float]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------------- phantom
+class BodyConfig(Strict):
+    age_years: Range = (3.0, 17.0)
+    female_p: float = Field(0.67, ge=0, le=1, description="girls outnumber boys about 2:1 in CNO")
+    height_sd: float = Field(0.045, ge=0, le=0.2, description="relative SD of height around the growth-chart median")
+    fat_mm: Range = (4.0, 22.0)
+    arm_abduction_deg: Range = (2.0, 12.0)
+    leg_abduction_deg: Range = (0.0, 8.0)
+    pose_jitter_deg: float = Field(4.0, ge=0, le=20)
+
+
+class StirConfig(Strict):
+    """Mean STIR signal per tissue, relative to free fluid = 1.0 (ranges sampled per case)."""
+    fat: Range = (0.05, 0.11)
+    muscle: Range = (0.17, 0.26)
+    cortex: Range = (0.01, 0.04)
+    yellow_marrow: Range = (0.06, 0.12)
+    red_marrow: Range = (0.24, 0.40)
+    physis: Range = (0.50, 0.85)
+    cartilage: Range = (0.30, 0.45)
+    fluid: Range = (0.85, 1.0)
+    disc: Range = (0.40, 0.65)
+    brain: Range = (0.30, 0.42)
+    lung: Range = (0.02, 0.06)
+    liver: Range = (0.15, 0.24)
+    spleen: Range = (0.38, 0.55)
+    kidney: Range = (0.40, 0.60)
+    bowel: Range = (0.15, 0.40)
+    blood: Range = (0.04, 0.30)
+    texture_cv: Range = (0.06, 0.14)
+
+
+class MimicConfig(Strict):
+    """Normal findings that look like disease (clinical notes)."""
+    red_marrow_patch_p: float = Field(0.6, ge=0, le=1)
+    foot_foci_p_under15: float = Field(0.59, ge=0, le=1)
+    foot_foci_boost: Range = (1.6, 3.0)
+    effusion_p: float = Field(0.35, ge=0, le=1)
+    slow_flow_p: float = Field(0.4, ge=0, le=1)
+
+
+class LesionConfig(Strict):
+    """Lesion planner; frequencies from the series in the clinical notes (see data/README.md)."""
+    none_p: float = Field(0.2, ge=0, le=1, description="share of cases without any lesion")
+    count_mean: float = Field(6.0, gt=0, description="mean lesions in a case with lesions (Poisson, 1..max)")
+    count_max: int = Field(15, ge=1, le=40)
+    pattern_p: dict[str, float] = {"tibio_appendicular": 0.54, "claviculo_spinal": 0.24, "mixed": 0.22}
+    site_weights: dict[str, dict[str, float]] = {
+        "tibio_appendicular": {"tibia": 30, "femur": 22, "fibula": 10, "talus": 4, "calcaneus": 5, "metatarsals": 5,
+                               "ilium": 3, "ischium": 2, "pubis": 2, "humerus": 4, "radius": 3, "ulna": 2,
+                               "sacrum": 2, "clavicle": 2, "vertebra": 2, "midfoot": 2},
+        "claviculo_spinal": {"clavicle": 35, "vertebra": 35, "sternum": 8, "ribs": 6, "mandible": 4, "sacrum": 4,
+                             "tibia": 5, "femur": 3},
+        "mixed": {"tibia": 14, "femur": 12, "fibula": 5, "ilium": 8, "ischium": 5, "pubis": 5, "sacrum": 6,
+                  "vertebra": 10, "clavicle": 8, "ribs": 5, "sternum": 4, "mandible": 3, "humerus": 5, "radius": 2,
+                  "ulna": 2, "talus": 3, "calcaneus": 4, "metatarsals": 4, "scapula": 2, "midfoot": 2},
+    }
+    long_subregion_p: dict[str, float] = {"metaphysis": 0.65, "epiphysis": 0.25, "diaphysis": 0.10}
+    distal_p: dict[str, float] = {"femur": 0.8, "tibia": 0.5, "fibula": 0.75, "humerus": 0.5, "radius": 0.7,
+                                  "ulna": 0.6, "clavicle": 0.3, "metatarsals": 0.5}
+    juxtaphyseal_p: float = Field(0.85, ge=0, le=1, description="metaphyseal lesions that touch the physis")
+    symmetric_p: float = Field(0.55, ge=0, le=1, description="a paired-site lesion gets a mirror lesion")
+    vertebra_multifocal_p: float = Field(0.6, ge=0, le=1)
+    soft_tissue_p: float = Field(0.3, ge=0, le=1)
+    periosteal_p: float = Field(0.3, ge=0, le=1)
+    collapse_p: float = Field(0.12, ge=0, le=1, description="vertebral lesions with height loss")
+    volume_ml: Range = (0.4, 20.0)
+    ratio_to_marrow: Range = (1.4, 6.0)
+    faint_p: float = Field(0.35, ge=0, le=1, description="lesions drawn from the faint end (ratio < 2)")
+    expected: dict[str, Range] = Field(
+        default={"tibia": (0.40, 0.80), "femur": (0.30, 0.70), "clavicle": (0.15, 0.50), "vertebra": (0.12, 0.45),
+                 "pelvis": (0.15, 0.55), "metaphysis_share": (0.45, 0.80), "bilateral": (0.35, 0.85),
+                 "tibio_appendicular": (0.44, 0.64), "claviculo_spinal": (0.15, 0.33)},
+        description="checked by the tests: share of lesional cases with a site, and shares of patterns")
+
+
+class FovConfig(Strict):
+    p: dict[str, float] = {"whole_body": 0.6, "pelvis": 0.08, "knees": 0.1, "legs": 0.08, "spine": 0.07, "feet": 0.07}
+
+
+class AcquisitionConfig(Strict):
+    inplane_mm: Range = (1.0, 1.9)
+    slice_mm: Range = (3.0, 6.0)
+    stations: tuple[int, int] = (3, 6)
+    station_gain: Range = (0.85, 1.15)
+    bias_amplitude: Range = (0.05, 0.3)
+    snr: Range = (12.0, 40.0)
+    fat_sat_failure_p: float = Field(0.35, ge=0, le=1)
+    motion_blur_p: float = Field(0.3, ge=0, le=1)
+    oblique_p: float = Field(0.2, ge=0, le=1)
+    oblique_max_deg: float = Field(12.0, ge=0, le=45)
+    orientation_p: dict[str, float] = {"RAS": 0.3, "LPS": 0.3, "coronal_stack": 0.4}
+    intensity_scale: Range = (50.0, 4000.0)
+    integer_p: float = Field(0.4, ge=0, le=1)
+
+
+class ContrastRandomisation(Strict):
+    """SynthSeg-style: tissue means re-drawn at random, keeping edema brighter than marrow and fat suppressed."""
+    enabled: bool = False
+    p: float = Field(0.5, ge=0, le=1)
+    jitter: float = Field(0.35, ge=0, le=1)
+    gamma: Range = (0.7, 1.5)
+
+
+class SynthConfig(Strict):
+    version: str = "1.0"
+    anatomy_mm: float = Field(2.0, ge=1.0, le=4.0)
+    body: BodyConfig = BodyConfig()
+    stir: StirConfig = StirConfig()
+    mimics: MimicConfig = MimicConfig()
+    lesions: LesionConfig = LesionConfig()
+    fov: FovConfig = FovConfig()
+    acquisition: AcquisitionConfig = AcquisitionConfig()
+    contrast: ContrastRandomisation = ContrastRandomisation()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+class DataConfig(Strict):
+    phantom_cases: int = Field(160, ge=0, description="size of the phantom pool (0: real data only)")
+    phantom_seed: int = 100_000
+    refresh_every: int = Field(0, ge=0, description="steps between replacing part of the pool (0: never)")
+    refresh_fraction: float = Field(0.1, ge=0, le=1)
+    dataset_dirs: list[Path] = []
+    val_cases: int = Field(8, ge=0)
+    val_seed: int = 900_000
+    cache_dir: Path = Path("data/cache")
+    workers: int = Field(1, ge=0)
+
+
+class SamplingConfig(Strict):
+    lesion_p: float = Field(0.5, ge=0, le=1, description="patches centred on a lesion")
+    rare_site_p: float = Field(0.2, ge=0, le=1, description="patches centred on a random site (uniform over sites)")
+    batch_size: int = Field(2, ge=1)
+
+
+class AugmentConfig(Strict):
+    rotate_deg: float = Field(10.0, ge=0, le=45)
+    scale: Range = (0.9, 1.1)
+    gamma: Range = (0.75, 1.35)
+    intensity_scale: Range = (0.8, 1.25)
+    noise_std: Range = (0.0, 0.04)
+    p: float = Field(0.8, ge=0, le=1)
+
+
+class LossConfig(Strict):
+    edema_weight: float = 1.0
+    edema_pos_weight: float = Field(3.0, gt=0)
+    bone_weight: float = 0.5
+    physis_weight: float = 0.3
+    sites_weight: float = 0.5
+    dice: bool = True
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    steps: int = Field(3000, ge=1)
+    warmup: int = Field(100, ge=0)
+    schedule: Literal["cosine", "constant", "poly"] = "cosine"
+    grad_clip: float = Field(12.0, gt=0)
+
+
+class TrainConfig(Strict):
+    name: str = "wbmri-default"
+    out_dir: Path = Path("runs/default")
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    threads: int = Field(0, ge=0, description="torch threads (0: all cores)")
+    network: NetworkConfig = NetworkConfig()
+    synth: SynthConfig = SynthConfig()
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint_every: int = Field(200, ge=1)
+    val_every: int = Field(400, ge=1)
+    early_stop_patience: int = Field(0, ge=0, description="validations without improvement before stopping (0: off)")
+    init: Optional[Path] = None
+    edema_threshold: float = Field(0.5, gt=0, lt=1)
+    min_lesion_ml: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _patch_fits(self) -> "TrainConfig":
+        div = 1
+        for s in self.network.strides:
+            div *= s
+        if any(p % (2 * div) for p in self.network.patch):
+            raise ValueError(f"network.patch {self.network.patch} must be multiples of {2 * div}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message lists every problem."""
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {len(exc.errors())} problem(s) in the configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(kind: type[BaseModel], path: Path | None = None, overrides: list[str] | None = None):
+    """Load YAML (optional), apply overrides, validate against ``kind``; raise ConfigError with every problem."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        source = str(path)
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return kind.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,220 @@
+"""Training data: cases on the model grid (phantom pool or nnU-Net raw folders), patch sampling, augmentation.
+
+A case on the model grid is a dict of arrays (MONAI style):
+``image`` float16 (normalised), ``edema`` uint8 0/1, ``sites`` uint8 (255 = unknown), ``physis`` uint8 (255 = unknown).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.nifti import load_volume
+from models.preprocessing import normalise, plan_grid, to_model_grid
+from training.config import SynthConfig, TrainConfig
+
+UNKNOWN = 255
+
+
+def to_model_case(image: np.ndarray, affine: np.ndarray, spacing, lesions: np.ndarray | None,
+                  sites: np.ndarray | None, physis: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Bring a labelled case onto the model grid with the same preprocessing as inference."""
+    grid = plan_grid(image.shape, affine, tuple(spacing))
+    img = normalise(to_model_grid(image.astype(np.float32), grid, "trilinear"))
+    out = {"image": img.astype(np.float16)}
+    for key, arr in (("edema", lesions), ("sites", sites), ("physis", physis)):
+        if arr is None:
+            out[key] = np.full(grid.model_shape, UNKNOWN, np.uint8)
+        else:
+            lab = to_model_grid(arr.astype(np.int16 if key == "edema" else np.uint8), grid, "nearest-exact")
+            if key == "edema":
+                lab = lab > 0
+            out[key] = lab.astype(np.uint8)
+    if lesions is not None:
+        out["instances"] = to_model_grid(lesions.astype(np.int16), grid, "nearest-exact").astype(np.uint16)
+    return out
+
+
+def phantom_model_case(seed: int, synth: SynthConfig, spacing) -> dict[str, np.ndarray]:
+    from training.phantom.generate import generate_case
+    case = generate_case(seed, synth)
+    out = to_model_case(np.asarray(case.image, np.float32), case.affine, spacing, case.lesions, case.sites, case.physis)
+    out["fov"] = np.array(case.meta["acquisition"]["fov"])
+    return out
+
+
+def save_npz(path: Path, case: dict[str, np.ndarray]) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **case)
+    os.replace(tmp, path)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _producer(seeds: list[int], synth_json: str, spacing, folder: str, threads: int = 1) -> None:
+    torch.set_num_threads(threads)
+    synth = SynthConfig.model_validate_json(synth_json)
+    for seed in seeds:
+        path = Path(folder) / f"{seed}.npz"
+        if path.exists():
+            continue
+        save_npz(path, phantom_model_case(seed, synth, spacing))
+
+
+class PhantomPool:
+    """A folder of phantom cases on the model grid, filled by a background process (resumable: files persist)."""
+
+    def __init__(self, folder: Path, seeds: list[int], synth: SynthConfig, spacing, workers: int = 1):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.seeds = seeds
+        self.synth, self.spacing, self.workers = synth, spacing, workers
+        self.procs: list[mp.Process] = []
+        self._cache: dict[Path, dict[str, np.ndarray]] = {}
+
+    def start(self) -> None:
+        todo = [s for s in self.seeds if not (self.folder / f"{s}.npz").exists()]
+        if not todo:
+            return
+        ctx = mp.get_context("spawn")
+        for w in range(max(1, self.workers)):
+            p = ctx.Process(target=_producer, args=(todo[w::max(1, self.workers)], self.synth.model_dump_json(),
+                                                    tuple(self.spacing), str(self.folder)), daemon=True)
+            p.start()
+            self.procs.append(p)
+
+    def fill_now(self) -> None:
+        """Generate every missing case in this process (tests, small pools)."""
+        _producer(self.seeds, self.synth.model_dump_json(), tuple(self.spacing), str(self.folder),
+                  torch.get_num_threads())
+
+    def ready(self) -> list[Path]:
+        return [self.folder / f"{s}.npz" for s in self.seeds if (self.folder / f"{s}.npz").exists()]
+
+    def wait(self, n: int, timeout_s: float = 3600) -> None:
+        t0 = time.time()
+        while len(self.ready()) < min(n, len(self.seeds)):
+            if time.time() - t0 > timeout_s:
+                raise TimeoutError(f"phantom pool: only {len(self.ready())} of {n} cases after {timeout_s:.0f} s")
+            if self.procs and not any(p.is_alive() for p in self.procs) and len(self.ready()) < n:
+                raise RuntimeError("phantom pool producer died; see its traceback above")
+            time.sleep(2)
+
+    def get(self, path: Path) -> dict[str, np.ndarray]:
+        if path not in self._cache:
+            self._cache[path] = load_npz(path)
+        return self._cache[path]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+
+
+def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
+    """Preprocess an nnU-Net raw dataset (imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz) into cached npz files.
+
+    Optional ``sitesTr/NAME.nii.gz`` and ``physisTr/NAME.nii.gz`` add bone-site and physis targets; without them
+    those losses are masked for the case.
+    """
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file() or not (folder / "imagesTr").is_dir():
+        raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
+    json.loads((folder / "dataset.json").read_text())
+    cache = Path(cache_dir) / folder.name
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    for img_path in sorted((folder / "imagesTr").glob("*_0000.nii*")):
+        name = img_path.name.split("_0000.nii")[0]
+        dst = cache / f"{name}.npz"
+        out.append(dst)
+        if dst.exists():
+            continue
+        vol = load_volume(img_path)
+        lab = load_volume(folder / "labelsTr" / img_path.name.replace("_0000", "")).data
+        extra = {}
+        for key, sub in (("sites", "sitesTr"), ("physis", "physisTr")):
+            p = folder / sub / img_path.name.replace("_0000", "")
+            extra[key] = np.asarray(load_volume(p).data) if p.exists() else None
+        save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lab.astype(np.int16), extra["sites"], extra["physis"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ patches
+def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float) -> np.ndarray:
+    """Patch centre: on a lesion, on a uniformly chosen bone site (rare sites get their share), or in the body."""
+    u = rng.random()
+    if u < lesion_p and case["edema"].max() == 1:
+        idx = np.argwhere(case["edema"][::2, ::2, ::2] == 1) * 2
+        return idx[rng.integers(len(idx))]
+    if u < lesion_p + site_p:
+        sites = case["sites"]
+        present = np.unique(sites[::3, ::3, ::3])
+        present = present[(present > 0) & (present != UNKNOWN)]
+        if len(present):
+            sid = rng.choice(present)
+            idx = np.argwhere(sites[::2, ::2, ::2] == sid) * 2
+            if len(idx):
+                return idx[rng.integers(len(idx))]
+    body = np.argwhere(case["image"][::4, ::4, ::4] > 0.05) * 4
+    if len(body) == 0:
+        return np.array(case["image"].shape) // 2
+    return body[rng.integers(len(body))]
+
+
+def crop(case: dict[str, np.ndarray], centre: np.ndarray, patch) -> dict[str, np.ndarray]:
+    """A patch around centre, zero-padded (labels: image 0, sites 0, unknown stays unknown) where it leaves the volume."""
+    shape = np.array(case["image"].shape)
+    patch = np.array(patch)
+    lo = centre - patch // 2
+    out = {}
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(lo + patch, shape)
+    dst_lo = src_lo - lo
+    dst_hi = dst_lo + (src_hi - src_lo)
+    for key in ("image", "edema", "sites", "physis"):
+        arr = case[key]
+        fill = UNKNOWN if (key != "image" and arr.flat[0] == UNKNOWN and (arr == UNKNOWN).all()) else 0
+        buf = np.full(tuple(patch), fill, np.float32 if key == "image" else np.uint8)
+        buf[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
+            arr[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
+        out[key] = buf
+    return out
+
+
+def build_augment(cfg: TrainConfig):
+    """MONAI dictionary transforms: small rotations/scaling (no flips: left and right must stay), intensity."""
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
+                                  RandScaleIntensityd)
+    a = cfg.augment
+    rot = np.radians(a.rotate_deg)
+    keys = ["image", "edema", "sites", "physis"]
+    return Compose([
+        RandAffined(keys=keys, mode=["bilinear", "nearest", "nearest", "nearest"], prob=a.p,
+                    rotate_range=(rot, rot, rot), scale_range=[(a.scale[0] - 1, a.scale[1] - 1)] * 3,
+                    padding_mode="zeros", cache_grid=False),
+        RandAdjustContrastd(keys=["image"], prob=a.p * 0.6, gamma=a.gamma),
+        RandScaleIntensityd(keys=["image"], factors=(a.intensity_scale[0] - 1, a.intensity_scale[1] - 1), prob=a.p),
+        RandGaussianNoised(keys=["image"], prob=a.p * 0.5, std=a.noise_std[1]),
+    ])
+
+
+def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg: TrainConfig, augment) -> dict[str, torch.Tensor]:
+    """Stack augmented patches into tensors: image (B,1,D,H,W) and targets."""
+    items = []
+    for case in cases:
+        patch = crop(case, sample_centre(case, rng, cfg.sampling.lesion_p, cfg.sampling.rare_site_p), cfg.network.patch)
+        d = {k: v[None] for k, v in patch.items()}
+        if augment is not None:
+            augment.set_random_state(seed=int(rng.integers(2 ** 31)))
+            d = augment(d)
+        items.append({k: torch.as_tensor(np.asarray(v)) for k, v in d.items()})
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

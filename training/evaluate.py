@@ -1,0 +1,314 @@
+"""Evaluate prediction folders (``wbmri predict`` output) against reference folders (contract layout or phantom cases).
+
+Writes ``per_case.csv``, ``summary.json`` and ``froc.png`` (see :func:`evaluate_folders`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from models.sites import SOFT_TISSUE, by_id
+from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, SiteAgreement, detection_counts, dice,
+                              froc, froc_case, majority_labels, match_lesions, matched_site_pairs, per_site_dice,
+                              sensitivity_at_fp, site_agreement)
+
+AFFINE_TOL = 1e-3
+TARGET_SENSITIVITY = 0.90
+TARGET_FP_PER_SCAN = 0.5
+FAILURE_RULE = ("A case whose prediction is missing or unusable (unreadable, wrong grid) is listed in `failures` "
+                "and scored as an empty prediction: all its reference lesions are missed, Dice is 0 where the "
+                "reference has edema or sites.")
+
+
+class GridMismatchError(ValueError):
+    """Prediction and reference are not on the same voxel grid."""
+
+
+@dataclass
+class LabelCase:
+    """One case folder loaded: instance labels, site labels (or None), per-lesion site code and confidence."""
+    lesions: np.ndarray
+    affine: np.ndarray
+    sites: np.ndarray | None
+    lesion_site: dict[int, str] = field(default_factory=dict)
+    confidence: dict[int, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def size_tag(ml: float) -> str:
+    """Key suffix for a volume threshold: 0.5 -> '0p5ml'."""
+    return f"{ml:g}".replace(".", "p") + "ml"
+
+
+def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An integer label map and its affine; refuses non-3D or non-integer data."""
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise ValueError(f"{path.name}: not a readable NIfTI file ({type(exc).__name__})") from None
+    data = np.asarray(img.dataobj)
+    if data.ndim > 3 and all(s == 1 for s in data.shape[3:]):
+        data = data.reshape(data.shape[:3])
+    if data.ndim != 3:
+        raise ValueError(f"{path.name}: label map must be 3D, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ValueError(f"{path.name}: label map holds non-integer values")
+        data = rounded
+    if data.size and data.min() < 0:
+        raise ValueError(f"{path.name}: label map holds negative values")
+    return data.astype(np.int32, copy=False), np.asarray(img.affine, dtype=np.float64)
+
+
+def check_same_grid(shape_a: tuple[int, ...], affine_a: np.ndarray, shape_b: tuple[int, ...],
+                    affine_b: np.ndarray, what: str = "prediction vs reference") -> None:
+    """Raise :class:`GridMismatchError` unless shapes are equal and affines agree within 1e-3."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise GridMismatchError(f"grid mismatch ({what}): shape {tuple(shape_a)} vs {tuple(shape_b)}")
+    diff = float(np.max(np.abs(np.asarray(affine_a) - np.asarray(affine_b))))
+    if diff > AFFINE_TOL:
+        raise GridMismatchError(f"grid mismatch ({what}): affines differ by up to {diff:.4g} (tolerance {AFFINE_TOL})")
+
+
+def _json_lesions(folder: Path) -> list[dict[str, Any]] | None:
+    """The lesion list of report.json, else case.json, else None."""
+    for name in ("report.json", "case.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            lesions = data.get("lesions", [])
+            if not isinstance(lesions, list):
+                raise ValueError(f"{name}: 'lesions' is not a list")
+            return lesions
+    return None
+
+
+def _site_code(site_id: int) -> str:
+    return by_id()[site_id].code if site_id in by_id() else SOFT_TISSUE
+
+
+def load_case(folder: Path) -> LabelCase:
+    """Load ``lesions.nii.gz``, ``sites.nii.gz`` (optional) and the lesion list of report.json / case.json.
+
+    Lesions without a site in the JSON get the site they overlap most in the sites map (soft_tissue when none);
+    lesions without a confidence get 1.0.
+    """
+    lesions, affine = _read_labels(folder / "lesions.nii.gz")
+    case = LabelCase(lesions=lesions, affine=affine, sites=None)
+    sites_path = folder / "sites.nii.gz"
+    if sites_path.is_file():
+        sites, s_aff = _read_labels(sites_path)
+        check_same_grid(sites.shape, s_aff, lesions.shape, affine, "sites vs lesions")
+        case.sites = sites
+    ids = {int(i) for i in np.unique(lesions[lesions > 0])}
+    listed = _json_lesions(folder)
+    if listed is None:
+        case.warnings.append("no report.json or case.json: lesion sites derived from sites.nii.gz")
+        listed = []
+    for entry in listed:
+        lid = int(entry["id"])
+        if lid not in ids:
+            continue
+        if entry.get("site"):
+            case.lesion_site[lid] = str(entry["site"])
+        if entry.get("confidence") is not None:
+            case.confidence[lid] = float(entry["confidence"])
+    missing = ids - case.lesion_site.keys()
+    if missing:
+        derived = majority_labels(lesions, case.sites) if case.sites is not None else {}
+        for lid in missing:
+            case.lesion_site[lid] = _site_code(derived.get(lid, 0))
+    for lid in ids - case.confidence.keys():
+        case.confidence[lid] = 1.0
+    return case
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _size_bins(min_ref_ml: float) -> dict[str, tuple[float, float]]:
+    return {"all": (0.0, math.inf), "lt_1ml": (0.0, 1.0), "ge_1ml": (1.0, math.inf),
+            f"ge_{size_tag(min_ref_ml)}": (min_ref_ml, math.inf)}
+
+
+def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref_ml: float
+                ) -> tuple[dict[str, DetectionCounts], FrocCase, SiteAgreement, dict[str, Any]]:
+    """Score one case; ``pred`` None scores an empty prediction."""
+    if pred is None:
+        pred = LabelCase(lesions=np.zeros_like(ref.lesions), affine=ref.affine,
+                         sites=None if ref.sites is None else np.zeros_like(ref.sites))
+    m = match_lesions(pred.lesions, ref.lesions, voxel_ml=voxel_ml)
+    bins = {k: detection_counts(m, lo, hi) for k, (lo, hi) in _size_bins(min_ref_ml).items()}
+    fc = froc_case(m, pred.confidence, min_ml=min_ref_ml)
+    agree = site_agreement(matched_site_pairs(m, pred.lesion_site, ref.lesion_site))
+    site_dices: dict[int, float] = {}
+    if ref.sites is not None and pred.sites is not None:
+        site_dices = per_site_dice(pred.sites, ref.sites)
+    tag = size_tag(min_ref_ml)
+    ge = bins[f"ge_{tag}"]
+    row = {"n_ref": bins["all"].n_ref, f"n_ref_ge_{tag}": ge.n_ref, "n_pred": len(m.pred_to_ref),
+           "tp": bins["all"].n_tp, "fp": bins["all"].n_fp, "fn": bins["all"].n_ref - bins["all"].n_detected,
+           "detected": bins["all"].n_detected, f"detected_ge_{tag}": ge.n_detected,
+           "edema_dice": dice(pred.lesions > 0, ref.lesions > 0),
+           "mean_site_dice": _mean(list(site_dices.values())),
+           "site_accuracy": agree.site_accuracy, "side_accuracy": agree.side_accuracy,
+           "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
+    return bins, fc, agree, row
+
+
+def _write_froc_png(path: Path, points: list[tuple[float, float, float]], min_ref_ml: float, n_ref: int,
+                    n_cases: int) -> None:
+    """FROC curve (sensitivity vs mean FP per scan) with the target point marked; no pyplot state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    curve = [(0.0, 0.0)] + [(fp, s) for fp, s, _ in points]  # lowest thresholds last: FP and sensitivity grow
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], drawstyle="steps-post", marker=".", label="model")
+    ax.plot([TARGET_FP_PER_SCAN], [TARGET_SENSITIVITY], marker="*", markersize=14, color="crimson", linestyle="none",
+            label=f"target: sensitivity {TARGET_SENSITIVITY:.2f} at {TARGET_FP_PER_SCAN} FP/scan")
+    ax.axvline(TARGET_FP_PER_SCAN, color="crimson", linestyle=":", linewidth=0.8)
+    ax.axhline(TARGET_SENSITIVITY, color="crimson", linestyle=":", linewidth=0.8)
+    max_fp = max([c[0] for c in curve] + [TARGET_FP_PER_SCAN * 2])
+    ax.set_xlim(0, max_fp * 1.05)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean false positives per scan")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(f"FROC, reference lesions >= {min_ref_ml:g} mL (n={n_ref}, {n_cases} scans)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+def _case_dirs(root: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
+
+
+def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: float = 0.5,
+                     quiet: bool = False) -> dict[str, Any]:
+    """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``.
+
+    Writes ``out_dir/per_case.csv``, ``out_dir/summary.json`` and ``out_dir/froc.png``; returns the summary.
+    Matching rule: :data:`training.metrics.MATCHING_RULE`; failed cases: :data:`FAILURE_RULE`.
+    """
+    from rich.progress import Progress
+
+    pred_dir, ref_dir, out_dir = Path(pred_dir), Path(ref_dir), Path(out_dir)
+    refs = _case_dirs(ref_dir)
+    if not refs:
+        raise FileNotFoundError(f"no reference case folders (with lesions.nii.gz) in {ref_dir}")
+    preds = _case_dirs(pred_dir) if pred_dir.is_dir() else {}
+    tag = size_tag(min_ref_ml)
+    bins_total = {k: DetectionCounts() for k in _size_bins(min_ref_ml)}
+    no_ref_counts = DetectionCounts()
+    agree_total = SiteAgreement()
+    froc_cases: list[FrocCase] = []
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    warnings: list[dict[str, str]] = []
+    with Progress(disable=quiet, transient=True) as progress:
+        task = progress.add_task("evaluating", total=len(refs))
+        for name, ref_path in refs.items():
+            progress.update(task, description=f"evaluating {name}")
+            try:
+                ref = load_case(ref_path)
+            except Exception as exc:
+                failures.append({"case": name, "error": f"reference unusable, case not scored: {exc}"})
+                rows.append({"case": name, "status": "reference_error", "error": str(exc)})
+                progress.advance(task)
+                continue
+            warnings += [{"case": name, "warning": f"reference: {w}"} for w in ref.warnings]
+            pred: LabelCase | None = None
+            error = ""
+            if name not in preds:
+                error = "prediction missing"
+            else:
+                try:
+                    pred = load_case(preds[name])
+                    check_same_grid(pred.lesions.shape, pred.affine, ref.lesions.shape, ref.affine)
+                    warnings += [{"case": name, "warning": f"prediction: {w}"} for w in pred.warnings]
+                except Exception as exc:
+                    pred, error = None, str(exc)
+            if error:
+                failures.append({"case": name, "error": error})
+            voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
+            bins, fc, agree, row = _score_case(pred, ref, voxel_ml, min_ref_ml)
+            for k, c in bins.items():
+                bins_total[k] = bins_total[k] + c
+            if bins["all"].n_ref == 0:
+                no_ref_counts = no_ref_counts + bins["all"]
+            agree_total = agree_total + agree
+            froc_cases.append(fc)
+            rows.append({"case": name, "status": "failed" if error else "ok", "error": error, **row})
+            progress.advance(task)
+
+    scored = [r for r in rows if r["status"] in ("ok", "failed")]
+    dices = [r["edema_dice"] for r in scored]
+    site_dices = [r["mean_site_dice"] for r in scored if r["mean_site_dice"] is not None]
+    points = froc(froc_cases)
+    ge = bins_total[f"ge_{tag}"]
+    at_target = sensitivity_at_fp(points, TARGET_FP_PER_SCAN)
+    summary: dict[str, Any] = {
+        "n_cases": len(refs),
+        "n_scored": len(scored),
+        "n_ok": sum(r["status"] == "ok" for r in rows),
+        "n_failed": len(failures),
+        "failures": failures,
+        "unpaired_predictions": sorted(set(preds) - set(refs)),
+        "warnings": warnings,
+        "matching_rule": MATCHING_RULE,
+        "failure_rule": FAILURE_RULE,
+        "min_ref_ml": min_ref_ml,
+        "edema_dice": {"mean": _mean(dices), "median": _median(dices), "n": len(dices)},
+        "lesions": {k: c.scores() for k, c in bins_total.items()},
+        f"sensitivity_ge_{tag}": ge.sensitivity,
+        "fp_per_scan_no_reference_lesions": {"value": no_ref_counts.fp_per_scan, "n_cases": no_ref_counts.n_scans},
+        "site_accuracy": {"n_matched": agree_total.n, "site": agree_total.site_accuracy,
+                          "side": agree_total.side_accuracy},
+        "mean_site_dice": {"mean": _mean(site_dices), "n": len(site_dices)},
+        "froc": {"min_ref_ml": min_ref_ml, "n_ref": ge.n_ref,
+                 "points": [{"fp_per_scan": fp, "sensitivity": s, "threshold": t} for fp, s, t in points],
+                 "sensitivity_at_target_fp": at_target,
+                 "target": {"sensitivity": TARGET_SENSITIVITY, "fp_per_scan": TARGET_FP_PER_SCAN},
+                 "target_met": at_target is not None and at_target >= TARGET_SENSITIVITY},
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["case", "status", "error", "n_ref", f"n_ref_ge_{tag}", "n_pred", "tp", "fp", "fn", "detected",
+               f"detected_ge_{tag}", "edema_dice", "mean_site_dice", "site_accuracy", "side_accuracy",
+               "ref_volume_ml", "pred_volume_ml"]
+    with open(out_dir / "per_case.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v)
+                             for k, v in r.items()})
+    (out_dir / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
+    _write_froc_png(out_dir / "froc.png", points, min_ref_ml, ge.n_ref, len(froc_cases))
+    return summary

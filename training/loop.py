@@ -1,0 +1,301 @@
+"""The training loop: phantom pool and/or real data, two-head loss, checkpoints, resume, validation, DDP."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from models.card import load_bundle, save_bundle
+from models.networks import BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device
+from training.config import TrainConfig
+from training.data import UNKNOWN, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
+
+
+def _dist() -> tuple[int, int]:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision == "fp32":
+        return False
+    if cfg.precision == "bf16":
+        return True
+    return device.type == "cuda" or cpu_supports_bf16()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits) * mask
+    t = target * mask
+    inter = (p * t).sum()
+    return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
+
+
+def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Edema (BCE + Dice), bone and physis (BCE), sites (CE at half resolution); unknown targets are masked."""
+    lc = cfg.loss
+    voxel, sites = voxel.float(), sites.float()
+    parts: dict[str, torch.Tensor] = {}
+    edema_t = batch["edema"].float()
+    known = (batch["edema"] != UNKNOWN).float()
+    edema_t = edema_t * known
+    pos_w = torch.tensor(lc.edema_pos_weight)
+    parts["edema_bce"] = (F.binary_cross_entropy_with_logits(voxel[:, EDEMA:EDEMA + 1], edema_t, pos_weight=pos_w,
+                                                             reduction="none") * known).sum() / known.sum().clamp(min=1)
+    if lc.dice:
+        parts["edema_dice"] = soft_dice_loss(voxel[:, EDEMA:EDEMA + 1], edema_t, known)
+    site_t = batch["sites"].long()
+    known_s = (site_t != UNKNOWN).float()
+    bone_t = ((site_t > 0) & (site_t != UNKNOWN)).float()
+    parts["bone"] = (F.binary_cross_entropy_with_logits(voxel[:, BONE:BONE + 1], bone_t, reduction="none") * known_s).sum() \
+        / known_s.sum().clamp(min=1)
+    phys = batch["physis"].float()
+    known_p = (batch["physis"] != UNKNOWN).float()
+    parts["physis"] = (F.binary_cross_entropy_with_logits(voxel[:, PHYSIS:PHYSIS + 1], phys * known_p,
+                                                          pos_weight=torch.tensor(4.0), reduction="none") * known_p).sum() \
+        / known_p.sum().clamp(min=1)
+    half = site_t[:, 0, ::2, ::2, ::2]
+    half = torch.where(half == UNKNOWN, torch.full_like(half, -100), half)
+    half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
+    parts["sites"] = F.cross_entropy(sites, half, ignore_index=-100) if (half >= 0).any() else sites.sum() * 0
+    total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
+        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    o = cfg.optim
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return o.lr
+    frac = (step - o.warmup) / max(1, o.steps - o.warmup)
+    if o.schedule == "poly":
+        return o.lr * (1 - frac) ** 0.9
+    return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        self.quiet = quiet or self.rank != 0
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg, self.device)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.rng = np.random.default_rng([cfg.seed, self.rank, int(time.time()) if resume else 0])
+        self.out = Path(cfg.out_dir)
+        self.net = build_network(cfg.network)
+        if cfg.init:
+            init = load_bundle(cfg.init)
+            if init.config.model_dump() != cfg.network.model_dump():
+                raise ValueError(f"--init {cfg.init}: its network config differs from this run's network section")
+            self.net.load_state_dict(init.net.state_dict())
+        self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
+        self.model = self.net
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.net)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.step = 0
+        self.best = -1.0
+        self.bad_vals = 0
+        if resume and (self.out / "last.pt").exists():
+            self._load(self.out / "last.pt")
+
+    # ------------------------------------------------------------------ data
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        sp = cfg.network.spacing_mm
+        self.train_files: list[Path] = []
+        self.pool = None
+        if cfg.data.phantom_cases:
+            seeds = [cfg.data.phantom_seed + i for i in range(cfg.data.phantom_cases)]
+            folder = Path(cfg.data.cache_dir) / f"pool_{cfg.synth.version}_{cfg.data.phantom_seed}_{sp[0]:g}mm"
+            self.pool = PhantomPool(folder, seeds, cfg.synth, sp, cfg.data.workers)
+            if cfg.data.workers == 0:
+                self.pool.fill_now()
+            elif self.rank == 0:
+                self.pool.start()
+        for d in cfg.data.dataset_dirs:
+            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
+        self.val_cases = []
+        vfolder = Path(cfg.data.cache_dir) / f"val_{cfg.synth.version}_{cfg.data.val_seed}_{sp[0]:g}mm"
+        vfolder.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.data.val_cases if self.rank == 0 else 0):
+            p = vfolder / f"{cfg.data.val_seed + i}.npz"
+            if not p.exists():
+                save_npz(p, phantom_model_case(cfg.data.val_seed + i, cfg.synth, sp))
+            self.val_cases.append(load_npz(p))
+        self.augment = build_augment(cfg)
+
+    def _files(self) -> list[Path]:
+        ready = self.pool.ready() if self.pool else []
+        return ready + self.train_files
+
+    def _cases(self, n: int) -> list[dict]:
+        files = self._files()
+        picks = self.rng.choice(len(files), size=n, replace=len(files) < n)
+        return [self.pool.get(files[i]) if self.pool else load_npz(files[i]) for i in picks]
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "best": self.best,
+                    "bad_vals": self.bad_vals, "config": json.loads(self.cfg.model_dump_json())}, tmp)
+        os.replace(tmp, path)
+
+    def _load(self, path: Path) -> None:
+        ck = torch.load(path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["opt"])
+        self.step, self.best, self.bad_vals = int(ck["step"]), float(ck["best"]), int(ck.get("bad_vals", 0))
+
+    def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
+        card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
+                "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
+                "thresholds": {"edema": self.cfg.edema_threshold, "min_lesion_ml": self.cfg.min_lesion_ml}}
+        if metrics:
+            card["validation"] = metrics
+        if extra:
+            card.update(extra)
+        return save_bundle(folder, self.net, self.cfg.network, card)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        self.setup_data()
+        if self.pool and cfg.data.workers:
+            self.pool.wait(min(len(self.pool.seeds), max(8, cfg.sampling.batch_size * 4)))
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
+        writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.out / "tb"))
+        csv_path = self.out / "metrics.csv"
+        new_csv = not csv_path.exists()
+        bar = None
+        if progress and not self.quiet:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last_val: dict = {}
+        t_start = time.time()
+        self.net.train()
+        while self.step < cfg.optim.steps:
+            batch = make_batch(self._cases(cfg.sampling.batch_size), self.rng, cfg, self.augment)
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(self.step, cfg)
+            x = batch["image"].to(self.device).to(memory_format=torch.channels_last_3d)
+            with autocast_for(self.device, self.bf16):
+                voxel, sites = self.model(x)
+            loss, parts = compute_loss(voxel, sites, {k: v.to(self.device) for k, v in batch.items()}, cfg)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
+            self.opt.step()
+            self.step += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}", pool=len(self._files()))
+            if self.rank == 0:
+                row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr_at(self.step, cfg),
+                       "loss": float(loss), **parts}
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, self.step)
+                if self.step % cfg.val_every == 0 or self.step == cfg.optim.steps:
+                    last_val = self.validate() if self.val_cases else {}
+                    for k, v in last_val.items():
+                        if isinstance(v, (int, float)) and v is not None:
+                            writer.add_scalar(f"val/{k}", v, self.step)
+                    row.update({f"val_{k}": v for k, v in last_val.items()})
+                    score = last_val.get("lesion_f1", -1.0) if last_val else -1.0
+                    if score is not None and score > self.best:
+                        self.best, self.bad_vals = score, 0
+                        self.export(self.out / "best", last_val)
+                    else:
+                        self.bad_vals += 1
+                    self.net.train()
+                self._csv(csv_path, row, new_csv)
+                new_csv = False
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.optim.steps:
+                    self._save(self.out / "last.pt")
+            if cfg.early_stop_patience and self.bad_vals >= cfg.early_stop_patience:
+                break
+        if bar:
+            bar.close()
+        if self.rank == 0:
+            self._save(self.out / "last.pt")
+            self.export(self.out / "final", last_val)
+            if not (self.out / "best").exists():
+                self.export(self.out / "best", last_val)
+            writer.close()
+        if self.pool:
+            self.pool.stop()
+        return {"step": self.step, "best_lesion_f1": self.best, "loss": float(loss), **last_val}
+
+    def _csv(self, path: Path, row: dict, new: bool) -> None:
+        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
+                "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_site_acc"]
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1, site accuracy."""
+        from models.networks import size_divisor
+        from scipy.ndimage import label as cc_label
+        from training.metrics import detection_counts, dice, match_lesions
+        self.net.eval()
+        dices, counts, site_ok, site_n = [], None, 0, 0
+        div = size_divisor(self.cfg.network) * 2
+        for case in self.val_cases:
+            img = case["image"].astype(np.float32)
+            pad = [(0, (-s) % div) for s in img.shape]
+            x = torch.from_numpy(np.pad(img, pad))[None, None].to(self.device).to(memory_format=torch.channels_last_3d)
+            with autocast_for(self.device, self.bf16):
+                voxel, sites = self.net(x)
+            sl = tuple(slice(0, s) for s in img.shape)
+            prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
+            pred = prob > self.cfg.edema_threshold
+            ref = case["edema"] == 1
+            dices.append(dice(pred, ref))
+            inst, n_inst = cc_label(pred)
+            if n_inst:
+                sizes = np.bincount(inst.ravel())
+                min_vox = self.cfg.min_lesion_ml * 1000 / float(np.prod(self.cfg.network.spacing_mm))
+                small = np.nonzero(sizes < min_vox)[0]
+                inst[np.isin(inst, small[small > 0])] = 0
+            m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=float(np.prod(self.cfg.network.spacing_mm)) / 1000)
+            c = detection_counts(m, min_ml=0.5)
+            counts = c if counts is None else counts + c
+            site_map = F.interpolate(sites.float(), scale_factor=2, mode="nearest")[0].argmax(0).cpu().numpy()[sl]
+            for pid, rid in m.pred_to_ref.items():
+                if rid is None:
+                    continue
+                ref_site = np.bincount(case["sites"][case["instances"] == rid], minlength=256)[1:255].argmax() + 1
+                pred_site = np.bincount(site_map[inst == pid], minlength=256)[1:255].argmax() + 1
+                site_ok += int(ref_site == pred_site)
+                site_n += 1
+        s = counts.scores() if counts else {}
+        return {"edema_dice": float(np.mean(dices)) if dices else None, "lesion_f1": s.get("f1") or 0.0,
+                "lesion_sens": s.get("sensitivity"), "lesion_prec": s.get("precision"),
+                "fp_per_scan": s.get("fp_per_scan"), "site_acc": site_ok / site_n if site_n else None}

@@ -1,0 +1,319 @@
+"""Evaluation metrics: voxel Dice, lesion matching, lesion-level detection scores, FROC and site agreement.
+
+Pure numpy; label maps follow the output contract (``lesions``: uint16 instance ids, ``sites``: uint8 site ids,
+0 is background in both).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from models.sites import by_code
+
+MIN_OVERLAP_FRACTION = 0.1
+
+MATCHING_RULE = (
+    "A predicted lesion P and a reference lesion R match when they share at least `min_overlap_voxels` voxels "
+    "(default 1) and the shared voxels are at least 10% of the smaller of the two lesions. "
+    "A predicted lesion is a true positive when it matches any reference lesion and a false positive otherwise; "
+    "it is assigned to the matching reference lesion it overlaps most (ties: lowest reference id). "
+    "A reference lesion is detected when any predicted lesion matches it, so a lesion split into several "
+    "predictions is one detection with several true-positive predictions, and one prediction spanning several "
+    "reference lesions detects all of them. "
+    "Size-restricted scores (e.g. reference >= 0.5 mL) count only reference lesions of that size for sensitivity; "
+    "predictions matching a reference lesion of that size are true positives, predictions matching only reference "
+    "lesions outside the size range are ignored, and every unmatched prediction (of any size) is a false positive."
+)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks of the same shape; 1.0 when both are empty."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"dice: shapes differ {a.shape} vs {b.shape}")
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def per_site_dice(pred_sites: np.ndarray, ref_sites: np.ndarray,
+                  ids: Iterable[int] | None = None) -> dict[int, float]:
+    """Dice per site id, only for ids present in the reference or the prediction (``ids`` None: all present)."""
+    if pred_sites.shape != ref_sites.shape:
+        raise ValueError(f"per_site_dice: shapes differ {pred_sites.shape} vs {ref_sites.shape}")
+    p = np.asarray(pred_sites).ravel().astype(np.intp, copy=False)
+    r = np.asarray(ref_sites).ravel().astype(np.intp, copy=False)
+    if (p.size and p.min() < 0) or (r.size and r.min() < 0):
+        raise ValueError("per_site_dice: label maps must be non-negative")
+    n = int(max(p.max(initial=0), r.max(initial=0))) + 1
+    cp = np.bincount(p, minlength=n)
+    cr = np.bincount(r, minlength=n)
+    inter = np.bincount(r[r == p], minlength=n)
+    wanted = range(1, n) if ids is None else (int(i) for i in ids)
+    out: dict[int, float] = {}
+    for i in wanted:
+        if 0 < i < n and (cp[i] or cr[i]):
+            out[i] = 2.0 * float(inter[i]) / float(cp[i] + cr[i])
+    return out
+
+
+def _volumes(labels: np.ndarray) -> dict[int, int]:
+    """Voxel count per nonzero label."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts)}
+
+
+def majority_labels(instances: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    """For each nonzero instance, the nonzero label it overlaps most (ties: lowest label); 0 when it overlaps none."""
+    if instances.shape != labels.shape:
+        raise ValueError(f"majority_labels: shapes differ {instances.shape} vs {labels.shape}")
+    out = {i: 0 for i in _volumes(instances)}
+    both = (instances > 0) & (labels > 0)
+    if not both.any():
+        return out
+    inst = instances[both].astype(np.int64)
+    lab = labels[both].astype(np.int64)
+    base = int(lab.max()) + 1
+    pairs, counts = np.unique(inst * base + lab, return_counts=True)
+    best: dict[int, tuple[int, int]] = {}
+    for key, c in zip(pairs.tolist(), counts.tolist()):
+        i, lbl = divmod(key, base)
+        if i not in best or c > best[i][0]:  # pairs are sorted by label within an instance: ties keep the lowest
+            best[i] = (c, lbl)
+    out.update({i: lbl for i, (_, lbl) in best.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Result of :func:`match_lesions` for one scan (ids are the values in the label maps)."""
+    pred_to_ref: dict[int, int | None]  # best-overlap matching reference per prediction, None: false positive
+    pred_hits: dict[int, tuple[int, ...]]  # every matching reference per prediction
+    ref_detected: dict[int, bool]
+    ref_volume_ml: dict[int, float]
+    pred_volume_ml: dict[int, float]
+
+    @property
+    def tp_preds(self) -> list[int]:
+        return [p for p, r in self.pred_to_ref.items() if r is not None]
+
+    @property
+    def fp_preds(self) -> list[int]:
+        return [p for p, r in self.pred_to_ref.items() if r is None]
+
+    @property
+    def missed_refs(self) -> list[int]:
+        return [r for r, d in self.ref_detected.items() if not d]
+
+
+def match_lesions(pred: np.ndarray, ref: np.ndarray, voxel_ml: float = 1e-3, min_overlap_voxels: int = 1,
+                  min_overlap_fraction: float = MIN_OVERLAP_FRACTION) -> Matching:
+    """Match predicted to reference lesion instances (rule: :data:`MATCHING_RULE`).
+
+    A pair matches when overlap >= ``min_overlap_voxels`` and overlap >= ``min_overlap_fraction`` x the smaller
+    lesion's voxel count. ``voxel_ml`` is one voxel's volume in mL (default 1 mm^3).
+    """
+    if pred.shape != ref.shape:
+        raise ValueError(f"match_lesions: shapes differ {pred.shape} vs {ref.shape}")
+    pv = _volumes(pred)
+    rv = _volumes(ref)
+    hits: dict[int, list[tuple[int, int]]] = {p: [] for p in pv}  # pred -> [(overlap, ref)]
+    both = (pred > 0) & (ref > 0)
+    if both.any():
+        p_ids = pred[both].astype(np.int64)
+        r_ids = ref[both].astype(np.int64)
+        base = int(r_ids.max()) + 1
+        pairs, overlaps = np.unique(p_ids * base + r_ids, return_counts=True)
+        for key, ov in zip(pairs.tolist(), overlaps.tolist()):
+            p, r = divmod(key, base)
+            if ov >= min_overlap_voxels and ov >= min_overlap_fraction * min(pv[p], rv[r]):
+                hits[p].append((ov, r))
+    pred_to_ref: dict[int, int | None] = {}
+    pred_hits: dict[int, tuple[int, ...]] = {}
+    detected = {r: False for r in rv}
+    for p, lst in hits.items():
+        pred_hits[p] = tuple(sorted(r for _, r in lst))
+        pred_to_ref[p] = min(lst, key=lambda t: (-t[0], t[1]))[1] if lst else None
+        for _, r in lst:
+            detected[r] = True
+    return Matching(pred_to_ref=pred_to_ref, pred_hits=pred_hits, ref_detected=detected,
+                    ref_volume_ml={r: c * voxel_ml for r, c in rv.items()},
+                    pred_volume_ml={p: c * voxel_ml for p, c in pv.items()})
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass(frozen=True)
+class DetectionCounts:
+    """Lesion-level counts over one or more scans; add instances to pool scans."""
+    n_scans: int = 0
+    n_ref: int = 0  # reference lesions in the size range
+    n_detected: int = 0  # of those, detected
+    n_tp: int = 0  # predictions matching a reference lesion in the size range
+    n_fp: int = 0  # predictions matching no reference lesion
+    n_ignored: int = 0  # predictions matching only reference lesions outside the size range
+
+    def __add__(self, other: DetectionCounts) -> DetectionCounts:
+        return DetectionCounts(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[int, ...]:
+        return (self.n_scans, self.n_ref, self.n_detected, self.n_tp, self.n_fp, self.n_ignored)
+
+    @property
+    def sensitivity(self) -> float | None:
+        """Detected / reference lesions; None without reference lesions."""
+        return _ratio(self.n_detected, self.n_ref)
+
+    @property
+    def precision(self) -> float | None:
+        """True-positive / (true-positive + false-positive) predictions; None without predictions."""
+        return _ratio(self.n_tp, self.n_tp + self.n_fp)
+
+    @property
+    def f1(self) -> float | None:
+        """Harmonic mean of sensitivity and precision; None when either is undefined."""
+        s, p = self.sensitivity, self.precision
+        if s is None or p is None:
+            return None
+        return 2 * s * p / (s + p) if s + p else 0.0
+
+    @property
+    def fp_per_scan(self) -> float | None:
+        return _ratio(self.n_fp, self.n_scans)
+
+    def scores(self) -> dict[str, float | int | None]:
+        """Counts and scores as a flat dict (JSON-ready)."""
+        return {"n_scans": self.n_scans, "n_ref": self.n_ref, "n_detected": self.n_detected, "n_tp": self.n_tp,
+                "n_fp": self.n_fp, "n_ignored": self.n_ignored, "sensitivity": self.sensitivity,
+                "precision": self.precision, "f1": self.f1, "fp_per_scan": self.fp_per_scan}
+
+
+def _in_range(v: float, min_ml: float, max_ml: float) -> bool:
+    return min_ml <= v < max_ml
+
+
+def detection_counts(m: Matching, min_ml: float = 0.0, max_ml: float = math.inf) -> DetectionCounts:
+    """Counts for one scan, reference lesions restricted to ``min_ml <= volume < max_ml``.
+
+    Predictions matching a reference lesion in range are true positives, those matching only out-of-range reference
+    lesions are ignored, unmatched predictions (any size) are false positives."""
+    refs = {r for r, v in m.ref_volume_ml.items() if _in_range(v, min_ml, max_ml)}
+    tp = fp = ignored = 0
+    for hits in m.pred_hits.values():
+        if not hits:
+            fp += 1
+        elif refs.intersection(hits):
+            tp += 1
+        else:
+            ignored += 1
+    return DetectionCounts(n_scans=1, n_ref=len(refs), n_detected=sum(m.ref_detected[r] for r in refs),
+                           n_tp=tp, n_fp=fp, n_ignored=ignored)
+
+
+class FrocCase(NamedTuple):
+    """One scan for :func:`froc`: ``preds`` holds (confidence, ids of the reference lesions it matches; empty for a
+    false positive) per prediction; ``n_ref`` counts the reference lesions those ids come from."""
+    preds: Sequence[tuple[float, Collection[int]]]
+    n_ref: int
+
+
+def froc_case(m: Matching, confidence: Mapping[int, float], min_ml: float = 0.0,
+              max_ml: float = math.inf) -> FrocCase:
+    """A :class:`FrocCase` from a matching, restricted like :func:`detection_counts` (ignored predictions dropped).
+
+    Predictions without a confidence count with confidence 1.0."""
+    refs = {r for r, v in m.ref_volume_ml.items() if _in_range(v, min_ml, max_ml)}
+    preds: list[tuple[float, Collection[int]]] = []
+    for p, hits in m.pred_hits.items():
+        kept = refs.intersection(hits)
+        if hits and not kept:
+            continue
+        preds.append((float(confidence.get(p, 1.0)), frozenset(kept)))
+    return FrocCase(preds=preds, n_ref=len(refs))
+
+
+def froc(cases: Sequence[FrocCase | tuple[Sequence[tuple[float, Collection[int]]], int]],
+         thresholds: Iterable[float] | None = None) -> list[tuple[float, float, float]]:
+    """FROC points ``(fp_per_scan, sensitivity, threshold)``, one per threshold, highest threshold first.
+
+    At threshold t the predictions with confidence >= t are kept; sensitivity is the share of all reference lesions
+    matched by a kept prediction (each counted once), fp_per_scan the kept false positives / number of cases.
+    ``thresholds`` None: every distinct confidence. Sensitivity is 0 when there is no reference lesion.
+    """
+    cases = [FrocCase(*c) for c in cases]
+    if thresholds is None:
+        thresholds = {c for case in cases for c, _ in case.preds}
+    ts = sorted({float(t) for t in thresholds}, reverse=True)
+    n_ref = sum(c.n_ref for c in cases)
+    n_scans = len(cases)
+    points: list[tuple[float, float, float]] = []
+    for t in ts:
+        fp = det = 0
+        for case in cases:
+            found: set[int] = set()
+            for conf, hits in case.preds:
+                if conf >= t:
+                    if len(hits):
+                        found.update(hits)
+                    else:
+                        fp += 1
+            det += len(found)
+        points.append((fp / n_scans if n_scans else 0.0, det / n_ref if n_ref else 0.0, t))
+    return points
+
+
+def sensitivity_at_fp(points: Sequence[tuple[float, float, float]], max_fp_per_scan: float) -> float | None:
+    """Best sensitivity among FROC points with fp_per_scan <= ``max_fp_per_scan``; None when no point qualifies."""
+    ok = [s for fp, s, _ in points if fp <= max_fp_per_scan + 1e-12]
+    return max(ok) if ok else None
+
+
+def side_of(code: str) -> str | None:
+    """Side of a site code (left/right/midline); None for codes outside the vocabulary (e.g. soft_tissue)."""
+    site = by_code().get(code)
+    return site.side if site else None
+
+
+@dataclass(frozen=True)
+class SiteAgreement:
+    """Site and side agreement over (predicted site, reference site) pairs of matched lesions."""
+    n: int = 0
+    n_site: int = 0
+    n_side: int = 0
+
+    def __add__(self, other: SiteAgreement) -> SiteAgreement:
+        return SiteAgreement(self.n + other.n, self.n_site + other.n_site, self.n_side + other.n_side)
+
+    @property
+    def site_accuracy(self) -> float | None:
+        return _ratio(self.n_site, self.n)
+
+    @property
+    def side_accuracy(self) -> float | None:
+        return _ratio(self.n_side, self.n)
+
+
+def site_agreement(pairs: Iterable[tuple[str, str]]) -> SiteAgreement:
+    """Compare (predicted, reference) site codes: the site is right when the codes are equal (the code includes the
+    side, e.g. femur_left); the side is right when the codes are equal or both sides are known and equal."""
+    n = n_site = n_side = 0
+    for pred_code, ref_code in pairs:
+        n += 1
+        same = pred_code == ref_code
+        n_site += same
+        ps, rs = side_of(pred_code), side_of(ref_code)
+        n_side += same or (ps is not None and ps == rs)
+    return SiteAgreement(n, n_site, n_side)
+
+
+def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str],
+                       ref_sites: Mapping[int, str]) -> list[tuple[str, str]]:
+    """(predicted site, reference site) for every true-positive prediction and the reference lesion it is assigned to."""
+    return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items() if r is not None]

@@ -1,0 +1,170 @@
+"""Acquisition: the anatomy-grid image is 'scanned' as a coronal multi-station STIR series.
+
+Field of view, anisotropic voxels with a slice profile, station intensity steps, bias field, patchy fat
+suppression failure, motion blur, Rician noise, arbitrary scale, and header orientation (RAS, LPS, coronal
+slice stacks, oblique) — so a model never assumes a whole body in RAS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import affine_transform, gaussian_filter, gaussian_filter1d
+
+from training.config import AcquisitionConfig, FovConfig
+
+from .body import Body
+from .render import FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in
+
+
+@dataclass
+class Acquired:
+    image: np.ndarray
+    labels: dict[str, np.ndarray]
+    affine: np.ndarray
+    params: dict
+
+
+def choose_fov(body: Body, rng: np.random.Generator, cfg: FovConfig, force: str | None = None) -> tuple[str, float, float]:
+    """(name, z_lo, z_hi) world range of the field of view."""
+    keys = list(cfg.p)
+    p = np.array([cfg.p[k] for k in keys], float)
+    name = force or keys[int(rng.choice(len(keys), p=p / p.sum()))]
+    Lm, H = body.landmarks, body.H
+    zk = float(np.mean([body.landmarks["knee_left"][2], body.landmarks["knee_right"][2]]))
+    ranges = {
+        "whole_body": (-10.0, H + 10.0),
+        "pelvis": (Lm["z_hip"] - 0.13 * H, Lm["z_hip"] + 0.17 * H),
+        "knees": (zk - 0.11 * H, zk + 0.11 * H),
+        "legs": (-10.0, Lm["z_hip"] + 0.08 * H),
+        "spine": (Lm["z_hip"] - 0.06 * H, Lm["z_chin"] + 0.05 * H),
+        "feet": (-10.0, Lm["z_ankle"] + 0.12 * H),
+    }
+    lo, hi = ranges[name]
+    jit = rng.uniform(-0.02, 0.02, 2) * H if name != "whole_body" else np.zeros(2)
+    return name, float(lo + jit[0]), float(hi + jit[1])
+
+
+def _orientation_matrix(kind: str, rng) -> np.ndarray:
+    """Columns: world direction of each array axis (before spacing)."""
+    if kind == "RAS":
+        return np.eye(3)
+    if kind == "LPS":
+        return np.diag([-1.0, -1.0, 1.0])
+    # coronal slice stack: axis0 = L->R or R->L, axis1 = S->I, axis2 = slices P->A
+    sx = rng.choice([-1.0, 1.0])
+    return np.array([[sx, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+
+
+def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarray], rng: np.random.Generator,
+            acq: AcquisitionConfig, fov_cfg: FovConfig, fov: str | None = None, muscle_mean: float = 0.2) -> Acquired:
+    """Resample anatomy onto a coronal acquisition grid and add the scanner's imperfections."""
+    name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
+    inplane = float(rng.uniform(*acq.inplane_mm))
+    thick = float(rng.uniform(*acq.slice_mm))
+    # body extent in x/y from the anatomy (non-air voxels) within the z range
+    occ = cv.tissue != 0
+    zi = np.clip(((np.array([z_lo, z_hi]) - cv.origin[2]) / cv.spacing).astype(int), 0, cv.shape[2] - 1)
+    sub = occ[:, :, zi[0]:zi[1] + 1]
+    xs = np.where(sub.any(axis=(1, 2)))[0]
+    ys = np.where(sub.any(axis=(0, 2)))[0]
+    x_lo, x_hi = cv.origin[0] + cv.spacing * (xs[0] - 4), cv.origin[0] + cv.spacing * (xs[-1] + 4)
+    y_lo, y_hi = cv.origin[1] + cv.spacing * (ys[0] - 2), cv.origin[1] + cv.spacing * (ys[-1] + 2)
+    if name == "spine":  # a narrower coronal block around the spine
+        x_lo, x_hi = max(x_lo, -0.16 * body.H), min(x_hi, 0.16 * body.H)
+    spacing = np.array([inplane, thick, inplane])
+    shape = np.ceil(np.array([x_hi - x_lo, y_hi - y_lo, z_hi - z_lo]) / spacing).astype(int)
+    shape = np.maximum(shape, 8)
+    # oblique: rotate the grid about its centre
+    R = np.eye(3)
+    oblique = rng.random() < acq.oblique_p
+    if oblique:
+        axis = rng.normal(size=3)
+        R = rotation(axis, np.radians(rng.uniform(-acq.oblique_max_deg, acq.oblique_max_deg)))
+    centre = np.array([(x_lo + x_hi) / 2, (y_lo + y_hi) / 2, (z_lo + z_hi) / 2])
+    A = np.eye(4)
+    A[:3, :3] = R @ np.diag(spacing)
+    A[:3, 3] = centre - A[:3, :3] @ ((shape - 1) / 2)
+    # slice profile: blur along y before sampling
+    sigma_y = thick / 2.355 / cv.spacing
+    y0 = max(0, int((y_lo - cv.origin[1]) / cv.spacing) - 8)
+    x0 = max(0, int((x_lo - cv.origin[0]) / cv.spacing) - 8)
+    z0 = max(0, int((z_lo - cv.origin[2]) / cv.spacing) - 8)
+    crop = (slice(x0, int((x_hi - cv.origin[0]) / cv.spacing) + 9), slice(y0, int((y_hi - cv.origin[1]) / cv.spacing) + 9),
+            slice(z0, int((z_hi - cv.origin[2]) / cv.spacing) + 9))
+    if oblique:  # rotated grids can reach a little further: use the whole canvas
+        crop = (slice(0, None),) * 3
+    src = img[crop]
+    # patchy fat-suppression failure (a field-inhomogeneity effect on fat and fatty marrow)
+    fs_fail = rng.random() < acq.fat_sat_failure_p
+    if fs_fail:
+        fatty = tissue_in(cv.tissue[crop], (FAT, YELLOW))
+        src = src.copy()
+        src[fatty] *= 1.0 + 3.0 * np.clip(field_at(fatty, rng, cells=6, lo=-2.0, hi=1.0), 0, 1)
+    src = gaussian_filter1d(src, sigma_y, axis=1, mode="nearest", truncate=2.5)
+    off = np.array([s.start or 0 for s in crop], float)
+    M = np.linalg.inv(cv.affine) @ A
+    matrix, offset = M[:3, :3], M[:3, 3] - off
+    out = affine_transform(src, matrix, offset, output_shape=tuple(shape), order=1, mode="constant", cval=0.0)
+    lab_out = {k: affine_transform(v[crop], matrix, offset, output_shape=tuple(shape), order=0, mode="constant", cval=0)
+               for k, v in labels.items()}
+    # stations along z with intensity steps, bias field, motion blur
+    n_st = int(rng.integers(acq.stations[0], acq.stations[1] + 1)) if name == "whole_body" else int(rng.integers(1, 3))
+    gains = rng.uniform(*acq.station_gain, n_st)
+    zc = np.linspace(0, 1, shape[2])
+    edges = np.linspace(0, 1, n_st + 1)[1:-1] + rng.uniform(-0.03, 0.03, n_st - 1)
+    g = np.full(shape[2], gains[0])
+    for e, gi, gj in zip(edges, gains[:-1], gains[1:]):
+        g = g + (gj - gi) / (1 + np.exp(-(zc - e) / 0.004))
+    bias = np.exp(rng.uniform(*acq.bias_amplitude) * smooth_field(tuple(shape), rng, cells=5))
+    out = out * bias.astype(np.float32) * g[None, None, :].astype(np.float32)
+    motion = rng.random() < acq.motion_blur_p
+    if motion:
+        out = gaussian_filter(out, sigma=(rng.uniform(0.4, 1.2), 0, rng.uniform(0.4, 1.2)))
+    snr = float(rng.uniform(*acq.snr))
+    sigma = 2.0 * muscle_mean / snr
+    noise = rng.standard_normal((2,) + tuple(shape), dtype=np.float32) * sigma
+    out = np.sqrt((out + noise[0]) ** 2 + noise[1] ** 2)
+    scale = float(np.exp(rng.uniform(np.log(acq.intensity_scale[0]), np.log(acq.intensity_scale[1]))))
+    out *= scale
+    # header orientation: reorder/flip the array axes and the affine to match (exact, no resampling)
+    okeys = list(acq.orientation_p)
+    op = np.array([acq.orientation_p[k] for k in okeys], float)
+    orient = okeys[int(rng.choice(len(okeys), p=op / op.sum()))]
+    out, lab_out, A = _reorient(out, lab_out, A, orient, rng)
+    integer = rng.random() < acq.integer_p
+    if integer:
+        out = np.clip(np.round(out * min(1.0, 30000.0 / max(1.0, float(out.max())))), 0, 32767).astype(np.int16)
+    params = dict(fov=name, inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
+                  oblique=bool(oblique), orientation=orient, snr=round(snr, 2), fat_sat_failure=bool(fs_fail),
+                  motion_blur=bool(motion), intensity_scale=round(scale, 2), integer=bool(integer),
+                  shape=[int(s) for s in out.shape])
+    return Acquired(out, lab_out, A, params)
+
+
+def _reorient(img, labels, A, kind, rng):
+    """Express the same grid with another axis order / direction in the header."""
+    if kind == "RAS":
+        return img, labels, A
+    if kind == "LPS":
+        perm, flips = (0, 1, 2), (True, True, False)
+    else:  # coronal stack: (x, z, y) with z running S->I, slices P->A, x either way
+        perm, flips = (0, 2, 1), (bool(rng.random() < 0.5), True, False)
+
+    def tx(a):
+        a = np.transpose(a, perm)
+        for ax, f in enumerate(flips):
+            if f:
+                a = np.flip(a, axis=ax)
+        return np.ascontiguousarray(a)
+
+    shape_new = np.array(img.shape)[list(perm)]
+    B = np.eye(4)
+    # new index j -> old index i: i[perm[k]] = j[k] or (n-1-j[k]) when flipped
+    P = np.zeros((4, 4))
+    P[3, 3] = 1
+    for k, (ax, f) in enumerate(zip(perm, flips)):
+        P[ax, k] = -1.0 if f else 1.0
+        P[ax, 3] = (shape_new[k] - 1) if f else 0.0
+    B = A @ P
+    return tx(img), {k: tx(v) for k, v in labels.items()}, B

@@ -1,0 +1,103 @@
+"""STIR contrast: tissue means, texture, marrow by age, normal mimics, lesion edema, contrast randomisation."""
+from __future__ import annotations
+
+import numpy as np
+
+from models.sites import site_id
+from training.config import ContrastRandomisation, MimicConfig, StirConfig
+
+from .body import Body
+from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
+                     LIVER, LUNG, MUSCLE, PHYSIS, RED, SKIN, SPLEEN, TISSUES, YELLOW, Canvas, ellipsoid,
+                     field_at, smooth_field, tissue_in)
+
+_FIELD = {FAT: "fat", MUSCLE: "muscle", CORTEX: "cortex", YELLOW: "yellow_marrow", RED: "red_marrow",
+          PHYSIS: "physis", CSF: "fluid", BRAIN: "brain", CORD: "brain", LUNG: "lung", BLOOD: "blood",
+          LIVER: "liver", SPLEEN: "spleen", KIDNEY: "kidney", BLADDER: "fluid", BOWEL: "bowel",
+          JOINT_FLUID: "fluid", DISC: "disc", CARTILAGE: "cartilage", SKIN: "muscle"}
+
+
+def tissue_means(rng: np.random.Generator, stir: StirConfig, rand: ContrastRandomisation) -> np.ndarray:
+    """Mean signal per tissue class for this case (STIR ranges, optionally SynthSeg-style jittered)."""
+    lut = np.zeros(len(TISSUES), np.float32)
+    for t, name in _FIELD.items():
+        lo, hi = getattr(stir, name)
+        lut[t] = rng.uniform(lo, hi)
+    lut[SKIN] *= 1.3
+    if rand.enabled and rng.random() < rand.p:
+        lut[1:] *= rng.uniform(1 - rand.jitter, 1 + rand.jitter, len(lut) - 1).astype(np.float32)
+        # keep what defines edema and fat suppression: fat and fatty marrow stay dark, fluid bright
+        lut[FAT] = min(lut[FAT], 0.6 * lut[MUSCLE])
+        lut[YELLOW] = min(lut[YELLOW], 0.7 * lut[MUSCLE])
+        lut[RED] = float(np.clip(lut[RED], lut[YELLOW] * 1.3, 0.6 * lut[CSF]))
+    return lut
+
+
+def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConfig) -> dict[str, np.ndarray | None]:
+    """Normal bright findings: symmetric foot foci (< 15 y), joint effusions, slow-flow vessels."""
+    out: dict[str, np.ndarray | None] = {"foot": None}
+    if body.age < 15 and rng.random() < cfg.foot_foci_p_under15:
+        ids = [site_id(f"{b}_{s}") for b in ("calcaneus", "talus", "midfoot") for s in ("left", "right")]
+        out["foot"] = tissue_in(cv.sites, ids) & tissue_in(cv.tissue, (RED, YELLOW))
+    if rng.random() < cfg.effusion_p:
+        for side in ("left", "right"):
+            if rng.random() < 0.7:
+                k = np.array(body.landmarks[f"knee_{side}"])
+                H = body.H
+                res = ellipsoid(cv, k + [0, 0.016 * H, 0.03 * H], [0.014 * H, 0.006 * H, 0.022 * H] * rng.uniform(0.6, 1.2))
+                if res:
+                    b, m, _ = res
+                    sel = m & tissue_in(cv.tissue[b.sl], (MUSCLE, FAT))
+                    cv.tissue[b.sl][sel] = JOINT_FLUID
+    return out
+
+
+def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratios: dict[int, float],
+               lesion_labels: np.ndarray, mimics: dict, rng: np.random.Generator, stir: StirConfig,
+               cfg: MimicConfig) -> np.ndarray:
+    """The anatomy-grid STIR image (before acquisition)."""
+    shape = cv.shape
+    img = lut[cv.tissue]
+    # marrow: yellow..red by the red-marrow weight, with patchy residual red marrow
+    marrow = tissue_in(cv.tissue, (RED, YELLOW))
+    w = cv.marrow_w[marrow]
+    if rng.random() < cfg.red_marrow_patch_p:
+        w = np.clip(w + field_at(marrow, rng, cells=max(8, int(shape[2] / 10)), lo=-0.35, hi=0.35), 0, 1)
+    img[marrow] = lut[YELLOW] + w * (lut[RED] - lut[YELLOW])
+    # physes fade toward marrow as they close
+    img[cv.tissue == PHYSIS] = lut[RED] + body.physis_open * (lut[PHYSIS] - lut[RED])
+    if mimics.get("foot") is not None:
+        boost = rng.uniform(*cfg.foot_foci_boost)
+        foot = mimics["foot"]
+        img[foot] *= np.where(field_at(foot, rng, cells=int(shape[2] / 6), lo=0, hi=1) > 0.55, boost, 1.0)
+    # slow flow: vessels sometimes bright
+    if rng.random() < cfg.slow_flow_p:
+        img[cv.tissue == BLOOD] *= rng.uniform(1.5, 3.0)
+    # tissue texture: multiplicative smooth noise at two scales
+    cv_tex = rng.uniform(*stir.texture_cv)
+    img *= 1.0 + cv_tex * smooth_field(shape, rng, cells=int(shape[2] / 3), lo=-1.7, hi=1.7)
+    # bowel: strongly heterogeneous (fluid and gas)
+    bowel = cv.tissue == BOWEL
+    if bowel.any():
+        img[bowel] *= np.clip(field_at(bowel, rng, cells=int(shape[2] / 8), lo=0.3, hi=2.0), 0.2, 2.0)
+    # lesion edema: local marrow signal scaled toward its ratio, soft at the margins
+    if lesion_labels.any() or edema.any():
+        img = _apply_edema(img, edema, ratios, lesion_labels, lut, rng)
+    return img
+
+
+def _apply_edema(img, edema, ratios, labels, lut, rng) -> np.ndarray:
+    from scipy.ndimage import find_objects
+    pad = 3
+    for lid, sl in enumerate(find_objects(labels), start=1):
+        if sl is None or lid not in ratios:
+            continue
+        sl = tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(sl, labels.shape))
+        own = np.isin(labels[sl], (0, lid))
+        e = edema[sl] * own
+        base = img[sl]
+        # brightness relative to the lesion's normal marrow, never below a muscle-level edema signal
+        target = np.maximum(base * ratios[lid], lut[MUSCLE] * (0.6 + 0.25 * ratios[lid]))
+        het = 1.0 + 0.18 * rng.standard_normal(base.shape).astype(np.float32)
+        img[sl] = np.where(e > 0, base + e * (target * het - base), base)
+    return img

@@ -1,0 +1,171 @@
+"""One phantom case from a seed, written as NIfTI + case.json, and datasets in nnU-Net's raw layout."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.nifti import atomic_dir, save_nifti
+from training.config import SynthConfig, load_config
+
+from .acquire import acquire
+from .body import build_skeleton, sample_body
+from .contrast import mimic_masks, synthesize, tissue_means
+from .lesions import apply_collapse, plan_lesions, render_lesion
+from .render import MUSCLE, PHYSIS, Canvas
+
+GENERATOR_VERSION = "1.0"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
+
+
+@dataclass
+class Case:
+    name: str
+    image: np.ndarray          # acquisition grid, float32 or int16
+    sites: np.ndarray          # uint8
+    lesions: np.ndarray        # uint16
+    physis: np.ndarray         # uint8 0/1 (growth plates and apophyses: a training target, not a contract file)
+    affine: np.ndarray
+    meta: dict
+
+
+def canvas_for(body, spacing: float) -> Canvas:
+    H = body.H
+    lo = np.array([-0.21 * H - 20, -0.11 * H - 10, -12.0])
+    hi = np.array([0.21 * H + 20, 0.13 * H + 10, H + 12.0])
+    shape = tuple(int(v) for v in np.ceil((hi - lo) / spacing))
+    return Canvas(shape, lo, spacing)
+
+
+def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str | None = None) -> Case:
+    """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    body = sample_body(rng, cfg.body)
+    cv = canvas_for(body, cfg.anatomy_mm)
+    build_skeleton(cv, body, rng, cfg.body)
+    t_anat = time.perf_counter()
+    pattern, plans = plan_lesions(np.random.default_rng([seed, 1]), cfg.lesions)
+    label = np.zeros(cv.shape, np.uint16)
+    edema = np.zeros(cv.shape, np.float32)
+    mimics = mimic_masks(cv, body, rng, cfg.mimics)
+    kept = []
+    for plan in plans:
+        if plan.collapse:
+            apply_collapse(cv, body, plan)
+        n = render_lesion(cv, body, plan, label, edema, rng)
+        if n > 0:
+            kept.append(plan)
+    # renumber lesions 1..K in plan order
+    lut_ids = np.zeros(max([p.id for p in plans], default=0) + 1, np.uint16)
+    for new, plan in enumerate(kept, start=1):
+        lut_ids[plan.id] = new
+        plan.mirror_of = next((k for k, q in enumerate(kept, 1) if q.id == plan.mirror_of), None) if plan.mirror_of else None
+    ratios = {plan.id: plan.ratio_to_marrow for plan in kept}
+    lut = tissue_means(rng, cfg.stir, cfg.contrast)
+    img = synthesize(cv, body, lut, edema, ratios, label, mimics, rng, cfg.stir, cfg.mimics)
+    label = lut_ids[label]
+    for new, plan in enumerate(kept, start=1):
+        plan.id = new
+    t_con = time.perf_counter()
+    acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
+                  rng, cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]))
+    lesions = acq.labels["lesions"].astype(np.uint16)
+    vox_ml = float(abs(np.linalg.det(acq.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(lesions.ravel(), minlength=len(kept) + 1)
+    lesion_meta = []
+    for plan in kept:
+        d = plan.as_dict()
+        d["volume_ml"] = round(float(counts[plan.id]) * vox_ml, 3)
+        d["ratio_to_marrow"] = round(d["ratio_to_marrow"], 3)
+        lesion_meta.append(d)
+    t_acq = time.perf_counter()
+    meta = {
+        "generator": "wbmri-phantom", "generator_version": GENERATOR_VERSION, "config_version": cfg.version,
+        "seed": int(seed), "age_years": round(body.age, 2), "sex": body.sex, "height_cm": round(body.H / 10, 1),
+        "subcutaneous_fat_mm": round(body.fat, 1), "physis_open": round(body.physis_open, 2),
+        "pattern": pattern, "acquisition": acq.params, "foot_foci": mimics.get("foot") is not None,
+        "lesions": lesion_meta,
+        "timings_s": {"anatomy": round(t_anat - t0, 3), "lesions_contrast": round(t_con - t_anat, 3),
+                      "acquisition": round(t_acq - t_con, 3)},
+    }
+    return Case(name or f"case_{seed:06d}", acq.image, acq.labels["sites"].astype(np.uint8), lesions,
+                acq.labels["physis"].astype(np.uint8), acq.affine, meta)
+
+
+def write_case(case: Case, folder: Path, preview: bool = False) -> Path:
+    """Write a case folder atomically: image, sites, lesions (contract dtypes), physis and case.json."""
+    with atomic_dir(folder) as tmp:
+        save_nifti(tmp / "image.nii.gz", case.image, case.affine)
+        save_nifti(tmp / "sites.nii.gz", case.sites, case.affine, np.uint8)
+        save_nifti(tmp / "lesions.nii.gz", case.lesions, case.affine, np.uint16)
+        save_nifti(tmp / "physis.nii.gz", case.physis, case.affine, np.uint8)
+        (tmp / "case.json").write_text(json.dumps(case.meta, indent=2) + "\n")
+        if preview:
+            from models.viz import preview_case
+            preview_case(tmp, tmp / "preview.png")
+    return folder
+
+
+def _one(args) -> tuple[str, dict]:
+    seed, cfg_json, out, preview = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = SynthConfig.model_validate_json(cfg_json)
+    case = generate_case(seed, cfg)
+    write_case(case, Path(out) / "cases" / case.name, preview)
+    _link_nnunet(Path(out), case.name)
+    return case.name, case.meta
+
+
+def _link_nnunet(out: Path, name: str) -> None:
+    """imagesTr/NAME_0000.nii.gz and labelsTr/NAME.nii.gz (binary edema) as nnU-Net expects."""
+    import nibabel as nib
+    src = out / "cases" / name
+    for sub in ("imagesTr", "labelsTr"):
+        (out / sub).mkdir(exist_ok=True)
+    img_dst = out / "imagesTr" / f"{name}_0000.nii.gz"
+    if img_dst.exists() or img_dst.is_symlink():
+        img_dst.unlink()
+    os.symlink(os.path.relpath(src / "image.nii.gz", img_dst.parent), img_dst)
+    les = nib.load(str(src / "lesions.nii.gz"))
+    save_nifti(out / "labelsTr" / f"{name}.nii.gz", (np.asarray(les.dataobj) > 0).astype(np.uint8), les.affine, np.uint8)
+
+
+def write_dataset_json(out: Path, names: list[str], cfg: SynthConfig, seed: int) -> None:
+    ds = {
+        "name": "wbmri-phantom", "description": "Synthetic paediatric whole-body STIR with CNO marrow edema",
+        "channel_names": {"0": "STIR"}, "labels": {"background": 0, "edema": 1},
+        "numTraining": len(names), "file_ending": ".nii.gz",
+        "generator_version": GENERATOR_VERSION, "config": json.loads(cfg.model_dump_json()), "first_seed": seed,
+        "extra": {"cases/<name>/sites.nii.gz": "bone sites (models/contract/sites.tsv)",
+                  "cases/<name>/lesions.nii.gz": "lesion instances", "cases/<name>/physis.nii.gz": "growth plates"},
+    }
+    (out / "dataset.json").write_text(json.dumps(ds, indent=2) + "\n")
+
+
+def synth_dataset(n: int, out: Path, seed: int = 0, config: Path | None = None, overrides: list[str] | None = None,
+                  workers: int = 1, preview: bool = False) -> list[str]:
+    """Generate N cases (seeds seed..seed+N-1) into OUT with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    cfg = load_config(SynthConfig, config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(seed + i, cfg.model_dump_json(), str(out), preview) for i in range(n)]
+    names = []
+    with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("synth", total=n)
+        if workers <= 1:
+            results = map(_one, jobs)
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            results = pool.map(_one, jobs)
+        for name, _ in results:
+            names.append(name)
+            bar.advance(task)
+    write_dataset_json(out, sorted(names), cfg, seed)
+    return names
