@@ -16,18 +16,21 @@ Rules (documented here because the report's meaning depends on them):
   nearer its proximal neighbour (scapula for the humerus, humerus for radius/ulna, pelvis for the femur,
   femur for tibia/fibula, sternum for the clavicle, midfoot for the metatarsals); without that neighbour:
   the superior end, the medial end for the clavicle, the posterior end for the metatarsals. Subregions
-  follow the physes when the physis mask has voxels at that end of the bone (epiphysis beyond the physis,
-  metaphysis within ``METAPHYSIS_SPAN`` of the bone length on the shaft side), else fixed fractions
-  (epiphysis 0-8 %, metaphysis 8-22 % from each end). A bone cut by the field of view at one end is given
+  follow the physes when the physis mask has voxels at that end of the bone: epiphysis where the nearest
+  physis voxel lies between the point and the middle of the bone (apophyses such as the greater trochanter
+  included), metaphysis on the shaft side within ``METAPHYSIS_SPAN`` of the bone length from the physis;
+  else fixed fractions (epiphysis 0-8 %, metaphysis 8-22 % from each end). A bone cut by the field of view at one end is given
   twice its visible length, measured from its intact end; cut at both ends, only physes place subregions.
 * **vertebrae**: vertebral body = the anterior ``VERTEBRAL_BODY_SHARE`` of the vertebra's A-P extent.
 * the subregion is the majority subregion of the lesion's voxels in that bone.
 * **juxtaphyseal**: a lesion voxel within ``JUXTA_MM`` of a physis voxel of the same bone; None when the
   physis mask is missing, the bone is not long, or no physis was found in that bone.
 * **signal ratios**: median lesion signal (its voxels in bone when it has any) over the median of the same
-  bone's marrow (bone eroded by one voxel along axes finer than 2.5 mm, without lesions or physes), and over
+  bone's normal marrow next to the lesion (``LOCAL_MARROW_MM``, a ring from 2 mm to that distance around
+  it, as a reader places a reference ROI; the whole bone when the ring is too small), counting only voxels
+  deeper than ``MARROW_DEPTH_MM`` below the bone surface (no cortex) and no lesion or physis voxels; and over
   the median of a body soft-tissue shell ``SHELL_MM`` outside the bone near the lesion (a muscle proxy;
-  voxels of other bones, lesions, physes and air excluded). None when fewer than ``MIN_REF_VOXELS``.
+  other bones, lesions, physes and air excluded). None when fewer than ``MIN_REF_VOXELS`` reference voxels.
 * **soft_tissue_extension**: at least ``SOFT_EXT_MIN_ML`` of the lesion lies outside bone and that part is at
   least ``SOFT_EXT_FRACTION`` of the lesion or ``SOFT_EXT_ML`` in volume.
 """
@@ -38,7 +41,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 
 from models.preprocessing import body_mask_threshold
@@ -54,11 +57,14 @@ SOFT_EXT_FRACTION = 0.2
 SOFT_EXT_ML = 1.0
 SOFT_EXT_MIN_ML = 0.1
 METAPHYSIS_SPAN = 0.15
+MIN_PHYSIS_VOXELS = 5
 FALLBACK_EPIPHYSIS, FALLBACK_METAPHYSIS = 0.08, 0.22
 VERTEBRAL_BODY_SHARE = 0.55
 MAX_DIAMETER_POINTS = 2000
 MAX_AXIS_POINTS = 200_000
-ERODE_MAX_SPACING_MM = 2.5
+MARROW_DEPTH_MM = 2.0
+LOCAL_MARROW_MM = 20.0
+LESION_RIM_MM = 2.0
 
 LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
                "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
@@ -106,39 +112,52 @@ def _offset(sl: tuple[slice, ...]) -> np.ndarray:
 
 
 @dataclass
+class _Physis:
+    """The physis voxels at one end of a long bone (world mm) and a tree to find the nearest one."""
+    points: np.ndarray
+    tree: cKDTree
+
+
+@dataclass
 class _BoneAxis:
-    """A long bone's principal axis, oriented proximal -> distal, and where its physes sit (fractions)."""
+    """A long bone's principal axis, oriented proximal -> distal, and its physes at either end."""
     centre: np.ndarray
     axis: np.ndarray
     start: float          # projection (mm) of the proximal end of the normalised length
     length: float         # normalised length (mm), doubled when one end is cut by the field of view
     both_cut: bool
-    physis_prox: float | None
-    physis_dist: float | None
+    physes: dict[str, _Physis]   # 'proximal' / 'distal', where found
 
     def fraction(self, pts: np.ndarray) -> np.ndarray:
         """Position along the bone, 0 = proximal end, 1 = distal end."""
         return ((pts - self.centre) @ self.axis - self.start) / max(self.length, 1e-6)
 
-    def subregion(self, f: np.ndarray) -> np.ndarray:
-        """Subregion name per fraction."""
-        out = np.full(f.shape, "diaphysis", dtype=object)
-        if self.physis_prox is not None:
-            epi, meta = self.physis_prox, self.physis_prox + METAPHYSIS_SPAN
-        elif not self.both_cut:
-            epi, meta = FALLBACK_EPIPHYSIS, FALLBACK_METAPHYSIS
-        else:
-            epi = meta = -np.inf
-        out[f < meta] = "metaphysis_proximal"
-        out[f < epi] = "epiphysis_proximal"
-        if self.physis_dist is not None:
-            epi, meta = self.physis_dist, self.physis_dist - METAPHYSIS_SPAN
-        elif not self.both_cut:
-            epi, meta = 1 - FALLBACK_EPIPHYSIS, 1 - FALLBACK_METAPHYSIS
-        else:
-            epi = meta = np.inf
-        out[(f > meta) & (out == "diaphysis")] = "metaphysis_distal"
-        out[f > epi] = "epiphysis_distal"
+    def _by_physis(self, end: str, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(epiphysis, metaphysis) masks from the nearest physis voxel at ``end``: a point is epiphyseal when
+        that physis lies between it and the middle of the bone (so apophyses such as the greater trochanter
+        count too), metaphyseal when on the shaft side within METAPHYSIS_SPAN of the bone length."""
+        ph = self.physes[end]
+        dist, j = ph.tree.query(pts)
+        near = ph.points[j]
+        middle = self.centre + self.axis * (self.start + 0.5 * self.length)
+        beyond = np.einsum("ij,ij->i", near - pts, middle - near) > 0
+        return beyond, ~beyond & (dist <= METAPHYSIS_SPAN * self.length)
+
+    def subregion(self, pts: np.ndarray) -> np.ndarray:
+        """Subregion name per point (world mm): physis-aware at an end with a physis, else fixed fractions."""
+        f = self.fraction(pts)
+        out = np.full(len(pts), "diaphysis", dtype=object)
+        for end, sign in (("proximal", 1), ("distal", -1)):
+            if end in self.physes:
+                epi, meta = self._by_physis(end, pts)
+            elif not self.both_cut:
+                g = f if sign > 0 else 1 - f
+                epi, meta = g < FALLBACK_EPIPHYSIS, g < FALLBACK_METAPHYSIS
+            else:
+                continue
+            free = out == "diaphysis"
+            out[meta & free] = f"metaphysis_{end}"
+            out[epi & (free | (out == f"metaphysis_{end}"))] = f"epiphysis_{end}"
         return out
 
 
@@ -244,13 +263,13 @@ class _Scene:
             start, length = hi - 2 * span, 2 * span
         elif cut_dist and not cut_prox:
             length = 2 * span
-        bone = _BoneAxis(centre, axis, float(start), float(length), cut_prox and cut_dist, None, None)
+        bone = _BoneAxis(centre, axis, float(start), float(length), cut_prox and cut_dist, {})
         ph = self.physis_points(site.id)
         if len(ph):
             f = bone.fraction(ph)
-            prox, dist = f[f < 0.35], f[f > 0.65]
-            bone.physis_prox = float(np.median(prox)) if len(prox) >= 5 else None
-            bone.physis_dist = float(np.median(dist)) if len(dist) >= 5 else None
+            for end, sel in (("proximal", f < 0.35), ("distal", f > 0.65)):
+                if np.count_nonzero(sel) >= MIN_PHYSIS_VOXELS:
+                    bone.physes[end] = _Physis(ph[sel], cKDTree(ph[sel]))
         return bone
 
     def _first_end_is_distal(self, site: Site, end_a: np.ndarray, end_b: np.ndarray) -> bool:
@@ -289,24 +308,31 @@ class _Scene:
         sl = self.site_box(sid)
         if sl is None:
             return None
+        return self.clean_marrow_median(_expand(sl, np.ones(3, int), self.sites.shape), sid)
+
+    def clean_marrow_median(self, sl: tuple[slice, ...], sid: int, keep: np.ndarray | None = None) -> float | None:
+        """Median of a site's marrow in crop ``sl``: voxels deeper than MARROW_DEPTH_MM (no cortex), without
+        lesions or physes, optionally only where ``keep``; all clean voxels when the bone is too thin."""
         bone = self.sites[sl] == sid
-        clean = self.lesions[sl] == 0
+        clean = bone & (self.lesions[sl] == 0)
         if self.physis is not None:
             clean &= ~self.physis[sl]
-        axes = [ax for ax in range(3) if self.spacing[ax] <= ERODE_MAX_SPACING_MM]
-        normal = bone & clean
-        if axes:
-            struct = np.zeros((3, 3, 3), bool)
-            struct[1, 1, 1] = True
-            for ax in axes:
-                line = [1, 1, 1]
-                line[ax] = slice(None)
-                struct[tuple(line)] = True
-            eroded = ndimage.binary_erosion(bone, struct) & clean
-            if np.count_nonzero(eroded) >= MIN_REF_VOXELS:
-                normal = eroded
-        vals = self.image[sl][normal]
-        return float(np.median(vals)) if vals.size >= MIN_REF_VOXELS else None
+        if keep is not None:
+            clean &= keep
+        if np.count_nonzero(clean) < MIN_REF_VOXELS:
+            return None
+        deep = clean & (ndimage.distance_transform_edt(bone, sampling=self.spacing) > MARROW_DEPTH_MM)
+        vals = self.image[sl][deep if np.count_nonzero(deep) >= MIN_REF_VOXELS else clean]
+        return float(np.median(vals))
+
+    def local_marrow_median(self, lid: int, lesion_box: tuple[slice, ...], sid: int) -> float | None:
+        """Median normal marrow of site ``sid`` in a ring LESION_RIM_MM..LOCAL_MARROW_MM around lesion ``lid``;
+        the whole bone's when the ring holds too few voxels."""
+        sl = _expand(lesion_box, _margin(LOCAL_MARROW_MM, self.spacing), self.sites.shape)
+        dist = ndimage.distance_transform_edt(self.lesions[sl] != lid, sampling=self.spacing)
+        ring = (dist > LESION_RIM_MM) & (dist <= LOCAL_MARROW_MM)
+        local = self.clean_marrow_median(sl, sid, ring)
+        return local if local is not None else self.marrow_median(sid)
 
     def shell_median(self, sl: tuple[slice, ...], inner: np.ndarray) -> float | None:
         """Median body soft-tissue signal SHELL_MM outside ``inner`` (a mask on crop ``sl``)."""
@@ -369,7 +395,7 @@ def _subregion(scene: _Scene, site: Site, pts: np.ndarray) -> str | None:
     bone = scene.bone_axis(site)
     if bone is None:
         return None
-    names, counts = np.unique(bone.subregion(bone.fraction(pts)), return_counts=True)
+    names, counts = np.unique(bone.subregion(pts), return_counts=True)
     return str(names[int(np.argmax(counts))])
 
 
@@ -417,7 +443,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     is_bone = ref is not None and dist <= NEAR_BONE_MM
     own = site_vals == sid if ref is not None else np.zeros(n, bool)
     lesion_signal = float(np.median(signal_all[own] if own.any() else signal_all))
-    marrow = scene.marrow_median(sid) if ref is not None else None
+    marrow = scene.local_marrow_median(lid, sl, sid) if ref is not None else None
     near = _expand(sl, _margin(SHELL_MM[1] + 4.0, scene.spacing), scene.sites.shape)
     inner = scene.sites[near] == sid if is_bone else scene.lesions[near] == lid
     muscle = scene.shell_median(near, inner)
@@ -428,17 +454,17 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
         "centroid_ras_mm": [round(float(v), 2) for v in centroid],
         "signal_ratio_marrow": _ratio(lesion_signal, marrow),
         "signal_ratio_muscle": _ratio(lesion_signal, muscle),
-        "confidence": float(min(1.0, max(0.0, confidence))),
+        "confidence": round(float(min(1.0, max(0.0, confidence))), 4),
     }
     if is_bone:
         fraction = min(1.0, np.count_nonzero(own) / max(int(scene.site_counts[sid]), 1))
         vol_out = np.count_nonzero(~in_bone) * scene.voxel_ml
+        extends = vol_out >= SOFT_EXT_MIN_ML and (vol_out >= SOFT_EXT_FRACTION * n * scene.voxel_ml or vol_out >= SOFT_EXT_ML)
         out.update(site=ref.code, side=ref.side, region=ref.region,
                    subregion=_subregion(scene, ref, pts[own] if own.any() else pts),
                    juxtaphyseal=_juxtaphyseal(scene, ref, lid, sl),
                    bone_fraction=round(float(fraction), 4), extension_grade=extension_grade(fraction),
-                   soft_tissue_extension=bool(vol_out >= SOFT_EXT_MIN_ML and
-                                              (vol_out >= SOFT_EXT_FRACTION * n * scene.voxel_ml or vol_out >= SOFT_EXT_ML)))
+                   soft_tissue_extension=bool(extends))
     else:
         out.update(site=SOFT_TISSUE, side=_soft_tissue_side(scene, centroid),
                    region=ref.region if ref is not None else SOFT_TISSUE, subregion=None, juxtaphyseal=None,

@@ -21,7 +21,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from .sites import SOFT_TISSUE, by_code, by_id
+from .sites import by_code, by_id
 
 LESION_COLOURS = ("#ff3b30", "#ffd60a", "#00e5ff", "#ff40ff", "#7cff00", "#ff9500", "#00ffa8", "#ff7eb6",
                   "#5ac8fa", "#c9a0ff")
@@ -75,7 +75,7 @@ Masks = list[tuple[int, tuple[slice, slice], np.ndarray]]   # (label, display bo
 @dataclass
 class CoronalView:
     """One coronal picture, ready to draw: rows superior -> inferior, columns patient's right -> left."""
-    kind: str                    # 'anterior', 'spine', 'mip' or 'lesion'
+    kind: str                    # 'limbs', 'spine', 'anterior', 'mip' or 'lesion'
     title: str
     image: np.ndarray | None     # grey values, or None when there is no image
     window: tuple[float, float]  # display range (1st - 99.5th percentile)
@@ -90,26 +90,42 @@ class CoronalView:
         return next(a for a in (self.image, self.site_labels, self.lesions) if a is not None).shape
 
 
-def _views_geometry(sites: np.ndarray | None, image: np.ndarray | None, ny: int) -> dict[str, Any]:
-    """Coronal positions (RAS y indices): anterior slice, spine slice and the bone slab of the MIP."""
+def _views_geometry(sites: np.ndarray | None, image: np.ndarray | None, ny: int) -> dict[str, tuple[int, str]]:
+    """Coronal positions (RAS y indices) and names of the slices, and the bone slab of the MIP."""
     bone_prof = (sites > 0).sum(axis=(0, 2)) if sites is not None else np.zeros(ny)
     if bone_prof.sum() == 0 and image is not None:
         body = image > np.percentile(image[:: 2, :: 2, :: 2], 60)
         bone_prof = body.sum(axis=(0, 2))
     if bone_prof.sum() == 0:
-        return {"anterior": int(ny * 0.7), "spine": ny // 2, "slab": (0, ny)}
+        mid = (ny // 2, "mid-depth slice")
+        return {"limbs": mid, "spine": mid, "anterior": (int(ny * 0.7), "anterior slice"), "slab": (0, ny)}
+    pct = lambda prof, q: _weighted_percentile(prof, q)  # noqa: E731
+    lo, hi = pct(bone_prof, 1), pct(bone_prof, 99)
+    geo: dict[str, Any] = {"slab": (max(0, lo - 2), min(ny, hi + 3))}
+    long_prof = np.zeros(ny)
+    if sites is not None:
+        is_long = np.zeros(max(int(sites.max()), len(by_id())) + 1, bool)
+        is_long[[s.id for s in by_id().values() if s.kind == "long"]] = True
+        long_prof = is_long[np.maximum(sites, 0)].sum(axis=(0, 2))
+    geo["limbs"] = (pct(long_prof, 50), "slice through the long bones") if long_prof.sum() else \
+        (pct(bone_prof, 50), "mid-depth slice through the bones")
+    anterior = next((a for q in (85, 92, 97, 99.5) if (a := pct(bone_prof, q)) > geo["limbs"][0]),
+                    min(ny - 1, geo["limbs"][0] + 1))  # anterior to the limbs slice, still through bone
+    geo["anterior"] = (anterior, "anterior slice")
     vert = ((sites >= min(VERTEBRA_IDS)) & (sites <= max(VERTEBRA_IDS))).sum(axis=(0, 2)) if sites is not None else None
-    spine = _weighted_percentile(vert, 65) if vert is not None and vert.sum() > 0 else _weighted_percentile(bone_prof, 50)
-    lo, hi = _weighted_percentile(bone_prof, 1), _weighted_percentile(bone_prof, 99)
-    anterior = next((a for q in (85, 92, 97, 99.5) if (a := _weighted_percentile(bone_prof, q)) > spine),
-                    min(ny - 1, spine + 1))  # a slice anterior to the spine slice, still through bone
-    return {"anterior": anterior, "spine": spine, "slab": (max(0, lo - 2), min(ny, hi + 3))}
+    if vert is not None and vert.sum() > 0:
+        geo["spine"] = (pct(vert, 65), "slice through the spine")
+    else:  # no spine in view: show another depth instead of repeating the limbs slice
+        geo["spine"] = geo["anterior"]
+    return geo
 
 
-def _window(img: np.ndarray | None) -> tuple[float, float]:
+def _window(img: np.ndarray | None, top: float = 99.5) -> tuple[float, float]:
+    """Robust grey window: 1st to ``top`` percentile (slices use the volume's 99.9th so that normal marrow
+    is not saturated and the rare bright voxels -- edema, fluid -- stay brightest)."""
     if img is None:
         return (0.0, 1.0)
-    lo, hi = (float(v) for v in np.percentile(img, [1.0, 99.5]))
+    lo, hi = (float(v) for v in np.percentile(img, [1.0, top]))
     return (lo, hi if hi > lo else lo + 1.0)
 
 
@@ -133,7 +149,7 @@ def _masks_projected(labels: np.ndarray) -> Masks:
 
 
 def coronal_views(image: np.ndarray | None, affine: np.ndarray, sites: np.ndarray | None = None,
-                  lesions: np.ndarray | None = None, kinds: Sequence[str] = ("anterior", "spine", "mip"),
+                  lesions: np.ndarray | None = None, kinds: Sequence[str] = ("limbs", "spine", "mip"),
                   focus_lesion: int | None = None) -> list[CoronalView]:
     """Coronal views of a study in radiological display orientation.
 
@@ -149,7 +165,7 @@ def coronal_views(image: np.ndarray | None, affine: np.ndarray, sites: np.ndarra
     ny = (img_r if img_r is not None else sit_r if sit_r is not None else les_r).shape[1]
     geo = _views_geometry(sit_r, img_r, ny)
     y_mm = lambda y: float((ras_aff @ np.array([0, y, 0, 1.0]))[1])  # noqa: E731
-    slice_window = _window(img_r[:: 2, :: 2, :: 2] if img_r is not None and img_r.size > 4_000_000 else img_r)
+    slice_window = _window(img_r[:: 2, :: 2, :: 2] if img_r is not None and img_r.size > 4_000_000 else img_r, 99.9)
     views = []
     for kind in kinds:
         if kind == "mip":
@@ -162,20 +178,18 @@ def coronal_views(image: np.ndarray | None, affine: np.ndarray, sites: np.ndarra
             title = f"MIP of the bone slab, y {y_mm(y0):.0f} to {y_mm(y1 - 1):.0f} mm"
             window = _window(img2)
         else:
-            y = geo.get(kind, geo["spine"])
+            y, name = geo.get(kind, geo["limbs"])
             if kind == "lesion" and les_r is not None and focus_lesion:
                 ys = np.nonzero((les_r == focus_lesion).any(axis=(0, 2)))[0]
                 if len(ys):
                     w = (les_r[:, ys, :] == focus_lesion).sum(axis=(0, 2))
-                    y = int(ys[_weighted_percentile(w, 50)])
+                    y, name = int(ys[_weighted_percentile(w, 50)]), f"slice through lesion {focus_lesion}"
             y = int(np.clip(y, 0, ny - 1))
             img2 = img_r[:, y, :] if img_r is not None else None
             lab2 = sit_r[:, y, :] if sit_r is not None else None
             l2 = les_r[:, y, :] if les_r is not None else None
             smasks = _masks_2d(_display(lab2)) if lab2 is not None else []
             lmasks = _masks_2d(_display(l2)) if l2 is not None else []
-            name = {"anterior": "anterior slice", "spine": "slice through the spine",
-                    "lesion": f"slice through lesion {focus_lesion}"}.get(kind, f"{kind} slice")
             title = f"Coronal {name}, y {y_mm(y):.0f} mm"
             window = slice_window
         disp = lambda a: _display(a) if a is not None else None  # noqa: E731
@@ -298,11 +312,12 @@ def _fmt(v: Any, nd: int = 1) -> str:
 
 def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tuple[str, str]]:
     """(text, colour) rows of the lesion table."""
-    head = f"{'#':>3} {'site':<13}{'side':<5}{'subregion':<16}{'mL':>6}{'diam':>5}{'SRma':>5}{'SRmu':>5}{'conf':>5} flags"
+    head = (f"{'#':>3} {'site':<13}{'side':<5}{'subregion':<16}{'mL':>6}{'diam':>5}{'SRma':>5}{'SRmu':>5}"
+            f"{'conf':>5} flags")
     rows = [(head, TEXT)]
     side_short = {"left": "L", "right": "R", "midline": "mid"}
     for les in sorted(lesions, key=lambda x: int(x["id"]))[:max_rows]:
-        flags = " ".join(f for f, on in (("JP", les.get("juxtaphyseal")), ("ST", les.get("soft_tissue_extension"))) if on)
+        flags = " ".join(f for f, key in (("JP", "juxtaphyseal"), ("ST", "soft_tissue_extension")) if les.get(key))
         sub = _SUBREGION_SHORT.get(les.get("subregion"), "–")
         rows.append((f"{les['id']:>3} {site_label(str(les['site']))[:12]:<13}{side_short.get(les['side'], '?'):<5}"
                      f"{sub:<16}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
@@ -317,8 +332,8 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
 def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     s = report.get("summary", {})
     n = s.get("lesion_count", len(report.get("lesions", [])))
-    lines = [f"Lesions: {n}    total {_fmt(s.get('total_volume_ml'), 1)} mL    largest {_fmt(s.get('largest_lesion_ml'), 1)} mL"
-             f"    bone sites: {s.get('affected_sites', '–')}"]
+    lines = [f"Lesions: {n}    total {_fmt(s.get('total_volume_ml'), 1)} mL    "
+             f"largest {_fmt(s.get('largest_lesion_ml'), 1)} mL    bone sites: {s.get('affected_sites', '–')}"]
     yn = lambda v: "–" if v is None else ("yes" if v else "no")  # noqa: E731
     pairs = ", ".join(f"{a}–{b}" for a, b in s.get("symmetric_pairs", [])) or "none"
     lines.append(f"Spine: {yn(s.get('spine_involved'))}    soft tissue: {yn(s.get('soft_tissue_involved'))}")
@@ -375,8 +390,10 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     largest = max(les_list, key=lambda x: float(x.get("volume_ml", 0)))["id"] if les_list else None
     if largest is None and lesions is not None and np.any(lesions):
         largest = int(np.argmax(np.bincount(np.asarray(lesions).ravel())[1:])) + 1
-    kinds = ("mip", "lesion") if largest else ("mip", "spine")
+    kinds = ("mip", "lesion") if largest else ("mip", "limbs")
     views = coronal_views(image, affine, sites, lesions, kinds=kinds, focus_lesion=largest)
+    if kinds[1] == "lesion":
+        views[1].title = views[1].title.replace(f"lesion {largest}", f"the largest lesion ({largest})")
     fig = _new_figure(16, 10)
     study = report.get("study", {})
     n = len(les_list)
@@ -422,7 +439,8 @@ def _case_title(case_dir: Path, n_lesions: int) -> str:
             parts.append(f"age {age:.1f} y")
         if meta.get("sex"):
             parts.append(str(meta["sex"]))
-        fov = meta.get("fov", meta.get("field_of_view"))
+        acq = meta.get("acquisition") if isinstance(meta.get("acquisition"), Mapping) else {}
+        fov = meta.get("fov", meta.get("field_of_view", acq.get("fov")))
         if isinstance(fov, Mapping):
             fov = fov.get("kind", fov.get("name", fov.get("region")))
         if fov:
@@ -433,14 +451,15 @@ def _case_title(case_dir: Path, n_lesions: int) -> str:
 
 def preview_case(case_dir: Path, out: Path | None = None, image: Path | None = None) -> Path:
     """Write a PNG montage of a case folder (``image.nii.gz``, ``sites.nii.gz``, ``lesions.nii.gz``; a predict
-    output folder has no image: pass ``image``, else the sites are drawn alone): an anterior slice, a slice
-    through the spine and a bone-slab MIP, with site outlines and lesions. Default ``case_dir/preview.png``."""
+    output folder has no image: pass ``image``, else the sites are drawn alone): a slice through the long
+    bones, one through the spine (or an anterior one) and a bone-slab MIP, with site outlines and lesions. Default ``case_dir/preview.png``."""
     case_dir = Path(case_dir)
     out = Path(out) if out else case_dir / "preview.png"
     img_path = Path(image) if image else case_dir / "image.nii.gz"
     arrays: dict[str, np.ndarray | None] = {"image": None, "sites": None, "lesions": None}
     affine = None
-    for key, path in (("image", img_path), ("sites", case_dir / "sites.nii.gz"), ("lesions", case_dir / "lesions.nii.gz")):
+    paths = {"image": img_path, "sites": case_dir / "sites.nii.gz", "lesions": case_dir / "lesions.nii.gz"}
+    for key, path in paths.items():
         if path.is_file():
             arrays[key], aff = _load(path)
             affine = aff if affine is None else affine

@@ -61,5 +61,62 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
 
 
+@app.command()
+def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders or glob patterns"),
+            out: Path = typer.Option(..., "--out", help="output folder: one OUT/<case>/ per input"),
+            model: Optional[Path] = typer.Option(None, "--model", help="model bundle folder (default: the shipped model)"),
+            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+            precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native) | bf16 | fp32"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="redo cases whose folder is complete")) -> None:
+    """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
+    from rich.console import Console
+    from inference.batch import expand_inputs, predict_many, summary_table
+    from inference.predictor import Predictor
+    files = expand_inputs(inputs)
+    if not files:
+        typer.echo("no NIfTI inputs found", err=True)
+        raise typer.Exit(2)
+    try:
+        predictor = Predictor.load(model, device=device, precision=precision)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"cannot load the model: {exc}", err=True)
+        raise typer.Exit(2)
+    outcomes = predict_many(predictor, files, out, overwrite=overwrite)
+    Console(stderr=True).print(summary_table(outcomes))
+    if any(o.status == "failed" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of predicted case folders (contract layout)"),
+             ref: Optional[Path] = typer.Option(None, "--ref", help="folder of reference case folders"),
+             model: Optional[Path] = typer.Option(None, "--model", help="predict first with this model bundle ..."),
+             data: Optional[Path] = typer.Option(None, "--data", help="... on this folder of phantom cases (cases/*/image.nii.gz)"),
+             out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, summary.json, froc.png go"),
+             device: str = typer.Option("auto", "--device"),
+             min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
+    """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
+    import json as _json
+    from training.evaluate import evaluate_folders
+    if model is not None or data is not None:
+        if data is None:
+            typer.echo("--model needs --data", err=True)
+            raise typer.Exit(2)
+        from inference.batch import predict_many
+        from inference.predictor import Predictor
+        cases = data / "cases" if (data / "cases").is_dir() else data
+        images = sorted(cases.glob("*/image.nii.gz"))
+        predictor = Predictor.load(model, device=device)
+        pred = out / "predictions"
+        predict_many(predictor, images, pred, names=[p.parent.name for p in images])
+        ref = cases
+    if pred is None or ref is None:
+        typer.echo("give --pred and --ref, or --model and --data", err=True)
+        raise typer.Exit(2)
+    summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml)
+    typer.echo(_json.dumps({k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
+                                                    "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}, indent=2))
+
+
 if __name__ == "__main__":
     app()

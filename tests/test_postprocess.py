@@ -41,7 +41,7 @@ LESIONS = {
     2: ((34, 46), (-6, 6), (25, 40)),          # its mirror in femur_right
     3: ((40, 60), (-6, 6), (95, 110)),         # femur_right diaphysis, half outside the bone
     4: ((-27, -22), (-4, 4), (120, 130)),      # 4 mm lateral of femur_left, no voxel in bone
-    5: ((-96, -88), (-6, 6), (60, 70)),        # 38 mm from any bone: soft tissue
+    5: ((-88, -82), (-6, 6), (60, 70)),        # 32 mm from femur_left, beyond the 30 mm search: soft tissue
     6: ((-6, 6), (0, 15), (105, 115)),         # vertebra_L3, anterior: vertebral body
     7: ((-6, 6), (-28, -20), (105, 115)),      # vertebra_L3, posterior elements
     8: ((-78, -70), (-6, 6), (140, 150)),      # soft tissue 20 mm from femur_left
@@ -138,7 +138,8 @@ def test_bone_fraction_and_grade(scene, measured):
     pat = by_code()["patella_left"].id
     frac = np.count_nonzero((scene["lesions"] == 10) & (scene["sites"] == pat)) / np.count_nonzero(scene["sites"] == pat)
     assert frac > 0.5
-    assert (measured[10]["site"], measured[10]["subregion"], measured[10]["juxtaphyseal"]) == ("patella_left", None, None)
+    assert (measured[10]["site"], measured[10]["subregion"]) == ("patella_left", None)
+    assert measured[10]["juxtaphyseal"] is None
     assert measured[10]["bone_fraction"] == pytest.approx(frac, abs=1e-4)
     assert measured[10]["extension_grade"] == ">50%"
 
@@ -174,7 +175,8 @@ def test_far_lesion_is_soft_tissue(measured):
 
 
 def test_vertebra_body_and_posterior_elements(measured):
-    assert (measured[6]["site"], measured[6]["side"], measured[6]["region"]) == ("vertebra_L3", "midline", "spine_lumbar")
+    les = measured[6]
+    assert (les["site"], les["side"], les["region"]) == ("vertebra_L3", "midline", "spine_lumbar")
     assert measured[6]["subregion"] == "vertebral_body"
     assert measured[7]["subregion"] == "posterior_elements"
     assert measured[6]["juxtaphyseal"] is None
@@ -206,12 +208,32 @@ def test_without_physis_fractions_place_subregions(scene):
     assert all(x["juxtaphyseal"] is None for x in out)
 
 
-def test_proximal_epiphysis_above_the_physis(scene):
+def test_proximal_epiphysis_and_juxtaphyseal_distance(scene):
     lesions = np.zeros_like(scene["lesions"])
     X, Y, Z = scene["X"], scene["Y"], scene["Z"]
-    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (185, 195))] = 1
-    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], scene["physis"], {1: 0.9})
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (185, 195))] = 1     # 5 mm above the proximal physis
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (30, 40))] = 2       # 7.5 mm above the distal physis
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (45, 50))] = 3       # 23-25 % of the femur from its distal end
+    conf = {1: 0.9, 2: 0.9, 3: 0.9}
+    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], scene["physis"], conf)
     assert (out[0]["site"], out[0]["subregion"], out[0]["juxtaphyseal"]) == ("femur_left", "epiphysis_proximal", True)
+    assert (out[1]["subregion"], out[1]["juxtaphyseal"]) == ("metaphysis_distal", False)
+    # the metaphysis reaches 15 % of the length beyond the physis (which is 11 % from the distal end), so to 26 %;
+    # the fixed fractions used without physis (metaphysis 8 to 22 % from the end) call this lesion diaphysis
+    assert out[2]["subregion"] == "metaphysis_distal"
+    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], None, conf)
+    assert out[2]["subregion"] == "diaphysis"
+
+
+def test_max_diameter_of_a_large_lesion():
+    """Over 2000 boundary voxels: the convex-hull path must still find the exact diagonal."""
+    lesions = np.zeros((40, 40, 40), np.uint16)
+    lesions[4:36, 4:36, 4:36] = 1
+    aff = np.diag([0.8, 1.0, 1.5, 1.0])
+    les = measure_lesions(lesions, np.zeros(lesions.shape, np.uint8), np.ones(lesions.shape, np.float32), aff,
+                          None, {1: 1.0})[0]
+    assert les["max_diameter_mm"] == pytest.approx(float(np.linalg.norm([31 * 0.8, 31 * 1.0, 31 * 1.5])), abs=0.01)
+    assert les["site"] == "soft_tissue" and les["side"] == "midline" and les["region"] == "soft_tissue"
 
 
 def test_missing_confidence_is_refused(scene):
@@ -265,3 +287,78 @@ def test_study_warnings(scene):
     text = " ".join(warn)
     assert "No bone" in text and "Lesion(s) 11" in text and "8.0 mm" in text and "In-plane" in text
     assert border_lesions(edge) == [11]
+
+
+def test_signal_ratios_ignore_cortex_and_air():
+    """A thin bone whose dark cortex is most of its voxels, just under the skin: the references must still be
+    marrow (1.0) and muscle (0.5), not cortex (0.2) or air (0)."""
+    shape = (41, 41, 41)
+    X, Y, Z = np.indices(shape, dtype=float)        # 1 mm voxels, RAS, origin 0
+    r2 = (X - 20) ** 2 + (Y - 20) ** 2
+    sites = np.where(r2 <= 36, by_code()["fibula_left"].id, 0).astype(np.uint8)
+    assert np.count_nonzero((r2 > 12.25) & (r2 <= 36)) > 0.5 * np.count_nonzero(sites)
+    image = np.where((np.abs(X - 20) <= 9) & (np.abs(Y - 20) <= 9), 0.5, 0.0).astype(np.float32)
+    image[sites > 0] = 0.2
+    image[r2 <= 12.25] = 1.0
+    lesions = np.zeros(shape, np.uint16)
+    lesions[(r2 <= 6) & (Z >= 15) & (Z <= 25)] = 1
+    image[lesions > 0] = 2.0
+    les = measure_lesions(lesions, sites, image, np.eye(4), None, {1: 0.8})[0]
+    assert les["site"] == "fibula_left"
+    assert les["signal_ratio_marrow"] == pytest.approx(2.0, rel=0.01)
+    assert les["signal_ratio_muscle"] == pytest.approx(4.0, rel=0.01)
+
+
+def test_lesion_across_two_bones_goes_to_the_majority(scene):
+    X, Y, Z = scene["X"], scene["Y"], scene["Z"]
+    lesions = np.zeros_like(scene["lesions"])
+    lesions[box(X, Y, Z, (-44, -36), (5, 16), (42, 48))] = 1     # two rows in the femur, one in the patella
+    sv = scene["sites"][lesions == 1]
+    assert np.count_nonzero(sv == by_code()["femur_left"].id) > np.count_nonzero(sv == by_code()["patella_left"].id) > 0
+    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], scene["physis"], {1: 0.9})
+    assert out[0]["site"] == "femur_left"
+
+
+def _limb(shape, code, z0, z1, lesion_z, extra=None):
+    """A 1 mm RAS grid with one long bone along S-I (x = y = 15, radius 4), an optional extra bone box and a lesion."""
+    X, Y, Z = np.indices(shape, dtype=float)
+    sites = np.zeros(shape, np.uint8)
+    sites[((X - 15) ** 2 + (Y - 15) ** 2 <= 16) & (Z >= z0) & (Z <= z1)] = by_code()[code].id
+    if extra:
+        sites[box(X, Y, Z, *extra[1])] = by_code()[extra[0]].id
+    lesions = np.zeros(shape, np.uint16)
+    lesions[((X - 15) ** 2 + (Y - 15) ** 2 <= 9) & (Z >= lesion_z[0]) & (Z <= lesion_z[1])] = 1
+    image = np.where(sites > 0, 1.0, 0.5).astype(np.float32)
+    image[lesions > 0] = 2.0
+    return measure_lesions(lesions, sites, image, np.eye(4), None, {1: 0.9})[0]
+
+
+def test_proximal_end_follows_the_neighbouring_bone():
+    """Arm raised above the head: the shoulder (scapula) is below the humerus, so its upper end is distal."""
+    shape = (30, 30, 60)
+    assert _limb(shape, "humerus_left", 10, 55, (46, 49))["subregion"] == "metaphysis_proximal"
+    raised = _limb(shape, "humerus_left", 10, 55, (46, 49), ("scapula_left", ((5, 25), (5, 25), (2, 6))))
+    assert raised["subregion"] == "metaphysis_distal"
+
+
+def test_bone_cut_by_the_field_of_view():
+    """A knee study: the femur leaves the image at the top, so fractions come from twice its visible length."""
+    les = _limb((30, 30, 60), "femur_left", 5, 59, (20, 24))
+    assert les["subregion"] == "metaphysis_distal"
+    assert _limb((30, 30, 80), "femur_left", 5, 64, (20, 24))["subregion"] == "diaphysis"   # whole bone seen
+
+
+def test_marrow_reference_is_the_marrow_next_to_the_lesion():
+    """Red (bright) marrow around the lesion, yellow (dark) marrow in the rest of the bone: the reference is the
+    adjacent marrow, as a reader's ROI would be, not the whole bone's median."""
+    shape = (30, 30, 120)
+    X, Y, Z = np.indices(shape, dtype=float)
+    r2 = (X - 15) ** 2 + (Y - 15) ** 2
+    sites = np.where((r2 <= 64) & (Z >= 5) & (Z <= 114), by_code()["tibia_right"].id, 0).astype(np.uint8)
+    image = np.where(sites > 0, 0.4, 0.5).astype(np.float32)
+    image[(sites > 0) & (Z >= 80)] = 1.0                    # red marrow in the upper (proximal) third
+    lesions = np.zeros(shape, np.uint16)
+    lesions[(r2 <= 16) & (Z >= 95) & (Z <= 100)] = 1
+    image[lesions > 0] = 2.0
+    les = measure_lesions(lesions, sites, image, np.eye(4), None, {1: 0.8})[0]
+    assert les["signal_ratio_marrow"] == pytest.approx(2.0, rel=0.01)      # not 2.0 / 0.4 = 5

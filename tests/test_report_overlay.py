@@ -150,10 +150,12 @@ def test_coronal_view_is_radiological_with_true_aspect():
 def test_mip_keeps_lesions_hidden_behind_each_other():
     lesions = np.zeros(SHAPE, np.uint16)
     lesions[30:34, 2:5, 40:44] = 1
-    lesions[30:34, 10:13, 40:44] = 2     # same x/z, other depth
+    lesions[30:34, 10, 40:44] = 2        # same x/z, other depth ...
+    lesions[34:38, 11, 40:44] = 2        # ... and oblique: its projection is larger than any one slice of it
     view = coronal_views(None, AFFINE, None, lesions, kinds=("mip",))[0]
     assert [m[0] for m in view.lesion_masks] == [1, 2]
-    assert all(m[2].sum() == 16 for m in view.lesion_masks)
+    assert [int(m[2].sum()) for m in view.lesion_masks] == [16, 32]
+    assert view.lesions.max() == 2
 
 
 @pytest.mark.parametrize("n", [0, 20])

@@ -44,7 +44,7 @@ def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConf
             if rng.random() < 0.7:
                 k = np.array(body.landmarks[f"knee_{side}"])
                 H = body.H
-                res = ellipsoid(cv, k + [0, 0.016 * H, 0.03 * H], [0.014 * H, 0.006 * H, 0.022 * H] * rng.uniform(0.6, 1.2))
+                res = ellipsoid(cv, k + [0, 0.016 * H, 0.03 * H], np.array([0.014, 0.006, 0.022]) * H * rng.uniform(0.6, 1.2))
                 if res:
                     b, m, _ = res
                     sel = m & tissue_in(cv.tissue[b.sl], (MUSCLE, FAT))

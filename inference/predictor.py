@@ -1,0 +1,222 @@
+"""The one inference code path: ``Predictor.load(...).predict(path_or_image) -> Result``; ``Result.save(dir)``.
+
+The CLI (``wbmri predict``), scripts and the HTTP service all call this.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from models.card import ModelBundle, load_bundle
+from models.networks import BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor
+from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
+from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
+
+Progress = Callable[[str, float], None]
+WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
+
+
+def case_name(path: str | Path) -> str:
+    """``OUT/<case>``: the file name without .nii / .nii.gz."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Result:
+    """Everything one study produced; arrays are on the input's own grid."""
+    name: str
+    report: dict
+    lesions: np.ndarray
+    sites: np.ndarray
+    affine: np.ndarray
+    image: np.ndarray = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path, overwrite: bool = True) -> Path:
+        """Write ``out_dir/<name>/`` with the contract files, atomically (complete or absent)."""
+        from models.viz import render_overlay
+        final = Path(out_dir) / self.name
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists (use overwrite)")
+        t0 = time.perf_counter()
+        png = render_overlay(self.image, self.lesions, self.sites, self.affine, self.report)
+        with atomic_dir(final) as tmp:
+            save_nifti(tmp / "lesions.nii.gz", self.lesions, self.affine, np.uint16)
+            save_nifti(tmp / "sites.nii.gz", self.sites, self.affine, np.uint8)
+            (tmp / "overlay.png").write_bytes(png)
+            self.timings["write"] = round(time.perf_counter() - t0, 3)
+            self.report.setdefault("timings_s", {})["write"] = self.timings["write"]
+            (tmp / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+        return final
+
+
+class Predictor:
+    """A loaded model, reused across studies."""
+
+    def __init__(self, bundle: ModelBundle, device: torch.device, bf16: bool, max_voxels: int = DEFAULT_MAX_VOXELS):
+        self.bundle = bundle
+        self.device = device
+        self.bf16 = bf16
+        self.max_voxels = max_voxels
+        self.net = bundle.net.to(device).to(memory_format=torch.channels_last_3d).eval()
+        th = bundle.card.get("thresholds", {})
+        self.threshold = float(th.get("edema", 0.5))
+        self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
+             threads: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS) -> "Predictor":
+        """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda)."""
+        if threads:
+            torch.set_num_threads(threads)
+        dev = resolve_device(device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("precision must be auto, bf16 or fp32")
+        bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or cpu_supports_bf16()))
+        return cls(load_bundle(model), dev, bf16, max_voxels)
+
+    @property
+    def model_info(self) -> dict:
+        return {"name": self.bundle.name, "version": self.bundle.version, "sha256": self.bundle.sha256,
+                "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}"}
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _network(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Edema prob, bone prob, physis prob (float32) and site ids (uint8) on the model grid."""
+        cfg = self.bundle.config
+        div = size_divisor(cfg) * 2
+        body = img > 0.05
+        lo, hi = np.zeros(3, int), np.array(img.shape)
+        if body.any():
+            idx = np.nonzero(body.any(axis=(1, 2)))[0], np.nonzero(body.any(axis=(0, 2)))[0], np.nonzero(body.any(axis=(0, 1)))[0]
+            lo = np.array([max(0, i[0] - 6) for i in idx])
+            hi = np.array([min(s, i[-1] + 7) for i, s in zip(idx, img.shape)])
+        crop = img[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        pad = [(0, (-s) % div) for s in crop.shape]
+        x = torch.from_numpy(np.pad(crop, pad))[None, None].to(self.device).to(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), autocast_for(self.device, self.bf16):
+            if x[0, 0].numel() <= WHOLE_VOLUME_MAX_VOXELS:
+                voxel, sites = self.net(x)
+            else:
+                from monai.inferers import sliding_window_inference
+                roi = tuple(min(s, 2 * p) for s, p in zip(x.shape[2:], cfg.patch))
+                voxel, sites = sliding_window_inference(x, roi, 1, self.net, overlap=0.25, mode="gaussian")
+            probs = torch.sigmoid(voxel[0].float())
+            site_ids = F.interpolate(sites.float(), scale_factor=2, mode="nearest")[0, 1:].argmax(0) + 1
+        sl = tuple(slice(0, s) for s in crop.shape)
+        out = []
+        for ch in (EDEMA, BONE, PHYSIS):
+            full = np.zeros(img.shape, np.float32)
+            full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = probs[ch].cpu().numpy()[sl]
+            out.append(full)
+        site_map = np.zeros(img.shape, np.uint8)
+        s = site_ids.to(torch.uint8).cpu().numpy()[sl]
+        site_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.where(out[1][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5, s, 0)
+        return out[0], out[1], out[2], site_map
+
+    def _components(self, prob: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
+        """Lesion instances on the model grid (26-connected, at least min_lesion_ml) and their confidences."""
+        mask = prob > self.threshold
+        lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            return lab.astype(np.uint16), {}
+        vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        means = ndimage.mean(prob, lab, index=np.arange(1, n + 1))
+        keep = [i for i in range(1, n + 1) if sizes[i] * vox_ml >= self.min_lesion_ml]
+        remap = np.zeros(n + 1, np.uint16)
+        conf = {}
+        for new, old in enumerate(keep, start=1):
+            remap[old] = new
+            conf[new] = float(np.clip(means[old - 1], 0, 1))
+        return remap[lab], conf
+
+    def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
+                progress: Progress | None = None) -> Result:
+        """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
+        from inference.postprocess import measure_lesions, site_table, sites_in_view, study_warnings, summarise
+        from inference.report import build_report, validate_report
+        tick = progress or (lambda stage, frac: None)
+        t = {"start": time.perf_counter()}
+        timings: dict[str, float] = {}
+
+        def lap(stage: str) -> None:
+            now = time.perf_counter()
+            timings[stage] = round(now - t["last"], 3)
+            t["last"] = now
+
+        t["last"] = t["start"]
+        tick("read", 0.0)
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            name = name or case_name(path)
+            vol = load_volume(path, self.max_voxels)
+            digest, filename = sha256_of(path), path.name
+        else:
+            vol = load_volume(source, self.max_voxels)
+            name = name or "study"
+            digest = hashlib.sha256(np.ascontiguousarray(vol.data).tobytes()).hexdigest()
+            filename = f"{name}.nii.gz"
+        lap("read")
+        tick("preprocess", 0.1)
+        grid = plan_grid(vol.data.shape, vol.affine, self.bundle.config.spacing_mm)
+        img = normalise(to_model_grid(vol.data, grid, "trilinear"))
+        lap("preprocess")
+        tick("network", 0.2)
+        prob, _bone, physis_p, site_map = self._network(img)
+        lap("network")
+        tick("postprocess", 0.7)
+        inst, conf = self._components(prob, grid)
+        lesions = to_input_grid(inst, grid).astype(np.uint16)
+        sites = to_input_grid(site_map, grid).astype(np.uint8)
+        physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)
+        lesions, conf = _renumber(lesions, conf)
+        items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
+        spacing = vol.spacing
+        vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
+        warnings = study_warnings(vol.data, sites, lesions, spacing)
+        lap("postprocess")
+        study = {"filename": Path(filename).name, "sha256": digest, "shape": [int(s) for s in vol.data.shape],
+                 "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}
+        timings["total"] = round(time.perf_counter() - t["start"], 3)
+        report = build_report(study, self.model_info, items, summarise(items), site_table(items), warnings, timings,
+                              sites_in_view(sites, vox_ml))
+        validate_report(report)
+        tick("done", 1.0)
+        return Result(name, report, lesions, sites, vol.affine, vol.data, timings)
+
+
+def _renumber(lesions: np.ndarray, conf: dict[int, float]) -> tuple[np.ndarray, dict[int, float]]:
+    """Ids 1..K in order, dropping lesions that vanished on the input grid."""
+    present = np.unique(lesions)
+    present = present[present > 0]
+    if len(present) == len(conf) and (len(present) == 0 or present[-1] == len(present)):
+        return lesions, conf
+    remap = np.zeros(int(lesions.max()) + 1, np.uint16)
+    new_conf = {}
+    for new, old in enumerate(present, start=1):
+        remap[old] = new
+        new_conf[new] = conf.get(int(old), 0.0)
+    return remap[lesions], new_conf

@@ -1,0 +1,145 @@
+"""The phantom: determinism, grids, vocabulary, lesions in bone, planner frequencies, nnU-Net layout, FOV/headers."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from models.sites import all_sites, by_code
+from training.config import LesionConfig, SynthConfig, load_config
+from training.phantom.generate import generate_case, synth_dataset, write_case
+from training.phantom.lesions import PELVIS, plan_lesions
+
+
+@pytest.fixture(scope="module")
+def whole_body(tmp_path_factory):
+    cfg = load_config(SynthConfig, None, ["acquisition.oblique_p=0", "lesions.none_p=0", "lesions.count_mean=10"])
+    case = generate_case(7, cfg, fov="whole_body")
+    folder = write_case(case, tmp_path_factory.mktemp("wb") / case.name)
+    return case, folder
+
+
+def test_same_seed_same_case():
+    cfg = load_config(SynthConfig, None, ["anatomy_mm=3"])
+    a, b = generate_case(11, cfg, fov="knees"), generate_case(11, cfg, fov="knees")
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.sites, b.sites) and np.array_equal(a.lesions, b.lesions)
+    assert np.allclose(a.affine, b.affine)
+    c = generate_case(12, cfg, fov="knees")
+    assert c.image.shape != a.image.shape or not np.array_equal(c.image, a.image)
+
+
+def test_files_share_one_grid_and_dtypes(whole_body):
+    _, folder = whole_body
+    imgs = {k: nib.load(str(folder / f"{k}.nii.gz")) for k in ("image", "sites", "lesions")}
+    shapes = {k: v.shape for k, v in imgs.items()}
+    assert len(set(shapes.values())) == 1, shapes
+    for k in ("sites", "lesions"):
+        assert np.allclose(imgs[k].affine, imgs["image"].affine)
+    assert imgs["sites"].get_data_dtype() == np.uint8
+    assert imgs["lesions"].get_data_dtype() == np.uint16
+    meta = json.loads((folder / "case.json").read_text())
+    for key in ("age_years", "sex", "height_cm", "acquisition", "lesions"):
+        assert key in meta
+    assert 3 <= meta["age_years"] <= 17
+
+
+def test_every_vocabulary_site_in_a_whole_body_case(whole_body):
+    case, _ = whole_body
+    present = set(np.unique(case.sites).tolist()) - {0}
+    vocab = {s.id for s in all_sites()}
+    assert present <= vocab
+    missing = sorted(by_code()[c].code for c in [s.code for s in all_sites()] if by_code()[c].id not in present)
+    assert not missing, f"sites absent from a whole-body case: {missing}"
+
+
+def test_lesions_lie_in_bone_except_soft_tissue_part(whole_body):
+    case, _ = whole_body
+    assert case.lesions.max() > 0
+    for les in case.meta["lesions"]:
+        vox = case.lesions == les["id"]
+        if not vox.any():
+            continue
+        in_bone = (case.sites[vox] > 0).mean()
+        if les["soft_tissue"] or les["periosteal"]:
+            assert in_bone > 0.2, les
+        else:
+            assert in_bone == 1.0, les
+        # the majority site is the planned one
+        ids, counts = np.unique(case.sites[vox & (case.sites > 0)], return_counts=True)
+        assert by_code()[les["site"]].id == ids[counts.argmax()], les
+
+
+def test_planner_frequencies_within_configured_ranges():
+    cfg = LesionConfig()
+    plans = [plan_lesions(np.random.default_rng([s, 1]), cfg) for s in range(200)]
+    lesional = [(p, l) for p, l in plans if l]
+    n = len(lesional)
+    none_share = 1 - n / len(plans)
+    assert abs(none_share - cfg.none_p) < 0.1
+
+    def share(pred):
+        return sum(1 for _, l in lesional if any(pred(x) for x in l)) / n
+
+    longs = [x for _, l in lesional for x in l if x.subregion and x.subregion.split("_")[0] in ("metaphysis", "epiphysis", "diaphysis")]
+    observed = {
+        "tibia": share(lambda x: x.bone == "tibia"), "femur": share(lambda x: x.bone == "femur"),
+        "clavicle": share(lambda x: x.bone == "clavicle"), "vertebra": share(lambda x: x.bone == "vertebra"),
+        "pelvis": share(lambda x: x.bone in PELVIS),
+        "metaphysis_share": sum(x.subregion.startswith("metaphysis") for x in longs) / len(longs),
+        "bilateral": sum(1 for _, l in lesional if any(x.mirror_of for x in l)) / n,
+        "tibio_appendicular": sum(p == "tibio_appendicular" for p, _ in lesional) / n,
+        "claviculo_spinal": sum(p == "claviculo_spinal" for p, _ in lesional) / n,
+    }
+    for key, (lo, hi) in cfg.expected.items():
+        assert lo <= observed[key] <= hi, f"{key}: {observed[key]:.3f} outside [{lo}, {hi}]"
+    counts = [len(l) for _, l in lesional]
+    assert 1 <= min(counts) and max(counts) <= cfg.count_max
+
+
+def test_nnunet_layout(tmp_path):
+    synth_dataset(2, tmp_path, seed=3, overrides=["fov.p={knees: 1.0}", "anatomy_mm=3"])
+    ds = json.loads((tmp_path / "dataset.json").read_text())
+    assert ds["numTraining"] == 2 and ds["labels"] == {"background": 0, "edema": 1}
+    assert ds["channel_names"] == {"0": "STIR"} and ds["file_ending"] == ".nii.gz"
+    for name in ("case_000003", "case_000004"):
+        img = nib.load(str(tmp_path / "imagesTr" / f"{name}_0000.nii.gz"))
+        lab = nib.load(str(tmp_path / "labelsTr" / f"{name}.nii.gz"))
+        assert img.shape == lab.shape and np.allclose(img.affine, lab.affine)
+        assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize("fov", ["pelvis", "knees", "feet", "spine", "legs"])
+def test_partial_fields_of_view(fov):
+    cfg = load_config(SynthConfig, None, ["anatomy_mm=3"])
+    part = generate_case(21, cfg, fov=fov)
+    assert part.meta["acquisition"]["fov"] == fov
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in part.image.shape])).reshape(3, -1)
+    z_extent = np.ptp((part.affine[:3, :3] @ corners + part.affine[:3, 3:])[2])
+    assert z_extent < 0.75 * part.meta["height_cm"] * 10
+    assert part.sites.max() > 0
+
+
+def test_oblique_and_reoriented_headers():
+    cfg = load_config(SynthConfig, None, ["acquisition.oblique_p=1", "acquisition.oblique_max_deg=12", "anatomy_mm=3"])
+    codes, oblique = set(), False
+    for seed in range(30, 34):
+        case = generate_case(seed, cfg, fov="knees")
+        R = case.affine[:3, :3] / np.linalg.norm(case.affine[:3, :3], axis=0)
+        oblique |= bool(np.abs(R).max(axis=0).min() < 0.9995)
+        codes.add("".join(nib.aff2axcodes(case.affine)))
+    assert oblique
+    assert len(codes) >= 2 and codes != {"RAS"}
+
+
+def test_bright_physes_and_dark_fat(whole_body):
+    """STIR contrast: growth plates brighter than marrow on average; lesions brighter than their bone's marrow."""
+    case, _ = whole_body
+    img = case.image.astype(np.float32)
+    phys = case.physis.astype(bool)
+    bone = case.sites > 0
+    if case.meta["physis_open"] > 0.3:
+        assert np.median(img[phys]) > np.median(img[bone & ~phys & (case.lesions == 0)])
+    les = case.lesions > 0
+    assert np.median(img[les]) > np.median(img[bone & ~les])
