@@ -50,6 +50,16 @@ def _check_gzip(path: Path) -> None:
         raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
 
 
+def _check_raw_spacing(path: Path, header_class) -> None:
+    """nibabel silently turns zero pixdim into 1 mm on load; refuse such headers instead of guessing."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = header_class.from_fileobj(fh, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], float)
+    if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0 and np.any(pixdim <= 0):
+        raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in pixdim)} mm is zero or negative")
+
+
 def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, int, int]:
     """Validate shape, dimensionality, voxel budget and spacing from the header alone; return the 3D shape."""
     shape = tuple(int(s) for s in img.shape)
@@ -94,6 +104,7 @@ def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = D
             raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
+        _check_raw_spacing(path, type(img).header_class)
     shape = check_header(img, max_voxels)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)

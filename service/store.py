@@ -107,14 +107,21 @@ class JobStore:
         for d in (self.root, self.incoming, self.uploads, self.results):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.root / DB_NAME, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
+        self._db = self._connect(check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=30000")
         with self._tx():
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 self._db.execute(stmt)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+
+    def _connect(self, check_same_thread: bool) -> sqlite3.Connection:
+        db = sqlite3.connect(self.root / DB_NAME, timeout=30, isolation_level=None,
+                             check_same_thread=check_same_thread)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
 
     # ----------------------------------------------------------------------------------------------- plumbing
     class _Tx:
@@ -141,11 +148,19 @@ class JobStore:
         return JobStore._Tx(self)
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        """Reads use one connection per thread: in WAL mode they never wait for a writer."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect(check_same_thread=False)  # closed by close() from any thread
+            with self._lock:
+                self._readers.append(db)
+        return db.execute(sql, args).fetchall()
 
     def close(self) -> None:
         with self._lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
             self._db.close()
 
     # ------------------------------------------------------------------------------------------------- paths

@@ -362,3 +362,21 @@ def test_marrow_reference_is_the_marrow_next_to_the_lesion():
     image[lesions > 0] = 2.0
     les = measure_lesions(lesions, sites, image, np.eye(4), None, {1: 0.8})[0]
     assert les["signal_ratio_marrow"] == pytest.approx(2.0, rel=0.01)      # not 2.0 / 0.4 = 5
+
+
+def test_apophysis_counts_as_epiphysis():
+    """A greater-trochanter-like bump beside the shaft, cut off by its own physis running along the bone: a
+    lesion in it lies beyond that physis (epiphysis_proximal), though its level along the bone is metaphyseal."""
+    shape = (40, 30, 120)
+    X, Y, Z = np.indices(shape, dtype=float)
+    shaft = ((X - 15) ** 2 + (Y - 15) ** 2 <= 16) & (Z >= 5) & (Z <= 114)
+    bump = (np.abs(X - 15) >= 5) & (np.abs(X - 15) <= 11) & (np.abs(Y - 15) <= 3) & (Z >= 85) & (Z <= 97)
+    sites = np.where(shaft | bump, by_code()["femur_left"].id, 0).astype(np.uint8)   # two bumps: axis stays on z
+    physis = (shaft & (Z >= 104) & (Z <= 105)) | (bump & (np.abs(X - 15) == 5))
+    lesions = np.zeros(shape, np.uint16)
+    lesions[(X >= 22) & (X <= 25) & (np.abs(Y - 15) <= 2) & (Z >= 88) & (Z <= 94)] = 1
+    lesions[((X - 15) ** 2 + (Y - 15) ** 2 <= 9) & (Z >= 88) & (Z <= 94)] = 2     # same level, in the shaft
+    image = np.where(sites > 0, 1.0, 0.5).astype(np.float32)
+    out = measure_lesions(lesions, sites, image, np.eye(4), physis, {1: 0.9, 2: 0.9})
+    assert (out[0]["subregion"], out[0]["juxtaphyseal"]) == ("epiphysis_proximal", True)
+    assert out[1]["subregion"] == "metaphysis_proximal"

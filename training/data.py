@@ -149,25 +149,30 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ patches
+def _pick(rng: np.random.Generator, mask: np.ndarray, stride: int) -> np.ndarray | None:
+    """A random True voxel of ``mask`` (searched on a strided grid, then at full resolution), or None."""
+    for step in (stride, 1):
+        idx = np.argwhere(mask[::step, ::step, ::step])
+        if len(idx):
+            return idx[rng.integers(len(idx))] * step
+    return None
+
+
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float) -> np.ndarray:
     """Patch centre: on a lesion, on a uniformly chosen bone site (rare sites get their share), or in the body."""
     u = rng.random()
-    if u < lesion_p and case["edema"].max() == 1:
-        idx = np.argwhere(case["edema"][::2, ::2, ::2] == 1) * 2
-        return idx[rng.integers(len(idx))]
-    if u < lesion_p + site_p:
+    centre = None
+    if u < lesion_p:
+        centre = _pick(rng, case["edema"] == 1, 2)
+    elif u < lesion_p + site_p:
         sites = case["sites"]
         present = np.unique(sites[::3, ::3, ::3])
         present = present[(present > 0) & (present != UNKNOWN)]
         if len(present):
-            sid = rng.choice(present)
-            idx = np.argwhere(sites[::2, ::2, ::2] == sid) * 2
-            if len(idx):
-                return idx[rng.integers(len(idx))]
-    body = np.argwhere(case["image"][::4, ::4, ::4] > 0.05) * 4
-    if len(body) == 0:
-        return np.array(case["image"].shape) // 2
-    return body[rng.integers(len(body))]
+            centre = _pick(rng, sites == rng.choice(present), 2)
+    if centre is None:
+        centre = _pick(rng, case["image"] > 0.05, 4)
+    return centre if centre is not None else np.array(case["image"].shape) // 2
 
 
 def crop(case: dict[str, np.ndarray], centre: np.ndarray, patch) -> dict[str, np.ndarray]:

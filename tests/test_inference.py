@@ -1,0 +1,160 @@
+"""Inference mechanics with a tiny real model: bad inputs, batch isolation, resumption, atomic outputs, devices."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from inference.batch import expand_inputs, predict_many
+from inference.predictor import Predictor, case_name
+from inference.report import validate_report
+from models.networks import resolve_device
+from models.nifti import InputError
+
+
+def blob_volume(shape=(48, 40, 56), spacing=(3.0, 3.0, 3.0)) -> nib.Nifti1Image:
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 10, shape).astype(np.float32)
+    data[10:30, 10:30, 10:40] += 400
+    return nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    return Predictor.load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def good_file(tmp_path):
+    path = tmp_path / "good.nii.gz"
+    nib.save(blob_volume(), str(path))
+    return path
+
+
+def write_bad(tmp_path, kind: str):
+    path = tmp_path / f"{kind}.nii.gz"
+    img = blob_volume()
+    if kind == "not_nifti":
+        path = tmp_path / "not_nifti.nii"
+        path.write_text("this is a text file, not an image\n" * 50)
+    elif kind == "truncated_gzip":
+        nib.save(img, str(path))
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "corrupt_gzip":
+        nib.save(img, str(path))
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 64] = b"\x00" * 64
+        path.write_bytes(bytes(raw))
+    elif kind == "two_d":
+        nib.save(nib.Nifti1Image(np.ones((40, 40), np.float32), np.eye(4)), str(path))
+    elif kind == "four_d":
+        nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20, 5).astype(np.float32), np.eye(4)), str(path))
+    elif kind == "nan":
+        d = img.get_fdata().astype(np.float32)
+        d[5, 5, 5] = np.nan
+        nib.save(nib.Nifti1Image(d, img.affine), str(path))
+    elif kind == "zero_spacing":
+        zero = nib.Nifti1Image(img.get_fdata().astype(np.float32), None)
+        zero.header.set_zooms((3.0, 3.0, 0.0))  # no sform/qform: the affine comes from pixdim
+        nib.save(zero, str(path))
+    elif kind == "all_zero":
+        nib.save(nib.Nifti1Image(np.zeros((30, 30, 30), np.float32), np.eye(4)), str(path))
+    elif kind == "absurd_dims":
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((4000, 4000, 4000))
+        hdr.set_data_dtype(np.float32)
+        with gzip.open(path, "wb") as fh:  # a header that promises 256 GB, with almost no data behind it
+            fh.write(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
+    return path
+
+
+BAD = {"not_nifti": "not a readable NIfTI", "truncated_gzip": "gzip", "corrupt_gzip": "gzip", "two_d": "2D",
+       "four_d": "4D with 5 volumes", "nan": "NaN", "zero_spacing": "spacing", "all_zero": "constant",
+       "absurd_dims": "over the budget"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_gets_one_clear_message(tmp_path, predictor, kind):
+    path = write_bad(tmp_path, kind)
+    with pytest.raises(InputError) as exc:
+        predictor.predict(path)
+    assert BAD[kind] in str(exc.value)
+
+
+def test_four_d_with_one_volume_is_accepted(tmp_path, predictor):
+    img = blob_volume()
+    path = tmp_path / "one_vol.nii.gz"
+    nib.save(nib.Nifti1Image(img.get_fdata().astype(np.float32)[..., None], img.affine), str(path))
+    result = predictor.predict(path)
+    assert result.lesions.shape == img.shape
+
+
+def test_result_files_follow_the_contract(tmp_path, predictor, good_file):
+    result = predictor.predict(good_file)
+    folder = result.save(tmp_path / "out")
+    assert folder.name == "good"
+    assert sorted(p.name for p in folder.iterdir()) == ["lesions.nii.gz", "overlay.png", "report.json", "sites.nii.gz"]
+    report = json.loads((folder / "report.json").read_text())
+    validate_report(report)
+    assert report["study"]["filename"] == "good.nii.gz"
+    lesions = nib.load(str(folder / "lesions.nii.gz"))
+    sites = nib.load(str(folder / "sites.nii.gz"))
+    src = nib.load(str(good_file))
+    assert lesions.shape == sites.shape == src.shape
+    assert np.allclose(lesions.affine, src.affine) and np.allclose(sites.affine, src.affine)
+    assert lesions.get_data_dtype() == np.uint16 and sites.get_data_dtype() == np.uint8
+    ids = set(np.unique(np.asarray(lesions.dataobj)).tolist()) - {0}
+    assert ids == {les["id"] for les in report["lesions"]}
+    assert (folder / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "clinical judgement" in report["disclaimer"]
+
+
+def test_batch_isolates_failures_and_resumes(tmp_path, predictor, good_file):
+    bad = write_bad(tmp_path, "nan")
+    out = tmp_path / "out"
+    first = predict_many(predictor, [good_file, bad], out, progress=False)
+    assert [o.status for o in first] == ["done", "failed"]
+    assert "NaN" in first[1].error
+    assert not (out / "nan").exists(), "a failed case leaves nothing behind"
+    assert not list(out.glob(".*partial")), "no half-written folders"
+    stamp = (out / "good" / "report.json").stat().st_mtime_ns
+    second = predict_many(predictor, [good_file], out, progress=False)
+    assert second[0].status == "skipped"
+    assert (out / "good" / "report.json").stat().st_mtime_ns == stamp
+    third = predict_many(predictor, [good_file], out, overwrite=True, progress=False)
+    assert third[0].status == "done"
+
+
+def test_expand_inputs_files_folders_globs(tmp_path, good_file):
+    other = tmp_path / "b.nii"
+    nib.save(blob_volume(), str(other))
+    assert set(expand_inputs([str(tmp_path)])) == {good_file, other}
+    assert expand_inputs([str(tmp_path / "*.nii")]) == [other]
+    assert case_name("x/y/study.nii.gz") == "study"
+
+
+def test_device_selection_on_cpu():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+
+
+def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file):
+    bad = write_bad(tmp_path, "two_d")
+    out = tmp_path / "cli_out"
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), str(bad), "--out", str(out),
+                           "--model", str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "2D" in proc.stderr and "done" in proc.stderr
+    assert (out / "good" / "report.json").is_file() and not (out / "two_d").exists()

@@ -1,0 +1,107 @@
+"""Crash recovery, queue limit and the per-job time limit, against real server processes."""
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import sqlite3
+import time
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from service.testing import ServerProcess
+
+
+def study(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    vol = rng.random((32, 32, 32), dtype=np.float32)
+    vol[12:20, 12:20, 12:20] += 3
+    return gzip.compress(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes(), 1)
+
+
+def upload(client: httpx.Client, seed: int = 0) -> httpx.Response:
+    return client.post("/v1/studies", files={"file": (f"s{seed}.nii.gz", study(seed))})
+
+
+def wait_state(client: httpx.Client, job_id: str, states, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    job = {}
+    while time.monotonic() < end:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id}: {job}")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_kill9_mid_job_then_restart_finishes_it_and_queue_limit(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    slow = {"WBMRI_JOB_DELAY_S": 30, "WBMRI_MAX_QUEUE": 2}
+    first = ServerProcess(data, tiny_model_dir, env=slow)
+    try:
+        with first:
+            with httpx.Client(base_url=first.url, timeout=30) as c:
+                a = upload(c, 1).json()["id"]
+                wait_state(c, a, ("running",))
+                b = upload(c, 2).json()["id"]
+                full = upload(c, 3)
+                assert full.status_code == 429, full.text
+                assert int(full.headers["retry-after"]) >= 1 and "queue is full" in full.json()["detail"]
+                assert c.get(f"/v1/jobs/{b}").json()["queue_position"] == 1
+                time.sleep(0.5)
+                first.kill9()
+                # the worker process dies with its server: nothing of that server is left running
+                end = time.monotonic() + 10
+                while group_alive(first.proc.pid) and time.monotonic() < end:
+                    time.sleep(0.1)
+                assert not group_alive(first.proc.pid)
+    finally:
+        first.stop()
+    con = sqlite3.connect(data / "jobs.sqlite3")
+    assert con.execute("SELECT state FROM jobs WHERE id = ?", (a,)).fetchone()[0] == "running"
+    con.close()
+    with ServerProcess(data, tiny_model_dir) as second, httpx.Client(base_url=second.url, timeout=30) as c:
+        job_a = wait_state(c, a, ("done", "failed"))
+        job_b = wait_state(c, b, ("done", "failed"))
+        assert job_a["state"] == "done" and job_a["attempts"] == 2, job_a
+        assert job_b["state"] == "done" and job_b["attempts"] == 1, job_b
+        assert c.get(f"/v1/jobs/{a}/report").json()["summary"]["lesion_count"] >= 0
+        assert "re-queued" in second.log()
+
+
+def test_time_limit_and_graceful_shutdown(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    env = {"WBMRI_JOB_DELAY_S": 5, "WBMRI_JOB_TIMEOUT_S": 1.5}
+    srv = ServerProcess(data, tiny_model_dir, env=env)
+    with srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        job_id = upload(c, 4).json()["id"]
+        job = wait_state(c, job_id, ("done", "failed"))
+        assert job["state"] == "failed" and job["error_kind"] == "timeout"
+        assert "time limit of 1.5 s" in job["error"]
+        assert c.get("/healthz").status_code == 200
+        # the worker is restarted and the service is ready again
+        end = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert c.get("/readyz").status_code == 200
+        assert 'wbmri_job_failures_total{reason="timeout"} 1' in c.get("/metrics").text
+        # graceful stop (SIGTERM) while a job runs puts it back in the queue, not counting the attempt
+        second = upload(c, 5).json()["id"]
+        wait_state(c, second, ("running",))
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(30)
+    con = sqlite3.connect(data / "jobs.sqlite3")
+    state, attempts = con.execute("SELECT state, attempts FROM jobs WHERE id = ?", (second,)).fetchone()
+    con.close()
+    assert (state, attempts) == ("queued", 0)

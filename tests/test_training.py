@@ -1,0 +1,152 @@
+"""Training: config validation, the loss goes down, checkpoints and resume after a kill, DDP on two CPU processes."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.card import load_bundle
+from models.networks import build_network
+from training.config import ConfigError, TrainConfig, load_config
+from training.data import crop, make_batch, phantom_model_case
+from training.loop import Trainer, compute_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "train" / "tiny.yaml"
+
+
+def tiny_overrides(tmp: Path) -> list[str]:
+    return [f"out_dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}", "synth.anatomy_mm=4",
+            "synth.fov.p={whole_body: 1.0}", "synth.lesions.none_p=0"]
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainConfig, TINY, ["optim.lrr=0.1", "optim.steps=0", "network.patch=[30,30,30]"])
+    msg = str(exc.value)
+    assert "optim.lrr: unknown key" in msg and "optim.steps" in msg
+    with pytest.raises(ConfigError, match="must be multiples"):
+        load_config(TrainConfig, TINY, ["network.patch=[36,36,36]"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(TrainConfig, bad)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(TrainConfig, TINY, ["optim.lr"])
+    cfg = load_config(TrainConfig, TINY, ["optim.lr=0.01", "sampling.batch_size=3"])
+    assert cfg.optim.lr == 0.01 and cfg.sampling.batch_size == 3
+
+
+def test_every_shipped_config_validates():
+    for path in (ROOT / "configs" / "train").glob("*.yaml"):
+        load_config(TrainConfig, path)
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    torch.manual_seed(0)
+    case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
+    rng = np.random.default_rng(0)
+    batch = make_batch([case, case], rng, cfg, None)
+    net = build_network(cfg.network)
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(12):
+        voxel, sites = net(batch["image"])
+        loss, parts = compute_loss(voxel, sites, batch, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(parts) >= {"edema_bce", "edema_dice", "bone", "physis", "sites"}
+
+
+def test_unknown_targets_are_masked(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
+    case["sites"][:] = 255
+    case["physis"][:] = 255
+    batch = make_batch([case], np.random.default_rng(0), cfg, None)
+    net = build_network(cfg.network)
+    voxel, sites = net(batch["image"])
+    _, parts = compute_loss(voxel, sites, batch, cfg)
+    assert parts["sites"] == 0 and parts["bone"] == 0 and parts["physis"] == 0
+
+
+def test_crop_pads_outside_the_volume():
+    case = {"image": np.ones((10, 10, 10), np.float16), "edema": np.zeros((10, 10, 10), np.uint8),
+            "sites": np.full((10, 10, 10), 255, np.uint8), "physis": np.zeros((10, 10, 10), np.uint8)}
+    patch = crop(case, np.array([0, 0, 0]), (8, 8, 8))
+    assert patch["image"].shape == (8, 8, 8)
+    assert patch["image"][:4, :4, :4].sum() == 0 and patch["image"][4:, 4:, 4:].sum() == 64
+    assert (patch["sites"] == 255).all()
+
+
+def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    result = Trainer(cfg, quiet=True).train(progress=False)
+    run = tmp_path / "run"
+    assert result["step"] == cfg.optim.steps
+    for name in ("config.yaml", "metrics.csv", "last.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, cfg.optim.steps + 1))
+    assert any(r["val_lesion_f1"] for r in rows)
+    bundle = load_bundle(run / "best")
+    assert bundle.config == cfg.network
+    ck = torch.load(run / "last.pt", weights_only=True)
+    assert ck["step"] == cfg.optim.steps
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]
+
+
+def test_resume_after_kill(tmp_path):
+    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(*over, "--set", "optim.steps=400", "--set", "checkpoint_every=2",
+                                 "--set", "val_every=1000"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    try:
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() - t0 < 240, "no checkpoint appeared"
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    step_at_kill = torch.load(run / "last.pt", weights_only=True)["step"]
+    assert 2 <= step_at_kill < 400
+    done = subprocess.run(_cli(*over, "--resume", "--set", f"optim.steps={step_at_kill + 3}", "--set", "val_every=1000"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
+    steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
+    assert steps[-3:] == [step_at_kill + 1, step_at_kill + 2, step_at_kill + 3]
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "service.cli", "train", "--config", str(TINY), *over, "--set", "optim.steps=4",
+           "--set", "threads=1", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["step"] == 4
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
