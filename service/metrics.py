@@ -101,7 +101,7 @@ class Histogram(_Metric):
         with self._lock:
             items = sorted((k, (list(c), t, n)) for k, (c, t, n) in self._data.items())
         for key, (counts, total, n) in items:
-            for b, c in zip(self.buckets, counts):
+            for b, c in zip(self.buckets, counts, strict=True):
                 lines.append(f"{self.name}_bucket{_fmt_labels(key, (('le', _num(b)),))} {c}")
             lines.append(f"{self.name}_sum{_fmt_labels(key)} {_num(total)}")
             lines.append(f"{self.name}_count{_fmt_labels(key)} {n}")

@@ -123,7 +123,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ServiceConfigError(f"config file {path} must hold a mapping of setting names to values")
     unknown = sorted(set(data) - set(Settings.model_fields))
     if unknown:
-        raise ServiceConfigError(f"config file {path}: unknown settings {unknown}; known: {sorted(Settings.model_fields)}")
+        raise ServiceConfigError(f"config file {path}: unknown settings {unknown}; "
+                                 f"known: {sorted(Settings.model_fields)}")
     return data
 
 

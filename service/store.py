@@ -208,9 +208,9 @@ class JobStore:
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state = 'running', owner = ?, started_at = ?, heartbeat_at = ?, finished_at = NULL,"
-                       " attempts = attempts + 1, progress = 0, stage = 'starting', error = NULL, error_kind = NULL "
-                       "WHERE id = ?", (owner, now, now, row["id"]))
+            db.execute("UPDATE jobs SET state = 'running', owner = ?, started_at = ?, heartbeat_at = ?, "
+                       "finished_at = NULL, attempts = attempts + 1, progress = 0, stage = 'starting', "
+                       "error = NULL, error_kind = NULL WHERE id = ?", (owner, now, now, row["id"]))
         return self.get(row["id"])
 
     def update_progress(self, job_id: str, owner: str, stage: str, progress: float) -> bool:
@@ -237,7 +237,8 @@ class JobStore:
     def fail(self, job_id: str, owner: str | None, error: str, kind: str, timings: dict | None = None) -> bool:
         with self._tx() as db:
             cur = db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, stage = 'failed', error = ?, "
-                             "error_kind = ?, timings = ? WHERE id = ? AND (owner IS ? OR ? IS NULL) AND state != 'done'",
+                             "error_kind = ?, timings = ? "
+                             "WHERE id = ? AND (owner IS ? OR ? IS NULL) AND state != 'done'",
                              (time.time(), error, kind, json.dumps(timings or {}), job_id, owner, owner))
         return cur.rowcount == 1
 
@@ -255,14 +256,15 @@ class JobStore:
         now = time.time()
         requeued = failed = 0
         with self._tx() as db:
-            for row in db.execute("SELECT id, owner, heartbeat_at, attempts FROM jobs WHERE state = 'running'").fetchall():
+            rows = db.execute("SELECT id, owner, heartbeat_at, attempts FROM jobs WHERE state = 'running'").fetchall()
+            for row in rows:
                 stale = (row["heartbeat_at"] or 0) < now - stale_after_s
                 if not (stale or owner_dead(row["owner"] or "")):
                     continue
                 if row["attempts"] >= max_attempts:
-                    db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, stage = 'failed', error_kind = 'crash',"
-                               " error = ? WHERE id = ?",
-                               (now, f"the analysis stopped unexpectedly {row['attempts']} times; giving up", row["id"]))
+                    message = f"the analysis stopped unexpectedly {row['attempts']} times; giving up"
+                    db.execute("UPDATE jobs SET state = 'failed', finished_at = ?, stage = 'failed', "
+                               "error_kind = 'crash', error = ? WHERE id = ?", (now, message, row["id"]))
                     failed += 1
                 else:
                     db.execute("UPDATE jobs SET state = 'queued', owner = NULL, stage = 'queued', progress = 0 "
@@ -306,8 +308,8 @@ class JobStore:
         return {r["id"] for r in self._query("SELECT id FROM jobs")}
 
     def mean_run_s(self, last: int = 20) -> float | None:
-        rows = self._query("SELECT finished_at - started_at AS d FROM jobs WHERE state = 'done' AND started_at IS NOT NULL"
-                           " ORDER BY finished_at DESC LIMIT ?", (last,))
+        rows = self._query("SELECT finished_at - started_at AS d FROM jobs "
+                           "WHERE state = 'done' AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?", (last,))
         vals = [r["d"] for r in rows if r["d"] is not None and r["d"] >= 0]
         return sum(vals) / len(vals) if vals else None
 

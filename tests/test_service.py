@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import select
 import socket
@@ -320,7 +319,8 @@ def test_security_headers_and_page(client):
         body = client.get(asset)
         assert body.status_code == 200 and "http://" not in body.text and "https://" not in body.text
     assert "/v1/studies" in client.get("/openapi.json").json()["paths"]
-    pre = client.options("/v1/studies", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    pre = client.options("/v1/studies", headers={"Origin": "https://evil.example",
+                                                 "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in pre.headers
     assert client.get("/v1/jobs/0123456789abcdef0123456789abcdef").headers["cache-control"] == "no-store"
 

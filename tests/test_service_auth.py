@@ -45,6 +45,7 @@ def test_bearer_token_required(keyed):
     assert ok.status_code == 200 and ok.json()["name"] == "wbmri-tiny-test"
     r = httpx.post(url + "/v1/studies", files={"file": ("a.nii", b"x" * 600)})
     assert r.status_code == 401
-    r = httpx.post(url + "/v1/studies", files={"file": ("a.nii", b"x" * 600)}, headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(url + "/v1/studies", files={"file": ("a.nii", b"x" * 600)},
+                   headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 422
     assert httpx.get(url + "/").status_code == 200  # the page itself is static; its API calls need the key

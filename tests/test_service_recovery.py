@@ -10,7 +10,6 @@ import time
 import httpx
 import nibabel as nib
 import numpy as np
-import pytest
 
 from service.testing import ServerProcess
 
