@@ -26,8 +26,9 @@ serve: install
 	$(VENV)/bin/wbmri serve --host $(HOST) --port $(PORT)
 
 bench: install
-	$(PY) benchmarks/bench_phantom.py
-	$(PY) benchmarks/bench_inference.py
+	$(PY) tests/benchmarks/load_service.py
+	$(PY) tests/benchmarks/bench_phantom.py
+	$(PY) tests/benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) var runs .pytest_cache

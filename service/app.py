@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import threading
@@ -361,7 +362,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             got.path.unlink(missing_ok=True)
         log.info("job %s accepted: %d bytes, shape %s", job.id, job.size_bytes, job.shape)
-        svc.pool.wake() if svc.pool else None
+        if svc.pool:
+            svc.pool.wake()
         if wait > 0:
             job = await svc.waiters.wait(job.id, st, min(wait, settings.max_wait_s)) or job
         return _job_response(st, job, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -481,7 +483,6 @@ def _job_response(store: JobStore, job: Job, headers: dict[str, str]) -> JSONRes
         report = None
         path = store.result_dir(job.id) / "report.json"
         if path.is_file():
-            import json
             report = json.loads(path.read_text())
         return JSONResponse(job_out(job, store, report), status_code=200, headers=headers)
     if job.state == "failed":

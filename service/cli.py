@@ -118,5 +118,54 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
                                                     "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}, indent=2))
 
 
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs/NAME)"),
+           to: Path = typer.Option(..., "--to", help="destination bundle folder, e.g. models/default"),
+           which: str = typer.Option("best", "--which", help="best | final"),
+           eval_: List[str] = typer.Option([], "--eval", help="NAME=EVAL_DIR with a summary.json, repeatable"),
+           command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
+    """Copy a run's model into a bundle folder and write its model card."""
+    from training.export import export_bundle
+    evals = dict(item.split("=", 1) for item in eval_)
+    typer.echo(str(export_bundle(run_dir, to, which, {k: Path(v) for k, v in evals.items()}, command)))
+
+
+@app.command()
+def serve(host: Optional[str] = typer.Option(None, "--host", help="interface (default 127.0.0.1; other hosts need API keys)"),
+          port: Optional[int] = typer.Option(None, "--port", help="port (default 8000)"),
+          data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="job store, uploads, results (default ./var)"),
+          device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+          model: Optional[Path] = typer.Option(None, "--model", help="model bundle (default: the shipped model)"),
+          config: Optional[Path] = typer.Option(None, "--config", help="service settings file (YAML/TOML/JSON)"),
+          workers: Optional[int] = typer.Option(None, "--workers", help="studies analysed at once (default 1)"),
+          api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="bearer tokens, one per line"),
+          log_level: Optional[str] = typer.Option(None, "--log-level")) -> None:
+    """Run the HTTP service and web page (settings also from WBMRI_* environment variables and --config)."""
+    from service.server import run
+    run(host=host, port=port, data_dir=data_dir, device=device, model=model, config_file=config, workers=workers,
+        api_key_file=api_key_file, log_level=log_level)
+
+
+@app.command()
+def submit(files: List[Path] = typer.Argument(..., help="NIfTI files to analyse"),
+           url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the wbmri service"),
+           token: Optional[str] = typer.Option(None, "--token", envvar="WBMRI_TOKEN", help="API key (bearer token)"),
+           out: Path = typer.Option(Path("results"), "--out", help="results go to OUT/<case>/"),
+           parallel: int = typer.Option(2, "--parallel", help="jobs in flight at once"),
+           timeout: float = typer.Option(3600.0, "--timeout", help="seconds to wait for each study"),
+           delete: bool = typer.Option(False, "--delete", help="delete each study from the server after download")) -> None:
+    """Upload studies to a running service, wait, and download the results."""
+    from service.client import SubmitError, submit as submit_files
+    try:
+        results = submit_files(files, url=url, token=token, out_dir=out, parallel=parallel, timeout_s=timeout, delete=delete)
+    except SubmitError as exc:
+        typer.echo(f"wbmri submit: {exc}", err=True)
+        raise typer.Exit(2)
+    for r in results:
+        typer.echo(f"{r.file}\t{r.state}\t{r.out if r.ok else r.error}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -40,8 +40,8 @@ def test_submit_uploads_waits_and_downloads(server, tmp_path):
     assert "constant" in subs[3].error and subs[3].out is None
     assert [s.out.name for s in subs[:3]] == ["a", "b", "a_2"]
     for s in subs[:3]:
-        files = sorted(p.name for p in s.out.iterdir())
-        assert files == ["lesions.nii.gz", "overlay.png", "report.json", "sites.nii.gz"]
+        written = sorted(p.name for p in s.out.iterdir())
+        assert written == ["lesions.nii.gz", "overlay.png", "report.json", "sites.nii.gz"]
         report = json.loads((s.out / "report.json").read_text())
         assert report["summary"]["lesion_count"] == s.lesion_count
         assert nib.load(str(s.out / "lesions.nii.gz")).shape == (30, 30, 30)

@@ -170,9 +170,15 @@
       const res = await api('/v1/jobs/' + id);
       if (!res.ok) { show('progress', false); setError(await detail(res)); return; }
       if (!state.job || state.job.id !== id) return;
+      state.misses = 0;
+      setError('');
       follow(await res.json());
     } catch (e) {
-      setError(e.message);
+      // the server may be restarting: accepted jobs survive it, so keep asking for a while
+      state.misses = (state.misses || 0) + 1;
+      if (state.misses > 60 || e.message.includes('API key')) { setError(e.message); return; }
+      setError('The server is not answering; still trying…');
+      state.pollTimer = setTimeout(poll, 2000);
     }
   }
 

@@ -1,6 +1,6 @@
 """End-to-end inference speed and memory on a synthetic 140 cm whole-body case (2 CPU cores), stage by stage.
 
-    .venv/bin/python benchmarks/bench_inference.py [--model models/default] [--threads 2]
+    .venv/bin/python tests/benchmarks/bench_inference.py [--model models/default] [--threads 2]
 
 Prints: time of each stage (read, preprocess, network, post-process, write) and the peak memory of a fresh
 process; the ratio against nnU-Net's inference recipe on the same network (sliding window of the training patch,
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

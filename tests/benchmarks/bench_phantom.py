@@ -1,6 +1,6 @@
 """Phantom speed on ONE core: whole-body cases (anatomy at 2 mm, then acquired), with the time of each stage.
 
-    .venv/bin/python benchmarks/bench_phantom.py [--n 5] [--seed 500]
+    .venv/bin/python tests/benchmarks/bench_phantom.py [--n 5] [--seed 500]
 
 Target (issue 2): at most 10 s per whole-body case on one core; the same seed gives the same case.
 """

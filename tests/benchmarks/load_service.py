@@ -6,7 +6,7 @@ of small phantom studies; each accepted job is followed to its end. Prints throu
 checks that every accepted job finished, every refused upload got 429/503 with Retry-After, and nothing got a 5xx.
 Stops by itself (``--deadline``). Exit status 0 when all checks pass.
 
-    python benchmarks/load_service.py [--clients 20] [--uploads 60] [--max-queue 10] [--url http://127.0.0.1:8000]
+    python tests/benchmarks/load_service.py [--clients 20] [--uploads 60] [--max-queue 10] [--url http://127.0.0.1:8000]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from service.settings import is_loopback  # noqa: E402

@@ -1,0 +1,111 @@
+"""The shipped default model: bundle integrity and card, and equivariance of the whole pipeline to headers/FOV."""
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from inference.predictor import Predictor
+from models.card import CARD, DEFAULT_MODEL_DIR, WEIGHTS, load_bundle, sha256_file
+from models.nifti import save_nifti
+from training.config import SynthConfig, load_config
+from training.phantom.generate import generate_case
+
+
+def test_bundle_is_small_verified_and_documented():
+    weights = DEFAULT_MODEL_DIR / WEIGHTS
+    assert weights.stat().st_size <= 30 * 1024 ** 2
+    card = json.loads((DEFAULT_MODEL_DIR / CARD).read_text())
+    assert card["weights_sha256"] == sha256_file(weights)
+    for key in ("architecture", "input", "training", "data", "metrics", "intended_use", "limitations", "network"):
+        assert card[key], key
+    assert card["data"]["synthetic_only"] is True
+    assert card["input"]["spacing_mm"] == [3.0, 3.0, 3.0]
+    assert load_file(str(weights))  # safetensors: no pickle
+    bundle = load_bundle()
+    assert bundle.sha256 == card["weights_sha256"]
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def knee_case(tmp_path_factory):
+    cfg = load_config(SynthConfig, None, ["acquisition.oblique_p=0", "acquisition.orientation_p={RAS: 1.0}",
+                                          "lesions.none_p=0", "lesions.pattern_p={tibio_appendicular: 1.0}",
+                                          "lesions.count_mean=12", "lesions.faint_p=0"])
+    case = generate_case(77, cfg, fov="knees")
+    folder = tmp_path_factory.mktemp("knee")
+    path = folder / "knee.nii.gz"
+    save_nifti(path, case.image.astype(np.float32), case.affine)
+    return case, path
+
+
+def test_reported_lesions_match_the_phantom(predictor, knee_case):
+    case, path = knee_case
+    result = predictor.predict(path)
+    ref_ids = [les["id"] for les in case.meta["lesions"] if les["volume_ml"] >= 1.0]
+    assert ref_ids, "the test case needs reference lesions of at least 1 mL"
+    found = 0
+    for rid in ref_ids:
+        ref = case.lesions == rid
+        hits = np.unique(result.lesions[ref])
+        hits = hits[hits > 0]
+        if not len(hits):
+            continue
+        found += 1
+        ref_meta = next(les for les in case.meta["lesions"] if les["id"] == rid)
+        pred = next(les for les in result.report["lesions"] if les["id"] == int(hits[0]))
+        assert pred["site"] == ref_meta["site"] and pred["side"] == ref_meta["site"].rsplit("_", 1)[-1]
+        vol_ratio = pred["volume_ml"] / ref_meta["volume_ml"]
+        assert 0.3 < vol_ratio < 3.0, (pred, ref_meta)
+    assert found >= 0.6 * len(ref_ids), f"found {found} of {len(ref_ids)} lesions >= 1 mL"
+
+
+def _same_lesions(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of the lesion masks."""
+    a, b = a > 0, b > 0
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_lps_and_oblique_headers_give_the_same_lesions(predictor, knee_case, tmp_path):
+    case, path = knee_case
+    base = predictor.predict(path)
+    img = nib.load(str(path))
+    lps = img.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    nib.save(lps, str(tmp_path / "lps.nii.gz"))
+    res_lps = predictor.predict(tmp_path / "lps.nii.gz")
+    back = nib.Nifti1Image(res_lps.lesions, res_lps.affine).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    assert _same_lesions(np.asarray(back.dataobj), base.lesions) > 0.99
+    cents = sorted(tuple(round(c) for c in les["centroid_ras_mm"]) for les in base.report["lesions"])
+    cents_lps = sorted(tuple(round(c) for c in les["centroid_ras_mm"]) for les in res_lps.report["lesions"])
+    assert cents == cents_lps
+    # an oblique header (8 degrees about the A-P axis) of the same voxels: same voxel labels, rotated coordinates
+    theta = np.radians(8)
+    rot = np.array([[np.cos(theta), 0, np.sin(theta)], [0, 1, 0], [-np.sin(theta), 0, np.cos(theta)]])
+    aff = img.affine.copy()
+    aff[:3, :3] = rot @ aff[:3, :3]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(tmp_path / "oblique.nii.gz"))
+    res_obl = predictor.predict(tmp_path / "oblique.nii.gz")
+    assert _same_lesions(res_obl.lesions, base.lesions) > 0.99
+    assert [les["site"] for les in res_obl.report["lesions"]] == [les["site"] for les in base.report["lesions"]]
+
+
+def test_partial_field_of_view_gives_the_same_lesions(predictor, knee_case, tmp_path):
+    case, path = knee_case
+    base = predictor.predict(path)
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    # keep the distal half along S (axis 2 in RAS): the proximal tibiae and knees stay in view
+    n = data.shape[2]
+    crop = slice(n // 3, n)
+    sub = nib.Nifti1Image(data[:, :, crop], img.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, crop.start], [0, 0, 0, 1]]))
+    nib.save(sub, str(tmp_path / "crop.nii.gz"))
+    res = predictor.predict(tmp_path / "crop.nii.gz")
+    inner = slice(10, data.shape[2] - crop.start - 10)  # away from the new border
+    assert _same_lesions(res.lesions[:, :, inner], base.lesions[:, :, crop][:, :, inner]) > 0.7
