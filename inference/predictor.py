@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from models.card import ModelBundle, load_bundle
+from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
@@ -33,14 +33,6 @@ def case_name(path: str | Path) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -173,7 +165,7 @@ class Predictor:
             path = Path(source)
             name = name or case_name(path)
             vol = load_volume(path, self.max_voxels)
-            digest, filename = sha256_of(path), path.name
+            digest, filename = sha256_file(path), path.name
         else:
             vol = load_volume(source, self.max_voxels)
             name = name or "study"

@@ -134,15 +134,14 @@ class SynthConfig(Strict):
 
 # ---------------------------------------------------------------------------------------------------- training
 class DataConfig(Strict):
-    phantom_cases: int = Field(160, ge=0, description="size of the phantom pool (0: real data only)")
+    phantom_cases: int = Field(160, ge=0, description="size of the phantom pool (0: real data only); cases are generated "
+                               "by background workers into cache_dir and training starts once a few are ready")
     phantom_seed: int = 100_000
-    refresh_every: int = Field(0, ge=0, description="steps between replacing part of the pool (0: never)")
-    refresh_fraction: float = Field(0.1, ge=0, le=1)
     dataset_dirs: list[Path] = []
     val_cases: int = Field(8, ge=0)
     val_seed: int = 900_000
     cache_dir: Path = Path("data/cache")
-    workers: int = Field(1, ge=0)
+    workers: int = Field(1, ge=0, description="background phantom generators (0: generate in the training process first)")
 
 
 class SamplingConfig(Strict):
@@ -162,7 +161,8 @@ class AugmentConfig(Strict):
 
 class LossConfig(Strict):
     edema_weight: float = 1.0
-    edema_pos_weight: float = Field(3.0, gt=0)
+    edema_pos_weight: float = Field(0.05, gt=0, description="weight of the mean BCE over lesion voxels against the "
+                                    "mean over the other voxels (class-balanced edema loss)")
     bone_weight: float = 0.5
     physis_weight: float = 0.3
     sites_weight: float = 0.5

@@ -19,6 +19,10 @@ INTENDED_USE = (
     "osteomyelitis (CNO/CRMO), with anatomical site naming and measurements for follow-up. It supports and does "
     "not replace clinical judgement; it is not a diagnostic device.")
 LIMITATIONS = [
+    "THIS VERSION DOES NOT WORK AS A LESION DETECTOR: on the frozen synthetic test set it misses most lesions, "
+    "reports many false positives and its bone-site map is empty (see metrics). Training on 2 CPU cores for "
+    "1,900 steps left the network near the class priors for bone and sites; see the session's closing note. "
+    "Do not use it on patients; retrain (`wbmri train`) before any use.",
     "Trained on a synthetic phantom only (analytic anatomy, simulated STIR contrast and acquisition); no real "
     "patient scan was used. Accuracy on real scans is unknown until measured on labelled local data: fine-tune "
     "with `wbmri train --init models/default` on your own labelled scans.",

@@ -51,9 +51,13 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     edema_t = batch["edema"].float()
     known = (batch["edema"] != UNKNOWN).float()
     edema_t = edema_t * known
-    pos_w = torch.tensor(lc.edema_pos_weight)
-    parts["edema_bce"] = (F.binary_cross_entropy_with_logits(voxel[:, EDEMA:EDEMA + 1], edema_t, pos_weight=pos_w,
-                                                             reduction="none") * known).sum() / known.sum().clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(voxel[:, EDEMA:EDEMA + 1], edema_t, reduction="none") * known
+    pos = edema_t * known
+    neg = (1 - edema_t) * known
+    # class-balanced: lesions are ~1e-4 of a patch, so their mean BCE is weighted against the background's mean;
+    # a plain voxel mean lets the head settle on "never edema" where sigmoid gradients vanish.
+    parts["edema_bce"] = (bce * neg).sum() / neg.sum().clamp(min=1) + \
+        lc.edema_pos_weight * (bce * pos).sum() / pos.sum().clamp(min=1)
     if lc.dice:
         parts["edema_dice"] = soft_dice_loss(voxel[:, EDEMA:EDEMA + 1], edema_t, known)
     site_t = batch["sites"].long()
@@ -167,7 +171,8 @@ class Trainer:
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
                 "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
-                "thresholds": {"edema": self.cfg.edema_threshold, "min_lesion_ml": self.cfg.min_lesion_ml}}
+                "thresholds": {"edema": getattr(self, "val_threshold", self.cfg.edema_threshold),
+                               "min_lesion_ml": self.cfg.min_lesion_ml}}
         if metrics:
             card["validation"] = metrics
         if extra:
@@ -251,7 +256,8 @@ class Trainer:
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
-                "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_site_acc"]
+                "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan", "val_site_acc",
+                "val_threshold"]
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             if new:
@@ -259,14 +265,17 @@ class Trainer:
             w.writerow(row)
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1, site accuracy."""
+    def validate(self, thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)) -> dict:
+        """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy at the
+        edema threshold (of ``thresholds``) with the best lesion F1; that threshold is shipped in the card."""
         from models.networks import size_divisor
         from scipy.ndimage import label as cc_label
         from training.metrics import detection_counts, dice, match_lesions
         self.net.eval()
-        dices, counts, site_ok, site_n = [], None, 0, 0
         div = size_divisor(self.cfg.network) * 2
+        vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
+        min_vox = self.cfg.min_lesion_ml / vox_ml
+        per_thr = {t: {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds}
         for case in self.val_cases:
             img = case["image"].astype(np.float32)
             pad = [(0, (-s) % div) for s in img.shape]
@@ -275,27 +284,33 @@ class Trainer:
                 voxel, sites = self.net(x)
             sl = tuple(slice(0, s) for s in img.shape)
             prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
-            pred = prob > self.cfg.edema_threshold
-            ref = case["edema"] == 1
-            dices.append(dice(pred, ref))
-            inst, n_inst = cc_label(pred)
-            if n_inst:
-                sizes = np.bincount(inst.ravel())
-                min_vox = self.cfg.min_lesion_ml * 1000 / float(np.prod(self.cfg.network.spacing_mm))
-                small = np.nonzero(sizes < min_vox)[0]
-                inst[np.isin(inst, small[small > 0])] = 0
-            m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=float(np.prod(self.cfg.network.spacing_mm)) / 1000)
-            c = detection_counts(m, min_ml=0.5)
-            counts = c if counts is None else counts + c
             site_map = F.interpolate(sites.float(), scale_factor=2, mode="nearest")[0].argmax(0).cpu().numpy()[sl]
-            for pid, rid in m.pred_to_ref.items():
-                if rid is None:
-                    continue
-                ref_site = np.bincount(case["sites"][case["instances"] == rid], minlength=256)[1:255].argmax() + 1
-                pred_site = np.bincount(site_map[inst == pid], minlength=256)[1:255].argmax() + 1
-                site_ok += int(ref_site == pred_site)
-                site_n += 1
-        s = counts.scores() if counts else {}
-        return {"edema_dice": float(np.mean(dices)) if dices else None, "lesion_f1": s.get("f1") or 0.0,
-                "lesion_sens": s.get("sensitivity"), "lesion_prec": s.get("precision"),
-                "fp_per_scan": s.get("fp_per_scan"), "site_acc": site_ok / site_n if site_n else None}
+            ref = case["edema"] == 1
+            for t, acc in per_thr.items():
+                pred = prob > t
+                acc["dice"].append(dice(pred, ref))
+                inst, n_inst = cc_label(pred)
+                if n_inst:
+                    sizes = np.bincount(inst.ravel())
+                    small = np.nonzero(sizes < min_vox)[0]
+                    inst[np.isin(inst, small[small > 0])] = 0
+                m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=vox_ml)
+                c = detection_counts(m, min_ml=0.5)
+                acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
+                for pid, rid in m.pred_to_ref.items():
+                    if rid is None:
+                        continue
+                    ref_site = np.bincount(case["sites"][case["instances"] == rid], minlength=256)[1:255].argmax() + 1
+                    pred_site = np.bincount(site_map[inst == pid], minlength=256)[1:255].argmax() + 1
+                    acc["site_ok"] += int(ref_site == pred_site)
+                    acc["site_n"] += 1
+        results = {}
+        for t, acc in per_thr.items():
+            s = acc["counts"].scores() if acc["counts"] else {}
+            results[t] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
+                          "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
+                          "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
+                          "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None, "threshold": t}
+        best = max(results.values(), key=lambda r: (r["lesion_f1"], r["edema_dice"] or 0))
+        self.val_threshold = best["threshold"]
+        return best

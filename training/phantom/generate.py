@@ -66,6 +66,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     for new, plan in enumerate(kept, start=1):
         lut_ids[plan.id] = new
         plan.mirror_of = next((k for k, q in enumerate(kept, 1) if q.id == plan.mirror_of), None) if plan.mirror_of else None
+    _measure_flags(cv, label, kept)
     ratios = {plan.id: plan.ratio_to_marrow for plan in kept}
     lut = tissue_means(rng, cfg.stir, cfg.contrast)
     img = synthesize(cv, body, lut, edema, ratios, label, mimics, rng, cfg.stir, cfg.mimics)
@@ -96,6 +97,23 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     }
     return Case(name or f"case_{seed:06d}", acq.image, acq.labels["sites"].astype(np.uint8), lesions,
                 acq.labels["physis"].astype(np.uint8), acq.affine, meta)
+
+
+def _measure_flags(cv: Canvas, label: np.ndarray, plans) -> None:
+    """Replace the planned soft-tissue and juxtaphyseal flags by what was drawn (the label is the reference)."""
+    from scipy.ndimage import binary_dilation, find_objects
+    from models.sites import site_id
+    boxes = find_objects(label)
+    for plan in plans:
+        sl = boxes[plan.id - 1] if plan.id - 1 < len(boxes) else None
+        if sl is None:
+            continue
+        sl = tuple(slice(max(0, s.start - 3), min(n, s.stop + 3)) for s, n in zip(sl, label.shape))
+        mine = label[sl] == plan.id
+        plan.soft_tissue = bool((mine & (cv.sites[sl] == 0)).any())  # any edema drawn outside the bone
+        if plan.juxtaphyseal is not None:
+            physis = (cv.tissue[sl] == PHYSIS) & (cv.sites[sl] == site_id(plan.site))
+            plan.juxtaphyseal = bool((binary_dilation(mine, iterations=2) & physis).any())
 
 
 def write_case(case: Case, folder: Path, preview: bool = False) -> Path:
