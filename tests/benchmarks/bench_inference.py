@@ -120,7 +120,7 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     print(f"  ratio nnU-Net / ours: {t_nn / t_ours:.1f}x; voxel agreement of the edema masks: {float(agree):.4f}")
     print(f"  network: {flops / 1e9:.0f} GFLOP per pass -> {flops / t_ours / 1e9:.0f} GFLOP/s achieved; "
           f"matmul peak measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
-          f"({flops / t_ours / peaks[prec] * 100:.0f}% of the {prec} peak)")
+          f"({flops / t_ours / 1e9 / peaks[prec] * 100:.0f}% of the {prec} peak)")
     # bf16 vs fp32 on the same volume
     outs = {}
     for bf16 in (False, True):
