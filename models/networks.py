@@ -96,12 +96,6 @@ def autocast_for(device: torch.device, enabled: bool = True):
     return nullcontext()
 
 
-def prepare_for_device(net: nn.Module, device: torch.device) -> nn.Module:
-    """Move to device; channels_last_3d where it speeds the convolutions."""
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last_3d)
-
-
 def size_divisor(cfg: NetworkConfig) -> int:
     """Spatial input sizes must be multiples of this (the product of the U-Net strides)."""
     out = 1

@@ -134,20 +134,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type | None = None) -> None:
     """Write a NIfTI-1 file (gzip when the name ends in .gz) with a clean header: no free text is copied."""
     arr = np.asarray(data if dtype is None else data.astype(dtype, copy=False))

@@ -76,9 +76,3 @@ def n_sites() -> int:
     """Number of sites (66); label maps use 0 for background and 1..n_sites()."""
     return len(all_sites())
 
-
-def sided(bone: str, side: str) -> str:
-    """Site code for a bone and side: ``sided('femur', 'left') -> 'femur_left'``; midline bones keep their code."""
-    code = f"{bone}_{side}" if side in ("left", "right") else bone
-    site_id(code)
-    return code

@@ -187,7 +187,7 @@ def crop(case: dict[str, np.ndarray], centre: np.ndarray, patch) -> dict[str, np
     dst_hi = dst_lo + (src_hi - src_lo)
     for key in ("image", "edema", "sites", "physis"):
         arr = case[key]
-        fill = UNKNOWN if (key != "image" and arr.flat[0] == UNKNOWN and (arr == UNKNOWN).all()) else 0
+        fill = UNKNOWN if key != "image" and arr.flat[0] == UNKNOWN else 0  # absent targets are all-UNKNOWN maps
         buf = np.full(tuple(patch), fill, np.float32 if key == "image" else np.uint8)
         buf[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
             arr[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]

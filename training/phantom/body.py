@@ -15,7 +15,7 @@ from training.config import BodyConfig
 
 from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
                      LIVER, LUNG, MUSCLE, PHYSIS, RED, SKIN, SPLEEN, YELLOW, Canvas, capsule, ellipsoid,
-                     frame_from_axis, paint, rotation)
+                     paint, rotation)
 
 # CDC 2000 growth charts, 50th percentile stature (cm) at whole years 3..17
 _AGES = np.arange(3, 18)
@@ -152,6 +152,13 @@ def render_long_bone(cv: Canvas, body: Body, bone: LongBone, rng: np.random.Gene
             epi = (t_raw < tp) if end == 0.0 else (t_raw > tp)
             core = rho <= (r - c) * (0.45 + 0.09 * body.age)
             paint(cv, b, inside & epi & ~core, CARTILAGE, sid)
+
+
+def _add_long_bones(cv: Canvas, body: Body, rng: np.random.Generator, *bones: LongBone) -> None:
+    """Register long bones (lesions are placed along their axes) and render them."""
+    for bone in bones:
+        body.long_bones[bone.code] = bone
+        render_long_bone(cv, body, bone, rng)
 
 
 def _ell_plate(cv: Canvas, centre, radii, rot, sid: int, red_w: float, cortex_mm: float = 1.6) -> None:
@@ -489,8 +496,7 @@ def _thorax(cv: Canvas, body: Body, L, rng) -> None:
         med = np.array([s * 0.016 * H, y_front - 0.004 * H, z_clav])
         lat = np.array([sh[0] - s * 0.008 * H, sh[1] - 0.006 * H, sh[2] + 0.022 * H])
         bone = LongBone(f"clavicle_{side}", med, lat, 0.0042 * H, 0.0062 * H, 0.0052 * H, (0.05, None))
-        body.long_bones[bone.code] = bone
-        render_long_bone(cv, body, bone, rng)
+        _add_long_bones(cv, body, rng, bone)
         scap = site_id(f"scapula_{side}")
         a_s, b_s, _ = torso_ellipse(body, L, np.array([z_top - 0.04 * H]))
         c = np.array([s * 0.062 * H, -float(b_s[0]) + 0.012 * H, z_top - 0.035 * H])
@@ -554,8 +560,7 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     # femur: head, neck, shaft with distal condyles
     top = hip + np.array([s * 0.032 * H, -0.004 * H, -0.012 * H])
     fem = LongBone(f"femur_{side}", top, knee + [0, 0, 0.004 * H], 0.0075 * H, 0.0115 * H, 0.0155 * H, (0.035, 0.915))
-    body.long_bones[fem.code] = fem
-    render_long_bone(cv, body, fem, rng)
+    _add_long_bones(cv, body, rng, fem)
     fid = site_id(fem.code)
     neck_end = fem.point(0.09)
     res = capsule(cv, hip, neck_end, 0.0068 * H, 0.0085 * H)
@@ -584,9 +589,7 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     # patella in front of the knee
     _ell_plate(cv, knee + [0, 0.018 * H, 0.008 * H], [0.0085 * H, 0.0045 * H, 0.009 * H], None,
                site_id(f"patella_{side}"), 0.0 if body.age > 5 else 0.3)
-    for bone in (tib, fib):
-        body.long_bones[bone.code] = bone
-        render_long_bone(cv, body, bone, rng)
+    _add_long_bones(cv, body, rng, tib, fib)
     _foot(cv, body, ankle, side, rng)
 
 
@@ -631,9 +634,7 @@ def _arm(cv: Canvas, body: Body, L, side: str, rng) -> None:
                    0.0045 * H, 0.0062 * H, (0.05, 0.95))
     uln = LongBone(f"ulna_{side}", el - lat * 0.005 * H - ax * 0.012 * H, wr - lat * 0.006 * H, 0.0033 * H,
                    0.0062 * H, 0.0038 * H, (0.06, 0.96))
-    for bone in (hum, rad, uln):
-        body.long_bones[bone.code] = bone
-        render_long_bone(cv, body, bone, rng)
+    _add_long_bones(cv, body, rng, hum, rad, uln)
     hid = site_id(f"hand_{side}")
     red = 0.15 if body.age < 8 else 0.03
     _ell_plate(cv, wr + ax * 0.012 * H, [0.011 * H, 0.007 * H, 0.008 * H], None, hid, red)

@@ -116,17 +116,6 @@ def rotation(axis, angle_rad: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle_rad) * K + (1 - np.cos(angle_rad)) * K @ K
 
 
-def frame_from_axis(axis) -> np.ndarray:
-    """Rotation whose third column is the unit ``axis``."""
-    w = np.asarray(axis, float)
-    w = w / np.linalg.norm(w)
-    tmp = np.array([1.0, 0, 0]) if abs(w[0]) < 0.9 else np.array([0, 1.0, 0])
-    u = np.cross(w, tmp)
-    u /= np.linalg.norm(u)
-    v = np.cross(w, u)
-    return np.stack([u, v, w], axis=1)
-
-
 def smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 8, lo: float = -1.0,
                  hi: float = 1.0) -> np.ndarray:
     """Low-frequency random field over ``shape`` (trilinear upsampling of a coarse random grid)."""
