@@ -14,11 +14,12 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from models.card import ModelBundle, load_bundle, sha256_file
-from models.networks import BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor
+from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor,
+                             upsample_site_ids)
+from models.lesions import lesion_instances
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
@@ -116,7 +117,7 @@ class Predictor:
                 roi = tuple(min(s, 2 * p) for s, p in zip(x.shape[2:], cfg.patch))
                 voxel, sites = sliding_window_inference(x, roi, 1, self.net, overlap=0.25, mode="gaussian")
             probs = torch.sigmoid(voxel[0].float())
-            site_ids = F.interpolate(sites.float(), scale_factor=2, mode="nearest")[0, 1:].argmax(0) + 1
+            site_ids = upsample_site_ids(sites)
         sl = tuple(slice(0, s) for s in crop.shape)
         out = []
         for ch in (EDEMA, BONE, PHYSIS):
@@ -129,21 +130,14 @@ class Predictor:
         return out[0], out[1], out[2], site_map
 
     def _components(self, prob: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
-        """Lesion instances on the model grid (26-connected, at least min_lesion_ml) and their confidences."""
-        mask = prob > self.threshold
-        lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        if n == 0:
-            return lab.astype(np.uint16), {}
+        """Lesion instances on the model grid (see :mod:`models.lesions`) and their mean probabilities."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        means = ndimage.mean(prob, lab, index=np.arange(1, n + 1))
-        keep = [i for i in range(1, n + 1) if sizes[i] * vox_ml >= self.min_lesion_ml]
-        remap = np.zeros(n + 1, np.uint16)
-        conf = {}
-        for new, old in enumerate(keep, start=1):
-            remap[old] = new
-            conf[new] = float(np.clip(means[old - 1], 0, 1))
-        return remap[lab], conf
+        inst, _ = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml)
+        if not inst.any():
+            return inst, {}
+        ids = np.arange(1, int(inst.max()) + 1)
+        means = ndimage.mean(prob, inst, index=ids)
+        return inst, {int(i): float(np.clip(m, 0, 1)) for i, m in zip(ids, means)}
 
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:

@@ -31,6 +31,9 @@ class NetworkConfig(BaseModel):
     res_units: int = Field(1, ge=0, le=4)
     features: int = Field(16, ge=4, description="channels of the shared feature map before the heads")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["batch", "instance"] = Field(
+        "batch", description="batch norm: fixed statistics at inference, so a whole-body pass and a 96^3 patch see the "
+                             "same normalisation (instance norm would re-normalise over whatever field of view it gets)")
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     patch: tuple[int, int, int] = (96, 96, 96)
 
@@ -45,12 +48,13 @@ class WbmriNet(nn.Module):
             if len(cfg.strides) != len(cfg.channels) - 1:
                 raise ValueError("network.strides needs one entry fewer than network.channels")
             self.body = UNet(3, 1, cfg.features, cfg.channels, cfg.strides, num_res_units=cfg.res_units,
-                             dropout=cfg.dropout)
+                             dropout=cfg.dropout, norm=cfg.norm)
         else:
             from monai.networks.nets import BasicUNet
             if len(cfg.channels) != 6:
                 raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
-            self.body = BasicUNet(3, 1, cfg.features, features=cfg.channels, dropout=cfg.dropout)
+            self.body = BasicUNet(3, 1, cfg.features, features=cfg.channels, dropout=cfg.dropout,
+                                  norm=cfg.norm if cfg.norm == "batch" else ("instance", {"affine": True}))
         self.act = nn.PReLU(cfg.features)
         self.voxel = nn.Conv3d(cfg.features, len(VOXEL_CHANNELS), 1)
         self.sites = nn.Sequential(nn.Conv3d(cfg.features, 32, 1), nn.PReLU(32), nn.Conv3d(32, n_sites() + 1, 1))
@@ -59,6 +63,18 @@ class WbmriNet(nn.Module):
         feat = self.act(self.body(x))
         return self.voxel(feat), self.sites(nn.functional.avg_pool3d(feat, 2, ceil_mode=True))
 
+
+
+def upsample_site_ids(site_logits: torch.Tensor, bone_only: bool = True) -> torch.Tensor:
+    """Half-resolution site logits (1, C, d, h, w) -> full-resolution site ids (2d, 2h, 2w), uint8.
+
+    The argmax is taken at half resolution and the ids are repeated (nearest), so no full-resolution 67-channel
+    float volume is ever made (that alone would be 1.3 GB for a child's whole body). ``bone_only`` ignores the
+    background class: where a voxel is bone is decided by the full-resolution bone channel.
+    """
+    logits = site_logits[0, 1:] if bone_only else site_logits[0]
+    ids = logits.argmax(0).to(torch.uint8) + (1 if bone_only else 0)
+    return ids.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
 
 
 def build_network(cfg: NetworkConfig) -> WbmriNet:

@@ -293,3 +293,17 @@ def test_grid_mismatch_is_a_clear_error():
     moved[1, 3] = 0.01
     with pytest.raises(GridMismatchError, match="affines differ by up to 0.01"):
         check_same_grid((4, 4, 4), AFF, (4, 4, 4), moved)
+
+
+def test_target_check_flags_every_missed_target():
+    from training.export import _target_limitation, target_check
+    good = {"sensitivity_ge_0p5ml": 0.95, "lesions": {"ge_0p5ml": {"fp_per_scan": 0.2}}, "edema_dice": {"mean": 0.8},
+            "site_accuracy": {"site": 0.97}, "mean_site_dice": {"mean": 0.85},
+            "fp_per_scan_no_reference_lesions": {"value": 0.1}}
+    rows = target_check({"wb": good})
+    assert len(rows) == 6 and all(r["met"] for r in rows)
+    assert _target_limitation(rows) == []
+    bad = {**good, "edema_dice": {"mean": 0.5}, "lesions": {"ge_0p5ml": {"fp_per_scan": 2.0}}}
+    rows = target_check({"wb": good, "partial": bad})
+    assert [r["metric"] for r in rows if r["met"] is False] == ["false positives per scan", "edema Dice"]
+    assert "2 of its 12 targets" in _target_limitation(rows)[0]

@@ -137,6 +137,7 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
     assert steps[-3:] == [step_at_kill + 1, step_at_kill + 2, step_at_kill + 3]
+    assert steps == sorted(set(steps)), "rows logged after the checkpoint must not be repeated after the resume"
 
 
 def test_ddp_two_cpu_processes(tmp_path):

@@ -154,19 +154,19 @@ class AugmentConfig(Strict):
     rotate_deg: float = Field(10.0, ge=0, le=45)
     scale: Range = (0.9, 1.1)
     gamma: Range = (0.75, 1.35)
-    intensity_scale: Range = (0.8, 1.25)
+    intensity_scale: Range = (0.6, 1.6)
     noise_std: Range = (0.0, 0.04)
     p: float = Field(0.8, ge=0, le=1)
 
 
 class LossConfig(Strict):
     edema_weight: float = 1.0
-    edema_pos_weight: float = Field(0.05, gt=0, description="weight of the mean BCE over lesion voxels against the "
-                                    "mean over the other voxels (class-balanced edema loss)")
+    edema_pos_weight: float = Field(1.0, gt=0, description="BCE weight of lesion voxels (the Dice term already "
+                                    "balances the classes; >1 trades precision for sensitivity)")
     bone_weight: float = 0.5
     physis_weight: float = 0.3
     sites_weight: float = 0.5
-    dice: bool = True
+    dice: bool = Field(True, description="add soft Dice to the edema and bone BCE and to the sites CE")
 
 
 class OptimConfig(Strict):

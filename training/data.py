@@ -59,10 +59,15 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _producer(seeds: list[int], synth_json: str, spacing, folder: str, threads: int = 1) -> None:
+def _producer(seeds: list[int], synth_json: str, spacing, folder: str, threads: int = 1, nice: int = 0,
+              parent: int | None = None) -> None:
+    if nice:
+        os.nice(nice)  # background filler: training keeps the cores
     torch.set_num_threads(threads)
     synth = SynthConfig.model_validate_json(synth_json)
     for seed in seeds:
+        if parent is not None and os.getppid() != parent:
+            return  # the training process is gone (e.g. killed): stop filling its pool
         path = Path(folder) / f"{seed}.npz"
         if path.exists():
             continue
@@ -87,7 +92,8 @@ class PhantomPool:
         ctx = mp.get_context("spawn")
         for w in range(max(1, self.workers)):
             p = ctx.Process(target=_producer, args=(todo[w::max(1, self.workers)], self.synth.model_dump_json(),
-                                                    tuple(self.spacing), str(self.folder)), daemon=True)
+                                                    tuple(self.spacing), str(self.folder), 1, 19, os.getpid()),
+                            daemon=True)
             p.start()
             self.procs.append(p)
 

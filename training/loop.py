@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import yaml
 
 from models.card import load_bundle, save_bundle
-from models.networks import BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device
+from models.lesions import lesion_instances
+from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
+                             upsample_site_ids)
 from training.config import TrainConfig
 from training.data import UNKNOWN, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
 
@@ -36,47 +38,75 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or cpu_supports_bf16()
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits) * mask
-    t = target * mask
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Batch soft Dice (nnU-Net style: summed over the whole batch) of probabilities against a 0/1 target."""
+    p, t = prob * mask, target * mask
     inter = (p * t).sum()
     return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
 
 
+def _bce(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device),
+                                              reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def sites_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
+    """Cross-entropy plus the mean soft Dice of the bone sites present in the batch (background excluded)."""
+    ce = F.cross_entropy(logits, target, ignore_index=-100)
+    if not dice:
+        return ce
+    known = (target >= 0).unsqueeze(1)
+    prob = torch.softmax(logits, 1) * known
+    onehot = torch.zeros_like(prob).scatter_(1, target.clamp(min=0).unsqueeze(1), 1.0) * known
+    dims = (0, 2, 3, 4)
+    present = onehot[:, 1:].sum(dims) > 0
+    if not present.any():
+        return ce
+    inter = (prob[:, 1:] * onehot[:, 1:]).sum(dims)
+    dsc = (2 * inter + 1) / (prob[:, 1:].sum(dims) + onehot[:, 1:].sum(dims) + 1)
+    return ce + (1 - dsc[present]).mean()
+
+
 def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Edema (BCE + Dice), bone and physis (BCE), sites (CE at half resolution); unknown targets are masked."""
+    """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
+    compound loss per head); voxels whose target is unknown (255) are masked out."""
     lc = cfg.loss
     voxel, sites = voxel.float(), sites.float()
     parts: dict[str, torch.Tensor] = {}
-    edema_t = batch["edema"].float()
     known = (batch["edema"] != UNKNOWN).float()
-    edema_t = edema_t * known
-    bce = F.binary_cross_entropy_with_logits(voxel[:, EDEMA:EDEMA + 1], edema_t, reduction="none") * known
-    pos = edema_t * known
-    neg = (1 - edema_t) * known
-    # class-balanced: lesions are ~1e-4 of a patch, so their mean BCE is weighted against the background's mean;
-    # a plain voxel mean lets the head settle on "never edema" where sigmoid gradients vanish.
-    parts["edema_bce"] = (bce * neg).sum() / neg.sum().clamp(min=1) + \
-        lc.edema_pos_weight * (bce * pos).sum() / pos.sum().clamp(min=1)
-    if lc.dice:
-        parts["edema_dice"] = soft_dice_loss(voxel[:, EDEMA:EDEMA + 1], edema_t, known)
+    edema_t = batch["edema"].float() * known
+    parts["edema_bce"] = _bce(voxel[:, EDEMA:EDEMA + 1], edema_t, known, lc.edema_pos_weight)
     site_t = batch["sites"].long()
     known_s = (site_t != UNKNOWN).float()
     bone_t = ((site_t > 0) & (site_t != UNKNOWN)).float()
-    parts["bone"] = (F.binary_cross_entropy_with_logits(voxel[:, BONE:BONE + 1], bone_t, reduction="none") * known_s).sum() \
-        / known_s.sum().clamp(min=1)
+    parts["bone"] = _bce(voxel[:, BONE:BONE + 1], bone_t, known_s)
+    if lc.dice:
+        parts["edema_dice"] = soft_dice_loss(torch.sigmoid(voxel[:, EDEMA:EDEMA + 1]), edema_t, known)
+        parts["bone"] = parts["bone"] + soft_dice_loss(torch.sigmoid(voxel[:, BONE:BONE + 1]), bone_t, known_s)
     phys = batch["physis"].float()
     known_p = (batch["physis"] != UNKNOWN).float()
-    parts["physis"] = (F.binary_cross_entropy_with_logits(voxel[:, PHYSIS:PHYSIS + 1], phys * known_p,
-                                                          pos_weight=torch.tensor(4.0), reduction="none") * known_p).sum() \
-        / known_p.sum().clamp(min=1)
+    parts["physis"] = _bce(voxel[:, PHYSIS:PHYSIS + 1], phys * known_p, known_p, 4.0)
     half = site_t[:, 0, ::2, ::2, ::2]
     half = torch.where(half == UNKNOWN, torch.full_like(half, -100), half)
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
-    parts["sites"] = F.cross_entropy(sites, half, ignore_index=-100) if (half >= 0).any() else sites.sum() * 0
+    parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
         + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"]
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def _trim_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows up to ``last_step`` (atomically)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+    os.replace(tmp, path)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -193,6 +223,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(self.out / "tb"))
         csv_path = self.out / "metrics.csv"
+        if csv_path.exists() and self.rank == 0:
+            _trim_csv(csv_path, self.step)  # rows logged after the checkpoint we resume from would be repeated
         new_csv = not csv_path.exists()
         bar = None
         if progress and not self.quiet:
@@ -257,7 +289,7 @@ class Trainer:
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
                 "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan", "val_site_acc",
-                "val_threshold"]
+                "val_threshold", "val_bone_dice"]
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             if new:
@@ -265,17 +297,16 @@ class Trainer:
             w.writerow(row)
 
     @torch.no_grad()
-    def validate(self, thresholds: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95)) -> dict:
+    def validate(self, thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy at the
         edema threshold (of ``thresholds``) with the best lesion F1; that threshold is shipped in the card."""
         from models.networks import size_divisor
-        from scipy.ndimage import label as cc_label
         from training.metrics import detection_counts, dice, match_lesions
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
-        min_vox = self.cfg.min_lesion_ml / vox_ml
         per_thr = {t: {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds}
+        bone_dice: list[float] = []
         for case in self.val_cases:
             img = case["image"].astype(np.float32)
             pad = [(0, (-s) % div) for s in img.shape]
@@ -284,16 +315,14 @@ class Trainer:
                 voxel, sites = self.net(x)
             sl = tuple(slice(0, s) for s in img.shape)
             prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
-            site_map = F.interpolate(sites.float(), scale_factor=2, mode="nearest")[0].argmax(0).cpu().numpy()[sl]
+            site_map = upsample_site_ids(sites).cpu().numpy()[sl]
             ref = case["edema"] == 1
+            bone_dice.append(dice(torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5,
+                                  (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             for t, acc in per_thr.items():
                 pred = prob > t
                 acc["dice"].append(dice(pred, ref))
-                inst, n_inst = cc_label(pred)
-                if n_inst:
-                    sizes = np.bincount(inst.ravel())
-                    small = np.nonzero(sizes < min_vox)[0]
-                    inst[np.isin(inst, small[small > 0])] = 0
+                inst, _ = lesion_instances(pred, vox_ml, self.cfg.min_lesion_ml)
                 m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=vox_ml)
                 c = detection_counts(m, min_ml=0.5)
                 acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
@@ -310,7 +339,8 @@ class Trainer:
             results[t] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
                           "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
                           "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
-                          "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None, "threshold": t}
+                          "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None, "threshold": t,
+                          "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         best = max(results.values(), key=lambda r: (r["lesion_f1"], r["edema_dice"] or 0))
         self.val_threshold = best["threshold"]
         return best

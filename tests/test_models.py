@@ -1,0 +1,47 @@
+"""The shared building blocks in models/: site-id upsampling and the lesion definition."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.lesions import lesion_instances
+from models.networks import NetworkConfig, build_network, upsample_site_ids
+
+
+def test_site_ids_equal_the_argmax_of_nearest_upsampled_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 7, 3, 4, 5)
+    ref = F.interpolate(logits, scale_factor=2, mode="nearest")[0]
+    assert torch.equal(upsample_site_ids(logits, bone_only=False), ref.argmax(0).to(torch.uint8))
+    assert torch.equal(upsample_site_ids(logits), (ref[1:].argmax(0) + 1).to(torch.uint8))
+    assert upsample_site_ids(logits).shape == (6, 8, 10)
+
+
+def test_lesions_are_26_connected_and_small_ones_dropped():
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True          # corner neighbours: one lesion of 2 voxels
+    mask[6:9, 6:9, 6:9] = True                     # 27 voxels
+    mask[11, 0, 11] = True                         # isolated single voxel
+    inst, kept = lesion_instances(mask, voxel_ml=0.1, min_ml=0.2)
+    assert len(kept) == 2 and set(np.unique(inst)) == {0, 1, 2}
+    assert inst[1, 1, 1] == inst[2, 2, 2] != 0
+    assert inst[11, 0, 11] == 0
+    assert (inst > 0).sum() == 29
+
+
+def test_batch_norm_network_gives_the_same_output_for_a_patch_and_the_whole_volume_interior():
+    """With fixed (eval) statistics the network is translation-equivariant up to its receptive field: a voxel deep
+    inside a crop gets the same logits as in the full volume, which instance norm would not give."""
+    cfg = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), features=4, patch=(32, 32, 32))
+    net = build_network(cfg).eval()
+    torch.manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        full, _ = net(x)
+        part, _ = net(x[..., 16:48, 16:48, 16:48])
+    inner = (slice(None), slice(None), slice(14, 18), slice(14, 18), slice(14, 18))
+    centre = full[..., 16:48, 16:48, 16:48][inner]
+    assert torch.allclose(part[inner], centre, atol=1e-4)
