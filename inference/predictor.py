@@ -23,6 +23,8 @@ from models.lesions import lesion_instances
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
+from inference.spine import renumber_vertebrae
+
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
 
@@ -172,6 +174,7 @@ class Predictor:
         lap("preprocess")
         tick("network", 0.2)
         prob, _bone, physis_p, site_map = self._network(img)
+        site_map = renumber_vertebrae(site_map, grid.model_spacing)
         lap("network")
         tick("postprocess", 0.7)
         inst, conf = self._components(prob, grid)

@@ -5,6 +5,7 @@ A case on the model grid is a dict of arrays (MONAI style):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -46,6 +47,15 @@ def phantom_model_case(seed: int, synth: SynthConfig, spacing) -> dict[str, np.n
     out = to_model_case(np.asarray(case.image, np.float32), case.affine, spacing, case.lesions, case.sites, case.physis)
     out["fov"] = np.array(case.meta["acquisition"]["fov"])
     return out
+
+
+def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) -> str:
+    """Folder name of cached phantom cases: changes with the generator version, the synth config and the grid, so
+    a stale cache is never reused after the phantom changes."""
+    from training.phantom.generate import GENERATOR_VERSION
+    digest = hashlib.sha256(synth.model_dump_json().encode()).hexdigest()[:8]
+    grid = "x".join(f"{s:g}" for s in spacing)
+    return f"{kind}_g{GENERATOR_VERSION}_{digest}_{first_seed}_{grid}mm"
 
 
 def save_npz(path: Path, case: dict[str, np.ndarray]) -> None:

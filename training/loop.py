@@ -18,7 +18,7 @@ from models.lesions import lesion_instances
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids)
 from training.config import TrainConfig
-from training.data import UNKNOWN, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
+from training.data import UNKNOWN, PhantomPool, phantom_cache_name, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
 
 
 def _dist() -> tuple[int, int]:
@@ -158,7 +158,7 @@ class Trainer:
         self.pool = None
         if cfg.data.phantom_cases:
             seeds = [cfg.data.phantom_seed + i for i in range(cfg.data.phantom_cases)]
-            folder = Path(cfg.data.cache_dir) / f"pool_{cfg.synth.version}_{cfg.data.phantom_seed}_{sp[0]:g}mm"
+            folder = Path(cfg.data.cache_dir) / phantom_cache_name("pool", cfg.synth, cfg.data.phantom_seed, sp)
             self.pool = PhantomPool(folder, seeds, cfg.synth, sp, cfg.data.workers)
             if cfg.data.workers == 0:
                 self.pool.fill_now()
@@ -167,7 +167,7 @@ class Trainer:
         for d in cfg.data.dataset_dirs:
             self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
         self.val_cases = []
-        vfolder = Path(cfg.data.cache_dir) / f"val_{cfg.synth.version}_{cfg.data.val_seed}_{sp[0]:g}mm"
+        vfolder = Path(cfg.data.cache_dir) / phantom_cache_name("val", cfg.synth, cfg.data.val_seed, sp)
         vfolder.mkdir(parents=True, exist_ok=True)
         for i in range(cfg.data.val_cases if self.rank == 0 else 0):
             p = vfolder / f"{cfg.data.val_seed + i}.npz"

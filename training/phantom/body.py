@@ -512,13 +512,20 @@ def _head(cv: Canvas, body: Body, L, rng) -> None:
     hh = L["head_h"]
     w = float(np.interp(a, [3, 17], [134, 150]))
     ln = float(np.interp(a, [3, 17], [165, 188]))
-    c = np.array([0.0, -0.004 * H, H - 0.42 * hh])
-    radii = np.array([w / 2, ln / 2, 0.44 * hh])
+    # cranium: vertex down to the foramen magnum (just above C1); the face hangs below it, in front of the spine
+    c = np.array([0.0, -0.004 * H, H - 0.34 * hh])
+    radii = np.array([w / 2, ln / 2, 0.35 * hh])
+    face_c = np.array([0.0, c[1] + 0.2 * ln, H - 0.8 * hh])
+    face_r = np.array([0.48 * w, 0.36 * ln, 0.26 * hh])
     thick = float(np.interp(a, [3, 17], [3.5, 6.5]))
     for grow, tissue in ((body.fat * 0.25 + 2.5, SKIN), (body.fat * 0.25 + 1.0, FAT)):
-        res = ellipsoid(cv, c, radii + grow)
-        if res:
-            paint(cv, res[0], res[1], tissue)
+        for cc, rr in ((c, radii), (face_c, face_r)):
+            res = ellipsoid(cv, cc, rr + grow)
+            if res:
+                paint(cv, res[0], res[1], tissue)
+    res = ellipsoid(cv, face_c, face_r)
+    if res:  # the soft tissues of the face (muscles of mastication, tongue, glands)
+        paint(cv, res[0], res[1], MUSCLE)
     res = capsule(cv, [0, 0.02 * H, L["z_chin"] + 0.02 * H], [0, 0.0, c[2] - 0.1 * hh], 0.026 * H, 0.04 * H)
     if res:
         paint(cv, res[0], res[1], MUSCLE, where=cv.tissue[res[0].sl] == 0)
@@ -533,11 +540,12 @@ def _head(cv: Canvas, body: Body, L, rng) -> None:
         paint(cv, b, m & inner, CSF, 0)
         paint(cv, b, q <= (1 - (thick + 2.5) / radii.min()) ** 2, BRAIN, 0)
         for s in (1, -1):  # lateral ventricles
-            r2 = ellipsoid(cv, c + [s * 0.012 * hh, 0, 0.02 * hh], [0.03 * hh, 0.12 * hh, 0.05 * hh])
+            r2 = ellipsoid(cv, c + [s * 0.012 * hh, 0, 0.03 * hh], [0.03 * hh, 0.12 * hh, 0.05 * hh])
             if r2:
                 paint(cv, r2[0], r2[1], CSF, 0)
-    # skull base / face: a denser block under the cranium, counted as skull
-    _ell_plate(cv, c + [0, 0.12 * ln, -0.62 * hh], [0.3 * w, 0.22 * ln, 0.16 * hh], None, sid, 0.5)
+    # skull base and facial bones (maxilla): a marrow-bearing block under the front of the cranium, above the
+    # mandible, counted as skull (v1.0 put it under the chin, in the neck: fixed in phantom 1.1)
+    _ell_plate(cv, [0.0, c[1] + 0.2 * ln, H - 0.7 * hh], [0.3 * w, 0.2 * ln, 0.08 * hh], None, sid, 0.5)
     # mandible: a U-shaped bar with rami
     mid = site_id("mandible")
     chin = np.array([0.0, c[1] + 0.42 * ln, L["z_chin"] + 0.045 * hh])

@@ -1,0 +1,63 @@
+"""Vertebral levels by counting from the sacrum, on the phantom's true site map brought to the model grid."""
+import numpy as np
+import pytest
+
+from inference.spine import LEVELS, renumber_vertebrae
+from models.sites import site_id
+from training.config import SynthConfig, load_config
+from training.data import to_model_case
+from training.phantom.generate import generate_case
+
+IDS = np.array([site_id(c) for c in LEVELS])
+GRID = (3.0, 3.0, 3.0)
+
+
+@pytest.fixture(scope="module")
+def sites():
+    cfg = load_config(SynthConfig, None, ["anatomy_mm=3", "acquisition.oblique_p=0"])
+    case = generate_case(11, cfg, fov="whole_body")
+    return to_model_case(case.image.astype(np.float32), case.affine, GRID, case.lesions, case.sites, case.physis)["sites"]
+
+
+def level_accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
+    m = np.isin(ref, IDS)
+    return float((pred[m] == ref[m]).mean())
+
+
+def shifted(s: np.ndarray, k: int) -> np.ndarray:
+    out = s.copy()
+    for i, sid in enumerate(IDS):
+        out[s == sid] = IDS[min(max(i + k, 0), len(IDS) - 1)]
+    return out
+
+
+def test_true_levels_are_kept(sites):
+    assert set(IDS) <= set(np.unique(sites)), "the whole-body case shows every vertebra"
+    assert np.array_equal(renumber_vertebrae(sites, GRID), sites)
+
+
+@pytest.mark.parametrize("k", [1, -1, 2])
+def test_levels_off_by_k_are_counted_back_from_the_sacrum(sites, k):
+    wrong = shifted(sites, k)
+    assert level_accuracy(wrong, sites) < 0.2
+    assert level_accuracy(renumber_vertebrae(wrong, GRID), sites) > 0.98
+
+
+def test_a_missed_vertebra_does_not_shift_the_levels_above_it(sites):
+    missing = sites.copy()
+    missing[sites == site_id("vertebra_T6")] = 0
+    fixed = renumber_vertebrae(missing, GRID)
+    keep = np.isin(sites, IDS) & (sites != site_id("vertebra_T6"))
+    assert (fixed[keep] == sites[keep]).mean() > 0.98
+
+
+def test_without_the_sacrum_the_network_labels_are_kept_when_they_agree(sites):
+    z = np.nonzero((sites == site_id("vertebra_T12")).any(axis=(0, 1)))[0].min()
+    upper = sites.copy()
+    upper[:, :, :z] = 0                        # field of view from T12 up: no sacrum
+    assert np.array_equal(renumber_vertebrae(upper, GRID), upper)
+    # one vertebra mislabelled as its neighbour's level: the run's consensus numbers it back
+    odd = upper.copy()
+    odd[upper == site_id("vertebra_T4")] = site_id("vertebra_T5")
+    fixed = renumber_vertebrae(odd, GRID)
+    assert (fixed[upper == site_id("vertebra_T4")] == site_id("vertebra_T4")).mean() > 0.95
