@@ -79,6 +79,7 @@ class Predictor:
         th = bundle.card.get("thresholds", {})
         self.threshold = float(th.get("edema", 0.5))
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
+        self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
@@ -131,10 +132,10 @@ class Predictor:
         site_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.where(out[1][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5, s, 0)
         return out[0], out[1], out[2], site_map
 
-    def _components(self, prob: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
+    def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
         """Lesion instances on the model grid (see :mod:`models.lesions`) and their mean probabilities."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
-        inst, _ = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml)
+        inst, _ = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml, bone > 0.5, self.min_bone_fraction)
         if not inst.any():
             return inst, {}
         ids = np.arange(1, int(inst.max()) + 1)
@@ -173,11 +174,11 @@ class Predictor:
         img = normalise(to_model_grid(vol.data, grid, "trilinear"))
         lap("preprocess")
         tick("network", 0.2)
-        prob, _bone, physis_p, site_map = self._network(img)
+        prob, bone_p, physis_p, site_map = self._network(img)
         site_map = renumber_vertebrae(site_map, grid.model_spacing)
         lap("network")
         tick("postprocess", 0.7)
-        inst, conf = self._components(prob, grid)
+        inst, conf = self._components(prob, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)
         physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)

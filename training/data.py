@@ -59,7 +59,7 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 
 
 def save_npz(path: Path, case: dict[str, np.ndarray]) -> None:
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # unique: two producers may race for one case
     np.savez(tmp, **case)
     os.replace(tmp, path)
 

@@ -104,12 +104,17 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "family": "MONAI UNet body + two heads", "parameters": n_params,
             "heads": {"voxel": "full resolution, sigmoid: edema, bone, physis",
                       "sites": "half resolution, softmax over 0 (no bone) + the 66 sites of sites.tsv"},
-            "why": "MONAI UNet (16-256 channels, 1 residual unit) ran a 96^3 training step in 1.3 s on 2 CPU cores "
-                   "with bf16 autocast; a full-resolution 68-class head cost 2-6x more, so sites are classified at "
-                   "half resolution and sharpened by the full-resolution bone channel.",
+            "why": "MONAI UNet (16-256 channels, 1 residual unit) with batch norm: one whole-body pass at inference "
+                   "sees the same normalisation as the training patches (instance norm re-normalises over whatever "
+                   "field of view it is given). A training step (batch 2 of 96x64x160, bf16 autocast) takes about "
+                   "2 s on 2 CPU cores; a full-resolution 68-class head cost 2-6x more, so sites are classified at "
+                   "half resolution and sharpened by the full-resolution bone channel. Vertebral levels are then "
+                   "renumbered by counting up from the sacrum (inference/spine.py).",
         },
         "input": {"spacing_mm": list(bundle.config.spacing_mm), "orientation": "closest RAS axes (no interpolation)",
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
+                  "post_processing": "26-connected lesions >= min_lesion_ml with at least min_bone_fraction of their "
+                                     "voxels in or touching predicted bone (thresholds chosen on the validation set)",
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),

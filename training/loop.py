@@ -202,7 +202,8 @@ class Trainer:
         card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
                 "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
                 "thresholds": {"edema": getattr(self, "val_threshold", self.cfg.edema_threshold),
-                               "min_lesion_ml": self.cfg.min_lesion_ml}}
+                               "min_lesion_ml": self.cfg.min_lesion_ml,
+                               "min_bone_fraction": getattr(self, "val_bone_fraction", 0.0)}}
         if metrics:
             card["validation"] = metrics
         if extra:
@@ -289,7 +290,7 @@ class Trainer:
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
                 "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan", "val_site_acc",
-                "val_threshold", "val_bone_dice"]
+                "val_threshold", "val_min_bone_fraction", "val_bone_dice"]
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             if new:
@@ -297,15 +298,18 @@ class Trainer:
             w.writerow(row)
 
     @torch.no_grad()
-    def validate(self, thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> dict:
-        """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy at the
-        edema threshold (of ``thresholds``) with the best lesion F1; that threshold is shipped in the card."""
+    def validate(self, thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                 bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5)) -> dict:
+        """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
+        edema threshold and minimum share of a lesion in or touching predicted bone; the pair with the best lesion
+        F1 is reported and shipped in the card (``thresholds``)."""
         from models.networks import size_divisor
         from training.metrics import detection_counts, dice, match_lesions
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
-        per_thr = {t: {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds}
+        per_thr = {(t, f): {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds
+                   for f in bone_fractions}
         bone_dice: list[float] = []
         for case in self.val_cases:
             img = case["image"].astype(np.float32)
@@ -317,12 +321,11 @@ class Trainer:
             prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
             site_map = upsample_site_ids(sites).cpu().numpy()[sl]
             ref = case["edema"] == 1
-            bone_dice.append(dice(torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5,
-                                  (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
-            for t, acc in per_thr.items():
-                pred = prob > t
-                acc["dice"].append(dice(pred, ref))
-                inst, _ = lesion_instances(pred, vox_ml, self.cfg.min_lesion_ml)
+            bone = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5
+            bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
+            for (t, f), acc in per_thr.items():
+                inst, _ = lesion_instances(prob > t, vox_ml, self.cfg.min_lesion_ml, bone, f)
+                acc["dice"].append(dice(inst > 0, ref))
                 m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=vox_ml)
                 c = detection_counts(m, min_ml=0.5)
                 acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
@@ -334,13 +337,14 @@ class Trainer:
                     acc["site_ok"] += int(ref_site == pred_site)
                     acc["site_n"] += 1
         results = {}
-        for t, acc in per_thr.items():
+        for (t, f), acc in per_thr.items():
             s = acc["counts"].scores() if acc["counts"] else {}
-            results[t] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
-                          "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
-                          "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
-                          "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None, "threshold": t,
-                          "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
+            results[(t, f)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
+                               "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
+                               "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
+                               "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None,
+                               "threshold": t, "min_bone_fraction": f,
+                               "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         best = max(results.values(), key=lambda r: (r["lesion_f1"], r["edema_dice"] or 0))
-        self.val_threshold = best["threshold"]
+        self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         return best
