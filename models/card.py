@@ -72,7 +72,7 @@ def load_bundle(folder: Path | None = None, verify: bool = True) -> ModelBundle:
     digest = sha256_file(folder / WEIGHTS)
     if verify and card.get("weights_sha256") not in (None, digest):
         raise ValueError(f"{folder / WEIGHTS}: sha256 does not match the card (corrupt or replaced weights)")
-    config = NetworkConfig(**card["network"])
+    config = NetworkConfig(**{"norm": "instance", **card["network"]})  # cards before 1.1 had instance norm only
     net = build_network(config)
     net.load_state_dict(load_file(str(folder / WEIGHTS)))
     net.eval()
