@@ -1,7 +1,9 @@
-"""Vertebral levels by counting from the sacrum, on the phantom's true site map brought to the model grid."""
+"""Site rules after the network, on the phantom's true site map brought to the model grid: vertebral levels by
+counting from the sacrum, and sides by position."""
 import numpy as np
 import pytest
 
+from inference.sides import _pairs, sides_by_position
 from inference.spine import LEVELS, renumber_vertebrae
 from models.sites import site_id
 from training.config import SynthConfig, load_config
@@ -13,10 +15,15 @@ GRID = (3.0, 3.0, 3.0)
 
 
 @pytest.fixture(scope="module")
-def sites():
+def model_case():
     cfg = load_config(SynthConfig, None, ["anatomy_mm=3", "acquisition.oblique_p=0"])
     case = generate_case(11, cfg, fov="whole_body")
-    return to_model_case(case.image.astype(np.float32), case.affine, GRID, case.lesions, case.sites, case.physis)["sites"]
+    return to_model_case(case.image.astype(np.float32), case.affine, GRID, case.lesions, case.sites, case.physis)
+
+
+@pytest.fixture(scope="module")
+def sites(model_case):
+    return model_case["sites"]
 
 
 def level_accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -61,3 +68,19 @@ def test_without_the_sacrum_the_network_labels_are_kept_when_they_agree(sites):
     odd[upper == site_id("vertebra_T4")] = site_id("vertebra_T5")
     fixed = renumber_vertebrae(odd, GRID)
     assert (fixed[upper == site_id("vertebra_T4")] == site_id("vertebra_T4")).mean() > 0.95
+
+
+def test_sides_follow_position(model_case):
+    sites, body = model_case["sites"], model_case["image"].astype(np.float32) > 0.05
+    paired, left, right = _pairs()
+    m = paired[sites]
+    assert m.sum() > 1000
+    assert np.array_equal(sides_by_position(sites, body, GRID), sites)
+    swapped = np.where(m, np.where(left[sites] == sites, right[sites], left[sites]), sites).astype(np.uint8)
+    assert (swapped[m] == sites[m]).mean() == 0
+    assert (sides_by_position(swapped, body, GRID)[m] == sites[m]).mean() > 0.99
+    # knees only (no spine in view): the midline comes from the two legs
+    z = np.nonzero((sites == site_id("tibia_left")).any(axis=(0, 1)))[0]
+    knees = (slice(None), slice(None), slice(int(z.mean()) - 20, int(z.mean()) + 20))
+    sk, bk, mk = swapped[knees], body[knees], m[knees]
+    assert (sides_by_position(sk, bk, GRID)[mk] == sites[knees][mk]).mean() > 0.99
