@@ -138,13 +138,18 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     """Return ``sites`` (model grid, RAS) with vertebral levels renumbered by counting (a copy when changed)."""
     level_ids = np.array([site_id(c) for c in LEVELS])
     vox_ml = float(np.prod(spacing_mm)) / 1000.0
-    inst, items = _instances(sites, level_ids, max(1, int(MIN_INSTANCE_ML / vox_ml)))
+    spine = np.isin(sites, np.append(level_ids, site_id("sacrum")))
+    if not spine.any():
+        return sites
+    box = ndimage.find_objects(spine.astype(np.int8))[0]       # work inside the spine's bounding box
+    sub = sites[box]
+    inst, items = _instances(sub, level_ids, max(1, int(MIN_INSTANCE_ML / vox_ml)))
     if len(items) < 2:
         return sites
     slots = _split_tall(_merge_and_split(items))
-    levels = _levels_by_counting(slots, sites, float(spacing_mm[2]))
-    out = sites.copy()
-    z_index = np.arange(sites.shape[2])[None, None, :]
+    levels = _levels_by_counting(slots, sub, float(spacing_mm[2]))
+    out = sub.copy()
+    z_index = np.arange(sub.shape[2])[None, None, :]
     for slot, level in zip(slots, levels):
         if not 0 <= level < len(LEVELS):
             continue                                         # more vertebrae than levels: leave them as predicted
@@ -152,4 +157,6 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
         if slot[1] is not None:
             voxels &= (z_index >= slot[1][0]) & (z_index < slot[1][1])
         out[voxels] = level_ids[level]
-    return out
+    full = sites.copy()
+    full[box] = out
+    return full
