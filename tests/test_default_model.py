@@ -55,7 +55,7 @@ def knee_case(tmp_path_factory):
     return case, path
 
 
-@pytest.mark.xfail(strict=True, reason="known: the shipped weights (1.0.1900) miss most lesions; see models/default/card.json")
+@pytest.mark.xfail(strict=True, reason="known: the shipped weights miss lesions and confuse bones (site accuracy 0.15-0.33 on the frozen test set); see models/default/card.json")
 def test_reported_lesions_match_the_phantom(predictor, knee_case):
     case, path = knee_case
     result = predictor.predict(path)
@@ -108,9 +108,6 @@ def test_lps_and_oblique_headers_give_the_same_lesions(sensitive_predictor, knee
     assert [les["site"] for les in res_obl.report["lesions"]] == [les["site"] for les in base.report["lesions"]]
 
 
-@pytest.mark.xfail(strict=True, reason="known: with the weak shipped weights a cropped field of view changes the "
-                   "prediction (Dice 0.48 at threshold 0.1 against the uncropped case); intensity normalisation depends "
-                   "on the field of view")
 def test_partial_field_of_view_gives_the_same_lesions(sensitive_predictor, knee_case, tmp_path):
     predictor = sensitive_predictor
     case, path = knee_case
