@@ -23,7 +23,7 @@ from models.lesions import lesion_instances
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
-from inference.sides import sides_by_position
+from inference.sides import body_mask, sides_by_position
 from inference.spine import renumber_vertebrae
 
 Progress = Callable[[str, float], None]
@@ -177,7 +177,7 @@ class Predictor:
         tick("network", 0.2)
         prob, bone_p, physis_p, site_map = self._network(img)
         site_map = renumber_vertebrae(site_map, grid.model_spacing)
-        site_map = sides_by_position(site_map, img > 0.05, grid.model_spacing)
+        site_map = sides_by_position(site_map, body_mask(img), grid.model_spacing)
         lap("network")
         tick("postprocess", 0.7)
         inst, conf = self._components(prob, bone_p, grid)

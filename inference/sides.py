@@ -1,9 +1,10 @@
 """Left or right from where a bone lies, not from what the network guessed.
 
-On the model grid (RAS axes: x grows towards the patient's right) the right side is +x. The midline at each height is the centre of the spine
-(vertebrae, sacrum, sternum) where they are in view, else the centre of the body's left-right extent (legs, knees,
-feet are imaged in pairs). Each paired site's voxels take the side their position says; which bone it is stays
-the network's call.
+On the model grid (RAS axes: x grows towards the patient's right) the right side is +x. The midline at each
+height is the median left-right position of the body's voxels (the trunk with both arms, or the two legs, is
+near-symmetric); the predicted spine is not used, because a network that mistakes a knee for a vertebra would
+move the midline into one leg. Each paired site's voxels take the side their position says; which bone it is
+stays the network's call.
 """
 from __future__ import annotations
 
@@ -32,25 +33,30 @@ def _pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return paired, left, right
 
 
-def midline_x(sites: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """Midline x (voxel units) for each z slice; NaN where the slice has no body."""
-    axial = [site_id(c) for c in ("sacrum", "sternum")] + [s.id for s in all_sites() if s.code.startswith("vertebra_")]
-    spine = np.isin(sites, axial)
-    nx = sites.shape[0]
-    x = np.arange(nx, dtype=float)[:, None]
-    out = np.full(sites.shape[2], np.nan)
-    spine_w = spine.sum(axis=1)                    # (x, z)
-    has_spine = spine_w.sum(axis=0) > 0
-    out[has_spine] = (x * spine_w[:, has_spine]).sum(axis=0) / spine_w[:, has_spine].sum(axis=0)
-    body_x = body.any(axis=1)                      # (x, z)
-    for z in np.nonzero(~has_spine & body_x.any(axis=0))[0]:
-        xs = np.nonzero(body_x[:, z])[0]
-        out[z] = (xs[0] + xs[-1]) / 2
-    # spine centres are steadier than body extents: carry the nearest spine midline over small gaps
-    if has_spine.any():
-        zs = np.nonzero(has_spine)[0]
-        smooth = ndimage.median_filter(out[zs], size=5, mode="nearest")
-        out[zs] = smooth
+def body_mask(img: np.ndarray, level: float = 0.08, min_share: float = 0.05) -> np.ndarray:
+    """The body on a normalised image: regions above ``level`` at least ``min_share`` of the largest one (so two
+    separate legs both count, noise specks do not)."""
+    lab, n = ndimage.label(img > level)
+    if n <= 1:
+        return lab > 0
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    keep = sizes >= min_share * sizes.max()
+    keep[0] = False
+    return keep[lab]
+
+
+def midline_x(body: np.ndarray) -> np.ndarray:
+    """Midline x (voxel units) for each z slice: the median x of the body's voxels (trunk and arms, or the two
+    legs, are near-symmetric), smoothed along z; NaN where a slice has no body."""
+    counts = body.sum(axis=1)                          # (x, z)
+    cum = np.cumsum(counts, axis=0)
+    total = cum[-1]
+    out = np.full(body.shape[2], np.nan)
+    has = total > 0
+    out[has] = np.argmax(cum[:, has] >= total[has] / 2, axis=0).astype(float)
+    if has.sum() >= 3:
+        out[has] = ndimage.median_filter(out[has], size=9, mode="nearest")
     return out
 
 
@@ -61,7 +67,7 @@ def sides_by_position(sites: np.ndarray, body: np.ndarray, spacing_mm: tuple[flo
     is_paired = paired[lab]
     if not is_paired.any():
         return sites
-    mid = midline_x(sites, body)
+    mid = midline_x(body)
     xs, ys, zs = np.nonzero(is_paired)
     m = mid[zs]
     offset_mm = (xs - m) * float(spacing_mm[0])

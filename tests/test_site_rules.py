@@ -3,7 +3,7 @@ counting from the sacrum, and sides by position."""
 import numpy as np
 import pytest
 
-from inference.sides import _pairs, sides_by_position
+from inference.sides import _pairs, body_mask, sides_by_position
 from inference.spine import LEVELS, renumber_vertebrae
 from models.sites import site_id
 from training.config import SynthConfig, load_config
@@ -71,7 +71,7 @@ def test_without_the_sacrum_the_network_labels_are_kept_when_they_agree(sites):
 
 
 def test_sides_follow_position(model_case):
-    sites, body = model_case["sites"], model_case["image"].astype(np.float32) > 0.05
+    sites, body = model_case["sites"], body_mask(model_case["image"].astype(np.float32))
     paired, left, right = _pairs()
     m = paired[sites]
     assert m.sum() > 1000
@@ -84,3 +84,14 @@ def test_sides_follow_position(model_case):
     knees = (slice(None), slice(None), slice(int(z.mean()) - 20, int(z.mean()) + 20))
     sk, bk, mk = swapped[knees], body[knees], m[knees]
     assert (sides_by_position(sk, bk, GRID)[mk] == sites[knees][mk]).mean() > 0.99
+
+
+def test_a_vertebra_mistaken_in_a_leg_does_not_move_the_midline(model_case):
+    """The midline comes from the body, not from predicted spine labels that may sit in a leg."""
+    sites, body = model_case["sites"].copy(), body_mask(model_case["image"].astype(np.float32))
+    tib = sites == site_id("tibia_left")
+    z = int(np.nonzero(tib.any(axis=(0, 1)))[0].mean())
+    sites[:, :, z - 3:z + 3][tib[:, :, z - 3:z + 3]] = site_id("vertebra_L3")   # a "vertebra" in the left shin
+    fixed = sides_by_position(sites, body, GRID)
+    others = model_case["sites"] == site_id("tibia_right")
+    assert (fixed[others] == site_id("tibia_right")).mean() > 0.99
