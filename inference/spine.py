@@ -19,7 +19,7 @@ from models.sites import site_id
 
 LEVELS = [f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] + \
          [f"vertebra_L{i}" for i in range(1, 6)]
-ANCHOR_GAP_MM = 12.0      # an anchor bone must lie within this distance (head-feet) of the end vertebra
+ANCHOR_GAP_MM = 12.0      # the sacrum must lie within this distance (head-feet) of the lowest vertebra
 MIN_INSTANCE_ML = 0.15    # smaller fragments keep their label
 
 
@@ -34,6 +34,7 @@ class _Instance:
 
 
 def _instances(sites: np.ndarray, level_ids: np.ndarray, min_vox: int) -> tuple[np.ndarray, list[_Instance]]:
+    """Connected components of each predicted level (at least ``min_vox``): an id map and their extents."""
     inst = np.zeros(sites.shape, np.int32)
     out: list[_Instance] = []
     n_total = 0
@@ -54,7 +55,7 @@ def _instances(sites: np.ndarray, level_ids: np.ndarray, min_vox: int) -> tuple[
     return inst, out
 
 
-def _merge_and_split(items: list[_Instance]) -> list[list[_Instance]]:
+def _group_fragments(items: list[_Instance]) -> list[list[_Instance]]:
     """Group the fragments of one vertebra: their head-feet extents mostly overlap (head first)."""
     items = sorted(items, key=lambda i: -i.z_mid)          # head first
     groups: list[list[_Instance]] = []
@@ -146,7 +147,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     inst, items = _instances(sub, level_ids, max(1, int(MIN_INSTANCE_ML / vox_ml)))
     if len(items) < 2:
         return sites
-    slots = _split_tall(_merge_and_split(items))
+    slots = _split_tall(_group_fragments(items))
     levels = _levels_by_counting(slots, sub, float(spacing_mm[2]))
     out = sub.copy()
     z_index = np.arange(sub.shape[2])[None, None, :]
