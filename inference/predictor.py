@@ -19,7 +19,7 @@ from scipy import ndimage
 from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor,
                              upsample_site_ids)
-from models.lesions import lesion_instances
+from models.lesions import lesion_instances, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
@@ -136,7 +136,8 @@ class Predictor:
     def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
         """Lesion instances on the model grid (see :mod:`models.lesions`) and their mean probabilities."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
-        inst, _ = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml, bone > 0.5, self.min_bone_fraction)
+        near = near_bone(bone > 0.5) if self.min_bone_fraction > 0 else None
+        inst = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml, near, self.min_bone_fraction)
         if not inst.any():
             return inst, {}
         ids = np.arange(1, int(inst.max()) + 1)
@@ -176,10 +177,10 @@ class Predictor:
         lap("preprocess")
         tick("network", 0.2)
         prob, bone_p, physis_p, site_map = self._network(img)
-        site_map = renumber_vertebrae(site_map, grid.model_spacing)
-        site_map = sides_by_position(site_map, body_mask(img), grid.model_spacing)
         lap("network")
         tick("postprocess", 0.7)
+        site_map = renumber_vertebrae(site_map, grid.model_spacing)
+        site_map = sides_by_position(site_map, body_mask(img), grid.model_spacing)
         inst, conf = self._components(prob, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)

@@ -55,6 +55,11 @@ def _instances(sites: np.ndarray, level_ids: np.ndarray, min_vox: int) -> tuple[
     return inst, out
 
 
+def _extent(group: list[_Instance]) -> tuple[float, float]:
+    """First and last z slice (inclusive) of a group of fragments."""
+    return min(x.z_lo for x in group), max(x.z_hi for x in group)
+
+
 def _group_fragments(items: list[_Instance]) -> list[list[_Instance]]:
     """Group the fragments of one vertebra: their head-feet extents mostly overlap (head first)."""
     items = sorted(items, key=lambda i: -i.z_mid)          # head first
@@ -62,7 +67,7 @@ def _group_fragments(items: list[_Instance]) -> list[list[_Instance]]:
     for it in items:
         if groups:
             g = groups[-1]
-            lo, hi = min(x.z_lo for x in g), max(x.z_hi for x in g)
+            lo, hi = _extent(g)
             overlap = min(hi, it.z_hi) - max(lo, it.z_lo) + 1
             if overlap >= 0.6 * min(hi - lo + 1, it.z_hi - it.z_lo + 1):
                 g.append(it)
@@ -74,10 +79,10 @@ def _group_fragments(items: list[_Instance]) -> list[list[_Instance]]:
 def _split_tall(groups: list[list[_Instance]]) -> list[tuple[list[_Instance], tuple[float, float] | None]]:
     """One slot per vertebra: (fragments, z range or None for all of them). A group taller than 1.7 times the
     median of its neighbours holds two vertebrae under one label; it becomes two slots split at its middle."""
-    heights = np.array([max(x.z_hi for x in g) - min(x.z_lo for x in g) + 1 for g in groups], float)
+    extents = [_extent(g) for g in groups]
+    heights = np.array([hi - lo + 1 for lo, hi in extents], float)
     out: list[tuple[list[_Instance], tuple[float, float] | None]] = []
-    for i, g in enumerate(groups):
-        lo, hi = min(x.z_lo for x in g), max(x.z_hi for x in g)
+    for i, (g, (lo, hi)) in enumerate(zip(groups, extents)):
         neigh = np.concatenate([heights[max(0, i - 3):i], heights[i + 1:i + 4]])
         if len(neigh) >= 3 and heights[i] > 1.7 * float(np.median(neigh)):
             mid = (lo + hi) / 2
@@ -90,7 +95,10 @@ def _split_tall(groups: list[list[_Instance]]) -> list[tuple[list[_Instance], tu
 
 def _z_range(slot: tuple[list[_Instance], tuple[float, float] | None]) -> tuple[float, float]:
     g, zr = slot
-    return zr if zr is not None else (min(x.z_lo for x in g), max(x.z_hi for x in g) + 1)
+    if zr is not None:
+        return zr
+    lo, hi = _extent(g)
+    return lo, hi + 1
 
 
 def _mid(slot) -> float:

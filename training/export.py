@@ -97,6 +97,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     for name, folder in (evals or {}).items():
         summary = json.loads((Path(folder) / "summary.json").read_text())
         metrics[name] = summary
+    targets = target_check(metrics)
     card = {
         "name": "wbmri-default",
         "version": f"1.0.{steps}",
@@ -137,8 +138,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         },
         "metrics": {"frozen_synthetic_test_set": metrics, "command": eval_command},
         "intended_use": INTENDED_USE,
-        "targets": target_check(metrics),
-        "limitations": _target_limitation(target_check(metrics)) + LIMITATIONS,
+        "targets": targets,
+        "limitations": _target_limitation(targets) + LIMITATIONS,
         "weights_sha256": sha256_file(dest / WEIGHTS),
     }
     (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")

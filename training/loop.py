@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from models.card import load_bundle, save_bundle
-from models.lesions import lesion_instances
+from models.lesions import lesion_instances, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids)
 from training.config import TrainConfig
@@ -310,7 +310,7 @@ class Trainer:
         edema threshold and minimum share of a lesion in or touching predicted bone; the pair with the best lesion
         F1 is reported and shipped in the card (``thresholds``)."""
         from models.networks import size_divisor
-        from training.metrics import detection_counts, dice, match_lesions
+        from training.metrics import detection_counts, dice, majority_labels, match_lesions
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
@@ -329,19 +329,19 @@ class Trainer:
             ref = case["edema"] == 1
             bone = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5
             bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
+            near = near_bone(bone)
+            ref_sites = majority_labels(case["instances"], case["sites"])
             for (t, f), acc in per_thr.items():
-                inst, _ = lesion_instances(prob > t, vox_ml, self.cfg.min_lesion_ml, bone, f)
+                inst = lesion_instances(prob > t, vox_ml, self.cfg.min_lesion_ml, near, f)
                 acc["dice"].append(dice(inst > 0, ref))
                 m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=vox_ml)
                 c = detection_counts(m, min_ml=0.5)
                 acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
+                pred_sites = majority_labels(inst, site_map)
                 for pid, rid in m.pred_to_ref.items():
-                    if rid is None:
-                        continue
-                    ref_site = np.bincount(case["sites"][case["instances"] == rid], minlength=256)[1:255].argmax() + 1
-                    pred_site = np.bincount(site_map[inst == pid], minlength=256)[1:255].argmax() + 1
-                    acc["site_ok"] += int(ref_site == pred_site)
-                    acc["site_n"] += 1
+                    if rid is not None:
+                        acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
+                        acc["site_n"] += 1
         results = {}
         for (t, f), acc in per_thr.items():
             s = acc["counts"].scores() if acc["counts"] else {}
