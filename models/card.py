@@ -72,7 +72,8 @@ def load_bundle(folder: Path | None = None, verify: bool = True) -> ModelBundle:
     digest = sha256_file(folder / WEIGHTS)
     if verify and card.get("weights_sha256") not in (None, digest):
         raise ValueError(f"{folder / WEIGHTS}: sha256 does not match the card (corrupt or replaced weights)")
-    config = NetworkConfig(**{"norm": "instance", **card["network"]})  # cards before 1.1 had instance norm only
+    # cards before 1.1 had instance norm only; before 1.2 the site head read the pooled final feature map
+    config = NetworkConfig(**{"norm": "instance", "sites_from": "final", **card["network"]})
     net = build_network(config)
     net.load_state_dict(load_file(str(folder / WEIGHTS)))
     net.eval()

@@ -1,7 +1,9 @@
 """The segmentation network: a MONAI 3D U-Net body with two heads.
 
 * ``voxel`` head, full resolution, 3 sigmoid channels: marrow edema, bone, growth plate (physis).
-* ``sites`` head, half resolution, ``n_sites()+1`` softmax classes (0 = no bone).
+* ``sites`` head, half resolution, ``n_sites()+1`` softmax classes (0 = no bone). It reads the U-Net's
+  half-resolution skip level (encoder + decoder features, twice the channels of the final map) rather than the
+  pooled final feature map, which must also carry edema and bone (``sites_from``).
 
 A 67-class head at full resolution costs more than the whole U-Net body on a CPU; bone sites are large
 structures, so they are classified at half resolution and sharpened by the full-resolution bone channel.
@@ -34,6 +36,9 @@ class NetworkConfig(BaseModel):
     norm: Literal["batch", "instance"] = Field(
         "batch", description="batch norm: fixed statistics at inference, so a whole-body pass and a 96^3 patch see the "
                              "same normalisation (instance norm would re-normalise over whatever field of view it gets)")
+    sites_from: Literal["skip", "final"] = Field(
+        "skip", description="skip: the site head reads the half-resolution skip level of the U-Net (encoder and "
+                            "decoder features); final: the pooled final feature map (models before 1.2)")
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     patch: tuple[int, int, int] = (96, 96, 96)
 
@@ -57,11 +62,39 @@ class WbmriNet(nn.Module):
                                   norm=cfg.norm if cfg.norm == "batch" else ("instance", {"affine": True}))
         self.act = nn.PReLU(cfg.features)
         self.voxel = nn.Conv3d(cfg.features, len(VOXEL_CHANNELS), 1)
-        self.sites = nn.Sequential(nn.Conv3d(cfg.features, 32, 1), nn.PReLU(32), nn.Conv3d(32, n_sites() + 1, 1))
+        self.sites_from = cfg.sites_from
+        self._half: torch.Tensor | None = None
+        if cfg.sites_from == "skip":
+            level, site_in = _half_resolution_level(self.body, cfg)
+            level.register_forward_hook(self._keep_half)
+            width = 64
+        else:
+            site_in, width = cfg.features, 32
+        self.sites = nn.Sequential(nn.Conv3d(site_in, width, 1), nn.PReLU(width), nn.Conv3d(width, n_sites() + 1, 1))
+
+    def _keep_half(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        self._half = output
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feat = self.act(self.body(x))
-        return self.voxel(feat), self.sites(nn.functional.avg_pool3d(feat, 2, ceil_mode=True))
+        if self.sites_from == "skip":
+            half, self._half = self._half, None
+        else:
+            half = nn.functional.avg_pool3d(feat, 2, ceil_mode=True)
+        return self.voxel(feat), self.sites(half)
+
+
+def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Module, int]:
+    """The body's module whose output is the half-resolution skip level, and its channel count.
+
+    MONAI ``UNet``: the top ``SkipConnection`` concatenates the first (stride-2) encoder block with the decoder
+    below it: ``2 * channels[0]`` channels at half resolution. ``BasicUNet``: ``upcat_2``, ``channels[1]``.
+    """
+    if cfg.arch == "unet":
+        if cfg.strides[0] != 2:
+            raise ValueError("sites_from 'skip' needs network.strides[0] == 2 (the site head works at half resolution)")
+        return body.model[1], 2 * cfg.channels[0]
+    return body.upcat_2, cfg.channels[1]
 
 
 

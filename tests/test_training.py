@@ -17,7 +17,8 @@ from models.card import load_bundle
 from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import crop, make_batch, phantom_model_case
-from training.loop import Trainer, compute_loss
+from models.card import save_bundle
+from training.loop import Trainer, compute_loss, sites_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -82,6 +83,39 @@ def test_unknown_targets_are_masked(tmp_path):
     voxel, sites = net(batch["image"])
     _, parts = compute_loss(voxel, sites, batch, cfg)
     assert parts["sites"] == 0 and parts["bone"] == 0 and parts["physis"] == 0
+
+
+def test_sites_loss_asks_which_bone_only_inside_bone():
+    """The gathered (bone voxels only) loss equals dense cross-entropy that ignores non-bone voxels, and the
+    background logit plays no part: where bone is belongs to the full-resolution bone channel."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 67, 6, 5, 4, requires_grad=True)
+    target = torch.randint(0, 67, (2, 6, 5, 4))
+    target[0, :3] = 0
+    target[1, 0, 0, 0] = -100  # unknown
+    dense = torch.nn.functional.cross_entropy(logits[:, 1:], torch.where(target > 0, target - 1, -100), ignore_index=-100)
+    assert torch.allclose(sites_loss(logits, target, dice=False), dense, atol=1e-6)
+    sites_loss(logits, target, dice=True).backward()
+    assert logits.grad[:, 0].abs().sum() == 0
+    assert logits.grad[0, 1:, :3].abs().sum() == 0  # no gradient from background voxels
+    assert float(sites_loss(logits, torch.zeros_like(target), dice=True)) == 0
+
+
+def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, capsys):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    old_cfg = cfg.network.model_copy(update={"sites_from": "final"})
+    torch.manual_seed(1)
+    old = build_network(old_cfg)
+    save_bundle(tmp_path / "old", old, old_cfg, {"name": "old"})
+    trainer = Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"init={tmp_path / 'old'}"]))
+    new, was = trainer.net.state_dict(), old.state_dict()
+    body = [k for k in was if k.startswith("body.") or k.startswith("voxel.")]
+    assert body and all(torch.equal(new[k].float(), was[k].float()) for k in body)
+    assert new["sites.0.weight"].shape != was["sites.0.weight"].shape
+    assert "sites.0.weight" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="mm"):
+        Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"init={tmp_path / 'old'}",
+                                                                           "network.spacing_mm=[6,6,6]"]))
 
 
 def test_crop_pads_outside_the_volume():

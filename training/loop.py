@@ -56,21 +56,18 @@ def sites_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.
     plus the mean soft Dice of the sites present. Where bone is, is the full-resolution bone channel's job;
     with the background in the softmax, 97% of voxels taught the head to say "no bone" and it never learned
     which bone (the first runs' site loss stayed flat)."""
-    bone_logits = logits[:, 1:]
     inside = target > 0
     if not inside.any():
         return logits.sum() * 0
-    t = torch.where(inside, target - 1, torch.full_like(target, -100))
-    ce = F.cross_entropy(bone_logits, t, ignore_index=-100)
+    bone_logits = logits[:, 1:].movedim(1, -1)[inside].float()  # (bone voxels, 66): a few % of the patch, not all of it
+    t = target[inside] - 1
+    ce = F.cross_entropy(bone_logits, t)
     if not dice:
         return ce
-    known = inside.unsqueeze(1)
-    prob = torch.softmax(bone_logits, 1) * known
-    onehot = torch.zeros_like(prob).scatter_(1, t.clamp(min=0).unsqueeze(1), 1.0) * known
-    dims = (0, 2, 3, 4)
-    present = onehot.sum(dims) > 0
-    inter = (prob * onehot).sum(dims)
-    dsc = (2 * inter + 1) / (prob.sum(dims) + onehot.sum(dims) + 1)
+    prob = torch.softmax(bone_logits, 1)
+    onehot = F.one_hot(t, prob.shape[1]).to(prob.dtype)
+    present = onehot.sum(0) > 0
+    dsc = (2 * (prob * onehot).sum(0) + 1) / (prob.sum(0) + onehot.sum(0) + 1)
     return ce + (1 - dsc[present]).mean()
 
 
@@ -78,7 +75,7 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
     compound loss per head); voxels whose target is unknown (255) are masked out."""
     lc = cfg.loss
-    voxel, sites = voxel.float(), sites.float()
+    voxel = voxel.float()  # sites are cast after gathering the bone voxels (sites_loss)
     parts: dict[str, torch.Tensor] = {}
     known = (batch["edema"] != UNKNOWN).float()
     edema_t = batch["edema"].float() * known
@@ -141,10 +138,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.net = build_network(cfg.network)
         if cfg.init:
-            init = load_bundle(cfg.init)
-            if init.config.model_dump() != cfg.network.model_dump():
-                raise ValueError(f"--init {cfg.init}: its network config differs from this run's network section")
-            self.net.load_state_dict(init.net.state_dict())
+            self._init_from(cfg.init)
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
         self.model = self.net
         if self.world > 1:
@@ -155,6 +149,22 @@ class Trainer:
         self.bad_vals = 0
         if resume and (self.out / "last.pt").exists():
             self._load(self.out / "last.pt")
+
+    def _init_from(self, folder: Path) -> None:
+        """Start from a bundle's weights (fine-tuning). Tensors whose name and shape match are copied; the rest
+        (e.g. a re-designed head) keep their fresh initialisation and are listed. The spacing must match."""
+        init = load_bundle(folder)
+        if tuple(init.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
+            raise ValueError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
+                             f"{self.cfg.network.spacing_mm} mm")
+        own, theirs = self.net.state_dict(), init.net.state_dict()
+        same = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        if not same:
+            raise ValueError(f"--init {folder}: no weights fit this run's network section")
+        self.net.load_state_dict(same, strict=False)
+        fresh = sorted(k for k in own if k not in same)
+        if fresh and not self.quiet:
+            print(f"--init {folder}: {len(same)} tensors loaded, {len(fresh)} start fresh: {', '.join(fresh)}")
 
     # ------------------------------------------------------------------ data
     def setup_data(self) -> None:
