@@ -131,6 +131,18 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
 
 
 @app.command()
+def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
+             val_cases: int = typer.Option(24, "--val-cases", min=1, help="validation phantoms (seeds from the run's val_seed)"),
+             config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)")) -> None:
+    """Re-choose a bundle's edema threshold and bone share on more validation cases; updates its card."""
+    import json
+
+    from training.export import revalidate
+    result = revalidate(bundle, config or Path(bundle).parent / "config.yaml", val_cases)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
 def serve(host: Optional[str] = typer.Option(None, "--host", help="interface (default 127.0.0.1; other hosts need API keys)"),
           port: Optional[int] = typer.Option(None, "--port", help="port (default 8000)"),
           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="job store, uploads, results (default ./var)"),

@@ -18,7 +18,8 @@ from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import crop, make_batch, phantom_model_case
 from models.card import save_bundle
-from training.loop import Trainer, compute_loss, sites_loss
+from training.export import export_bundle, revalidate
+from training.loop import Trainer, compute_loss, operating_point, sites_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -118,6 +119,15 @@ def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, 
                                                                            "network.spacing_mm=[6,6,6]"]))
 
 
+def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():
+    def r(t, sens, fp, f1):
+        return {"threshold": t, "lesion_sens": sens, "fp_per_scan": fp, "lesion_f1": f1, "edema_dice": 0.5}
+    results = [r(0.3, 0.95, 2.0, 0.6), r(0.5, 0.80, 0.5, 0.8), r(0.7, 0.60, 0.1, 0.85)]
+    assert operating_point(results)["threshold"] == 0.5
+    noisy = [r(0.3, 0.95, 2.0, 0.6), r(0.5, 0.80, 0.9, 0.7)]
+    assert operating_point(noisy)["threshold"] == 0.5  # nothing within budget: best F1
+
+
 def test_crop_pads_outside_the_volume():
     case = {"image": np.ones((10, 10, 10), np.float16), "edema": np.zeros((10, 10, 10), np.uint8),
             "sites": np.full((10, 10, 10), 255, np.uint8), "physis": np.zeros((10, 10, 10), np.uint8)}
@@ -142,6 +152,27 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     assert bundle.config == cfg.network
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["step"] == cfg.optim.steps
+
+    chosen = revalidate(run / "best", run / "config.yaml", val_cases=2)
+    card = load_bundle(run / "best").card
+    assert chosen["val_cases"] == 2 and card["thresholds"]["edema"] == chosen["threshold"]
+    dest = export_bundle(run, tmp_path / "shipped", "best")
+    shipped = load_bundle(dest).card
+    assert shipped["thresholds"] == card["thresholds"]
+    assert shipped["training"]["total_steps"] == cfg.optim.steps and shipped["training"]["earlier_stages"] == []
+    assert shipped["version"].endswith(f".{cfg.optim.steps}")
+
+
+def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
+    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["val_every=1000"])
+    Trainer(first, quiet=True).train(progress=False)
+    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"out_dir={tmp_path / 'ft'}", "optim.steps=2",
+                                                                        f"init={tmp_path / 'run' / 'final'}"])
+    Trainer(second, quiet=True).train(progress=False)
+    card = load_bundle(export_bundle(tmp_path / "ft", tmp_path / "shipped", "final")).card
+    stages = card["training"]["earlier_stages"]
+    assert [s["steps"] for s in stages] == [first.optim.steps]
+    assert card["training"]["total_steps"] == first.optim.steps + 2
 
 
 def _cli(*args: str) -> list[str]:
