@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,18 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def is_done(out_dir: Path, name: str) -> bool:
-    """A case folder is complete when its report exists (folders are written atomically)."""
-    return (out_dir / name / "report.json").is_file()
+def is_done(out_dir: Path, name: str, model_sha256: str | None = None) -> bool:
+    """A case folder is complete when its report exists (folders are written atomically) and, when
+    ``model_sha256`` is given, was made by those weights: another model's results are redone, not reused."""
+    report = out_dir / name / "report.json"
+    if not report.is_file():
+        return False
+    if model_sha256 is None:
+        return True
+    try:
+        return json.loads(report.read_text()).get("model", {}).get("sha256") == model_sha256
+    except (OSError, ValueError):
+        return False
 
 
 def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool = False,
@@ -61,7 +71,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
             t0 = time.perf_counter()
             if name in dupes:
                 outcomes.append(CaseOutcome(name, str(path), "failed", error=f"two inputs are named {name!r}; rename one"))
-            elif not overwrite and is_done(out_dir, name):
+            elif not overwrite and is_done(out_dir, name, predictor.model_info.get("sha256")):
                 outcomes.append(CaseOutcome(name, str(path), "skipped"))
             else:
                 try:

@@ -130,6 +130,10 @@ def test_batch_isolates_failures_and_resumes(tmp_path, predictor, good_file):
     assert (out / "good" / "report.json").stat().st_mtime_ns == stamp
     third = predict_many(predictor, [good_file], out, overwrite=True, progress=False)
     assert third[0].status == "done"
+    report = json.loads((out / "good" / "report.json").read_text())
+    report["model"]["sha256"] = "0" * 64  # results of other weights are redone, not reused
+    (out / "good" / "report.json").write_text(json.dumps(report))
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
 
 
 def test_expand_inputs_files_folders_globs(tmp_path, good_file):

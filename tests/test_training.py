@@ -172,7 +172,7 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     card = load_bundle(export_bundle(tmp_path / "ft", tmp_path / "shipped", "final")).card
     stages = card["training"]["earlier_stages"]
     assert [s["steps"] for s in stages] == [first.optim.steps]
-    assert card["training"]["total_steps"] == first.optim.steps + 2
+    assert card["training"]["total_steps"] == first.optim.steps + 2 == card["training"]["selected_checkpoint_step"] + first.optim.steps
 
 
 def _cli(*args: str) -> list[str]:

@@ -83,7 +83,7 @@ def training_wall_time(metrics_csv: Path) -> tuple[float, int]:
 
 
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
-    """Re-choose a bundle's operating point (edema threshold, bone share) on ``val_cases`` validation phantoms
+    """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
     Training validates on a few cases for speed; the shipped thresholds deserve more."""
     from training.config import TrainConfig, load_config
@@ -99,7 +99,7 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     result = trainer.validate()
     card = json.loads((bundle_dir / CARD).read_text())
     card["thresholds"] = {**card.get("thresholds", {}), "edema": result["threshold"],
-                          "min_bone_fraction": result["min_bone_fraction"]}
+                          "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"]}
     card["validation"] = {**result, "val_cases": val_cases,
                           "val_seeds": f"{cfg.data.val_seed}..{cfg.data.val_seed + val_cases - 1}"}
     (bundle_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -127,7 +127,9 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     wall, steps = training_wall_time(run_dir / "metrics.csv")
     stages = _earlier_stages(cfg)
-    total_wall, total_steps = wall + sum(st["wall_time_s"] for st in stages), steps + sum(st["steps"] for st in stages)
+    selected = int(bundle.card.get("training_steps", steps))  # the checkpoint shipped (best may precede the last)
+    total_wall = wall + sum(st["wall_time_s"] for st in stages)
+    total_steps = selected + sum(st["steps"] for st in stages)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / WEIGHTS, dest / WEIGHTS)
     n_params = sum(p.numel() for p in bundle.net.parameters())
@@ -148,7 +150,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "why": "MONAI UNet (16-256 channels, 1 residual unit) with batch norm: one whole-body pass at inference "
                    "sees the same normalisation as the training patches (instance norm re-normalises over whatever "
                    "field of view it is given). A training step (batch 2 of 96x64x160, bf16 autocast) takes about "
-                   "2 s on 2 CPU cores; a full-resolution 68-class head cost 2-6x more, so sites are classified at "
+                   "1.1 s on 2 CPU cores (sites loss on bone voxels only); a full-resolution 68-class head cost 2-6x more, so sites are classified at "
                    "half resolution and sharpened by the full-resolution bone channel. The site head reads the "
                    "half-resolution skip level (encoder + decoder, 32 channels): reading the 16-channel final map, "
                    "which must also carry edema and bone, its loss fell from 4.5 to 3.5 in 1,500 steps; from the "
@@ -164,7 +166,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),
         "precision": "bf16 autocast on CPUs with native bf16 and on CUDA; fp32 elsewhere",
         "training": {
-            "config": cfg, "steps": steps, "selected_checkpoint": which,
+            "config": cfg, "steps": steps, "selected_checkpoint": which, "selected_checkpoint_step": selected,
             "earlier_stages": stages, "total_steps": total_steps, "total_wall_time_s": round(total_wall, 1),
             "wall_time_s": round(wall, 1), "hardware": f"{platform.machine()} CPU, 2 cores, no GPU "
                                                         f"(torch {torch.__version__})",
@@ -176,7 +178,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "synthetic_only": True, "generator": "wbmri-phantom", "generator_version": GENERATOR_VERSION,
             "train_pool_seeds": f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
                                 " (the cases generated before training stopped; see data/README.md)",
-            "validation_seeds": f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}",
+            "validation_seeds": (bundle.card.get("validation") or {}).get(
+                "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
             "test_seeds": {"whole_body": "500000..500019", "partial_fov": "600000..600019"},
             "real_patient_data": "none",
         },

@@ -230,7 +230,7 @@ class Trainer:
         card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
                 "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
                 "thresholds": {"edema": getattr(self, "val_threshold", self.cfg.edema_threshold),
-                               "min_lesion_ml": self.cfg.min_lesion_ml,
+                               "min_lesion_ml": getattr(self, "val_min_ml", self.cfg.min_lesion_ml),
                                "min_bone_fraction": getattr(self, "val_bone_fraction", 0.0)}}
         if metrics:
             card["validation"] = metrics
@@ -326,18 +326,20 @@ class Trainer:
             w.writerow(row)
 
     @torch.no_grad()
-    def validate(self, thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                 bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5)) -> dict:
+    def validate(self, thresholds: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                 bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5)) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
-        edema threshold and minimum share of a lesion in or touching predicted bone; the pair chosen by
+        edema threshold, minimum share of a lesion in or touching predicted bone and minimum lesion size (the
+        config's ``min_lesion_ml`` and ``min_sizes_ml``); the triple chosen by
         ``operating_point`` is reported and shipped in the card (``thresholds``)."""
         from models.networks import size_divisor
         from training.metrics import detection_counts, dice, majority_labels, match_lesions
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
-        per_thr = {(t, f): {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds
-                   for f in bone_fractions}
+        sizes = sorted({self.cfg.min_lesion_ml, *min_sizes_ml})
+        per_thr = {(t, f, m): {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds
+                   for f in bone_fractions for m in sizes}
         bone_dice: list[float] = []
         for case in self.val_cases:
             img = case["image"].astype(np.float32)
@@ -353,8 +355,8 @@ class Trainer:
             bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
             ref_sites = majority_labels(case["instances"], case["sites"])
-            for (t, f), acc in per_thr.items():
-                inst = lesion_instances(prob > t, vox_ml, self.cfg.min_lesion_ml, near, f)
+            for (t, f, m), acc in per_thr.items():
+                inst = lesion_instances(prob > t, vox_ml, m, near, f)
                 acc["dice"].append(dice(inst > 0, ref))
                 m = match_lesions(inst.astype(np.uint16), case["instances"], voxel_ml=vox_ml)
                 c = detection_counts(m, min_ml=0.5)
@@ -365,14 +367,15 @@ class Trainer:
                         acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
                         acc["site_n"] += 1
         results = {}
-        for (t, f), acc in per_thr.items():
+        for (t, f, m), acc in per_thr.items():
             s = acc["counts"].scores() if acc["counts"] else {}
-            results[(t, f)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
+            results[(t, f, m)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
                                "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
                                "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
                                "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None,
-                               "threshold": t, "min_bone_fraction": f,
+                               "threshold": t, "min_bone_fraction": f, "min_lesion_ml": m,
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         best = operating_point(list(results.values()))
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
+        self.val_min_ml = best["min_lesion_ml"]
         return best
