@@ -159,8 +159,10 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     dest = export_bundle(run, tmp_path / "shipped", "best")
     shipped = load_bundle(dest).card
     assert shipped["thresholds"] == card["thresholds"]
-    assert shipped["training"]["total_steps"] == cfg.optim.steps and shipped["training"]["earlier_stages"] == []
-    assert shipped["version"].endswith(f".{cfg.optim.steps}")
+    best_step = card["training_steps"]  # the checkpoint shipped, which may precede the last step
+    assert 1 <= best_step <= cfg.optim.steps and shipped["training"]["selected_checkpoint_step"] == best_step
+    assert shipped["training"]["total_steps"] == best_step and shipped["training"]["earlier_stages"] == []
+    assert shipped["version"].endswith(f".{best_step}")
 
 
 def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
