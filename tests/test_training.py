@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.card import load_bundle
+from models.card import load_bundle, save_bundle
 from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import crop, make_batch, phantom_model_case
-from models.card import save_bundle
 from training.export import export_bundle, revalidate
 from training.loop import Trainer, compute_loss, operating_point, sites_loss
 

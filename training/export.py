@@ -91,13 +91,14 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     bundle_dir = Path(bundle_dir)
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.dataset_dirs=[]",
                                                       f"data.val_cases={val_cases}"])
-    if cfg.network.model_dump() != load_bundle(bundle_dir).config.model_dump():
+    bundle = load_bundle(bundle_dir)
+    if cfg.network.model_dump() != bundle.config.model_dump():
         raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
     trainer = Trainer(cfg, quiet=True)
-    trainer.net.load_state_dict(load_bundle(bundle_dir).net.state_dict())
+    trainer.net.load_state_dict(bundle.net.state_dict())
     trainer.setup_data()
     result = trainer.validate()
-    card = json.loads((bundle_dir / CARD).read_text())
+    card = bundle.card
     card["thresholds"] = {**card.get("thresholds", {}), "edema": result["threshold"],
                           "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"]}
     card["validation"] = {**result, "val_cases": val_cases,

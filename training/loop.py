@@ -103,7 +103,7 @@ MAX_FP_PER_SCAN = 0.5  # the detection target: sensitivity is judged at <= 0.5 f
 
 
 def operating_point(results: list[dict]) -> dict:
-    """The validation operating point: the most sensitive (threshold, bone share) pair with at most
+    """The validation operating point: the most sensitive (edema threshold, bone share, lesion size) with at most
     MAX_FP_PER_SCAN false positives per scan (ties: F1, then edema Dice); the best F1 if none is that clean."""
     clean = [r for r in results if r["fp_per_scan"] is not None and r["fp_per_scan"] <= MAX_FP_PER_SCAN]
     if clean:
