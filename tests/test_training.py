@@ -175,6 +175,15 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     assert [s["steps"] for s in stages] == [first.optim.steps]
     assert card["training"]["total_steps"] == first.optim.steps + 2 == card["training"]["selected_checkpoint_step"] + first.optim.steps
 
+    # a third stage fine-tuned from the exported bundle (as from models/default, whose run folder is not shipped)
+    # reads the earlier stages from that bundle's card
+    third = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"out_dir={tmp_path / 'ft2'}", "optim.steps=3",
+                                                                       f"init={tmp_path / 'shipped'}"])
+    Trainer(third, quiet=True).train(progress=False)
+    card3 = load_bundle(export_bundle(tmp_path / "ft2", tmp_path / "shipped3", "final")).card
+    assert [s["steps"] for s in card3["training"]["earlier_stages"]] == [first.optim.steps, 2]
+    assert card3["training"]["earlier_stages"][-1]["version"] == card["version"]
+    assert card3["training"]["total_steps"] == first.optim.steps + 2 + 3
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]

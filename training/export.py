@@ -110,6 +110,8 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
 def _earlier_stages(cfg: dict) -> list[dict]:
     """Training that the run's ``init`` bundle came from, when it is a run folder's export (runs/NAME/final)."""
     init = cfg.get("init")
+    if init and (Path(init) / CARD).is_file() and not (Path(init).parent / "metrics.csv").is_file():
+        return _stages_from_card(Path(init))
     if not init or not (Path(init).parent / "metrics.csv").is_file():
         return []
     run = Path(init).parent
@@ -117,6 +119,19 @@ def _earlier_stages(cfg: dict) -> list[dict]:
     wall, steps = training_wall_time(run / "metrics.csv")
     return _earlier_stages(earlier) + [{"run": str(run), "bundle": str(init), "steps": steps,
                                          "wall_time_s": round(wall, 1), "network": earlier.get("network")}]
+
+
+def _stages_from_card(bundle_dir: Path) -> list[dict]:
+    """Training stages recorded in an exported bundle's card (e.g. fine-tuning from the shipped ``models/default``,
+    whose run folder is not in the repository): its own earlier stages, then the run that made it."""
+    card = json.loads((bundle_dir / CARD).read_text())
+    tr = card.get("training") or {}
+    if not tr:
+        return []
+    own = {"run": (tr.get("config") or {}).get("out_dir", ""), "bundle": str(bundle_dir),
+           "version": card.get("version"), "steps": int(tr.get("selected_checkpoint_step", tr.get("steps", 0))),
+           "wall_time_s": float(tr.get("wall_time_s", 0.0)), "network": (tr.get("config") or {}).get("network")}
+    return list(tr.get("earlier_stages") or []) + [own]
 
 
 def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[str, Path] | None = None,

@@ -326,7 +326,7 @@ class Trainer:
             w.writerow(row)
 
     @torch.no_grad()
-    def validate(self, thresholds: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    def validate(self, thresholds: tuple[float, ...] = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                  bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5)) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
         edema threshold, minimum share of a lesion in or touching predicted bone and minimum lesion size (the
