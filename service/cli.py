@@ -92,7 +92,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              ref: Optional[Path] = typer.Option(None, "--ref", help="folder of reference case folders"),
              model: Optional[Path] = typer.Option(None, "--model", help="predict first with this model bundle ..."),
              data: Optional[Path] = typer.Option(None, "--data", help="... on this folder of phantom cases (cases/*/image.nii.gz)"),
-             out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, summary.json, froc.png go"),
+             out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device"),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""

@@ -270,6 +270,21 @@ def test_evaluate_folders_numbers(tmp_path):
         ("failed", "1", "0", "1", "0.0", "")
     assert rows["case_d"]["status"] == "failed" and "grid mismatch" in rows["case_d"]["error"]
 
+    with open(out / "lesions.csv", newline="") as fh:
+        lesions = [(r["case"], r["kind"], r["id"], r["site"], r["detected"], r["pred_ids"], r["pred_site"])
+                   for r in csv.DictReader(fh)]
+    assert lesions == [("case_a", "reference", "1", "femur_left", "True", "1", "femur_left"),
+                       ("case_a", "reference", "2", "tibia_right", "True", "2", "tibia_left"),
+                       ("case_a", "false_positive", "3", "humerus_left", "", "3", "humerus_left"),
+                       ("case_b", "false_positive", "1", "femur_left", "", "1", "femur_left"),
+                       ("case_c", "reference", "1", "femur_left", "False", "", ""),
+                       ("case_d", "reference", "1", "femur_left", "False", "", "")]
+    with open(out / "sites.csv", newline="") as fh:
+        sites = {r["site"]: (int(r["n_cases"]), float(r["mean_dice"])) for r in csv.DictReader(fh)}
+    assert sites["femur_left"] == (4, pytest.approx(0.5))
+    assert sites["tibia_right"] == (4, pytest.approx((2 * 180 / 396 + 1.0) / 4))
+    assert list(sites) == ["tibia_right", "femur_left"], "worst site first"
+
     png = (out / "froc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 

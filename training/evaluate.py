@@ -1,6 +1,7 @@
 """Evaluate prediction folders (``wbmri predict`` output) against reference folders (contract layout or phantom cases).
 
-Writes ``per_case.csv``, ``summary.json`` and ``froc.png`` (see :func:`evaluate_folders`).
+Writes ``per_case.csv``, ``lesions.csv`` (every reference lesion, found or missed, and every false positive),
+``sites.csv`` (mean Dice of each bone site, worst first), ``summary.json`` and ``froc.png`` (see :func:`evaluate_folders`).
 """
 from __future__ import annotations
 
@@ -154,8 +155,43 @@ def _size_bins(min_ref_ml: float) -> dict[str, tuple[float, float]]:
             f"ge_{size_tag(min_ref_ml)}": (min_ref_ml, math.inf)}
 
 
-def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref_ml: float
-                ) -> tuple[dict[str, DetectionCounts], FrocCase, SiteAgreement, dict[str, Any]]:
+@dataclass
+class CaseScore:
+    """One case scored: detection counts by size bin, FROC input, site agreement, its per_case.csv row, one
+    lesions.csv row per reference lesion and per false-positive prediction, and the Dice of each site."""
+    bins: dict[str, DetectionCounts]
+    froc: FrocCase
+    agree: SiteAgreement
+    row: dict[str, Any]
+    lesion_rows: list[dict[str, Any]]
+    site_dices: dict[int, float]
+
+
+def _lesion_rows(m: Any, pred: LabelCase, ref: LabelCase) -> list[dict[str, Any]]:
+    """Each reference lesion (found or missed, by which prediction, with which site) and each false positive."""
+    found_by: dict[int, list[int]] = {r: [] for r in m.ref_detected}
+    for p, hits in m.pred_hits.items():
+        for r in hits:
+            found_by[r].append(p)
+    rows = []
+    for r in sorted(m.ref_detected):
+        best = [p for p in found_by[r] if m.pred_to_ref.get(p) == r] or found_by[r]
+        p = best[0] if best else None
+        rows.append({"kind": "reference", "id": r, "volume_ml": m.ref_volume_ml[r], "site": ref.lesion_site.get(r, ""),
+                     "detected": bool(m.ref_detected[r]), "pred_ids": " ".join(map(str, sorted(found_by[r]))),
+                     "pred_site": pred.lesion_site.get(p, "") if p is not None else "",
+                     "pred_volume_ml": m.pred_volume_ml.get(p) if p is not None else None,
+                     "confidence": pred.confidence.get(p) if p is not None else None})
+    for p, r in sorted(m.pred_to_ref.items()):
+        if r is None:
+            rows.append({"kind": "false_positive", "id": p, "volume_ml": m.pred_volume_ml[p],
+                         "site": pred.lesion_site.get(p, ""), "detected": None, "pred_ids": str(p),
+                         "pred_site": pred.lesion_site.get(p, ""), "pred_volume_ml": m.pred_volume_ml[p],
+                         "confidence": pred.confidence.get(p)})
+    return rows
+
+
+def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref_ml: float) -> CaseScore:
     """Score one case; ``pred`` None scores an empty prediction."""
     if pred is None:
         pred = LabelCase(lesions=np.zeros_like(ref.lesions), affine=ref.affine,
@@ -176,7 +212,7 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
            "mean_site_dice": _mean(list(site_dices.values())),
            "site_accuracy": agree.site_accuracy, "side_accuracy": agree.side_accuracy,
            "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
-    return bins, fc, agree, row
+    return CaseScore(bins, fc, agree, row, _lesion_rows(m, pred, ref), site_dices)
 
 
 def _write_froc_png(path: Path, points: list[tuple[float, float, float]], min_ref_ml: float, n_ref: int,
@@ -206,6 +242,14 @@ def _write_froc_png(path: Path, points: list[tuple[float, float, float]], min_re
     fig.savefig(str(path), format="png")
 
 
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def _case_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
 
@@ -214,7 +258,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
                      quiet: bool = False) -> dict[str, Any]:
     """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``.
 
-    Writes ``out_dir/per_case.csv``, ``out_dir/summary.json`` and ``out_dir/froc.png``; returns the summary.
+    Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``summary.json`` and ``froc.png``; returns
+    the summary.
     Matching rule: :data:`training.metrics.MATCHING_RULE`; failed cases: :data:`FAILURE_RULE`.
     """
     from rich.progress import Progress
@@ -230,6 +275,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     agree_total = SiteAgreement()
     froc_cases: list[FrocCase] = []
     rows: list[dict[str, Any]] = []
+    lesion_rows: list[dict[str, Any]] = []
+    per_site: dict[int, list[float]] = {}
     failures: list[dict[str, str]] = []
     warnings: list[dict[str, str]] = []
     with Progress(disable=quiet, transient=True) as progress:
@@ -258,7 +305,11 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             if error:
                 failures.append({"case": name, "error": error})
             voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
-            bins, fc, agree, row = _score_case(pred, ref, voxel_ml, min_ref_ml)
+            score = _score_case(pred, ref, voxel_ml, min_ref_ml)
+            bins, fc, agree, row = score.bins, score.froc, score.agree, score.row
+            lesion_rows += [{"case": name, **r} for r in score.lesion_rows]
+            for sid, d in score.site_dices.items():
+                per_site.setdefault(sid, []).append(d)
             for k, c in bins.items():
                 bins_total[k] = bins_total[k] + c
             if bins["all"].n_ref == 0:
@@ -303,12 +354,12 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     columns = ["case", "status", "error", "n_ref", f"n_ref_ge_{tag}", "n_pred", "tp", "fp", "fn", "detected",
                f"detected_ge_{tag}", "edema_dice", "mean_site_dice", "site_accuracy", "side_accuracy",
                "ref_volume_ml", "pred_volume_ml"]
-    with open(out_dir / "per_case.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v)
-                             for k, v in r.items()})
+    _write_csv(out_dir / "per_case.csv", columns, rows)
+    _write_csv(out_dir / "lesions.csv", ["case", "kind", "id", "volume_ml", "site", "detected", "pred_ids", "pred_site",
+                                         "pred_volume_ml", "confidence"], lesion_rows)
+    _write_csv(out_dir / "sites.csv", ["site", "n_cases", "mean_dice"],
+               [{"site": _site_code(sid), "n_cases": len(d), "mean_dice": float(np.mean(d))}
+                for sid, d in sorted(per_site.items(), key=lambda kv: float(np.mean(kv[1])))])
     (out_dir / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
     _write_froc_png(out_dir / "froc.png", points, min_ref_ml, ge.n_ref, len(froc_cases))
     return summary
