@@ -185,6 +185,7 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     assert card3["training"]["earlier_stages"][-1]["version"] == card["version"]
     assert card3["training"]["total_steps"] == first.optim.steps + 2 + 3
 
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]
 

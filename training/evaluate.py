@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from models.sites import SOFT_TISSUE, by_id
-from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, SiteAgreement, detection_counts, dice,
+from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement, detection_counts, dice,
                               froc, froc_case, majority_labels, match_lesions, matched_site_pairs, per_site_dice,
                               sensitivity_at_fp, site_agreement)
 
@@ -167,7 +167,7 @@ class CaseScore:
     site_dices: dict[int, float]
 
 
-def _lesion_rows(m: Any, pred: LabelCase, ref: LabelCase) -> list[dict[str, Any]]:
+def _lesion_rows(m: Matching, pred: LabelCase, ref: LabelCase) -> list[dict[str, Any]]:
     """Each reference lesion (found or missed, by which prediction, with which site) and each false positive."""
     found_by: dict[int, list[int]] = {r: [] for r in m.ref_detected}
     for p, hits in m.pred_hits.items():

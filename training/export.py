@@ -108,12 +108,13 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
 
 
 def _earlier_stages(cfg: dict) -> list[dict]:
-    """Training that the run's ``init`` bundle came from, when it is a run folder's export (runs/NAME/final)."""
+    """Training that the run's ``init`` bundle came from: from its run folder when it is a run's export
+    (runs/NAME/final), else from its card (an exported bundle such as models/default)."""
     init = cfg.get("init")
-    if init and (Path(init) / CARD).is_file() and not (Path(init).parent / "metrics.csv").is_file():
-        return _stages_from_card(Path(init))
-    if not init or not (Path(init).parent / "metrics.csv").is_file():
+    if not init:
         return []
+    if not (Path(init).parent / "metrics.csv").is_file():
+        return _stages_from_card(Path(init)) if (Path(init) / CARD).is_file() else []
     run = Path(init).parent
     earlier = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     wall, steps = training_wall_time(run / "metrics.csv")

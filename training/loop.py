@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from scipy import ndimage
 
 from models.card import load_bundle, save_bundle
 from models.lesions import lesion_instances, near_bone
@@ -113,13 +114,10 @@ def operating_point(results: list[dict]) -> dict:
 
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     """The smallest box holding every True voxel of ``mask`` (grown by ``margin``); one corner voxel when none."""
-    if not mask.any():
+    found = ndimage.find_objects(mask.astype(np.uint8))
+    if not found:
         return tuple(slice(0, 1) for _ in mask.shape)
-    out = []
-    for ax in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        out.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[ax], int(idx[-1]) + 1 + margin)))
-    return tuple(out)
+    return tuple(slice(max(0, sl.start - margin), min(n, sl.stop + margin)) for sl, n in zip(found[0], mask.shape))
 
 
 def _trim_csv(path: Path, last_step: int) -> None:
@@ -373,11 +371,11 @@ class Trainer:
             for (t, f, m), acc in per_thr.items():
                 inst = lesion_instances(prob > t, vox_ml, m, near, f)
                 acc["dice"].append(dice(inst > 0, ref))
-                m = match_lesions(inst.astype(np.uint16), ref_inst, voxel_ml=vox_ml)
-                c = detection_counts(m, min_ml=0.5)
+                match = match_lesions(inst.astype(np.uint16), ref_inst, voxel_ml=vox_ml)
+                c = detection_counts(match, min_ml=0.5)
                 acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
                 pred_sites = majority_labels(inst, site_map)
-                for pid, rid in m.pred_to_ref.items():
+                for pid, rid in match.pred_to_ref.items():
                     if rid is not None:
                         acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
                         acc["site_n"] += 1
