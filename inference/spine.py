@@ -1,11 +1,14 @@
-"""Vertebral levels by counting, as a reader does: up from the sacrum (L5 sits on it), instead of trusting each
-vertebra's own level guess.
+"""Vertebral levels as one ordered sequence along the spine, anchored on the sacrum.
 
-A network sees a vertebra and its neighbours but not always a landmark, so it is often right about *a vertebra*
-and off by one about *which*. Here each vertebra is one instance (a connected component of one predicted level;
-one much taller than its neighbours is split in two), instances are ordered along the head-feet axis, and the run
-that ends on the sacrum is numbered up from L5. Runs above a gap (a missed vertebra) and spines without the sacrum
-in view keep the numbering most of their own labels agree with, made consecutive.
+The network's level labels are right about *a vertebra* more often than about *which*: at 3 mm they mix
+neighbouring levels within one vertebra and drift by one or two along the column. Here the levels of the main
+spinal column are re-fitted as one monotone sequence C1..L5 from head to feet (semi-Markov dynamic programme over
+head-feet slices): each level is one run of slices, rewarded by the share of that slice's vertebral voxels the
+network gave that level, with a soft prior on each level's height relative to its neighbours (cervical < thoracic
+< lumbar). The labels are trusted up to a global shift: when the sacrum lies right below the column, the last
+vertebra must be L5 and the shift that fits best wins (a reader counts up from the sacrum); without it, the
+network's own numbering stands. A voxel keeps its own label when that level's fitted run is within reach of its
+slice (so the network's oblique disc planes survive), else it takes the fitted level of its slice.
 Works on the model grid (RAS axes, so axis 2 points to the head).
 """
 from __future__ import annotations
@@ -19,153 +22,161 @@ from models.sites import site_id
 
 LEVELS = [f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] + \
          [f"vertebra_L{i}" for i in range(1, 6)]
-ANCHOR_GAP_MM = 12.0      # the sacrum must lie within this distance (head-feet) of the lowest vertebra
-MIN_INSTANCE_ML = 0.15    # smaller fragments keep their label
+# Height of each level (vertebral body plus disc) relative to a thoracic one: an anatomical approximation
+# (children and adults alike: cervical segments about 3/4, lumbar about 1.3 times a thoracic one).
+RELATIVE_HEIGHT = np.array([0.75] * 7 + [1.0] * 12 + [1.3] * 5)
+THORACIC_MM = (9.0, 30.0)     # plausible thoracic segment heights, 3-year-old to adult
+HEIGHT_SD = 0.3               # log-normal spread of a level's height around its expectation
+HEIGHT_WEIGHT = 3.0           # prior weight, in slices' worth of votes
+SHIFTS = (-2, -1, 0, 1, 2)    # global label shifts tried when the sacrum anchors the count
+SHIFT_COST = 0.5              # votes' worth a shift must gain over the network's own numbering
+KEEP_SLACK = 0.15            # a voxel keeps its own level within this share of a run's height beyond it
+COLUMN_MAX_GAP_MM = 45.0      # pieces of the column further apart (head-feet) are not the same spine
+COLUMN_MAX_OFFSET_MM = 30.0   # ... nor pieces this far left or right of its largest piece
+ANCHOR_GAP_MM = 12.0          # the sacrum must start within this distance below the lowest vertebra
 
 
 @dataclass
-class _Instance:
-    mask_index: int           # component id in the instance label map
-    level: int                # index into LEVELS of the network's label
-    z_lo: float
-    z_hi: float
-    z_mid: float
-    voxels: int
+class _Fit:
+    score: float
+    levels: np.ndarray        # level index per slice (head first), -1 outside the fitted run
+    start: np.ndarray         # first slice (head first) of each level's run, -1 when absent
+    stop: np.ndarray          # one past its last slice
 
 
-def _instances(sites: np.ndarray, level_ids: np.ndarray, min_vox: int) -> tuple[np.ndarray, list[_Instance]]:
-    """Connected components of each predicted level (at least ``min_vox``): an id map and their extents."""
-    inst = np.zeros(sites.shape, np.int32)
-    out: list[_Instance] = []
-    n_total = 0
-    for level, sid in enumerate(level_ids):
-        lab, n = ndimage.label(sites == sid)
-        if n == 0:
-            continue
-        objects = ndimage.find_objects(lab)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        for k in range(1, n + 1):
-            if sizes[k] < min_vox:
-                continue
-            n_total += 1
-            inst[lab == k] = n_total
-            zs = objects[k - 1][2]
-            z_mid = float(ndimage.center_of_mass(lab[objects[k - 1]] == k)[2] + zs.start)
-            out.append(_Instance(n_total, level, float(zs.start), float(zs.stop - 1), z_mid, int(sizes[k])))
-    return inst, out
+def _main_column(spine: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """The spinal column: the largest connected piece of the predicted spine (vertebrae and sacrum), plus the
+    pieces in line with it (left-right within ``COLUMN_MAX_OFFSET_MM``) across gaps up to ``COLUMN_MAX_GAP_MM``
+    (a missed vertebra); stray labels elsewhere (e.g. in the skull) are left alone."""
+    lab, n = ndimage.label(ndimage.binary_dilation(spine), structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return spine
+    sizes = ndimage.sum(spine, lab, index=np.arange(1, n + 1))
+    boxes = ndimage.find_objects(lab)
+    x_mid = [c[0] for c in ndimage.center_of_mass(spine, lab, index=np.arange(1, n + 1))]
+    order = list(np.argsort(-sizes))
+    keep = [order.pop(0)]
+    z_lo, z_hi = boxes[keep[0]][2].start, boxes[keep[0]][2].stop
+    grew = True
+    while grew:
+        grew = False
+        for i in list(order):
+            zs = boxes[i][2]
+            gap = max(zs.start - z_hi, z_lo - zs.stop, 0) * spacing_mm[2]
+            if gap <= COLUMN_MAX_GAP_MM and abs(x_mid[i] - x_mid[keep[0]]) * spacing_mm[0] <= COLUMN_MAX_OFFSET_MM:
+                keep.append(i)
+                order.remove(i)
+                z_lo, z_hi, grew = min(z_lo, zs.start), max(z_hi, zs.stop), True
+    return spine & np.isin(lab, np.array(keep) + 1)
 
 
-def _extent(group: list[_Instance]) -> tuple[float, float]:
-    """First and last z slice (inclusive) of a group of fragments."""
-    return min(x.z_lo for x in group), max(x.z_hi for x in group)
+def _fit(votes: np.ndarray, sacrum: np.ndarray, heights: np.ndarray, anchored: bool, from_c1: bool) -> _Fit:
+    """Best monotone run of levels over slices (head first). ``votes[t, k]``: share of slice t's vertebral voxels
+    labelled k; ``sacrum[t]``: share labelled sacrum; ``heights``: expected slices per level. ``anchored``: the run
+    ends with L5 on the sacrum; ``from_c1``: it starts with C1 (the top of the spine is in view)."""
+    n_t, n_k = votes.shape
+    cum = np.vstack([np.zeros((1, n_k)), np.cumsum(votes, axis=0)])             # cum[t] = sum of rows < t
+    sac_cum = np.concatenate([[0.0], np.cumsum(sacrum)])
+    neg = -1e18
+    best = np.full((n_k, n_t + 1), neg)      # best[k, t]: score with level k's run ending at slice t (exclusive)
+    arg_d = np.zeros((n_k, n_t + 1), np.int32)
+    from_prev = np.zeros((n_k, n_t + 1), bool)
+    ends = np.arange(n_t + 1)
+    for k in range(n_k):
+        h = heights[k]
+        fresh = 0.0 if k == 0 or not from_c1 else neg                          # start here, or follow level k-1
+        entry = np.full(n_t + 1, fresh) if k == 0 else np.maximum(best[k - 1], fresh)
+        prev_better = np.zeros(n_t + 1, bool) if k == 0 else best[k - 1] > fresh
+        ds = np.arange(1, int(np.ceil(2.5 * h)) + 1)
+        starts = ends[None, :] - ds[:, None]                                   # [duration, end]
+        ok = starts >= 0
+        a = np.where(ok, starts, 0)
+        gain = entry[a] + cum[ends, k][None, :] - cum[a, k] - (HEIGHT_WEIGHT * (np.log(ds / h) / HEIGHT_SD) ** 2)[:, None]
+        gain[~ok] = neg
+        i = np.argmax(gain, axis=0)
+        best[k] = gain[i, ends]
+        arg_d[k] = ds[i]
+        from_prev[k] = prev_better[a[i, ends]] & (best[k] > neg)
+    tail = best + (sac_cum[-1] - sac_cum[None, :])                              # sacrum below the last level
+    if anchored:
+        total = np.full_like(best, neg)
+        total[n_k - 1] = tail[n_k - 1]
+    else:
+        total = np.maximum(best, np.where(np.arange(n_k)[:, None] == n_k - 1, tail, neg))
+    k, t = np.unravel_index(int(np.argmax(total)), total.shape)
+    score = float(total[k, t])
+    levels = np.full(n_t, -1, np.int32)
+    start, stop = np.full(n_k, -1), np.full(n_k, -1)
+    while True:
+        d = int(arg_d[k, t])
+        levels[t - d:t] = k
+        start[k], stop[k] = t - d, t
+        if not from_prev[k, t] or k == 0:
+            break
+        k, t = k - 1, t - d
+    return _Fit(score, levels, start, stop)
 
 
-def _group_fragments(items: list[_Instance]) -> list[list[_Instance]]:
-    """Group the fragments of one vertebra: their head-feet extents mostly overlap (head first)."""
-    items = sorted(items, key=lambda i: -i.z_mid)          # head first
-    groups: list[list[_Instance]] = []
-    for it in items:
-        if groups:
-            g = groups[-1]
-            lo, hi = _extent(g)
-            overlap = min(hi, it.z_hi) - max(lo, it.z_lo) + 1
-            if overlap >= 0.6 * min(hi - lo + 1, it.z_hi - it.z_lo + 1):
-                g.append(it)
-                continue
-        groups.append([it])
-    return groups
+def _anchored(level_counts: np.ndarray, sacrum_counts: np.ndarray, dz: float) -> bool:
+    """Whether the sacrum starts right below the lowest vertebra (slices head first)."""
+    has_level, has_sacrum = np.nonzero(level_counts.sum(axis=1) > 0)[0], np.nonzero(sacrum_counts > 0)[0]
+    below = has_sacrum[has_sacrum >= has_level.max() - 1]
+    return bool(len(below)) and (below.min() - has_level.max() - 1) * dz <= ANCHOR_GAP_MM
 
 
-def _split_tall(groups: list[list[_Instance]]) -> list[tuple[list[_Instance], tuple[float, float] | None]]:
-    """One slot per vertebra: (fragments, z range or None for all of them). A group taller than 1.7 times the
-    median of its neighbours holds two vertebrae under one label; it becomes two slots split at its middle."""
-    extents = [_extent(g) for g in groups]
-    heights = np.array([hi - lo + 1 for lo, hi in extents], float)
-    out: list[tuple[list[_Instance], tuple[float, float] | None]] = []
-    for i, (g, (lo, hi)) in enumerate(zip(groups, extents)):
-        neigh = np.concatenate([heights[max(0, i - 3):i], heights[i + 1:i + 4]])
-        if len(neigh) >= 3 and heights[i] > 1.7 * float(np.median(neigh)):
-            mid = (lo + hi) / 2
-            out.append((g, (mid, hi + 1)))
-            out.append((g, (lo, mid)))
-        else:
-            out.append((g, None))
-    return out
+def _best_fit(votes: np.ndarray, sacrum: np.ndarray, dz: float, anchored: bool, from_c1: bool) -> tuple[_Fit, int]:
+    """The fit and the global label shift, over a range of body scales."""
+    def fit_with(scale_mm: float, shift: int) -> tuple[float, _Fit]:
+        shifted = np.zeros_like(votes)                        # raw label r read as r + shift
+        lo, hi = max(0, shift), min(len(LEVELS), len(LEVELS) + shift)
+        shifted[:, lo:hi] = votes[:, lo - shift:hi - shift]
+        fit = _fit(shifted, sacrum, RELATIVE_HEIGHT * scale_mm / dz, anchored, from_c1)
+        return fit.score - SHIFT_COST * abs(shift), fit
 
-
-def _z_range(slot: tuple[list[_Instance], tuple[float, float] | None]) -> tuple[float, float]:
-    g, zr = slot
-    if zr is not None:
-        return zr
-    lo, hi = _extent(g)
-    return lo, hi + 1
-
-
-def _mid(slot) -> float:
-    lo, hi = _z_range(slot)
-    return (lo + hi) / 2
-
-
-def _segments(slots) -> list[list[int]]:
-    """Runs of vertebrae without a gap: a spacing over 1.6 times that of the neighbours means a vertebra the
-    network missed, and counting must not run across it."""
-    mids = np.array([_mid(sl) for sl in slots])
-    gaps = mids[:-1] - mids[1:]
-    runs, current = [], [0]
-    for i, g in enumerate(gaps):
-        neigh = np.concatenate([gaps[max(0, i - 2):i], gaps[i + 1:i + 3]])
-        if len(neigh) >= 2 and g > 1.6 * float(np.median(neigh)):
-            runs.append(current)
-            current = []
-        current.append(i + 1)
-    return runs + [current]
-
-
-def _levels_by_counting(slots, sites: np.ndarray, dz: float) -> list[int]:
-    """The level index of each slot (head first). The run of vertebrae that ends on the sacrum is counted up from
-    L5; every other run keeps the shift that most of its voxels' own labels agree with."""
-    n_lev = len(LEVELS)
-    sacrum = np.nonzero((sites == site_id("sacrum")).any(axis=(0, 1)))[0]
-    on_sacrum = bool(len(sacrum)) and (_z_range(slots[-1])[0] - sacrum.max() - 1) * dz <= ANCHOR_GAP_MM
-    levels = [0] * len(slots)
-    runs = _segments(slots)
-    for k, run in enumerate(runs):
-        if k == len(runs) - 1 and on_sacrum:
-            shift = n_lev - len(run)
-        else:
-            votes: dict[int, int] = {}
-            for rank, i in enumerate(run):
-                for x in slots[i][0]:
-                    votes[x.level - rank] = votes.get(x.level - rank, 0) + x.voxels
-            shift = max(votes, key=votes.get)
-        for rank, i in enumerate(run):
-            levels[i] = shift + rank
-    return levels
+    scored = [(*fit_with(mm, s), s) for mm in np.geomspace(*THORACIC_MM, 8) for s in (SHIFTS if anchored else (0,))]
+    _, fit, shift = max(scored, key=lambda x: x[0])
+    return fit, shift
 
 
 def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """Return ``sites`` (model grid, RAS) with vertebral levels renumbered by counting (a copy when changed)."""
+    """Return ``sites`` (model grid, RAS) with vertebral levels re-fitted along the spine (a copy when changed)."""
+    n_lev = len(LEVELS)
     level_ids = np.array([site_id(c) for c in LEVELS])
-    vox_ml = float(np.prod(spacing_mm)) / 1000.0
-    spine = np.isin(sites, np.append(level_ids, site_id("sacrum")))
-    if not spine.any():
+    sacrum_id = site_id("sacrum")
+    is_level = np.isin(sites, level_ids)
+    if is_level.sum() < 2:
         return sites
-    box = ndimage.find_objects(spine.astype(np.int8))[0]       # work inside the spine's bounding box
+    column = _main_column(is_level | (sites == sacrum_id), spacing_mm)
+    box = ndimage.find_objects(column.astype(np.int8))[0]
     sub = sites[box]
-    inst, items = _instances(sub, level_ids, max(1, int(MIN_INSTANCE_ML / vox_ml)))
-    if len(items) < 2:
+    lut = np.full(256, -1, np.int32)
+    lut[level_ids] = np.arange(n_lev)
+    lut[sacrum_id] = n_lev
+    lab = np.where(column[box], lut[sub], -1)[:, :, ::-1]                      # slices head first
+    n_t = lab.shape[2]
+    flat = np.where(lab >= 0, lab + (n_lev + 1) * np.arange(n_t)[None, None, :], -1)
+    counts = np.bincount(flat[flat >= 0], minlength=n_t * (n_lev + 1)).reshape(n_t, n_lev + 1).astype(float)
+    level_counts, sacrum_counts = counts[:, :n_lev], counts[:, n_lev]
+    if not level_counts.any():
         return sites
-    slots = _split_tall(_group_fragments(items))
-    levels = _levels_by_counting(slots, sub, float(spacing_mm[2]))
+    votes = level_counts / np.maximum(level_counts.sum(axis=1, keepdims=True), 1.0)
+    sacrum = sacrum_counts / np.maximum(counts.sum(axis=1), 1.0)
+    dz = float(spacing_mm[2])
+    from_c1 = box[2].stop < sites.shape[2] - 1                               # room above the spine: its top is in view
+    fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1)
+    # a voxel keeps its own (shifted) level if that level's run is within reach of its slice, else the slice's fit
+    t_index = np.arange(n_t)[None, None, :]
+    own = np.clip(lab + shift, 0, n_lev - 1)
+    slack = np.maximum(1, (KEEP_SLACK * (fit.stop - fit.start)).astype(int))[own]
+    start, stop = fit.start[own], fit.stop[own]
+    keep = (start >= 0) & (t_index >= start - slack) & (t_index < stop + slack)
+    fitted = fit.levels[np.broadcast_to(t_index, lab.shape)]
+    new = np.where(keep, own, fitted)[:, :, ::-1]
+    change = ((lab >= 0) & (lab < n_lev) & ((fitted >= 0) | keep))[:, :, ::-1]
     out = sub.copy()
-    z_index = np.arange(sub.shape[2])[None, None, :]
-    for slot, level in zip(slots, levels):
-        if not 0 <= level < len(LEVELS):
-            continue                                         # more vertebrae than levels: leave them as predicted
-        voxels = np.isin(inst, [x.mask_index for x in slot[0]])
-        if slot[1] is not None:
-            voxels &= (z_index >= slot[1][0]) & (z_index < slot[1][1])
-        out[voxels] = level_ids[level]
+    out[change] = level_ids[new[change]]
+    if np.array_equal(out, sub):
+        return sites
     full = sites.copy()
     full[box] = out
     return full

@@ -1,5 +1,5 @@
-"""Site rules after the network, on the phantom's true site map brought to the model grid: vertebral levels by
-counting from the sacrum, and sides by position."""
+"""Site rules after the network, on the phantom's true site map brought to the model grid: vertebral levels fitted
+along the spine and counted from the sacrum, and sides by position."""
 import numpy as np
 import pytest
 
@@ -68,6 +68,26 @@ def test_without_the_sacrum_the_network_labels_are_kept_when_they_agree(sites):
     odd[upper == site_id("vertebra_T4")] = site_id("vertebra_T5")
     fixed = renumber_vertebrae(odd, GRID)
     assert (fixed[upper == site_id("vertebra_T4")] == site_id("vertebra_T4")).mean() > 0.95
+
+
+def test_stray_spine_labels_in_the_skull_do_not_move_the_count(sites):
+    """A blob called sacrum and L5 near the vertex (seen on network output) is not the spine's anchor."""
+    z_top = np.nonzero(np.isin(sites, IDS).any(axis=(0, 1)))[0].max()
+    x, y = [int(np.median(a)) for a in np.nonzero(sites == site_id("vertebra_C2"))[:2]]
+    stray = sites.copy()
+    stray[x - 3:x + 3, y - 3:y + 3, z_top + 20:z_top + 24] = site_id("sacrum")
+    stray[x - 3:x + 3, y - 3:y + 3, z_top + 24:z_top + 28] = site_id("vertebra_L5")
+    assert level_accuracy(renumber_vertebrae(stray, GRID), sites) > 0.98
+
+
+def test_neighbouring_levels_mixed_within_each_vertebra_are_resolved(sites):
+    """At 3 mm the network often splits one vertebra between two levels: one level per vertebra comes back."""
+    mixed = sites.copy()
+    m = np.isin(sites, IDS)
+    half = m & (np.arange(sites.shape[0])[:, None, None] < np.median(np.nonzero(m)[0]))
+    mixed[half] = shifted(sites, 1)[half]                     # the right half of every vertebra one level lower
+    assert level_accuracy(mixed, sites) < 0.65
+    assert level_accuracy(renumber_vertebrae(mixed, GRID), sites) > 0.9
 
 
 def test_sides_follow_position(model_case):
