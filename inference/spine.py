@@ -45,15 +45,15 @@ class _Fit:
 
 
 def _main_column(spine: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """The spinal column: the largest connected piece of the predicted spine (vertebrae and sacrum), plus the
+    """The spinal column: the largest connected piece of the predicted spine (vertebrae and sacrum, 26-connected), plus the
     pieces in line with it (left-right within ``COLUMN_MAX_OFFSET_MM``) across gaps up to ``COLUMN_MAX_GAP_MM``
     (a missed vertebra); stray labels elsewhere (e.g. in the skull) are left alone."""
-    lab, n = ndimage.label(ndimage.binary_dilation(spine), structure=np.ones((3, 3, 3)))
+    lab, n = ndimage.label(spine, structure=np.ones((3, 3, 3)))
     if n <= 1:
         return spine
-    sizes = ndimage.sum(spine, lab, index=np.arange(1, n + 1))
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     boxes = ndimage.find_objects(lab)
-    x_mid = [c[0] for c in ndimage.center_of_mass(spine, lab, index=np.arange(1, n + 1))]
+    x_mid = [(b[0].start + b[0].stop) / 2 for b in boxes]                       # left-right middle of each piece
     order = list(np.argsort(-sizes))
     keep = [order.pop(0)]
     z_lo, z_hi = boxes[keep[0]][2].start, boxes[keep[0]][2].stop
@@ -143,16 +143,19 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     n_lev = len(LEVELS)
     level_ids = np.array([site_id(c) for c in LEVELS])
     sacrum_id = site_id("sacrum")
-    is_level = np.isin(sites, level_ids)
-    if is_level.sum() < 2:
-        return sites
-    column = _main_column(is_level | (sites == sacrum_id), spacing_mm)
-    box = ndimage.find_objects(column.astype(np.int8))[0]
-    sub = sites[box]
     lut = np.full(256, -1, np.int32)
     lut[level_ids] = np.arange(n_lev)
     lut[sacrum_id] = n_lev
-    lab = np.where(column[box], lut[sub], -1)[:, :, ::-1]                      # slices head first
+    spine = lut[sites] >= 0
+    if spine.sum() < 2:
+        return sites
+    outer = ndimage.find_objects(spine.astype(np.int8))[0]                    # work inside the spine labels' box
+    column = _main_column(spine[outer], spacing_mm)
+    inner = ndimage.find_objects(column.astype(np.int8))[0]
+    column = column[inner]
+    box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+    sub = sites[box]
+    lab = np.where(column, lut[sub], -1)[:, :, ::-1]                      # slices head first
     n_t = lab.shape[2]
     flat = np.where(lab >= 0, lab + (n_lev + 1) * np.arange(n_t)[None, None, :], -1)
     counts = np.bincount(flat[flat >= 0], minlength=n_t * (n_lev + 1)).reshape(n_t, n_lev + 1).astype(float)
