@@ -185,6 +185,12 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     assert card3["training"]["earlier_stages"][-1]["version"] == card["version"]
     assert card3["training"]["total_steps"] == first.optim.steps + 2 + 3
 
+    # exported over the bundle it started from, then exported again: the same stages, none counted twice
+    export_bundle(tmp_path / "ft2", tmp_path / "shipped", "final")
+    card4 = load_bundle(export_bundle(tmp_path / "ft2", tmp_path / "shipped4", "final")).card
+    assert [s["steps"] for s in card4["training"]["earlier_stages"]] == [first.optim.steps, 2]
+    assert card4["training"]["total_steps"] == card3["training"]["total_steps"]
+
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]

@@ -135,6 +135,17 @@ def _stages_from_card(bundle_dir: Path) -> list[dict]:
     return list(tr.get("earlier_stages") or []) + [own]
 
 
+def _distinct_stages(stages: list[dict], run_dir: Path) -> list[dict]:
+    """Each earlier stage once, never the run being exported: re-exporting a run after its ``init`` bundle was
+    overwritten by an export of this same lineage (e.g. models/default) would otherwise count stages twice."""
+    out, seen = [], {str(Path(run_dir))}
+    for st in stages:
+        if str(Path(st["run"])) not in seen:
+            seen.add(str(Path(st["run"])))
+            out.append(st)
+    return out
+
+
 def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[str, Path] | None = None,
                   eval_command: str = "", throughput: dict | None = None) -> Path:
     """Copy a run's bundle to ``dest`` and write the full model card."""
@@ -143,7 +154,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     bundle = load_bundle(src)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     wall, steps = training_wall_time(run_dir / "metrics.csv")
-    stages = _earlier_stages(cfg)
+    stages = _distinct_stages(_earlier_stages(cfg), run_dir)
     selected = int(bundle.card.get("training_steps", steps))  # the checkpoint shipped (best may precede the last)
     total_wall = wall + sum(st["wall_time_s"] for st in stages)
     total_steps = selected + sum(st["steps"] for st in stages)
