@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from models.sites import VERTEBRAL_LEVELS as LEVELS
 from models.sites import site_id
 
-LEVELS = [f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] + \
-         [f"vertebra_L{i}" for i in range(1, 6)]
 # Height of each level (vertebral body plus disc) relative to a thoracic one: an anatomical approximation
 # (children and adults alike: cervical segments about 3/4, lumbar about 1.3 times a thoracic one).
 RELATIVE_HEIGHT = np.array([0.75] * 7 + [1.0] * 12 + [1.3] * 5)

@@ -11,6 +11,8 @@ SITES_TSV = CONTRACT_DIR / "sites.tsv"
 REPORT_SCHEMA = CONTRACT_DIR / "report.schema.json"
 
 SOFT_TISSUE = "soft_tissue"
+VERTEBRAL_LEVELS = tuple([f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] +
+                         [f"vertebra_L{i}" for i in range(1, 6)])          # site codes C1..L5, head to feet
 REGIONS = ("head", "spine_cervical", "spine_thoracic", "spine_lumbar", "pelvis", "chest_wall",
            "shoulder", "upper_limb", "hand", "lower_limb", "foot")
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 def level_scores(pred: np.ndarray, ref: np.ndarray, ids: np.ndarray) -> tuple[float, float]:
     """Mean Dice over the levels present in ``ref`` and the share of reference vertebra voxels named right."""
-    dices = [2 * ((pred == i) & (ref == i)).sum() / ((pred == i).sum() + (ref == i).sum()) for i in ids if (ref == i).any()]
+    from training.metrics import dice
+    dices = [dice(pred == i, ref == i) for i in ids if (ref == i).any()]
     m = np.isin(ref, ids)
     return float(np.mean(dices)), float((pred[m] == ref[m]).mean())
 

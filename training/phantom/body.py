@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.sites import site_id
+from models.sites import VERTEBRAL_LEVELS, site_id
 from training.config import BodyConfig
 
 from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
@@ -234,10 +234,8 @@ def spine_levels(body: Body, L: dict[str, float]) -> list[tuple[str, float, floa
     weights = [0.75] * 7 + [1.0] * 12 + [1.25] * 5
     total = z_top - z_l5
     unit = total / sum(weights)
-    codes = [f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] + \
-            [f"vertebra_L{i}" for i in range(1, 6)]
     out, z = [], z_top
-    for code, w in zip(codes, weights):
+    for code, w in zip(VERTEBRAL_LEVELS, weights):
         h = w * unit
         out.append((code, z - h / 2, h))
         z -= h
