@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +37,14 @@ def case_name(path: str | Path) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+class NetworkOutputs(NamedTuple):
+    """The network's raw outputs on the model grid, before any post-processing."""
+    edema: np.ndarray   # float32 probability
+    bone: np.ndarray    # float32 probability
+    physis: np.ndarray  # float32 probability
+    sites: np.ndarray   # uint8 site ids as the network labels them (0 outside predicted bone)
 
 
 @dataclass
@@ -100,8 +108,9 @@ class Predictor:
                 "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}"}
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _network(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Edema prob, bone prob, physis prob (float32) and site ids (uint8) on the model grid."""
+    def network_outputs(self, img: np.ndarray) -> NetworkOutputs:
+        """The raw network outputs for a normalised volume on the model grid (no vertebral fit, sides or lesions):
+        for benchmarks and for users who post-process themselves."""
         cfg = self.bundle.config
         div = size_divisor(cfg) * 2
         body = img > 0.05
@@ -131,7 +140,7 @@ class Predictor:
         site_map = np.zeros(img.shape, np.uint8)
         s = site_ids.to(torch.uint8).cpu().numpy()[sl]
         site_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.where(out[1][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5, s, 0)
-        return out[0], out[1], out[2], site_map
+        return NetworkOutputs(out[0], out[1], out[2], site_map)
 
     def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
         """Lesion instances on the model grid (see :mod:`models.lesions`) and their mean probabilities."""
@@ -176,7 +185,7 @@ class Predictor:
         img = normalise(to_model_grid(vol.data, grid, "trilinear"))
         lap("preprocess")
         tick("network", 0.2)
-        prob, bone_p, physis_p, site_map = self._network(img)
+        prob, bone_p, physis_p, site_map = self.network_outputs(img)
         lap("network")
         tick("postprocess", 0.7)
         site_map = renumber_vertebrae(site_map, grid.model_spacing)

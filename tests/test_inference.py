@@ -162,3 +162,14 @@ def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file
     assert proc.returncode == 1, proc.stderr
     assert "2D" in proc.stderr and "done" in proc.stderr
     assert (out / "good" / "report.json").is_file() and not (out / "two_d").exists()
+
+
+def test_network_outputs_are_on_the_model_grid(predictor):
+    rng = np.random.default_rng(1)
+    img = rng.random((20, 18, 30)).astype(np.float32)
+    out = predictor.network_outputs(img)
+    for arr in (out.edema, out.bone, out.physis):
+        assert arr.shape == img.shape and arr.dtype == np.float32
+        assert 0.0 <= arr.min() and arr.max() <= 1.0
+    assert out.sites.shape == img.shape and out.sites.dtype == np.uint8
+    assert not out.sites[out.bone <= 0.5].any(), "site ids only where the bone channel says bone"

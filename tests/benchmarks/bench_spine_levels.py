@@ -44,7 +44,7 @@ def main() -> None:
         case = np.load(f)
         if not np.isin(case["sites"], ids).any():
             continue
-        raw = predictor._network(case["image"].astype(np.float32))[3]
+        raw = predictor.network_outputs(case["image"].astype(np.float32)).sites
         fitted = renumber_vertebrae(raw, predictor.bundle.config.spacing_mm)
         rows.append((*level_scores(raw, case["sites"], ids), *level_scores(fitted, case["sites"], ids)))
         print(f"{Path(f).stem} {str(case['fov']):11s} raw Dice {rows[-1][0]:.2f} acc {rows[-1][1]:.2f}  "
