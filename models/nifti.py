@@ -86,8 +86,10 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     return shape  # type: ignore[return-value]
 
 
-def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
-    """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`."""
+def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS,
+                label: bool = False) -> Volume:
+    """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`. A ``label`` map may be
+    constant (a lesion-free case's edema mask is all zero); an image may not."""
     if isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
         img = source
     else:
@@ -113,7 +115,7 @@ def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = D
     if not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise InputError(f"image holds {bad:,} NaN or infinite voxels")
-    if float(data.max()) <= float(data.min()):
+    if not label and float(data.max()) <= float(data.min()):
         raise InputError("image is constant (e.g. all zero): nothing to analyse")
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64))
 

@@ -108,6 +108,16 @@ def test_nnunet_layout(tmp_path):
         lab = nib.load(str(tmp_path / "labelsTr" / f"{name}.nii.gz"))
         assert img.shape == lab.shape and np.allclose(img.affine, lab.affine)
         assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1}
+        sites = nib.load(str(tmp_path / "sitesTr" / f"{name}.nii.gz"))
+        physis = nib.load(str(tmp_path / "physisTr" / f"{name}.nii.gz"))
+        assert sites.shape == img.shape and physis.shape == img.shape
+    # the folder is a complete training set: every head gets its target (none masked as unknown)
+    from training.data import UNKNOWN, load_npz, nnunet_cases
+    cached = [load_npz(p) for p in nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")]
+    assert len(cached) == 2
+    for case in cached:
+        assert (case["sites"] > 0).any() and not (case["sites"] == UNKNOWN).any()
+        assert not (case["physis"] == UNKNOWN).any()
 
 
 @pytest.mark.parametrize("fov", ["pelvis", "knees", "feet", "spine", "legs"])

@@ -149,17 +149,17 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for img_path in sorted((folder / "imagesTr").glob("*_0000.nii*")):
-        name = img_path.name.split("_0000.nii")[0]
+        name, ext = img_path.name.rsplit("_0000", 1)  # NAME_0000.nii.gz -> NAME, .nii.gz (NAME may hold "_0000")
         dst = cache / f"{name}.npz"
         out.append(dst)
         if dst.exists():
             continue
         vol = load_volume(img_path)
-        lab = load_volume(folder / "labelsTr" / img_path.name.replace("_0000", "")).data
+        lab = load_volume(folder / "labelsTr" / f"{name}{ext}", label=True).data
         extra = {}
         for key, sub in (("sites", "sitesTr"), ("physis", "physisTr")):
-            p = folder / sub / img_path.name.replace("_0000", "")
-            extra[key] = np.asarray(load_volume(p).data) if p.exists() else None
+            p = folder / sub / f"{name}{ext}"
+            extra[key] = np.asarray(load_volume(p, label=True).data) if p.exists() else None
         save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lab.astype(np.int16), extra["sites"], extra["physis"]))
     return out
 

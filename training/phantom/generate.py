@@ -141,15 +141,19 @@ def _one(args) -> tuple[str, dict]:
 
 
 def _link_nnunet(out: Path, name: str) -> None:
-    """imagesTr/NAME_0000.nii.gz and labelsTr/NAME.nii.gz (binary edema) as nnU-Net expects."""
+    """nnU-Net's raw layout: imagesTr/NAME_0000.nii.gz and labelsTr/NAME.nii.gz (binary edema), plus wbmri's
+    optional sitesTr/NAME.nii.gz and physisTr/NAME.nii.gz, so that ``data.dataset_dirs`` trains every head on it."""
     import nibabel as nib
     src = out / "cases" / name
-    for sub in ("imagesTr", "labelsTr"):
-        (out / sub).mkdir(exist_ok=True)
-    img_dst = out / "imagesTr" / f"{name}_0000.nii.gz"
-    if img_dst.exists() or img_dst.is_symlink():
-        img_dst.unlink()
-    os.symlink(os.path.relpath(src / "image.nii.gz", img_dst.parent), img_dst)
+    links = {out / "imagesTr" / f"{name}_0000.nii.gz": src / "image.nii.gz",
+             out / "sitesTr" / f"{name}.nii.gz": src / "sites.nii.gz",
+             out / "physisTr" / f"{name}.nii.gz": src / "physis.nii.gz"}
+    for dst, target in links.items():
+        dst.parent.mkdir(exist_ok=True)
+        if dst.exists() or dst.is_symlink():
+            dst.unlink()
+        os.symlink(os.path.relpath(target, dst.parent), dst)
+    (out / "labelsTr").mkdir(exist_ok=True)
     les = nib.load(str(src / "lesions.nii.gz"))
     save_nifti(out / "labelsTr" / f"{name}.nii.gz", (np.asarray(les.dataobj) > 0).astype(np.uint8), les.affine, np.uint8)
 
