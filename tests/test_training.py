@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -233,3 +234,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["step"] == 4
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_card_names_the_dataset_folders_a_run_learned_from(tmp_path):
+    from training.config import SynthConfig
+    from training.export import _dataset_source
+    from training.phantom.generate import write_dataset_json
+    phantom = tmp_path / "phantom"
+    phantom.mkdir()
+    cfg = load_config(SynthConfig, None, ["contrast.enabled=true", "contrast.p=1.0"])
+    write_dataset_json(phantom, ["case_000007", "case_000008"], cfg, 7)
+    src = _dataset_source(phantom)
+    assert src["synthetic"] and src["seeds"] == "7..8" and src["cases"] == 2
+    assert src["contrast_randomisation"]["p"] == 1.0
+    real = tmp_path / "MyCNO"
+    real.mkdir()
+    (real / "dataset.json").write_text(json.dumps({"name": "MyCNO", "numTraining": 12}))
+    assert _dataset_source(real) == {"path": str(real), "cases": 12, "synthetic": False}

@@ -107,6 +107,21 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     return card["validation"]
 
 
+def _dataset_source(folder: Path) -> dict:
+    """What a ``data.dataset_dirs`` folder held, from its dataset.json: a phantom folder made by ``wbmri synth``
+    names its generator, seeds and contrast randomisation; any other folder is taken as real data."""
+    meta_path = folder / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    out = {"path": str(folder), "cases": meta.get("numTraining"), "synthetic": meta.get("name") == "wbmri-phantom"}
+    if out["synthetic"]:
+        first = int(meta.get("first_seed", 0))
+        contrast = (meta.get("config") or {}).get("contrast") or {}
+        out.update({"generator_version": meta.get("generator_version"),
+                    "seeds": f"{first}..{first + int(meta.get('numTraining') or 0) - 1}",
+                    "contrast_randomisation": contrast if contrast.get("enabled") else None})
+    return out
+
+
 def _earlier_stages(cfg: dict) -> list[dict]:
     """Training that the run's ``init`` bundle came from: from its run folder when it is a run's export
     (runs/NAME/final), else from its card (an exported bundle such as models/default)."""
@@ -166,6 +181,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         summary = json.loads((Path(folder) / "summary.json").read_text())
         metrics[name] = summary
     targets = target_check(metrics)
+    datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
     card = {
         "name": "wbmri-default",
         "version": f"1.{2 if bundle.config.sites_from == 'skip' else 0}.{total_steps}",
@@ -183,7 +199,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                    "half-resolution skip level (encoder + decoder, 32 channels): reading the 16-channel final map, "
                    "which must also carry edema and bone, its loss fell from 4.5 to 3.5 in 1,500 steps; from the "
                    "skip level it reached 3.5 in 400 steps and 1.5 in 2,500. Vertebral levels are then "
-                   "renumbered by counting up from the sacrum (inference/spine.py).",
+                   "fitted along the spinal column as one monotone C1..L5 sequence (inference/spine.py).",
         },
         "input": {"spacing_mm": list(bundle.config.spacing_mm), "orientation": "closest RAS axes (no interpolation)",
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
@@ -203,13 +219,15 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "validation_at_selection": bundle.card.get("validation"),
         },
         "data": {
-            "synthetic_only": True, "generator": "wbmri-phantom", "generator_version": GENERATOR_VERSION,
+            "synthetic_only": all(d.get("synthetic") for d in datasets), "generator": "wbmri-phantom",
+            "generator_version": GENERATOR_VERSION,
             "train_pool_seeds": f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
                                 " (the cases generated before training stopped; see data/README.md)",
             "validation_seeds": (bundle.card.get("validation") or {}).get(
                 "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
             "test_seeds": {"whole_body": "500000..500019", "partial_fov": "600000..600019"},
-            "real_patient_data": "none",
+            "dataset_dirs": datasets,
+            "real_patient_data": "none" if all(d.get("synthetic") for d in datasets) else "yes: see dataset_dirs",
         },
         "metrics": {"frozen_synthetic_test_set": metrics, "command": eval_command},
         "intended_use": INTENDED_USE,
