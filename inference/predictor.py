@@ -14,12 +14,11 @@ from typing import Callable, NamedTuple
 import nibabel as nib
 import numpy as np
 import torch
-from scipy import ndimage
 
 from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor,
                              upsample_site_ids)
-from models.lesions import lesion_instances, near_bone
+from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
@@ -89,6 +88,7 @@ class Predictor:
         self.threshold = float(th.get("edema", 0.5))
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
+        self.min_confidence = float(th.get("min_confidence", 0.0))  # bundles before 1.3 have none: keep every lesion
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
@@ -143,15 +143,14 @@ class Predictor:
         return NetworkOutputs(out[0], out[1], out[2], site_map)
 
     def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
-        """Lesion instances on the model grid (see :mod:`models.lesions`) and their mean probabilities."""
+        """Lesion instances on the model grid (see :mod:`models.lesions`) and their confidences (mean probability)."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
         near = near_bone(bone > 0.5) if self.min_bone_fraction > 0 else None
-        inst = lesion_instances(prob > self.threshold, vox_ml, self.min_lesion_ml, near, self.min_bone_fraction)
-        if not inst.any():
-            return inst, {}
-        ids = np.arange(1, int(inst.max()) + 1)
-        means = ndimage.mean(prob, inst, index=ids)
-        return inst, {int(i): float(np.clip(m, 0, 1)) for i, m in zip(ids, means)}
+        comp = components(prob > self.threshold, near, prob)
+        inst = comp.select(vox_ml, self.min_lesion_ml, self.min_bone_fraction, self.min_confidence)
+        kept = np.unique(comp.labels[inst > 0]) if inst.any() else np.array([], int)
+        # select() numbers the kept components in label order, so kept[k] is instance k + 1
+        return inst, {k + 1: float(np.clip(comp.confidence[old], 0, 1)) for k, old in enumerate(kept)}
 
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:

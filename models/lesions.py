@@ -1,6 +1,8 @@
 """What counts as one lesion: the single definition used by inference and by validation during training."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -12,20 +14,48 @@ def near_bone(bone: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(bone, structure=CONNECTIVITY)
 
 
-def lesion_instances(mask: np.ndarray, voxel_ml: float, min_ml: float, near: np.ndarray | None = None,
-                     min_bone_fraction: float = 0.0) -> np.ndarray:
-    """Label the 26-connected components of ``mask`` (uint16, ids 1..K in scan order); drop those under ``min_ml``
-    and, when ``near`` (see :func:`near_bone`) is given, those with less than ``min_bone_fraction`` of their
-    voxels in or touching bone (CNO edema is a marrow finding: a bright blob away from every bone is fluid,
-    vessel or bowel)."""
+@dataclass
+class Components:
+    """The 26-connected components of a thresholded edema map and what the lesion rules ask of each (index = id)."""
+    labels: np.ndarray           # int32, 0 = background
+    sizes: np.ndarray            # voxels
+    in_bone: np.ndarray | None   # voxels in or touching bone (when ``near`` was given)
+    confidence: np.ndarray | None  # mean edema probability (when ``prob`` was given)
+
+    def select(self, voxel_ml: float, min_ml: float, min_bone_fraction: float = 0.0,
+               min_confidence: float = 0.0) -> np.ndarray:
+        """uint16 lesion instances 1..K (scan order) of the components that pass every rule."""
+        keep = self.sizes * voxel_ml >= min_ml
+        if self.in_bone is not None and min_bone_fraction > 0:
+            keep &= self.in_bone >= min_bone_fraction * self.sizes
+        if self.confidence is not None and min_confidence > 0:
+            keep &= self.confidence >= min_confidence
+        keep[0] = False
+        remap = np.zeros(len(self.sizes), np.uint16)
+        remap[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint16)
+        return remap[self.labels]
+
+
+def components(mask: np.ndarray, near: np.ndarray | None = None, prob: np.ndarray | None = None) -> Components:
+    """Label ``mask`` once; the rules of :meth:`Components.select` can then be tried cheaply (validation grid)."""
     lab, n = ndimage.label(mask, structure=CONNECTIVITY)
-    if n == 0:
-        return lab.astype(np.uint16)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = [i for i in range(1, n + 1) if sizes[i] * voxel_ml >= min_ml]
-    if near is not None and min_bone_fraction > 0 and keep:
-        in_bone = np.bincount(lab[near].ravel(), minlength=n + 1)
-        keep = [i for i in keep if in_bone[i] >= min_bone_fraction * sizes[i]]
-    remap = np.zeros(n + 1, np.uint16)
-    remap[keep] = np.arange(1, len(keep) + 1, dtype=np.uint16)
-    return remap[lab]
+    in_bone = np.bincount(lab[near].ravel(), minlength=n + 1) if near is not None else None
+    conf = None
+    if prob is not None:
+        conf = np.zeros(n + 1)
+        if n:
+            conf[1:] = ndimage.mean(prob, lab, index=np.arange(1, n + 1))
+    return Components(lab, sizes, in_bone, conf)
+
+
+def lesion_instances(mask: np.ndarray, voxel_ml: float, min_ml: float, near: np.ndarray | None = None,
+                     min_bone_fraction: float = 0.0, prob: np.ndarray | None = None,
+                     min_confidence: float = 0.0) -> np.ndarray:
+    """Label the 26-connected components of ``mask`` (uint16, ids 1..K in scan order); drop those under ``min_ml``;
+    when ``near`` (see :func:`near_bone`) is given, those with less than ``min_bone_fraction`` of their voxels in
+    or touching bone (CNO edema is a marrow finding: a bright blob away from every bone is fluid, vessel or
+    bowel); when ``prob`` is given, those whose mean edema probability (the reported confidence) is under
+    ``min_confidence`` (on the validation phantoms the false positives, mostly bright physes and red marrow,
+    were less confident than the true lesions)."""
+    return components(mask, near, prob).select(voxel_ml, min_ml, min_bone_fraction, min_confidence)

@@ -173,3 +173,20 @@ def test_network_outputs_are_on_the_model_grid(predictor):
         assert 0.0 <= arr.min() and arr.max() <= 1.0
     assert out.sites.shape == img.shape and out.sites.dtype == np.uint8
     assert not out.sites[out.bone <= 0.5].any(), "site ids only where the bone channel says bone"
+
+
+def test_min_confidence_from_the_card_drops_unconfident_lesions(tiny_model_dir, good_file):
+    predictor = Predictor.load(tiny_model_dir, device="cpu")  # its own: the rules are changed below
+    predictor.min_lesion_ml = 0.0
+    for t in np.linspace(0.5, 0.05, 10):  # random weights: find a threshold that gives several lesions
+        predictor.threshold = float(t)
+        confs = [les["confidence"] for les in predictor.predict(good_file).report["lesions"]]
+        if len(set(confs)) >= 2:
+            break
+    assert len(set(confs)) >= 2, "the check needs lesions of different confidence"
+    cut = sorted(set(confs))[len(set(confs)) // 2]
+    predictor.min_confidence = cut - 1e-4
+    strict = predictor.predict(good_file)
+    kept = [les["confidence"] for les in strict.report["lesions"]]
+    assert 0 < len(kept) < len(confs) and all(c >= cut - 1e-3 for c in kept)
+    assert strict.lesions.max() == len(kept)

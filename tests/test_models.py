@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.lesions import lesion_instances
+from models.lesions import components, lesion_instances, near_bone
 from models.networks import NetworkConfig, build_network, upsample_site_ids
 
 
@@ -26,6 +26,26 @@ def test_lesions_are_26_connected_and_small_ones_dropped():
     assert inst[1, 1, 1] == inst[2, 2, 2] != 0
     assert inst[11, 0, 11] == 0
     assert (inst > 0).sum() == 29
+
+
+def test_lesion_rules_drop_unconfident_and_off_bone_lesions():
+    prob = np.zeros((16, 16, 16), np.float32)
+    prob[1:4, 1:4, 1:4] = 0.95      # confident, in bone
+    prob[8:11, 8:11, 8:11] = 0.6    # faint, in bone
+    prob[13:16, 0:3, 13:16] = 0.97  # confident, far from bone
+    bone = np.zeros_like(prob, bool)
+    bone[0:12, 0:12, 0:12] = True
+    near = near_bone(bone)
+    args = (prob > 0.5, 0.1, 0.5)
+    assert lesion_instances(*args).max() == 3
+    assert lesion_instances(*args, prob=prob, min_confidence=0.9).max() == 2
+    kept = lesion_instances(*args, near=near, min_bone_fraction=0.5, prob=prob, min_confidence=0.9)
+    assert kept.max() == 1 and kept[2, 2, 2] == 1 and kept[9, 9, 9] == 0 and kept[14, 1, 14] == 0
+    comp = components(prob > 0.5, near, prob)
+    assert np.allclose(sorted(comp.confidence[1:]), [0.6, 0.95, 0.97])
+    for rule in [(0.5, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.9), (3.0, 0.0, 0.0)]:  # select == one-shot
+        assert np.array_equal(comp.select(0.1, *rule),
+                              lesion_instances(*args[:2], rule[0], near, rule[1], prob, rule[2]))
 
 
 def test_batch_norm_network_gives_the_same_output_for_a_patch_and_the_whole_volume_interior():

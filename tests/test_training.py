@@ -156,6 +156,7 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     chosen = revalidate(run / "best", run / "config.yaml", val_cases=2)
     card = load_bundle(run / "best").card
     assert chosen["val_cases"] == 2 and card["thresholds"]["edema"] == chosen["threshold"]
+    assert card["thresholds"]["min_confidence"] == chosen["min_confidence"]
     dest = export_bundle(run, tmp_path / "shipped", "best")
     shipped = load_bundle(dest).card
     assert shipped["thresholds"] == card["thresholds"]

@@ -100,7 +100,8 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     result = trainer.validate()
     card = bundle.card
     card["thresholds"] = {**card.get("thresholds", {}), "edema": result["threshold"],
-                          "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"]}
+                          "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"],
+                          "min_confidence": result["min_confidence"]}
     card["validation"] = {**result, "val_cases": val_cases,
                           "val_seeds": f"{cfg.data.val_seed}..{cfg.data.val_seed + val_cases - 1}"}
     (bundle_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
@@ -203,7 +204,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         },
         "input": {"spacing_mm": list(bundle.config.spacing_mm), "orientation": "closest RAS axes (no interpolation)",
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
-                  "post_processing": "26-connected lesions >= min_lesion_ml with at least min_bone_fraction of their "
+                  "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence and at least min_bone_fraction of their "
                                      "voxels in or touching predicted bone (thresholds chosen on the validation set)",
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),

@@ -15,7 +15,7 @@ import yaml
 from scipy import ndimage
 
 from models.card import load_bundle, save_bundle
-from models.lesions import lesion_instances, near_bone
+from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids)
 from training.config import TrainConfig
@@ -240,7 +240,8 @@ class Trainer:
                 "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
                 "thresholds": {"edema": getattr(self, "val_threshold", self.cfg.edema_threshold),
                                "min_lesion_ml": getattr(self, "val_min_ml", self.cfg.min_lesion_ml),
-                               "min_bone_fraction": getattr(self, "val_bone_fraction", 0.0)}}
+                               "min_bone_fraction": getattr(self, "val_bone_fraction", 0.0),
+                               "min_confidence": getattr(self, "val_min_confidence", 0.0)}}
         if metrics:
             card["validation"] = metrics
         if extra:
@@ -327,7 +328,7 @@ class Trainer:
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
                 "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan", "val_site_acc",
-                "val_threshold", "val_min_bone_fraction", "val_bone_dice"]
+                "val_threshold", "val_min_bone_fraction", "val_min_confidence", "val_bone_dice"]
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             if new:
@@ -336,19 +337,20 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, thresholds: tuple[float, ...] = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-                 bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5)) -> dict:
+                 bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5),
+                 min_confidences: tuple[float, ...] = (0.0, 0.8, 0.85, 0.9)) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
-        edema threshold, minimum share of a lesion in or touching predicted bone and minimum lesion size (the
-        config's ``min_lesion_ml`` and ``min_sizes_ml``); the triple chosen by
-        ``operating_point`` is reported and shipped in the card (``thresholds``)."""
+        edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
+        config's ``min_lesion_ml`` and ``min_sizes_ml``) and minimum lesion confidence (mean probability); the
+        rules chosen by ``operating_point`` are reported and shipped in the card (``thresholds``)."""
         from models.networks import size_divisor
-        from training.metrics import detection_counts, dice, majority_labels, match_lesions
+        from training.metrics import dice, majority_labels
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
         sizes = sorted({self.cfg.min_lesion_ml, *min_sizes_ml})
-        per_thr = {(t, f, m): {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds
-                   for f in bone_fractions for m in sizes}
+        rules = [(f, m, c) for f in bone_fractions for m in sizes for c in min_confidences]
+        per_thr = {(t, *r): {"dice": [], "counts": None, "site_ok": 0, "site_n": 0} for t in thresholds for r in rules}
         bone_dice: list[float] = []
         for case in self.val_cases:
             img = case["image"].astype(np.float32)
@@ -368,27 +370,36 @@ class Trainer:
             prob, ref, near, site_map = prob[box], ref[box], near[box], site_map[box]
             ref_inst, ref_site_map = case["instances"][box], case["sites"][box]
             ref_sites = majority_labels(ref_inst, ref_site_map)
-            for (t, f, m), acc in per_thr.items():
-                inst = lesion_instances(prob > t, vox_ml, m, near, f)
-                acc["dice"].append(dice(inst > 0, ref))
-                match = match_lesions(inst.astype(np.uint16), ref_inst, voxel_ml=vox_ml)
-                c = detection_counts(match, min_ml=0.5)
-                acc["counts"] = c if acc["counts"] is None else acc["counts"] + c
-                pred_sites = majority_labels(inst, site_map)
-                for pid, rid in match.pred_to_ref.items():
-                    if rid is not None:
-                        acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
-                        acc["site_n"] += 1
+            for t in thresholds:
+                comp = components(prob > t, near, prob)  # labelled once per threshold, then every rule is a remap
+                for f, m, c in rules:
+                    self._score_rules(per_thr[(t, f, m, c)], comp.select(vox_ml, m, f, c), ref, ref_inst, ref_sites,
+                                      site_map, vox_ml)
         results = {}
-        for (t, f, m), acc in per_thr.items():
+        for (t, f, m, c), acc in per_thr.items():
             s = acc["counts"].scores() if acc["counts"] else {}
-            results[(t, f, m)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
+            results[(t, f, m, c)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
                                "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
                                "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
                                "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None,
-                               "threshold": t, "min_bone_fraction": f, "min_lesion_ml": m,
+                               "threshold": t, "min_bone_fraction": f, "min_lesion_ml": m, "min_confidence": c,
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         best = operating_point(list(results.values()))
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
-        self.val_min_ml = best["min_lesion_ml"]
+        self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
+
+    @staticmethod
+    def _score_rules(acc: dict, inst: np.ndarray, ref: np.ndarray, ref_inst: np.ndarray, ref_sites: dict,
+                     site_map: np.ndarray, vox_ml: float) -> None:
+        """Add one case's edema Dice, detection counts and site hits under one set of lesion rules to ``acc``."""
+        from training.metrics import detection_counts, dice, majority_labels, match_lesions
+        acc["dice"].append(dice(inst > 0, ref))
+        match = match_lesions(inst, ref_inst, voxel_ml=vox_ml)
+        counts = detection_counts(match, min_ml=0.5)
+        acc["counts"] = counts if acc["counts"] is None else acc["counts"] + counts
+        pred_sites = majority_labels(inst, site_map)
+        for pid, rid in match.pred_to_ref.items():
+            if rid is not None:
+                acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
+                acc["site_n"] += 1
