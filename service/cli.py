@@ -134,7 +134,7 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
              val_cases: int = typer.Option(24, "--val-cases", min=1, help="validation phantoms (seeds from the run's val_seed)"),
              config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)")) -> None:
-    """Re-choose a bundle's edema threshold, bone share and lesion size on more validation cases; updates its card."""
+    """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
     import json
 
     from training.export import revalidate
