@@ -243,8 +243,23 @@ class _Scene:
             self._axes[site.id] = self._compute_axis(site)
         return self._axes[site.id]
 
+    def main_piece_points(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`site_points`, but only the site's largest 26-connected piece: a few stray voxels the network
+        gave this label far away (noisy or partial views) must not tilt or stretch a long bone's axis."""
+        sl = self.site_box(sid)
+        if sl is None:
+            return np.zeros((0, 3), int), np.zeros((0, 3))
+        lab, n = ndimage.label(self.sites[sl] == sid, structure=np.ones((3, 3, 3), bool))
+        if n <= 1:
+            return self.site_points(sid)
+        largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+        idx = np.argwhere(lab == largest) + _offset(sl)
+        if len(idx) > MAX_AXIS_POINTS:
+            idx = idx[:: int(np.ceil(len(idx) / MAX_AXIS_POINTS))]
+        return idx, self.world(idx)
+
     def _compute_axis(self, site: Site) -> _BoneAxis | None:
-        idx, pts = self.site_points(site.id)
+        idx, pts = self.main_piece_points(site.id)
         if len(pts) < 4:
             return None
         centre = pts.mean(axis=0)

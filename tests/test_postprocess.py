@@ -380,3 +380,12 @@ def test_apophysis_counts_as_epiphysis():
     out = measure_lesions(lesions, sites, image, np.eye(4), physis, {1: 0.9, 2: 0.9})
     assert (out[0]["subregion"], out[0]["juxtaphyseal"]) == ("epiphysis_proximal", True)
     assert out[1]["subregion"] == "metaphysis_proximal"
+
+
+@pytest.mark.parametrize("stray", [((0, 29), (0, 29), (0, 1)), ((0, 3), (0, 3), (0, 59)), ((25, 29), (25, 29), (0, 8))])
+def test_stray_site_voxels_do_not_move_the_bone_axis(stray):
+    """Pieces the network labelled femur far from the femur (noisy partial views) must not tilt or stretch its axis:
+    each of these strays changed the subregion before the axis came from the largest piece only."""
+    clean = _limb((30, 30, 60), "femur_left", 10, 55, (46, 49))
+    assert clean["subregion"] == "metaphysis_proximal"
+    assert _limb((30, 30, 60), "femur_left", 10, 55, (46, 49), ("femur_left", stray))["subregion"] == clean["subregion"]
