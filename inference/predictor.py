@@ -88,7 +88,7 @@ class Predictor:
         self.threshold = float(th.get("edema", 0.5))
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
-        self.min_confidence = float(th.get("min_confidence", 0.0))  # bundles before 1.3 have none: keep every lesion
+        self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
