@@ -147,10 +147,9 @@ class Predictor:
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
         near = near_bone(bone > 0.5) if self.min_bone_fraction > 0 else None
         comp = components(prob > self.threshold, near, prob)
-        inst = comp.select(vox_ml, self.min_lesion_ml, self.min_bone_fraction, self.min_confidence)
-        kept = np.unique(comp.labels[inst > 0]) if inst.any() else np.array([], int)
-        # select() numbers the kept components in label order, so kept[k] is instance k + 1
-        return inst, {k + 1: float(np.clip(comp.confidence[old], 0, 1)) for k, old in enumerate(kept)}
+        keep = comp.keep(vox_ml, self.min_lesion_ml, self.min_bone_fraction, self.min_confidence)
+        confidence = np.clip(comp.confidence[keep], 0, 1)  # instance k + 1 is the k-th kept component
+        return comp.instances(keep), {k + 1: float(c) for k, c in enumerate(confidence)}
 
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:

@@ -22,18 +22,27 @@ class Components:
     in_bone: np.ndarray | None   # voxels in or touching bone (when ``near`` was given)
     confidence: np.ndarray | None  # mean edema probability (when ``prob`` was given)
 
-    def select(self, voxel_ml: float, min_ml: float, min_bone_fraction: float = 0.0,
-               min_confidence: float = 0.0) -> np.ndarray:
-        """uint16 lesion instances 1..K (scan order) of the components that pass every rule."""
+    def keep(self, voxel_ml: float, min_ml: float, min_bone_fraction: float = 0.0,
+             min_confidence: float = 0.0) -> np.ndarray:
+        """Per component id, whether it passes every rule (index 0, the background, never does)."""
         keep = self.sizes * voxel_ml >= min_ml
         if self.in_bone is not None and min_bone_fraction > 0:
             keep &= self.in_bone >= min_bone_fraction * self.sizes
         if self.confidence is not None and min_confidence > 0:
             keep &= self.confidence >= min_confidence
         keep[0] = False
+        return keep
+
+    def instances(self, keep: np.ndarray) -> np.ndarray:
+        """uint16 lesion instances 1..K of the kept components, in component order."""
         remap = np.zeros(len(self.sizes), np.uint16)
         remap[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint16)
         return remap[self.labels]
+
+    def select(self, voxel_ml: float, min_ml: float, min_bone_fraction: float = 0.0,
+               min_confidence: float = 0.0) -> np.ndarray:
+        """uint16 lesion instances 1..K (scan order) of the components that pass every rule."""
+        return self.instances(self.keep(voxel_ml, min_ml, min_bone_fraction, min_confidence))
 
 
 def components(mask: np.ndarray, near: np.ndarray | None = None, prob: np.ndarray | None = None) -> Components:
