@@ -36,10 +36,11 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def sensitive_predictor():
-    """The shipped network at edema threshold 0.1: enough lesions on a knee case to make equivariance checks
-    non-vacuous with the current (weak) weights; the geometry under test does not depend on the threshold."""
+    """The shipped network at edema threshold 0.1 and no confidence rule: enough lesions on a knee case to make
+    equivariance checks non-vacuous with the current (weak) weights; the geometry under test does not depend on
+    the lesion rules."""
     pred = Predictor.load(device="cpu")
-    pred.threshold = 0.1
+    pred.threshold, pred.min_confidence = 0.1, 0.0
     return pred
 
 
