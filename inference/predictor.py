@@ -22,8 +22,8 @@ from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
-from inference.sides import body_mask, sides_by_position
-from inference.spine import renumber_vertebrae
+from models.sides import body_mask, sides_by_position
+from models.spine import renumber_vertebrae
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window

@@ -3,8 +3,8 @@ along the spine and counted from the sacrum, and sides by position."""
 import numpy as np
 import pytest
 
-from inference.sides import _pairs, body_mask, sides_by_position
-from inference.spine import LEVELS, renumber_vertebrae
+from models.sides import _pairs, body_mask, sides_by_position
+from models.spine import LEVELS, renumber_vertebrae
 from models.sites import site_id
 from training.config import SynthConfig, load_config
 from training.data import to_model_case

@@ -360,9 +360,9 @@ class Trainer:
                 voxel, sites = self.net(x)
             sl = tuple(slice(0, s) for s in img.shape)
             prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
-            site_map = upsample_site_ids(sites).cpu().numpy()[sl]
             ref = case["edema"] == 1
             bone = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5
+            site_map = self._site_rules(np.where(bone, upsample_site_ids(sites).cpu().numpy()[sl], 0), img)
             bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
             # every threshold's lesions and every reference lesion lie in this box: score there (same results, ~10x less work)
@@ -388,6 +388,13 @@ class Trainer:
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
+
+    def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
+        """The site map as inference reports it: vertebral levels fitted along the spine, sides by position."""
+        from models.sides import body_mask, sides_by_position
+        from models.spine import renumber_vertebrae
+        spacing = self.cfg.network.spacing_mm
+        return sides_by_position(renumber_vertebrae(site_map.astype(np.uint8), spacing), body_mask(img), spacing)
 
     @staticmethod
     def _score_rules(acc: dict, inst: np.ndarray, ref: np.ndarray, ref_inst: np.ndarray, ref_sites: dict,

@@ -1,5 +1,5 @@
 """Vertebral level naming on the validation phantoms: the network's own level labels against the levels fitted
-along the spine (inference/spine.py), as mean Dice over the levels in view and voxel accuracy.
+along the spine (models/spine.py), as mean Dice over the levels in view and voxel accuracy.
 
     .venv/bin/python tests/benchmarks/bench_spine_levels.py [--model models/default] [--cases 24]
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=24)
     args = ap.parse_args()
     from inference.predictor import Predictor
-    from inference.spine import LEVELS, renumber_vertebrae
+    from models.spine import LEVELS, renumber_vertebrae
     from models.sites import site_id
     ids = np.array([site_id(c) for c in LEVELS])
     files = sorted(glob.glob(str(ROOT / "data/cache/val_*/*.npz")))[:args.cases]
