@@ -65,6 +65,6 @@ def lesion_instances(mask: np.ndarray, voxel_ml: float, min_ml: float, near: np.
     when ``near`` (see :func:`near_bone`) is given, those with less than ``min_bone_fraction`` of their voxels in
     or touching bone (CNO edema is a marrow finding: a bright blob away from every bone is fluid, vessel or
     bowel); when ``prob`` is given, those whose mean edema probability (the reported confidence) is under
-    ``min_confidence`` (on the validation phantoms the false positives, mostly bright physes and red marrow,
-    were less confident than the true lesions)."""
+    ``min_confidence`` (on the validation phantoms false positives had a lower mean probability than most true
+    lesions)."""
     return components(mask, near, prob).select(voxel_ml, min_ml, min_bone_fraction, min_confidence)
