@@ -183,6 +183,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         metrics[name] = summary
     targets = target_check(metrics)
     datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
+    synthetic_only = all(d["synthetic"] for d in datasets)
     card = {
         "name": "wbmri-default",
         "version": f"1.{2 if bundle.config.sites_from == 'skip' else 0}.{total_steps}",
@@ -204,8 +205,9 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         },
         "input": {"spacing_mm": list(bundle.config.spacing_mm), "orientation": "closest RAS axes (no interpolation)",
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
-                  "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence and at least min_bone_fraction of their "
-                                     "voxels in or touching predicted bone (thresholds chosen on the validation set)",
+                  "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence "
+                                     "and at least min_bone_fraction of their voxels in or touching predicted bone "
+                                     "(thresholds chosen on the validation set)",
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),
@@ -220,7 +222,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "validation_at_selection": bundle.card.get("validation"),
         },
         "data": {
-            "synthetic_only": all(d.get("synthetic") for d in datasets), "generator": "wbmri-phantom",
+            "synthetic_only": synthetic_only, "generator": "wbmri-phantom",
             "generator_version": GENERATOR_VERSION,
             "train_pool_seeds": f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
                                 " (the cases generated before training stopped; see data/README.md)",
@@ -228,7 +230,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                 "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
             "test_seeds": {"whole_body": "500000..500019", "partial_fov": "600000..600019"},
             "dataset_dirs": datasets,
-            "real_patient_data": "none" if all(d.get("synthetic") for d in datasets) else "yes: see dataset_dirs",
+            "real_patient_data": "none" if synthetic_only else "yes: see dataset_dirs",
         },
         "metrics": {"frozen_synthetic_test_set": metrics, "command": eval_command},
         "intended_use": INTENDED_USE,
