@@ -19,7 +19,7 @@ from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
 from training.data import crop, make_batch, phantom_model_case
 from training.export import export_bundle, revalidate
-from training.loop import Trainer, compute_loss, operating_point, sites_loss
+from training.loop import Trainer, compute_loss, improves, operating_point, sites_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -126,6 +126,14 @@ def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget(
     assert operating_point(results)["threshold"] == 0.5
     noisy = [r(0.3, 0.95, 2.0, 0.6), r(0.5, 0.80, 0.9, 0.7)]
     assert operating_point(noisy)["threshold"] == 0.5  # nothing within budget: best F1
+
+
+def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
+    assert improves((0.889, 0.72), (0.889, 0.71))      # same F1, better Dice: the later checkpoint wins
+    assert not improves((0.889, 0.71), (0.889, 0.72))
+    assert not improves((0.889, 0.71), (0.889, 0.71))  # an exact tie keeps the earlier one
+    assert improves((0.9, 0.5), (0.889, 0.72))         # F1 first
+    assert not improves((0.8, 0.9), (0.889, 0.72))
 
 
 def test_crop_pads_outside_the_volume():
