@@ -194,7 +194,10 @@ class _Scene:
         sl = self.site_box(sid)
         if sl is None:
             return np.zeros((0, 3), int), np.zeros((0, 3))
-        idx = np.argwhere(self.sites[sl] == sid) + _offset(sl)
+        return self._subsampled(np.argwhere(self.sites[sl] == sid) + _offset(sl))
+
+    def _subsampled(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel indices thinned evenly to at most MAX_AXIS_POINTS, and their world points."""
         if len(idx) > MAX_AXIS_POINTS:
             idx = idx[:: int(np.ceil(len(idx) / MAX_AXIS_POINTS))]
         return idx, self.world(idx)
@@ -253,10 +256,7 @@ class _Scene:
         if n <= 1:
             return self.site_points(sid)
         largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
-        idx = np.argwhere(lab == largest) + _offset(sl)
-        if len(idx) > MAX_AXIS_POINTS:
-            idx = idx[:: int(np.ceil(len(idx) / MAX_AXIS_POINTS))]
-        return idx, self.world(idx)
+        return self._subsampled(np.argwhere(lab == largest) + _offset(sl))
 
     def _compute_axis(self, site: Site) -> _BoneAxis | None:
         idx, pts = self.main_piece_points(site.id)
