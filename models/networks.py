@@ -21,6 +21,7 @@ from .sites import n_sites
 
 EDEMA, BONE, PHYSIS = 0, 1, 2
 VOXEL_CHANNELS = ("edema", "bone", "physis")
+LOG_EPS = 0.03  # of the normalised image (body 99th percentile = 1): about background noise
 
 
 class NetworkConfig(BaseModel):
@@ -39,8 +40,16 @@ class NetworkConfig(BaseModel):
     sites_from: Literal["skip", "final"] = Field(
         "skip", description="skip: the site head reads the half-resolution skip level of the U-Net (encoder and "
                             "decoder features); final: the pooled final feature map (models before 1.2)")
+    log_channel: bool = Field(
+        False, description="also feed log(image + 0.03) as a second input channel: a lesion is defined by its ratio "
+                           "to its own marrow, which the log turns into a difference that convolutions see as they "
+                           "see an edge, whatever the marrow's own brightness (models before 1.3: image only)")
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     patch: tuple[int, int, int] = (96, 96, 96)
+
+    @property
+    def in_channels(self) -> int:
+        return 2 if self.log_channel else 1
 
 
 class WbmriNet(nn.Module):
@@ -52,14 +61,15 @@ class WbmriNet(nn.Module):
             from monai.networks.nets import UNet
             if len(cfg.strides) != len(cfg.channels) - 1:
                 raise ValueError("network.strides needs one entry fewer than network.channels")
-            self.body = UNet(3, 1, cfg.features, cfg.channels, cfg.strides, num_res_units=cfg.res_units,
+            self.body = UNet(3, cfg.in_channels, cfg.features, cfg.channels, cfg.strides, num_res_units=cfg.res_units,
                              dropout=cfg.dropout, norm=cfg.norm)
         else:
             from monai.networks.nets import BasicUNet
             if len(cfg.channels) != 6:
                 raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
-            self.body = BasicUNet(3, 1, cfg.features, features=cfg.channels, dropout=cfg.dropout,
+            self.body = BasicUNet(3, cfg.in_channels, cfg.features, features=cfg.channels, dropout=cfg.dropout,
                                   norm=cfg.norm if cfg.norm == "batch" else ("instance", {"affine": True}))
+        self.log_channel = cfg.log_channel
         self.act = nn.PReLU(cfg.features)
         self.voxel = nn.Conv3d(cfg.features, len(VOXEL_CHANNELS), 1)
         self.sites_from = cfg.sites_from
@@ -76,12 +86,42 @@ class WbmriNet(nn.Module):
         self._half = output
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: the normalised image, (N, 1, D, H, W); the log channel (if any) is made here."""
+        if self.log_channel:
+            x = with_log_channel(x)
         feat = self.act(self.body(x))
         if self.sites_from == "skip":
             half, self._half = self._half, None
         else:
             half = nn.functional.avg_pool3d(feat, 2, ceil_mode=True)
         return self.voxel(feat), self.sites(half)
+
+
+def with_log_channel(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, ...) -> (N, 2, ...): the image and log(image + LOG_EPS), in the input's memory format."""
+    fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+        else torch.contiguous_format
+    return torch.cat([x, torch.log(x.clamp_min(0) + LOG_EPS)], 1).contiguous(memory_format=fmt)
+
+
+def widen_input_weights(theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Weights of a bundle that fit ``own``: same-shape tensors as they are, and convolution weights that only
+    lack input channels (a network that gained the log channel) padded with zeros, so the widened network
+    computes exactly what the old one did until training teaches it to use the new channel. Returns the
+    fitting tensors and the names of the widened ones."""
+    fit, widened = {}, []
+    for k, v in theirs.items():
+        if k not in own:
+            continue
+        w = own[k]
+        if w.shape == v.shape:
+            fit[k] = v
+        elif v.dim() == 5 and w.dim() == 5 and w.shape[0] == v.shape[0] and w.shape[2:] == v.shape[2:] \
+                and v.shape[1] < w.shape[1]:
+            pad = torch.zeros((w.shape[0], w.shape[1] - v.shape[1], *w.shape[2:]), dtype=v.dtype)
+            fit[k] = torch.cat([v, pad], 1)
+            widened.append(k)
+    return fit, widened
 
 
 def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Module, int]:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.lesions import components, lesion_instances, near_bone
-from models.networks import NetworkConfig, build_network, upsample_site_ids
+from models.networks import LOG_EPS, NetworkConfig, build_network, upsample_site_ids, widen_input_weights
 
 
 def test_site_ids_equal_the_argmax_of_nearest_upsampled_logits():
@@ -65,3 +65,31 @@ def test_batch_norm_network_gives_the_same_output_for_a_patch_and_the_whole_volu
     inner = (slice(None), slice(None), slice(14, 18), slice(14, 18), slice(14, 18))
     centre = full[..., 16:48, 16:48, 16:48][inner]
     assert torch.allclose(part[inner], centre, atol=1e-4)
+
+
+def test_a_network_widened_to_the_log_channel_computes_what_the_old_one_did_and_sees_ratios():
+    """--init from a one-channel bundle: the zero-padded input weights give identical outputs; after that the log
+    channel is an ordinary input (a 2x brighter voxel differs by log 2 there, whatever the base brightness)."""
+    torch.manual_seed(0)
+    small = dict(channels=(4, 8, 16), strides=(2, 2), features=4, patch=(32, 32, 32))
+    old = build_network(NetworkConfig(**small)).eval()
+    new = build_network(NetworkConfig(**small, log_channel=True)).eval()
+    fit, widened = widen_input_weights(old.state_dict(), new.state_dict())
+    assert widened and all(new.state_dict()[k].shape[1] == 2 for k in widened)
+    new.load_state_dict(fit)
+    x = torch.rand(1, 1, 32, 32, 32).to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        (v0, s0), (v1, s1) = old(x), new(x)
+    assert torch.allclose(v0, v1, atol=1e-5) and torch.allclose(s0, s1, atol=1e-5)
+    from models.networks import with_log_channel
+    two = with_log_channel(x)
+    assert two.shape[1] == 2 and two.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(two[:, :1], x) and torch.allclose(two[:, 1:], torch.log(x + LOG_EPS))
+    pair = with_log_channel(torch.tensor([0.1, 0.2, 0.4, 0.8]).view(1, 1, 4, 1, 1))[0, 1, :, 0, 0]
+    assert torch.allclose(pair[1] - pair[0], pair[3] - pair[2], atol=0.1)  # same ratio, nearly the same step
+    # a genuinely different second channel changes the output once its weights are not zero
+    with torch.no_grad():
+        for k in widened:
+            new.state_dict()[k][:, 1:].normal_()
+        v2, _ = new(x)
+    assert not torch.allclose(v1, v2, atol=1e-3)

@@ -17,7 +17,7 @@ from scipy import ndimage
 from models.card import load_bundle, save_bundle
 from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
-                             upsample_site_ids)
+                             upsample_site_ids, widen_input_weights)
 from training.config import TrainConfig
 from training.data import UNKNOWN, PhantomPool, phantom_cache_name, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
 
@@ -180,19 +180,22 @@ class Trainer:
 
     def _init_from(self, folder: Path) -> None:
         """Start from a bundle's weights (fine-tuning). Tensors whose name and shape match are copied; the rest
-        (e.g. a re-designed head) keep their fresh initialisation and are listed. The spacing must match."""
+        (e.g. a re-designed head) keep their fresh initialisation and are listed; input convolutions of a network
+        that gained the log channel are widened with zeros. The spacing must match."""
         init = load_bundle(folder)
         if tuple(init.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
             raise ValueError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
                              f"{self.cfg.network.spacing_mm} mm")
-        own, theirs = self.net.state_dict(), init.net.state_dict()
-        same = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+        own = self.net.state_dict()
+        same, widened = widen_input_weights(init.net.state_dict(), own)
         if not same:
             raise ValueError(f"--init {folder}: no weights fit this run's network section")
         self.net.load_state_dict(same, strict=False)
         fresh = sorted(k for k in own if k not in same)
-        if fresh and not self.quiet:
-            print(f"--init {folder}: {len(same)} tensors loaded, {len(fresh)} start fresh: {', '.join(fresh)}")
+        if (fresh or widened) and not self.quiet:
+            print(f"--init {folder}: {len(same)} tensors loaded"
+                  + (f", {len(widened)} widened to the new input channel(s) with zero weights" if widened else "")
+                  + (f", {len(fresh)} start fresh: {', '.join(fresh)}" if fresh else ""))
 
     # ------------------------------------------------------------------ data
     def setup_data(self) -> None:
