@@ -17,9 +17,9 @@ import torch
 from models.card import load_bundle, save_bundle
 from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import crop, make_batch, phantom_model_case
+from training.data import crop, lesion_blobs, make_batch, phantom_model_case
 from training.export import export_bundle, revalidate
-from training.loop import Trainer, compute_loss, improves, operating_point, sites_loss
+from training.loop import Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -260,3 +260,36 @@ def test_card_names_the_dataset_folders_a_run_learned_from(tmp_path):
     real.mkdir()
     (real / "dataset.json").write_text(json.dumps({"name": "MyCNO", "numTraining": 12}))
     assert _dataset_source(real) == {"path": str(real), "cases": 12, "synthetic": False}
+
+
+def test_blob_loss_weighs_every_lesion_alike():
+    """Two lesions, 64 and 1 voxels. Finding only the large one: batch Dice barely notices the miss, the blob loss
+    counts it as half the lesions missed; a prediction on one lesion does not count against the other."""
+    from training.loop import soft_dice_loss
+    target = np.zeros((1, 1, 12, 12, 12), np.uint8)
+    target[0, 0, 1:5, 1:5, 1:5] = 1
+    target[0, 0, 9, 9, 9] = 1
+    blobs = torch.from_numpy(lesion_blobs(target[0]))[None]
+    assert int(blobs.max()) == 2
+    t = torch.from_numpy(target).float()
+    known = torch.ones_like(t)
+    big_only = t.clone()
+    big_only[0, 0, 9, 9, 9] = 0
+    assert float(soft_dice_loss(big_only, t, known)) < 0.01
+    blob = float(blob_dice_loss(big_only, blobs, known))
+    assert abs(blob - 0.25) < 1e-6  # mean of big (0) and small (1 - 1 / (0 + 1 + 1) = 0.5, +1 smoothing)
+    assert float(blob_dice_loss(t, blobs, known)) < 0.01  # both found: the other lesion's voxels are masked out
+    assert float(blob_dice_loss(torch.zeros_like(t), torch.zeros_like(blobs), known)) == 0.0
+
+
+def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["loss.blob_weight=1.0", "sampling.lesion_p=1.0"])
+    case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
+    batch = make_batch([case], np.random.default_rng(0), cfg, None)
+    assert "blobs" in batch and int(batch["blobs"].max()) >= 1
+    net = build_network(cfg.network)
+    voxel, sites = net(batch["image"])
+    total, parts = compute_loss(voxel, sites, batch, cfg)
+    assert 0 < parts["edema_blob"] <= 1
+    cfg.loss.blob_weight = 0.0
+    assert float(compute_loss(voxel, sites, batch, cfg)[0]) < float(total)

@@ -167,6 +167,10 @@ class LossConfig(Strict):
     physis_weight: float = 0.3
     sites_weight: float = 0.5
     dice: bool = Field(True, description="add soft Dice to the edema and bone BCE and to the sites CE")
+    blob_weight: float = Field(0.0, ge=0, description="weight of a lesion-wise edema Dice (blob loss, Kofler et al. "
+                               "2022): each connected lesion of a patch scored on its own, the other lesions masked "
+                               "out, and averaged, so a small or faint lesion counts as much as a large one (the "
+                               "batch Dice lets large lesions dominate); 0 = off")
 
 
 class OptimConfig(Strict):

@@ -237,5 +237,17 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
         if augment is not None:
             augment.set_random_state(seed=int(rng.integers(2 ** 31)))
             d = augment(d)
-        items.append({k: torch.as_tensor(np.asarray(v)) for k, v in d.items()})
+        item = {k: torch.as_tensor(np.asarray(v)) for k, v in d.items()}
+        if cfg.loss.blob_weight > 0:
+            item["blobs"] = torch.from_numpy(lesion_blobs(np.asarray(d["edema"])))
+        items.append(item)
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def lesion_blobs(edema: np.ndarray) -> np.ndarray:
+    """26-connected lesions of an (augmented) edema patch, ids 1..K (int16; unknown targets give none). Made from
+    the binary target, so it works for datasets whose labels do not keep lesion instances (nnU-Net layout)."""
+    from scipy import ndimage
+    mask = edema == 1
+    blobs, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    return blobs.astype(np.int16)

@@ -46,6 +46,24 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
     return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
 
 
+def blob_dice_loss(prob: torch.Tensor, blobs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Lesion-wise soft Dice (blob loss): for each lesion k of each patch, the soft Dice of the prediction against
+    lesion k alone, over the patch without the other lesions (so a prediction elsewhere still costs), averaged
+    over all lesions of the batch. Zero when the batch has no lesion."""
+    losses = []
+    for b in range(prob.shape[0]):
+        ids = torch.unique(blobs[b])
+        ids = ids[ids > 0]
+        if not len(ids):
+            continue
+        p_all = prob[b] * known[b]
+        for k in ids:
+            t = (blobs[b] == k).float()
+            p = p_all * ((blobs[b] == 0) | (blobs[b] == k)).float()
+            losses.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    return torch.stack(losses).mean() if losses else prob.sum() * 0
+
+
 def _bce(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
     loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(pos_weight, device=logits.device),
                                               reduction="none")
@@ -88,6 +106,8 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     if lc.dice:
         parts["edema_dice"] = soft_dice_loss(torch.sigmoid(voxel[:, EDEMA:EDEMA + 1]), edema_t, known)
         parts["bone"] = parts["bone"] + soft_dice_loss(torch.sigmoid(voxel[:, BONE:BONE + 1]), bone_t, known_s)
+    if lc.blob_weight > 0 and "blobs" in batch:
+        parts["edema_blob"] = blob_dice_loss(torch.sigmoid(voxel[:, EDEMA:EDEMA + 1]), batch["blobs"], known)
     phys = batch["physis"].float()
     known_p = (batch["physis"] != UNKNOWN).float()
     parts["physis"] = _bce(voxel[:, PHYSIS:PHYSIS + 1], phys * known_p, known_p, 4.0)
@@ -96,7 +116,7 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
     parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
-        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"]
+        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] + lc.blob_weight * parts.get("edema_blob", 0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -299,7 +319,7 @@ class Trainer:
             self.step += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", pool=len(self._files()))
+                bar.set_postfix(loss=f"{loss.item():.3f}", pool=len(self._files()))
             if self.rank == 0:
                 row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr_at(self.step, cfg),
                        "loss": float(loss), **parts}
@@ -339,9 +359,12 @@ class Trainer:
         return {"step": self.step, "best_lesion_f1": self.best, "loss": float(loss), **last_val}
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
-        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "bone", "physis", "sites",
+        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "bone", "physis", "sites",
                 "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan", "val_site_acc",
                 "val_threshold", "val_min_bone_fraction", "val_min_confidence", "val_bone_dice"]
+        if not new:  # a run resumed from an older version keeps its file's columns
+            with open(path, newline="") as fh:
+                cols = next(csv.reader(fh), cols)
         with open(path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
             if new:
