@@ -322,7 +322,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}", pool=len(self._files()))
             if self.rank == 0:
                 row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr_at(self.step, cfg),
-                       "loss": float(loss), **parts}
+                       "loss": loss.item(), **parts}
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
