@@ -56,10 +56,6 @@ def knee_case(tmp_path_factory):
     return case, path
 
 
-@pytest.mark.xfail(strict=True, reason="known: on this knee case the shipped weights (1.2.9950) find all three lesions "
-                                       ">= 1 mL with the right bone and side but under-segment the proximal right tibia one "
-                                       "(0.23x the reference volume; femur 0.77x, left tibia 0.42x; edema Dice 0.43-0.47 on the "
-                                       "frozen test set); see models/default/card.json")
 def test_reported_lesions_match_the_phantom(predictor, knee_case):
     case, path = knee_case
     result = predictor.predict(path)

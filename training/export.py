@@ -42,13 +42,20 @@ def target_check(summaries: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def _shown(value: float, target: str) -> str:
+    """Two decimals, or three where two would round a missed target onto it (0.949 is not >= 0.95)."""
+    two = f"{value:.2f}"
+    return two if two != f"{float(target.split()[-1]):.2f}" else f"{value:.3f}"
+
+
 def _target_limitation(rows: list[dict]) -> list[str]:
     missed = [r for r in rows if r["met"] is False]
     if not rows:
         return ["Not evaluated on the frozen synthetic test set: its accuracy is unknown."]
     if not missed:
         return []
-    listed = "; ".join(f"{r['test_set']} {r['metric']} {r['value']:.2f} (target {r['target']})" for r in missed)
+    listed = "; ".join(f"{r['test_set']} {r['metric']} {_shown(r['value'], r['target'])} (target {r['target']})"
+                       for r in missed)
     return [f"It does NOT meet {len(missed)} of its {len(rows)} targets on the frozen synthetic test set: {listed}. "
             "Read the metrics before relying on any output; retrain or fine-tune (`wbmri train`) where you can."]
 
