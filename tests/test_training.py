@@ -69,7 +69,7 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
     assert set(parts) >= {"edema_bce", "edema_dice", "bone", "physis", "sites"}
 
