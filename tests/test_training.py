@@ -293,3 +293,14 @@ def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path):
     assert 0 < parts["edema_blob"] <= 1
     cfg.loss.blob_weight = 0.0
     assert float(compute_loss(voxel, sites, batch, cfg)[0]) < float(total)
+
+
+def test_a_stage_is_counted_once_whether_its_path_is_relative_or_absolute(tmp_path, monkeypatch):
+    """Re-exporting runs/v17 into the models/default it was initialised from: the card there already lists the
+    run (by the absolute out_dir it trained under), which must not be counted again."""
+    from training.export import _distinct_stages
+    monkeypatch.chdir(tmp_path)
+    stages = [{"run": "runs/a", "steps": 10}, {"run": str(tmp_path / "runs" / "b"), "steps": 20},
+              {"run": str(tmp_path / "runs" / "a"), "steps": 10}]
+    kept = _distinct_stages(stages, Path("runs/b"))
+    assert [s["steps"] for s in kept] == [10]

@@ -161,10 +161,12 @@ def _stages_from_card(bundle_dir: Path) -> list[dict]:
 def _distinct_stages(stages: list[dict], run_dir: Path) -> list[dict]:
     """Each earlier stage once, never the run being exported: re-exporting a run after its ``init`` bundle was
     overwritten by an export of this same lineage (e.g. models/default) would otherwise count stages twice."""
-    out, seen = [], {str(Path(run_dir))}
+    def key(path) -> str:  # runs/v17 and /abs/path/runs/v17 are the same run
+        return str(Path(path).resolve())
+    out, seen = [], {key(run_dir)}
     for st in stages:
-        if str(Path(st["run"])) not in seen:
-            seen.add(str(Path(st["run"])))
+        if key(st["run"]) not in seen:
+            seen.add(key(st["run"]))
             out.append(st)
     return out
 
