@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.lesions import components
 from models.nifti import load_volume
 from models.preprocessing import normalise, plan_grid, to_model_grid
 from training.config import SynthConfig, TrainConfig
@@ -245,9 +246,7 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
 
 
 def lesion_blobs(edema: np.ndarray) -> np.ndarray:
-    """26-connected lesions of an (augmented) edema patch, ids 1..K (int16; unknown targets give none). Made from
-    the binary target, so it works for datasets whose labels do not keep lesion instances (nnU-Net layout)."""
-    from scipy import ndimage
-    mask = edema == 1
-    blobs, _ = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
-    return blobs.astype(np.int16)
+    """The lesions (as :func:`models.lesions.components` defines them) of an augmented (1, D, H, W) edema patch,
+    ids 1..K, int16, same shape; unknown targets give none. Made from the binary target, so it works for datasets
+    whose labels do not keep lesion instances (nnU-Net layout)."""
+    return components(edema[0] == 1).labels[None].astype(np.int16)
