@@ -99,7 +99,7 @@ def test_sites_loss_asks_which_bone_only_inside_bone():
     sites_loss(logits, target, dice=True).backward()
     assert logits.grad[:, 0].abs().sum() == 0
     assert logits.grad[0, 1:, :3].abs().sum() == 0  # no gradient from background voxels
-    assert float(sites_loss(logits, torch.zeros_like(target), dice=True)) == 0
+    assert sites_loss(logits, torch.zeros_like(target), dice=True).item() == 0
 
 
 def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, capsys):
