@@ -230,6 +230,10 @@ def test_resume_after_kill(tmp_path):
     steps = [int(r["step"]) for r in csv.DictReader(open(run / "metrics.csv"))]
     assert steps[-3:] == [step_at_kill + 1, step_at_kill + 2, step_at_kill + 3]
     assert steps == sorted(set(steps)), "rows logged after the checkpoint must not be repeated after the resume"
+    again = subprocess.run(_cli(*over, "--resume", "--set", f"optim.steps={step_at_kill + 3}", "--set", "val_every=1000"),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]  # resuming a finished run is a no-op, not a crash
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
 
 
 def test_ddp_two_cpu_processes(tmp_path):

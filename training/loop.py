@@ -302,6 +302,7 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last_val: dict = {}
+        last_loss = float("nan")  # stays NaN when a finished run is resumed (no step left to take)
         t_start = time.time()
         self.net.train()
         while self.step < cfg.optim.steps:
@@ -317,12 +318,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
             self.opt.step()
             self.step += 1
+            last_loss = loss.item()
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", pool=len(self._files()))
+                bar.set_postfix(loss=f"{last_loss:.3f}", pool=len(self._files()))
             if self.rank == 0:
                 row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr_at(self.step, cfg),
-                       "loss": loss.item(), **parts}
+                       "loss": last_loss, **parts}
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
@@ -356,7 +358,7 @@ class Trainer:
             writer.close()
         if self.pool:
             self.pool.stop()
-        return {"step": self.step, "best_lesion_f1": self.best, "loss": float(loss), **last_val}
+        return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "bone", "physis", "sites",
