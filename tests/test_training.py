@@ -296,7 +296,7 @@ def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path):
     total, parts = compute_loss(voxel, sites, batch, cfg)
     assert 0 < parts["edema_blob"] <= 1
     cfg.loss.blob_weight = 0.0
-    assert float(compute_loss(voxel, sites, batch, cfg)[0]) < float(total)
+    assert compute_loss(voxel, sites, batch, cfg)[0].item() < total.item()
 
 
 def test_a_stage_is_counted_once_whether_its_path_is_relative_or_absolute(tmp_path, monkeypatch):
