@@ -165,8 +165,9 @@ def _distinct_stages(stages: list[dict], run_dir: Path) -> list[dict]:
         return str(Path(path).resolve())
     out, seen = [], {key(run_dir)}
     for st in stages:
-        if key(st["run"]) not in seen:
-            seen.add(key(st["run"]))
+        run = key(st["run"])
+        if run not in seen:
+            seen.add(run)
             out.append(st)
     return out
 
