@@ -40,7 +40,10 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
           resume: bool = typer.Option(False, "--resume", help="continue from OUT_DIR/last.pt"),
           init: Optional[Path] = typer.Option(None, "--init", help="fine-tune from a model bundle (e.g. models/default)"),
           out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="run folder (config: out_dir)"),
-          device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (config: device)")) -> None:
+          device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (config: device)"),
+          prepare_only: bool = typer.Option(False, "--prepare-only", help="make the cached phantom and dataset cases "
+                                            "with data.workers processes at full priority, then stop (faster than "
+                                            "filling the pool beside training)")) -> None:
     """Train (or fine-tune) the network; every setting lives in one validated YAML schema."""
     from training.config import ConfigError, TrainConfig, load_config
     from training.loop import Trainer
@@ -57,6 +60,11 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
+    if prepare_only:
+        made = Trainer(cfg).prepare()
+        typer.echo(f"prepared in {made['seconds']:.0f} s ({made['made']} phantom cases made): {made['pool_cases']} pool, "
+                   f"{made['val_cases']} validation and {made['dataset_cases']} dataset cases under {cfg.data.cache_dir}")
+        return
     result = Trainer(cfg, resume=resume).train()
     typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.sites import all_sites, by_code
-from training.config import LesionConfig, SynthConfig, load_config
+from training.config import ConfigError, LesionConfig, SynthConfig, load_config
 from training.phantom.generate import generate_case, synth_dataset, write_case
 from training.phantom.lesions import PELVIS, plan_lesions
 
@@ -153,3 +153,17 @@ def test_bright_physes_and_dark_fat(whole_body):
         assert np.median(img[phys]) > np.median(img[bone & ~phys & (case.lesions == 0)])
     les = case.lesions > 0
     assert np.median(img[les]) > np.median(img[bone & ~les])
+
+
+def test_contrast_gamma_bends_the_randomised_tissue_means_and_keeps_their_order():
+    from training.config import ContrastRandomisation, StirConfig
+    from training.phantom.contrast import tissue_means
+    from training.phantom.render import CSF, DISC, MUSCLE, PHYSIS, RED, YELLOW
+    stir = StirConfig()
+    flat = tissue_means(np.random.default_rng(3), stir, ContrastRandomisation(enabled=True, p=1.0, gamma=(1.0, 1.0)))
+    bent = tissue_means(np.random.default_rng(3), stir, ContrastRandomisation(enabled=True, p=1.0, gamma=(2.0, 2.0)))
+    for t in (MUSCLE, PHYSIS, DISC, CSF):  # tissues the fat-suppression rules do not clamp
+        assert bent[t] == pytest.approx(flat[t] ** 2, rel=1e-5)
+    assert bent[YELLOW] < bent[RED] < bent[CSF]
+    with pytest.raises(ConfigError, match="gamma must be"):
+        load_config(SynthConfig, None, ["contrast.gamma=[0, 1.2]"])

@@ -236,6 +236,41 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
 
 
+def test_prepare_only_fills_the_caches_and_trains_nothing(tmp_path):
+    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+    cmd = _cli(*over, "--prepare-only", "--set", "data.workers=2", "--set", "data.phantom_cases=3")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(4 phantom cases made): 3 pool, 1 validation and 0 dataset cases" in done.stdout
+    pool = list((tmp_path / "cache").glob("pool_*/*.npz"))
+    val = list((tmp_path / "cache").glob("val_*/*.npz"))
+    assert sorted(p.stem for p in pool) == ["100000", "100001", "100002"] and [p.stem for p in val] == ["900000"]
+    assert not list((tmp_path / "cache").rglob("*.tmp.npz")) and not (tmp_path / "run").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(0 phantom cases made)" in again.stdout
+
+
+def test_case_cache_keeps_the_most_recent_cases_within_its_budget(tmp_path):
+    from training.data import CaseCache, save_npz
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.npz")
+        save_npz(paths[-1], {"image": np.full((10, 10, 10), i, np.float16), "edema": np.zeros((10, 10, 10), np.uint8)})
+    size = 10 ** 3 * 3  # bytes per case in memory
+    cache = CaseCache(2 * size)
+    for p in paths:
+        cache.get(p)
+    assert len(cache) == 2 and cache.bytes == 2 * size and cache.misses == 3
+    assert cache.get(paths[2])["image"][0, 0, 0] == 2 and cache.hits == 1
+    assert cache.get(paths[0])["image"][0, 0, 0] == 0 and cache.misses == 4  # evicted, read again
+    cache.get(paths[2])
+    assert cache.hits == 2  # 2 was used more recently than 1, so 1 went when 0 came back
+    cache.get(paths[1])
+    assert cache.misses == 5
+    nothing = CaseCache(0)
+    assert nothing.get(paths[1])["image"][0, 0, 0] == 1 and len(nothing) == 0
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -259,7 +294,10 @@ def test_card_names_the_dataset_folders_a_run_learned_from(tmp_path):
     write_dataset_json(phantom, ["case_000007", "case_000008"], cfg, 7)
     src = _dataset_source(phantom)
     assert src["synthetic"] and src["seeds"] == "7..8" and src["cases"] == 2
-    assert src["contrast_randomisation"]["p"] == 1.0
+    assert src["contrast_randomisation"]["p"] == 1.0 and src["contrast_randomisation"]["gamma"] == [0.7, 1.5]
+    meta = json.loads((phantom / "dataset.json").read_text())
+    (phantom / "dataset.json").write_text(json.dumps({**meta, "generator_version": "1.1"}))
+    assert _dataset_source(phantom)["contrast_randomisation"]["gamma"] is None  # 1.1 never applied it
     real = tmp_path / "MyCNO"
     real.mkdir()
     (real / "dataset.json").write_text(json.dumps({"name": "MyCNO", "numTraining": 12}))

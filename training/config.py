@@ -117,7 +117,15 @@ class ContrastRandomisation(Strict):
     enabled: bool = False
     p: float = Field(0.5, ge=0, le=1)
     jitter: float = Field(0.35, ge=0, le=1)
-    gamma: Range = (0.7, 1.5)
+    gamma: Range = Field((0.7, 1.5), description="exponent on the jittered tissue means (fluid about 1), "
+                         "log-uniform; applied since generator 1.2")
+
+    @model_validator(mode="after")
+    def _gamma_positive(self) -> "ContrastRandomisation":
+        lo, hi = self.gamma
+        if not 0 < lo <= hi:
+            raise ValueError(f"gamma must be 0 < low <= high, got {list(self.gamma)}")
+        return self
 
 
 class SynthConfig(Strict):
@@ -142,6 +150,8 @@ class DataConfig(Strict):
     val_seed: int = 900_000
     cache_dir: Path = Path("data/cache")
     workers: int = Field(1, ge=0, description="background phantom generators (0: generate in the training process first)")
+    ram_cache_gb: float = Field(8.0, ge=0, description="training cases kept in memory (GiB); the least recently used "
+                                "beyond it are re-read from their npz files")
 
 
 class SamplingConfig(Strict):

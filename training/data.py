@@ -10,6 +10,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def _producer(seeds: list[int], synth_json: str, spacing, folder: str, threads: 
 
 
 class PhantomPool:
-    """A folder of phantom cases on the model grid, filled by a background process (resumable: files persist)."""
+    """A folder of phantom cases on the model grid, filled by worker processes (resumable: files persist)."""
 
     def __init__(self, folder: Path, seeds: list[int], synth: SynthConfig, spacing, workers: int = 1):
         self.folder = Path(folder)
@@ -94,17 +95,20 @@ class PhantomPool:
         self.seeds = seeds
         self.synth, self.spacing, self.workers = synth, spacing, workers
         self.procs: list[mp.Process] = []
-        self._cache: dict[Path, dict[str, np.ndarray]] = {}
 
-    def start(self) -> None:
-        todo = [s for s in self.seeds if not (self.folder / f"{s}.npz").exists()]
+    def missing(self) -> list[int]:
+        return [s for s in self.seeds if not (self.folder / f"{s}.npz").exists()]
+
+    def start(self, nice: int = 19) -> None:
+        """Fill the folder in ``workers`` processes: at nice 19 beside training (the default), at 0 to prepare."""
+        todo = self.missing()
         if not todo:
             return
         ctx = mp.get_context("spawn")
-        for w in range(max(1, self.workers)):
-            p = ctx.Process(target=_producer, args=(todo[w::max(1, self.workers)], self.synth.model_dump_json(),
-                                                    tuple(self.spacing), str(self.folder), 1, 19, os.getpid()),
-                            daemon=True)
+        n = max(1, min(self.workers, len(todo)))
+        for w in range(n):
+            p = ctx.Process(target=_producer, args=(todo[w::n], self.synth.model_dump_json(), tuple(self.spacing),
+                                                    str(self.folder), 1, nice, os.getpid()), daemon=True)
             p.start()
             self.procs.append(p)
 
@@ -116,24 +120,57 @@ class PhantomPool:
     def ready(self) -> list[Path]:
         return [self.folder / f"{s}.npz" for s in self.seeds if (self.folder / f"{s}.npz").exists()]
 
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
     def wait(self, n: int, timeout_s: float = 3600) -> None:
         t0 = time.time()
         while len(self.ready()) < min(n, len(self.seeds)):
             if time.time() - t0 > timeout_s:
                 raise TimeoutError(f"phantom pool: only {len(self.ready())} of {n} cases after {timeout_s:.0f} s")
-            if self.procs and not any(p.is_alive() for p in self.procs) and len(self.ready()) < n:
+            if self.procs and not self.alive() and len(self.ready()) < n:
                 raise RuntimeError("phantom pool producer died; see its traceback above")
             time.sleep(2)
-
-    def get(self, path: Path) -> dict[str, np.ndarray]:
-        if path not in self._cache:
-            self._cache[path] = load_npz(path)
-        return self._cache[path]
 
     def stop(self) -> None:
         for p in self.procs:
             if p.is_alive():
                 p.terminate()
+
+
+def _nbytes(case: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in case.values())
+
+
+class CaseCache:
+    """Training cases read from their npz files; the most recently used stay in memory up to ``max_bytes`` (a pool
+    of hundreds of cases no longer has to fit in RAM: the rest are re-read, usually from the OS page cache)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Path, dict[str, np.ndarray]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, path: Path) -> dict[str, np.ndarray]:
+        case = self._items.get(path)
+        if case is not None:
+            self._items.move_to_end(path)
+            self.hits += 1
+            return case
+        self.misses += 1
+        case = load_npz(path)
+        size = _nbytes(case)
+        if size <= self.max_bytes:
+            self._items[path] = case
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= _nbytes(old)
+        return case
 
 
 def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:

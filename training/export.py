@@ -123,7 +123,9 @@ def _dataset_source(folder: Path) -> dict:
     out = {"path": str(folder), "cases": meta.get("numTraining"), "synthetic": meta.get("name") == "wbmri-phantom"}
     if out["synthetic"]:
         first = int(meta.get("first_seed", 0))
-        contrast = (meta.get("config") or {}).get("contrast") or {}
+        contrast = dict((meta.get("config") or {}).get("contrast") or {})
+        if contrast and meta.get("generator_version") in ("1.0", "1.1"):
+            contrast["gamma"] = None  # configured, but generators before 1.2 never applied it
         out.update({"generator_version": meta.get("generator_version"),
                     "seeds": f"{first}..{first + int(meta.get('numTraining') or 0) - 1}",
                     "contrast_randomisation": contrast if contrast.get("enabled") else None})

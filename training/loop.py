@@ -19,7 +19,7 @@ from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import TrainConfig
-from training.data import UNKNOWN, PhantomPool, phantom_cache_name, build_augment, load_npz, make_batch, nnunet_cases, phantom_model_case, save_npz
+from training.data import UNKNOWN, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_cache_name
 
 
 def _dist() -> tuple[int, int]:
@@ -218,15 +218,61 @@ class Trainer:
                   + (f", {len(fresh)} start fresh: {', '.join(fresh)}" if fresh else ""))
 
     # ------------------------------------------------------------------ data
+    def _pools(self) -> tuple[PhantomPool | None, PhantomPool]:
+        """The training phantom pool (None without phantom cases) and the validation phantoms, as cache folders."""
+        cfg, sp = self.cfg, self.cfg.network.spacing_mm
+        cache = Path(cfg.data.cache_dir)
+        pool = None
+        if cfg.data.phantom_cases:
+            seeds = [cfg.data.phantom_seed + i for i in range(cfg.data.phantom_cases)]
+            pool = PhantomPool(cache / phantom_cache_name("pool", cfg.synth, cfg.data.phantom_seed, sp), seeds,
+                               cfg.synth, sp, cfg.data.workers)
+        val = PhantomPool(cache / phantom_cache_name("val", cfg.synth, cfg.data.val_seed, sp),
+                          [cfg.data.val_seed + i for i in range(cfg.data.val_cases)], cfg.synth, sp, cfg.data.workers)
+        return pool, val
+
+    def prepare(self, progress: bool = True) -> dict:
+        """Make every cached case this run reads (phantom pool, validation phantoms, dataset folders) and return:
+        ``data.workers`` processes at full priority, which is faster than filling the pool beside training."""
+        t0 = time.time()
+        pool, val = self._pools()
+        pools = [p for p in (pool, val) if p is not None]
+        todo = sum(len(p.missing()) for p in pools)
+        if todo and self.cfg.data.workers == 0:
+            for p in pools:
+                p.fill_now()
+        elif todo:
+            for p in pools:
+                p.start(nice=0)
+            bar = None
+            if progress and not self.quiet:
+                from tqdm import tqdm
+                bar = tqdm(total=todo, desc="prepare", unit="case", dynamic_ncols=True)
+            try:
+                while any(p.alive() for p in pools):
+                    time.sleep(1)
+                    if bar:
+                        bar.n = todo - sum(len(p.missing()) for p in pools)
+                        bar.refresh()
+            finally:
+                if bar:
+                    bar.close()
+                for p in pools:
+                    p.stop()
+            left = sum(len(p.missing()) for p in pools)
+            if left:
+                raise RuntimeError(f"prepare: {left} phantom cases were not made; see the producer's traceback above")
+        sp = self.cfg.network.spacing_mm
+        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir))) for d in self.cfg.data.dataset_dirs)
+        return {"pool_cases": len(pool.ready()) if pool else 0, "val_cases": len(val.ready()),
+                "dataset_cases": dataset, "made": todo, "seconds": round(time.time() - t0, 1)}
+
     def setup_data(self) -> None:
         cfg = self.cfg
         sp = cfg.network.spacing_mm
         self.train_files: list[Path] = []
-        self.pool = None
-        if cfg.data.phantom_cases:
-            seeds = [cfg.data.phantom_seed + i for i in range(cfg.data.phantom_cases)]
-            folder = Path(cfg.data.cache_dir) / phantom_cache_name("pool", cfg.synth, cfg.data.phantom_seed, sp)
-            self.pool = PhantomPool(folder, seeds, cfg.synth, sp, cfg.data.workers)
+        self.pool, val = self._pools()
+        if self.pool:
             if cfg.data.workers == 0:
                 self.pool.fill_now()
             elif self.rank == 0:
@@ -234,13 +280,10 @@ class Trainer:
         for d in cfg.data.dataset_dirs:
             self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
         self.val_cases = []
-        vfolder = Path(cfg.data.cache_dir) / phantom_cache_name("val", cfg.synth, cfg.data.val_seed, sp)
-        vfolder.mkdir(parents=True, exist_ok=True)
-        for i in range(cfg.data.val_cases if self.rank == 0 else 0):
-            p = vfolder / f"{cfg.data.val_seed + i}.npz"
-            if not p.exists():
-                save_npz(p, phantom_model_case(cfg.data.val_seed + i, cfg.synth, sp))
-            self.val_cases.append(load_npz(p))
+        if self.rank == 0:
+            val.fill_now()
+            self.val_cases = [load_npz(p) for p in val.ready()]
+        self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30))
         self.augment = build_augment(cfg)
 
     def _files(self) -> list[Path]:
@@ -250,7 +293,7 @@ class Trainer:
     def _cases(self, n: int) -> list[dict]:
         files = self._files()
         picks = self.rng.choice(len(files), size=n, replace=len(files) < n)
-        return [self.pool.get(files[i]) if self.pool else load_npz(files[i]) for i in picks]
+        return [self.cache.get(files[i]) for i in picks]
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, path: Path) -> None:

@@ -26,6 +26,9 @@ def tissue_means(rng: np.random.Generator, stir: StirConfig, rand: ContrastRando
     lut[SKIN] *= 1.3
     if rand.enabled and rng.random() < rand.p:
         lut[1:] *= rng.uniform(1 - rand.jitter, 1 + rand.jitter, len(lut) - 1).astype(np.float32)
+        # a gamma on the means (fluid about 1): the tissue order stays, the spread between dark and bright changes
+        gamma = np.exp(rng.uniform(*np.log(rand.gamma)))
+        lut[1:] = np.clip(lut[1:], 1e-4, None) ** np.float32(gamma)
         # keep what defines edema and fat suppression: fat and fatty marrow stay dark, fluid bright
         lut[FAT] = min(lut[FAT], 0.6 * lut[MUSCLE])
         lut[YELLOW] = min(lut[YELLOW], 0.7 * lut[MUSCLE])
