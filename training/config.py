@@ -150,7 +150,7 @@ class DataConfig(Strict):
     val_seed: int = 900_000
     cache_dir: Path = Path("data/cache")
     workers: int = Field(1, ge=0, description="background phantom generators (0: generate in the training process first)")
-    ram_cache_gb: float = Field(8.0, ge=0, description="training cases kept in memory (GiB); the least recently used "
+    ram_cache_gb: float = Field(8.0, ge=0, description="training cases kept in memory per process (GiB); the least recently used "
                                 "beyond it are re-read from their npz files")
 
 
