@@ -180,7 +180,7 @@ class Predictor:
         lap("read")
         tick("preprocess", 0.1)
         grid = plan_grid(vol.data.shape, vol.affine, self.bundle.config.spacing_mm)
-        img = normalise(to_model_grid(vol.data, grid, "trilinear"))
+        img = normalise(to_model_grid(vol.data, grid, "trilinear"), self.bundle.config.intensity_reference)
         lap("preprocess")
         tick("network", 0.2)
         prob, bone_p, physis_p, site_map = self.network_outputs(img)

@@ -44,6 +44,10 @@ class NetworkConfig(BaseModel):
         False, description="also feed log(image + 0.03) as a second input channel: a lesion is defined by its ratio "
                            "to its own marrow, which the log turns into a difference that convolutions see as they "
                            "see an edge, whatever the marrow's own brightness (models before 1.3: image only)")
+    intensity_reference: Literal["p99", "p75"] = Field(
+        "p99", description="what 1.0 of the normalised input is (models.preprocessing.normalise): p99, the 99th "
+                           "percentile of body voxels; p75, the 75th percentile scaled to match p99 on whole-body "
+                           "views, which does not brighten knee and foot views (models before 1.3: p99)")
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     patch: tuple[int, int, int] = (96, 96, 96)
 

@@ -1,5 +1,6 @@
 """The shared building blocks in models/: site-id upsampling and the lesion definition."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +94,22 @@ def test_a_network_widened_to_the_log_channel_computes_what_the_old_one_did_and_
             new.state_dict()[k][:, 1:].normal_()
         v2, _ = new(x)
     assert not torch.allclose(v1, v2, atol=1e-3)
+
+
+def test_p75_reference_fixes_the_75th_body_percentile_whatever_the_bright_organs():
+    from models.preprocessing import P75_TO_P99, _body_sample, normalise, rereference
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 40, 40), np.float32)
+    img[5:35, 5:35, 5:35] = rng.uniform(0.1, 0.3, (30, 30, 30))  # muscle-level body
+    bright = img.copy()
+    bright[10:20, 10:20, 10:30] = 1.0  # plus a fluid-bright organ, as in a whole-body view
+    for vol in (img, bright):
+        out = normalise(vol * 123.0, "p75")
+        assert np.percentile(_body_sample(out), 75) == pytest.approx(P75_TO_P99, rel=0.02)
+        assert np.allclose(rereference(normalise(vol), "p75"), out, atol=1e-5)
+    # p99 moves with the bright organ (the body's muscle-level signal drops to ~0.3), p75 hardly does
+    assert normalise(bright)[20, 25, 25] < 0.5 * normalise(img)[20, 25, 25]
+    assert normalise(bright, "p75")[20, 25, 25] == pytest.approx(normalise(img, "p75")[20, 25, 25], rel=0.15)
+    assert np.array_equal(rereference(normalise(img), "p99"), normalise(img))
+    with pytest.raises(ValueError, match="unknown intensity reference"):
+        rereference(img, "p50")

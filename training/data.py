@@ -12,13 +12,14 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from models.lesions import components
 from models.nifti import load_volume
-from models.preprocessing import normalise, plan_grid, to_model_grid
+from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
 from training.config import SynthConfig, TrainConfig
 
 UNKNOWN = 255
@@ -41,6 +42,13 @@ def to_model_case(image: np.ndarray, affine: np.ndarray, spacing, lesions: np.nd
     if lesions is not None:
         out["instances"] = to_model_grid(lesions.astype(np.int16), grid, "nearest-exact").astype(np.uint16)
     return out
+
+
+def with_reference(case: dict[str, np.ndarray], reference: str) -> dict[str, np.ndarray]:
+    """A cached case (normalised to ``p99``, whatever the network) with its image re-scaled to ``reference``."""
+    if reference == "p99":
+        return case
+    return {**case, "image": rereference(case["image"].astype(np.float32), reference).astype(np.float16)}
 
 
 def phantom_model_case(seed: int, synth: SynthConfig, spacing) -> dict[str, np.ndarray]:
@@ -146,8 +154,9 @@ class CaseCache:
     """Training cases read from their npz files; the most recently used stay in memory up to ``max_bytes`` (a pool
     of hundreds of cases no longer has to fit in RAM: the rest are re-read, usually from the OS page cache)."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, prepare: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
         self.max_bytes = max_bytes
+        self.prepare = prepare  # applied once per read (e.g. the network's intensity reference)
         self._items: OrderedDict[Path, dict[str, np.ndarray]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
@@ -163,6 +172,8 @@ class CaseCache:
             return case
         self.misses += 1
         case = load_npz(path)
+        if self.prepare is not None:
+            case = self.prepare(case)
         size = _nbytes(case)
         if size <= self.max_bytes:
             self._items[path] = case

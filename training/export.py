@@ -115,6 +115,14 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     return card["validation"]
 
 
+def _minor_version(net) -> int:
+    """1.0: pooled site head; 1.2: skip-level site head; 1.3: a new input (log channel or the p75 intensity
+    reference), which an older wbmri would feed wrongly."""
+    if net.log_channel or net.intensity_reference != "p99":
+        return 3
+    return 2 if net.sites_from == "skip" else 0
+
+
 def _dataset_source(folder: Path) -> dict:
     """What a ``data.dataset_dirs`` folder held, from its dataset.json: a phantom folder made by ``wbmri synth``
     names its generator, seeds and contrast randomisation; any other folder is taken as real data."""
@@ -198,7 +206,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     synthetic_only = all(d["synthetic"] for d in datasets)
     card = {
         "name": "wbmri-default",
-        "version": f"1.{2 if bundle.config.sites_from == 'skip' else 0}.{total_steps}",
+        "version": f"1.{_minor_version(bundle.config)}.{total_steps}",
         "architecture": {
             "family": "MONAI UNet body + two heads", "parameters": n_params,
             "heads": {"voxel": "full resolution, sigmoid: edema, bone, physis",

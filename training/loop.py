@@ -19,7 +19,7 @@ from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import TrainConfig
-from training.data import UNKNOWN, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_cache_name
+from training.data import UNKNOWN, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_cache_name, with_reference
 
 
 def _dist() -> tuple[int, int]:
@@ -271,6 +271,7 @@ class Trainer:
         cfg = self.cfg
         sp = cfg.network.spacing_mm
         self.train_files: list[Path] = []
+        ref = cfg.network.intensity_reference  # caches hold p99-normalised images; each case is re-referenced on reading
         self.pool, val = self._pools()
         if self.pool:
             if cfg.data.workers == 0:
@@ -282,8 +283,8 @@ class Trainer:
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
-            self.val_cases = [load_npz(p) for p in val.ready()]
-        self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30))
+            self.val_cases = [with_reference(load_npz(p), ref) for p in val.ready()]
+        self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
         self.augment = build_augment(cfg)
 
     def _files(self) -> list[Path]:

@@ -69,7 +69,7 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     pred = Predictor.load(model, device="cpu")
     vol = load_volume(path)
     grid = plan_grid(vol.data.shape, vol.affine, pred.bundle.config.spacing_mm)
-    img = normalise(to_model_grid(vol.data, grid, "trilinear"))
+    img = normalise(to_model_grid(vol.data, grid, "trilinear"), pred.bundle.config.intensity_reference)
     net, cfg = pred.net, pred.bundle.config
     div = size_divisor(cfg) * 2
     x = torch.from_numpy(np.pad(img, [(0, (-s) % div) for s in img.shape]))[None, None].contiguous(
