@@ -92,9 +92,10 @@ def body_mask_threshold(img: np.ndarray) -> float:
 P75_TO_P99 = 0.37
 
 
-def _body_sample(img: np.ndarray) -> np.ndarray:
+def _body_sample(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A subsample of the volume (every second voxel of large ones) and its body voxels."""
     sample = img[:: 2, :: 2, :: 2] if img.size > 2_000_000 else img
-    return sample[sample > body_mask_threshold(sample)]
+    return sample, sample[sample > body_mask_threshold(sample)]
 
 
 def normalise(img: np.ndarray, reference: str = "p99") -> np.ndarray:
@@ -102,8 +103,8 @@ def normalise(img: np.ndarray, reference: str = "p99") -> np.ndarray:
     same, then re-referenced by ``rereference`` (the network config's ``intensity_reference`` says which)."""
     img = np.asarray(img, dtype=np.float32)
     img = img - min(0.0, float(img.min()))
-    body = _body_sample(img)
-    scale = float(np.percentile(body, 99.0)) if body.size > 100 else float(img.max())
+    sample, body = _body_sample(img)
+    scale = float(np.percentile(body, 99.0)) if body.size > 100 else float(sample.max())
     if scale <= 0:
         scale = 1.0
     return rereference(np.clip(img / scale, 0.0, 4.0).astype(np.float32), reference)
@@ -118,7 +119,7 @@ def rereference(img: np.ndarray, reference: str) -> np.ndarray:
         return img
     if reference != "p75":
         raise ValueError(f"unknown intensity reference {reference!r} (p99 or p75)")
-    body = _body_sample(img)
+    _, body = _body_sample(img)
     p75 = float(np.percentile(body, 75.0)) if body.size > 100 else 0.0
     if p75 <= 0:
         return img
