@@ -167,3 +167,32 @@ def test_contrast_gamma_bends_the_randomised_tissue_means_and_keeps_their_order(
     assert bent[YELLOW] < bent[RED] < bent[CSF]
     with pytest.raises(ConfigError, match="gamma must be"):
         load_config(SynthConfig, None, ["contrast.gamma=[0, 1.2]"])
+
+
+def test_normal_foot_foci_are_symmetric_left_right():
+    from models.sites import site_id
+    from training.config import BodyConfig
+    from training.phantom.body import build_skeleton, sample_body
+    from training.phantom.contrast import foot_foci_gain
+    from training.phantom.generate import canvas_for
+    from training.phantom.render import RED, YELLOW, tissue_in
+    rng = np.random.default_rng(4)
+    body = sample_body(rng, BodyConfig())
+    cv = canvas_for(body, 3.0)
+    build_skeleton(cv, body, rng, BodyConfig())
+    ids = {side: [site_id(f"{b}_{side}") for b in ("calcaneus", "talus", "midfoot")] for side in ("left", "right")}
+    foot = tissue_in(cv.sites, ids["left"] + ids["right"]) & tissue_in(cv.tissue, (RED, YELLOW))
+    gain = np.ones(cv.shape, np.float32)
+    gain[foot] = foot_foci_gain(cv, body, foot, np.random.default_rng(9), boost=2.0)
+    bright = gain > 1.0
+    # each left-foot voxel against the right-foot voxel at the mirrored ankle-centred position
+    left = np.argwhere(foot & tissue_in(cv.sites, ids["left"]))
+    world = cv.origin + cv.spacing * left
+    mirrored = (world - body.landmarks["ankle_left"]) * [-1, 1, 1] + body.landmarks["ankle_right"]
+    j = np.round((mirrored - cv.origin) / cv.spacing).astype(int)
+    inside = np.all((j >= 0) & (j < cv.shape), axis=1)
+    left, j = left[inside], j[inside]
+    both = foot[tuple(j.T)]
+    agree = bright[tuple(left[both].T)] == bright[tuple(j[both].T)]
+    assert both.sum() > 50 and 0.05 < bright[foot].mean() < 0.95  # there are foci, and normal marrow between them
+    assert agree.mean() > 0.85, f"left and right foot foci agree on only {agree.mean():.0%} of mirrored voxels"

@@ -55,6 +55,35 @@ def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConf
     return out
 
 
+FOOT_FOCUS_CELL_MM = 12.0  # size of the foci's random pattern (a cell of the low-frequency field)
+FOOT_FOCUS_LEVEL = 0.55    # share of the field below which marrow stays normal
+
+
+def foot_foci_gain(cv: Canvas, body: Body, foot: np.ndarray, rng: np.random.Generator, boost: float) -> np.ndarray:
+    """Signal gain at the ``foot`` voxels: bright foci (x ``boost``) where one random low-frequency pattern, laid
+    out in ankle-centred coordinates mirrored left-right, exceeds a level. Both feet share the pattern, so the
+    foci are symmetric, as the normal foci of children's feet are (clinical notes); each side's level and boost
+    are jittered a little so the two sides are alike, not identical."""
+    from scipy.ndimage import map_coordinates
+    idx = np.nonzero(foot)
+    world = cv.origin + cv.spacing * np.stack(idx, axis=1).astype(np.float32)
+    local = np.zeros_like(world)
+    side_of = np.zeros(len(world), np.int8)
+    foot_sites = cv.sites[idx]
+    for k, side in enumerate(("left", "right")):
+        sel = np.isin(foot_sites, [site_id(f"{b}_{side}") for b in ("calcaneus", "talus", "midfoot")])
+        mirror = np.array([1.0 if side == "right" else -1.0, 1.0, 1.0], np.float32)  # lateral is +x on both feet
+        local[sel] = (world[sel] - np.asarray(body.landmarks[f"ankle_{side}"], np.float32)) * mirror
+        side_of[sel] = k
+    lo = local.min(axis=0)
+    coarse_shape = tuple(int(n) for n in np.ceil((local.max(axis=0) - lo) / FOOT_FOCUS_CELL_MM) + 2)
+    pattern = rng.uniform(0.0, 1.0, coarse_shape).astype(np.float32)
+    field = map_coordinates(pattern, list(((local - lo) / FOOT_FOCUS_CELL_MM).T), order=1, mode="nearest")
+    level = FOOT_FOCUS_LEVEL + rng.uniform(-0.03, 0.03, 2)
+    gain = boost * rng.uniform(0.9, 1.1, 2)
+    return np.where(field > level[side_of], gain[side_of], 1.0).astype(np.float32)
+
+
 def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratios: dict[int, float],
                lesion_labels: np.ndarray, mimics: dict, rng: np.random.Generator, stir: StirConfig,
                cfg: MimicConfig) -> np.ndarray:
@@ -70,9 +99,7 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
     # physes fade toward marrow as they close
     img[cv.tissue == PHYSIS] = lut[RED] + body.physis_open * (lut[PHYSIS] - lut[RED])
     if mimics.get("foot") is not None:
-        boost = rng.uniform(*cfg.foot_foci_boost)
-        foot = mimics["foot"]
-        img[foot] *= np.where(field_at(foot, rng, cells=int(shape[2] / 6), lo=0, hi=1) > 0.55, boost, 1.0)
+        img[mimics["foot"]] *= foot_foci_gain(cv, body, mimics["foot"], rng, rng.uniform(*cfg.foot_foci_boost))
     # slow flow: vessels sometimes bright
     if rng.random() < cfg.slow_flow_p:
         img[cv.tissue == BLOOD] *= rng.uniform(1.5, 3.0)
