@@ -113,11 +113,23 @@ def test_nnunet_layout(tmp_path):
         assert sites.shape == img.shape and physis.shape == img.shape
     # the folder is a complete training set: every head gets its target (none masked as unknown)
     from training.data import UNKNOWN, load_npz, nnunet_cases
-    cached = [load_npz(p) for p in nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")]
+    cached_paths = nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")
+    cached = [load_npz(p) for p in cached_paths]
     assert len(cached) == 2
     for case in cached:
         assert (case["sites"] > 0).any() and not (case["sites"] == UNKNOWN).any()
         assert not (case["physis"] == UNKNOWN).any()
+    # another grid gets its own cache; an edited label is cached again, an unchanged case is not
+    coarse = nnunet_cases(tmp_path, (8.0, 8.0, 8.0), tmp_path / "cache")
+    assert coarse[0].parent != cached_paths[0].parent and load_npz(coarse[0])["image"].shape != cached[0]["image"].shape
+    assert cached[0]["edema"].any(), "the test needs a case with edema"
+    label = tmp_path / "labelsTr" / "case_000003.nii.gz"
+    img = nib.load(str(label))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(label))
+    before = {p: p.stat().st_mtime_ns for p in cached_paths}
+    again = nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")
+    assert again == cached_paths and not load_npz(again[0])["edema"].any()
+    assert again[1].stat().st_mtime_ns == before[again[1]]
 
 
 @pytest.mark.parametrize("fov", ["pelvis", "knees", "feet", "spine", "legs"])

@@ -64,8 +64,20 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
     a stale cache is never reused after the phantom changes."""
     from training.phantom.generate import GENERATOR_VERSION
     digest = hashlib.sha256(synth.model_dump_json().encode()).hexdigest()[:8]
-    grid = "x".join(f"{s:g}" for s in spacing)
-    return f"{kind}_g{GENERATOR_VERSION}_{digest}_{first_seed}_{grid}mm"
+    return f"{kind}_g{GENERATOR_VERSION}_{digest}_{first_seed}_{grid_tag(spacing)}"
+
+
+def grid_tag(spacing) -> str:
+    """The model grid in a cache folder's name, e.g. ``3x3x3mm``."""
+    return "x".join(f"{s:g}" for s in spacing) + "mm"
+
+
+def dataset_cache_dir(folder: Path, spacing, cache_dir: Path) -> Path:
+    """Where a dataset's cases on the model grid are cached: one folder per dataset path and grid, so two datasets
+    with the same folder name, or one dataset on two grids, never share cached cases."""
+    folder = Path(folder)
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{folder.name}_{digest}_{grid_tag(spacing)}"
 
 
 def save_npz(path: Path, case: dict[str, np.ndarray]) -> None:
@@ -194,21 +206,22 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     if not (folder / "dataset.json").is_file() or not (folder / "imagesTr").is_dir():
         raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
     json.loads((folder / "dataset.json").read_text())
-    cache = Path(cache_dir) / folder.name
+    cache = dataset_cache_dir(folder, spacing, cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for img_path in sorted((folder / "imagesTr").glob("*_0000.nii*")):
         name, ext = img_path.name.rsplit("_0000", 1)  # NAME_0000.nii.gz -> NAME, .nii.gz (NAME may hold "_0000")
         dst = cache / f"{name}.npz"
         out.append(dst)
-        if dst.exists():
-            continue
+        targets = {key: folder / sub / f"{name}{ext}" for key, sub in
+                   (("edema", "labelsTr"), ("sites", "sitesTr"), ("physis", "physisTr"))}
+        sources = [img_path] + [p for p in targets.values() if p.exists()]
+        if dst.exists() and dst.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
+            continue  # cached after its files were last written (an edited label is cached again)
         vol = load_volume(img_path)
-        lab = load_volume(folder / "labelsTr" / f"{name}{ext}", label=True).data
-        extra = {}
-        for key, sub in (("sites", "sitesTr"), ("physis", "physisTr")):
-            p = folder / sub / f"{name}{ext}"
-            extra[key] = np.asarray(load_volume(p, label=True).data) if p.exists() else None
+        lab = load_volume(targets["edema"], label=True).data
+        extra = {key: np.asarray(load_volume(p, label=True).data) if p.exists() else None
+                 for key, p in targets.items() if key != "edema"}
         save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lab.astype(np.int16), extra["sites"], extra["physis"]))
     return out
 
