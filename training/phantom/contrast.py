@@ -36,11 +36,14 @@ def tissue_means(rng: np.random.Generator, stir: StirConfig, rand: ContrastRando
     return lut
 
 
+FOOT_FOCUS_BONES = ("calcaneus", "talus", "midfoot")  # where children's normal bright foot foci lie
+
+
 def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConfig) -> dict[str, np.ndarray | None]:
     """Normal bright findings: symmetric foot foci (< 15 y), joint effusions, slow-flow vessels."""
     out: dict[str, np.ndarray | None] = {"foot": None}
     if body.age < 15 and rng.random() < cfg.foot_foci_p_under15:
-        ids = [site_id(f"{b}_{s}") for b in ("calcaneus", "talus", "midfoot") for s in ("left", "right")]
+        ids = [site_id(f"{b}_{s}") for b in FOOT_FOCUS_BONES for s in ("left", "right")]
         out["foot"] = tissue_in(cv.sites, ids) & tissue_in(cv.tissue, (RED, YELLOW))
     if rng.random() < cfg.effusion_p:
         for side in ("left", "right"):
@@ -71,7 +74,7 @@ def foot_foci_gain(cv: Canvas, body: Body, foot: np.ndarray, rng: np.random.Gene
     side_of = np.zeros(len(world), np.int8)
     foot_sites = cv.sites[idx]
     for k, side in enumerate(("left", "right")):
-        sel = np.isin(foot_sites, [site_id(f"{b}_{side}") for b in ("calcaneus", "talus", "midfoot")])
+        sel = np.isin(foot_sites, [site_id(f"{b}_{side}") for b in FOOT_FOCUS_BONES])
         mirror = np.array([1.0 if side == "right" else -1.0, 1.0, 1.0], np.float32)  # lateral is +x on both feet
         local[sel] = (world[sel] - np.asarray(body.landmarks[f"ankle_{side}"], np.float32)) * mirror
         side_of[sel] = k

@@ -19,9 +19,9 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas
 
-GENERATOR_VERSION = "1.3"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma;
-# 1.3: normal foot foci symmetric left-right (1.2 drew each foot's pattern independently)
-# applied (cases without contrast randomisation are bit-identical to 1.1)
+GENERATOR_VERSION = "1.3"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+# applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
+# (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
