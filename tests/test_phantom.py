@@ -185,15 +185,15 @@ def test_normal_foot_foci_are_symmetric_left_right():
     from models.sites import site_id
     from training.config import BodyConfig
     from training.phantom.body import build_skeleton, sample_body
-    from training.phantom.contrast import FOOT_FOCUS_BONES, foot_foci_gain
+    from training.phantom.contrast import FOOT_FOCUS_BONES, foot_foci_gain, foot_marrow
     from training.phantom.generate import canvas_for
-    from training.phantom.render import RED, YELLOW, tissue_in
+    from training.phantom.render import tissue_in
     rng = np.random.default_rng(4)
     body = sample_body(rng, BodyConfig())
     cv = canvas_for(body, 3.0)
     build_skeleton(cv, body, rng, BodyConfig())
     ids = {side: [site_id(f"{b}_{side}") for b in FOOT_FOCUS_BONES] for side in ("left", "right")}
-    foot = tissue_in(cv.sites, ids["left"] + ids["right"]) & tissue_in(cv.tissue, (RED, YELLOW))
+    foot = foot_marrow(cv)
     gain = np.ones(cv.shape, np.float32)
     gain[foot] = foot_foci_gain(cv, body, foot, np.random.default_rng(9), boost=2.0)
     bright = gain > 1.0

@@ -39,12 +39,17 @@ def tissue_means(rng: np.random.Generator, stir: StirConfig, rand: ContrastRando
 FOOT_FOCUS_BONES = ("calcaneus", "talus", "midfoot")  # where children's normal bright foot foci lie
 
 
+def foot_marrow(cv: Canvas) -> np.ndarray:
+    """Marrow voxels of the bones of both feet where normal bright foci can lie."""
+    ids = [site_id(f"{b}_{s}") for b in FOOT_FOCUS_BONES for s in ("left", "right")]
+    return tissue_in(cv.sites, ids) & tissue_in(cv.tissue, (RED, YELLOW))
+
+
 def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConfig) -> dict[str, np.ndarray | None]:
     """Normal bright findings: symmetric foot foci (< 15 y), joint effusions, slow-flow vessels."""
     out: dict[str, np.ndarray | None] = {"foot": None}
     if body.age < 15 and rng.random() < cfg.foot_foci_p_under15:
-        ids = [site_id(f"{b}_{s}") for b in FOOT_FOCUS_BONES for s in ("left", "right")]
-        out["foot"] = tissue_in(cv.sites, ids) & tissue_in(cv.tissue, (RED, YELLOW))
+        out["foot"] = foot_marrow(cv)
     if rng.random() < cfg.effusion_p:
         for side in ("left", "right"):
             if rng.random() < 0.7:
