@@ -17,7 +17,7 @@ import torch
 from models.card import load_bundle, save_bundle
 from models.networks import build_network
 from training.config import ConfigError, TrainConfig, load_config
-from training.data import crop, lesion_blobs, make_batch, phantom_model_case
+from training.data import crop, lesion_blobs, make_batch, mimic_mask, phantom_model_case, sample_centre
 from training.export import export_bundle, revalidate
 from training.loop import Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss
 
@@ -45,6 +45,8 @@ def test_config_errors_are_clear(tmp_path):
         load_config(TrainConfig, bad)
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(TrainConfig, TINY, ["optim.lr"])
+    with pytest.raises(ConfigError, match="must be <= 1"):
+        load_config(TrainConfig, TINY, ["sampling.lesion_p=0.6", "sampling.rare_site_p=0.3", "sampling.mimic_p=0.2"])
     cfg = load_config(TrainConfig, TINY, ["optim.lr=0.01", "sampling.batch_size=3"])
     assert cfg.optim.lr == 0.01 and cfg.sampling.batch_size == 3
 
@@ -134,6 +136,28 @@ def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
     assert not improves((0.889, 0.71), (0.889, 0.71))  # an exact tie keeps the earlier one
     assert improves((0.9, 0.5), (0.889, 0.72))         # F1 first
     assert not improves((0.8, 0.9), (0.889, 0.72))
+
+
+def test_mimic_patches_centre_on_bright_lesion_free_marrow():
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 20)
+    image = rng.uniform(0.1, 0.2, shape).astype(np.float16)
+    sites = np.zeros(shape, np.uint8)
+    sites[2:18, 2:18, 2:18] = 7                       # one bone
+    edema = np.zeros(shape, np.uint8)
+    edema[3:6, 3:6, 3:6] = 1                          # a lesion: the brightest of all, but not a mimic
+    image[3:6, 3:6, 3:6] = 0.9
+    image[12:16, 12:16, 12:16] = 0.6                  # bright lesion-free marrow (e.g. fat-suppression failure)
+    image[0:2, 0:2, 0:2] = 0.8                        # bright but outside bone (fluid)
+    case = {"image": image, "edema": edema, "sites": sites, "physis": np.zeros(shape, np.uint8)}
+    mask = mimic_mask(case, 0.9)
+    assert mask[12:16, 12:16, 12:16].all() and not mask[3:6, 3:6, 3:6].any() and not mask[0:2, 0:2, 0:2].any()
+    for _ in range(20):
+        c = sample_centre(case, rng, 0.0, 0.0, mimic_p=1.0)
+        assert mask[tuple(c)]
+    unknown = {**case, "sites": np.full(shape, 255, np.uint8)}   # a dataset without a site map: no mimics
+    assert mimic_mask(unknown, 0.9) is None
+    assert (unknown["image"][tuple(sample_centre(unknown, rng, 0.0, 0.0, mimic_p=1.0))] > 0.05)
 
 
 def test_crop_pads_outside_the_volume():

@@ -157,7 +157,18 @@ class DataConfig(Strict):
 class SamplingConfig(Strict):
     lesion_p: float = Field(0.5, ge=0, le=1, description="patches centred on a lesion")
     rare_site_p: float = Field(0.2, ge=0, le=1, description="patches centred on a random site (uniform over sites)")
+    mimic_p: float = Field(0.0, ge=0, le=1, description="patches centred on bright marrow outside any lesion (hard "
+                           "negatives: red marrow, physes, foot foci, fat-suppression failure); needs a site map")
+    mimic_quantile: float = Field(0.9, ge=0.5, lt=1, description="marrow brighter than this quantile of the case's "
+                                  "lesion-free marrow counts as a mimic")
     batch_size: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _shares(self) -> "SamplingConfig":
+        total = self.lesion_p + self.rare_site_p + self.mimic_p
+        if total > 1 + 1e-9:
+            raise ValueError(f"lesion_p + rare_site_p + mimic_p = {total:.3g} must be <= 1 (the rest: random body patches)")
+        return self
 
 
 class AugmentConfig(Strict):

@@ -236,8 +236,24 @@ def _pick(rng: np.random.Generator, mask: np.ndarray, stride: int) -> np.ndarray
     return None
 
 
-def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float) -> np.ndarray:
-    """Patch centre: on a lesion, on a uniformly chosen bone site (rare sites get their share), or in the body."""
+def mimic_mask(case: dict[str, np.ndarray], quantile: float) -> np.ndarray | None:
+    """Bright bone voxels outside any lesion: those above ``quantile`` of the case's lesion-free bone signal (red
+    marrow, physes, foot foci, patchy fat-suppression failure: what the network must learn to leave alone).
+    None when the case has no site map or no such voxel."""
+    sites, edema = case["sites"], case["edema"]
+    if sites.flat[0] == UNKNOWN and (sites == UNKNOWN).all():
+        return None
+    calm = (sites > 0) & (sites != UNKNOWN) & (edema == 0)
+    values = case["image"][calm]
+    if values.size == 0:
+        return None
+    return calm & (case["image"] > np.quantile(values.astype(np.float32), quantile))
+
+
+def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float,
+                  mimic_p: float = 0.0, mimic_quantile: float = 0.9) -> np.ndarray:
+    """Patch centre: on a lesion, on a uniformly chosen bone site (rare sites get their share), on bright
+    lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
     u = rng.random()
     centre = None
     if u < lesion_p:
@@ -248,6 +264,10 @@ def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_
         present = present[(present > 0) & (present != UNKNOWN)]
         if len(present):
             centre = _pick(rng, sites == rng.choice(present), 2)
+    elif u < lesion_p + site_p + mimic_p:
+        mask = mimic_mask(case, mimic_quantile)
+        if mask is not None:
+            centre = _pick(rng, mask, 2)
     if centre is None:
         centre = _pick(rng, case["image"] > 0.05, 4)
     return centre if centre is not None else np.array(case["image"].shape) // 2
@@ -294,7 +314,9 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     """Stack augmented patches into tensors: image (B,1,D,H,W) and targets."""
     items = []
     for case in cases:
-        patch = crop(case, sample_centre(case, rng, cfg.sampling.lesion_p, cfg.sampling.rare_site_p), cfg.network.patch)
+        sp = cfg.sampling
+        centre = sample_centre(case, rng, sp.lesion_p, sp.rare_site_p, sp.mimic_p, sp.mimic_quantile)
+        patch = crop(case, centre, cfg.network.patch)
         d = {k: v[None] for k, v in patch.items()}
         if augment is not None:
             augment.set_random_state(seed=int(rng.integers(2 ** 31)))
