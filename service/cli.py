@@ -127,6 +127,36 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
 
 
 @app.command()
+def compare(a: Path = typer.Argument(..., help="an evaluation folder (per_case.csv, summary.json): the baseline"),
+            b: Path = typer.Argument(..., help="another evaluation of the same reference cases"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Paired comparison of two evaluations (B minus A) with 95% bootstrap intervals over the shared cases."""
+    import json as _json
+    from rich.console import Console
+    from rich.table import Table
+    from training.evaluate import CI_METHOD, compare_evaluations
+    try:
+        result = compare_evaluations(a, b)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        typer.echo(f"cannot compare: {exc}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(_json.dumps(result, indent=2))
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    table = Table(title=f"{b} minus {a}: {result['n_cases']} shared cases")
+    for col in ("statistic", "cases", "A", "B", "B - A", "95% CI of B - A"):
+        table.add_column(col, justify="left" if col == "statistic" else "right")
+    for name, st in result["statistics"].items():
+        ci = st["ci95"]
+        table.add_row(name, str(st["n_cases"]), fmt(st["a"]), fmt(st["b"]), fmt(st["b_minus_a"]),
+                      "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]")
+    console = Console()
+    console.print(table)
+    console.print(f"{CI_METHOD} Intervals that contain 0: no difference shown.", soft_wrap=True)
+
+
+@app.command()
 def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs/NAME)"),
            to: Path = typer.Option(..., "--to", help="destination bundle folder, e.g. models/default"),
            which: str = typer.Option("best", "--which", help="best | final"),

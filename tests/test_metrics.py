@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 
 from models.nifti import save_nifti
 from models.sites import site_id
-from training.evaluate import GridMismatchError, check_same_grid, evaluate_folders, load_case
-from training.metrics import (FrocCase, detection_counts, dice, froc, majority_labels, match_lesions,
+from training.evaluate import GridMismatchError, check_same_grid, compare_evaluations, evaluate_folders, load_case
+from training.metrics import (FrocCase, bootstrap_ci, detection_counts, dice, froc, majority_labels, match_lesions,
                               per_site_dice, sensitivity_at_fp, site_agreement)
 
 
@@ -287,6 +288,53 @@ def test_evaluate_folders_numbers(tmp_path):
 
     png = (out / "froc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    assert (a["n_site_scored"], a["n_site_right"]) == ("2", "1")
+    ci = s["ci95"]
+    assert ci["fp_per_scan_no_reference_lesions"] == [1.0, 1.0], "one lesion-free case: no spread"
+    assert ci["site_accuracy"] == [0.5, 0.5], "both matched lesions lie in case_a"
+    lo, hi = ci["sensitivity_ge_0p5ml"]
+    assert 0.0 <= lo < 1 / 3 < hi <= 1.0
+    lo, hi = ci["edema_dice"]
+    assert lo == 0.0 and s["edema_dice"]["mean"] < hi <= case_a_dice
+    assert "bootstrap" in s["ci_method"]
+
+
+def test_bootstrap_interval_by_hand():
+    assert bootstrap_ci([2.0] * 10, [1.0] * 10) == (2.0, 2.0)
+    lo, hi = bootstrap_ci([0, 1] * 10, [1] * 20)
+    assert 0.2 <= lo < 0.5 < hi <= 0.8, "binomial, n = 20: about 0.5 +- 0.22"
+    detected, n_ref = [1, 2, 0, 3, 1], [2, 2, 1, 4, 2]          # pooled: 7 of 11
+    lo, hi = bootstrap_ci(detected, n_ref)
+    assert lo < 7 / 11 < hi
+    assert bootstrap_ci(detected, n_ref, minus=(detected, n_ref)) == (0.0, 0.0), "paired: same cases, same values"
+    better = [d + 1 for d in detected]                            # one lesion more found in every case
+    lo, hi = bootstrap_ci(better, n_ref, minus=(detected, n_ref))
+    assert 0 < lo <= hi
+    assert bootstrap_ci([], []) is None and bootstrap_ci([0, 0], [0, 0]) is None
+
+
+def test_compare_two_evaluations_paired(tmp_path):
+    pred, ref = build_folders(tmp_path)
+    evaluate_folders(pred, ref, tmp_path / "a", quiet=True)
+    # B: the false positive of case_b removed, everything else the same
+    write_case(tmp_path / "pred_b" / "case_b", np.zeros((N,) * 3, np.uint16), site_map(), "report.json", [])
+    for case in ("case_a", "case_d", "case_z"):
+        shutil.copytree(pred / case, tmp_path / "pred_b" / case)
+    evaluate_folders(tmp_path / "pred_b", ref, tmp_path / "b", quiet=True)
+    result = compare_evaluations(tmp_path / "a", tmp_path / "b")
+    assert result["n_cases"] == 4 and result["only_a"] == result["only_b"] == []
+    st = result["statistics"]
+    assert st["fp_per_scan"]["a"] == 0.5 and st["fp_per_scan"]["b"] == 0.25
+    assert st["fp_per_scan"]["b_minus_a"] == -0.25 and st["fp_per_scan"]["ci95"][1] <= 0
+    assert st["fp_per_scan_no_reference_lesions"]["ci95"] == [-1.0, -1.0]
+    assert st["sensitivity_ge_0p5ml"]["b_minus_a"] == 0 and st["sensitivity_ge_0p5ml"]["ci95"] == [0.0, 0.0]
+    from typer.testing import CliRunner
+    from service.cli import app
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["statistics"]["fp_per_scan"]["b"] == 0.25
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "cannot compare" in res.output
 
 
 def test_reference_sites_derived_from_site_map_without_json(tmp_path):

@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 
 from models.sites import SOFT_TISSUE, by_id
-from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement, detection_counts, dice,
-                              froc, froc_case, majority_labels, match_lesions, matched_site_pairs, per_site_dice,
-                              sensitivity_at_fp, site_agreement)
+from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement, bootstrap_ci,
+                              detection_counts, dice, froc, froc_case, majority_labels, match_lesions,
+                              matched_site_pairs, per_site_dice, sensitivity_at_fp, site_agreement)
 
 AFFINE_TOL = 1e-3
 TARGET_SENSITIVITY = 0.90
@@ -211,8 +211,89 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
            "edema_dice": dice(pred.lesions > 0, ref.lesions > 0),
            "mean_site_dice": _mean(list(site_dices.values())),
            "site_accuracy": agree.site_accuracy, "side_accuracy": agree.side_accuracy,
+           "n_site_scored": agree.n, "n_site_right": agree.n_site,
            "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
     return CaseScore(bins, fc, agree, row, _lesion_rows(m, pred, ref), site_dices)
+
+
+CI_METHOD = ("95% percentile bootstrap over cases (2,000 resamples with replacement, seed 0): each statistic is "
+             "recomputed on every resample of the scored cases; pooled rates (sensitivity, site accuracy) as sums "
+             "over the resampled cases. Intervals from 20 cases are wide; `wbmri compare` tests two releases on the "
+             "same cases (paired).")
+
+
+def interval_statistics(tag: str) -> dict[str, tuple[str, str | None, str]]:
+    """Statistic name -> (numerator column, denominator column or None for a per-case mean, which cases count:
+    all | no_reference | with_value), as per_case.csv names them."""
+    return {f"sensitivity_ge_{tag}": (f"detected_ge_{tag}", f"n_ref_ge_{tag}", "all"),
+            "fp_per_scan": ("fp", None, "all"),
+            "fp_per_scan_no_reference_lesions": ("fp", None, "no_reference"),
+            "edema_dice": ("edema_dice", None, "all"),
+            "site_accuracy": ("n_site_right", "n_site_scored", "all"),
+            "mean_site_dice": ("mean_site_dice", None, "with_value")}
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None or v == "" else float(v)
+
+
+def _interval_inputs(rows: list[dict[str, Any]], name: str, tag: str) -> tuple[list[str], list[float], list[float]]:
+    """(case names, numerators, denominators) of the cases that count for one statistic."""
+    num_col, den_col, which = interval_statistics(tag)[name]
+    keep = [r for r in rows if (which != "no_reference" or _num(r["n_ref"]) == 0)
+            and (which != "with_value" or math.isfinite(_num(r[num_col])))]
+    return ([r["case"] for r in keep], [_num(r[num_col]) for r in keep],
+            [1.0 if den_col is None else _num(r[den_col]) for r in keep])
+
+
+def case_interval(rows: list[dict[str, Any]], name: str, tag: str) -> list[float] | None:
+    """95% bootstrap interval of one statistic over the scored cases (:data:`CI_METHOD`)."""
+    _, num, den = _interval_inputs(rows, name, tag)
+    ci = bootstrap_ci(num, den)
+    return None if ci is None else [ci[0], ci[1]]
+
+
+def read_per_case(eval_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """The scored rows of an evaluation folder's per_case.csv and its size tag (from summary.json)."""
+    eval_dir = Path(eval_dir)
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    with open(eval_dir / "per_case.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["status"] in ("ok", "failed")]
+    if rows and "n_site_scored" not in rows[0]:
+        raise ValueError(f"{eval_dir}/per_case.csv predates per-case site counts; run `wbmri evaluate` on it again")
+    return rows, size_tag(float(summary["min_ref_ml"]))
+
+
+def compare_evaluations(a_dir: Path, b_dir: Path) -> dict[str, Any]:
+    """Paired comparison of two evaluations of the same reference cases (B minus A), each statistic with a 95%
+    bootstrap interval of the difference in which both are resampled with the same cases."""
+    rows_a, tag = read_per_case(a_dir)
+    rows_b, tag_b = read_per_case(b_dir)
+    if tag != tag_b:
+        raise ValueError(f"the two evaluations used different lesion sizes ({tag} vs {tag_b})")
+    common = sorted({r["case"] for r in rows_a} & {r["case"] for r in rows_b})
+    if not common:
+        raise ValueError("the two evaluations share no scored case")
+    by_a = {r["case"]: r for r in rows_a}
+    by_b = {r["case"]: r for r in rows_b}
+    ra, rb = [by_a[c] for c in common], [by_b[c] for c in common]
+    out: dict[str, Any] = {"n_cases": len(common), "only_a": sorted(set(by_a) - set(common)),
+                           "only_b": sorted(set(by_b) - set(common)), "statistics": {}}
+    for name in interval_statistics(tag):
+        cases_a, num_a, den_a = _interval_inputs(ra, name, tag)
+        cases_b, num_b, den_b = _interval_inputs(rb, name, tag)
+        shared = [c for c in cases_a if c in set(cases_b)]
+        ia = [cases_a.index(c) for c in shared]
+        ib = [cases_b.index(c) for c in shared]
+        na, da = np.take(num_a, ia), np.take(den_a, ia)
+        nb, db = np.take(num_b, ib), np.take(den_b, ib)
+        va = float(na.sum() / da.sum()) if len(shared) and da.sum() > 0 else None
+        vb = float(nb.sum() / db.sum()) if len(shared) and db.sum() > 0 else None
+        ci = bootstrap_ci(nb, db, minus=(na, da)) if len(shared) else None
+        out["statistics"][name] = {"n_cases": len(shared), "a": va, "b": vb,
+                                   "b_minus_a": None if va is None or vb is None else vb - va,
+                                   "ci95": None if ci is None else [ci[0], ci[1]]}
+    return out
 
 
 def _write_froc_png(path: Path, points: list[tuple[float, float, float]], min_ref_ml: float, n_ref: int,
@@ -348,12 +429,14 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
                  "sensitivity_at_target_fp": at_target,
                  "target": {"sensitivity": TARGET_SENSITIVITY, "fp_per_scan": TARGET_FP_PER_SCAN},
                  "target_met": at_target is not None and at_target >= TARGET_SENSITIVITY},
+        "ci95": {name: case_interval(scored, name, tag) for name in interval_statistics(tag)},
+        "ci_method": CI_METHOD,
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ["case", "status", "error", "n_ref", f"n_ref_ge_{tag}", "n_pred", "tp", "fp", "fn", "detected",
                f"detected_ge_{tag}", "edema_dice", "mean_site_dice", "site_accuracy", "side_accuracy",
-               "ref_volume_ml", "pred_volume_ml"]
+               "n_site_scored", "n_site_right", "ref_volume_ml", "pred_volume_ml"]
     _write_csv(out_dir / "per_case.csv", columns, rows)
     _write_csv(out_dir / "lesions.csv", ["case", "kind", "id", "volume_ml", "site", "detected", "pred_ids", "pred_site",
                                          "pred_volume_ml", "confidence"], lesion_rows)

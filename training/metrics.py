@@ -317,3 +317,29 @@ def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str],
                        ref_sites: Mapping[int, str]) -> list[tuple[str, str]]:
     """(predicted site, reference site) for every true-positive prediction and the reference lesion it is assigned to."""
     return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items() if r is not None]
+
+
+def _ratio_of_sums(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """sum(num[i]) / sum(den[i]) for each row i of case indices (NaN where the denominator is 0)."""
+    n, d = num[idx].sum(axis=1), den[idx].sum(axis=1)
+    return np.where(d > 0, n / np.where(d > 0, d, 1), np.nan)
+
+
+def bootstrap_ci(num: Sequence[float], den: Sequence[float], minus: tuple[Sequence[float], Sequence[float]] | None = None,
+                 n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap interval over cases of sum(num) / sum(den) (a mean when ``den`` is all ones, a pooled
+    rate such as sensitivity when it counts lesions). With ``minus`` (another method's num, den on the same cases,
+    same order) the interval is of the paired difference: both are resampled with the same cases. None when no
+    resample has a denominator."""
+    num_a, den_a = np.asarray(num, float), np.asarray(den, float)
+    if len(num_a) == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(len(num_a), size=(n_boot, len(num_a)))
+    stat = _ratio_of_sums(num_a, den_a, idx)
+    if minus is not None:
+        stat = stat - _ratio_of_sums(np.asarray(minus[0], float), np.asarray(minus[1], float), idx)
+    stat = stat[np.isfinite(stat)]
+    if len(stat) == 0:
+        return None
+    lo, hi = np.percentile(stat, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
