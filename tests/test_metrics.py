@@ -370,3 +370,7 @@ def test_target_check_flags_every_missed_target():
     rows = target_check({"wb": good, "partial": bad})
     assert [r["metric"] for r in rows if r["met"] is False] == ["false positives per scan", "edema Dice"]
     assert "2 of its 12 targets" in _target_limitation(rows)[0]
+    bad["ci95"] = {"edema_dice": [0.41, 0.58]}
+    rows = target_check({"partial": bad})
+    assert [r["ci95"] for r in rows if r["metric"] == "edema Dice"] == [[0.41, 0.58]]
+    assert "edema Dice 0.50 (target >= 0.75, 95% interval 0.41-0.58)" in _target_limitation(rows)[0]
