@@ -160,6 +160,27 @@ def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     assert (unknown["image"][tuple(sample_centre(unknown, rng, 0.0, 0.0, mimic_p=1.0))] > 0.05)
 
 
+def test_per_lesion_sampling_gives_a_small_lesion_its_share():
+    rng = np.random.default_rng(1)
+    shape = (30, 30, 30)
+    edema = np.zeros(shape, np.uint8)
+    edema[2:14, 2:14, 2:14] = 1                       # 1,728 voxels
+    edema[25:27, 25:27, 25:27] = 1                    # 8 voxels
+    instances = edema.astype(np.uint16)
+    instances[25:27, 25:27, 25:27] = 2
+    case = {"image": np.ones(shape, np.float16), "edema": edema, "instances": instances,
+            "sites": np.zeros(shape, np.uint8), "physis": np.zeros(shape, np.uint8)}
+    def small_share(c, per_lesion):
+        hits = [sample_centre(c, rng, 1.0, 0.0, per_lesion=per_lesion) for _ in range(400)]
+        assert all(c["edema"][tuple(h)] == 1 for h in hits)
+        return np.mean([h[0] >= 25 for h in hits])
+    assert small_share(case, False) < 0.05            # by voxel: 8 of 1,736
+    assert 0.4 < small_share(case, True) < 0.6        # by lesion: one of two
+    binary = {**case, "instances": edema.astype(np.uint16)}   # nnU-Net labels: lesions are the components
+    assert 0.4 < small_share(binary, True) < 0.6
+    assert 0.4 < small_share({k: v for k, v in binary.items() if k != "instances"}, True) < 0.6
+
+
 def test_crop_pads_outside_the_volume():
     case = {"image": np.ones((10, 10, 10), np.float16), "edema": np.zeros((10, 10, 10), np.uint8),
             "sites": np.full((10, 10, 10), 255, np.uint8), "physis": np.zeros((10, 10, 10), np.uint8)}

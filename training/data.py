@@ -250,14 +250,37 @@ def mimic_mask(case: dict[str, np.ndarray], quantile: float) -> np.ndarray | Non
     return calm & (case["image"] > np.quantile(values.astype(np.float32), quantile))
 
 
+def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray | None:
+    """A voxel of a lesion chosen uniformly among the case's lesions, so a small or faint lesion is a patch centre
+    as often as a large one. Lesions are the case's ``instances`` or, where those are not known (binary labels of
+    the nnU-Net layout), the connected components of its edema (:func:`models.lesions.components`)."""
+    edema = case["edema"] == 1
+    instances = case.get("instances")
+    flat = np.flatnonzero((instances > 0) & edema) if instances is not None else np.empty(0, np.int64)
+    ids = instances.ravel()[flat] if len(flat) else flat
+    if len(np.unique(ids)) < 2:  # one id may be a binary label holding several lesions: label the edema's box
+        where = np.argwhere(edema)
+        if len(where) == 0:
+            return None
+        lo, hi = where.min(axis=0), where.max(axis=0) + 1
+        labels = components(edema[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).labels
+        local = np.flatnonzero(labels)
+        ids = labels.ravel()[local]
+        chosen = rng.choice(np.unique(ids))
+        return lo + np.array(np.unravel_index(rng.choice(local[ids == chosen]), labels.shape))
+    chosen = rng.choice(np.unique(ids))
+    return np.array(np.unravel_index(rng.choice(flat[ids == chosen]), edema.shape))
+
+
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float,
-                  mimic_p: float = 0.0, mimic_quantile: float = 0.9) -> np.ndarray:
-    """Patch centre: on a lesion, on a uniformly chosen bone site (rare sites get their share), on bright
-    lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
+                  mimic_p: float = 0.0, mimic_quantile: float = 0.9, per_lesion: bool = False) -> np.ndarray:
+    """Patch centre: on a lesion (a random edema voxel, or with ``per_lesion`` a voxel of a uniformly chosen
+    lesion), on a uniformly chosen bone site (rare sites get their share), on bright lesion-free marrow
+    (:func:`mimic_mask`), or anywhere in the body."""
     u = rng.random()
     centre = None
     if u < lesion_p:
-        centre = _pick(rng, case["edema"] == 1, 2)
+        centre = pick_lesion_voxel(case, rng) if per_lesion else _pick(rng, case["edema"] == 1, 2)
     elif u < lesion_p + site_p:
         sites = case["sites"]
         present = np.unique(sites[::3, ::3, ::3])
@@ -315,7 +338,8 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     items = []
     for case in cases:
         sp = cfg.sampling
-        centre = sample_centre(case, rng, sp.lesion_p, sp.rare_site_p, sp.mimic_p, sp.mimic_quantile)
+        centre = sample_centre(case, rng, sp.lesion_p, sp.rare_site_p, sp.mimic_p, sp.mimic_quantile,
+                               per_lesion=sp.lesion_pick == "lesion")
         patch = crop(case, centre, cfg.network.patch)
         d = {k: v[None] for k, v in patch.items()}
         if augment is not None:
