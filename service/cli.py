@@ -20,9 +20,15 @@ def synth(n: int = typer.Option(10, "--n", help="number of cases"),
           workers: int = typer.Option(1, "--workers", help="parallel worker processes"),
           set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set fov.whole_body_p=1"),
           preview: bool = typer.Option(False, "--preview", help="also write preview.png in every case folder")) -> None:
-    """Generate synthetic paediatric whole-body STIR cases with CNO lesions."""
+    """Generate synthetic paediatric whole-body STIR cases with CNO lesions (an existing folder made with the same
+    generator and settings is extended)."""
+    from training.config import ConfigError
     from training.phantom.generate import synth_dataset
-    synth_dataset(n=n, out=out, seed=seed, config=config, overrides=set_, workers=workers, preview=preview)
+    try:
+        synth_dataset(n=n, out=out, seed=seed, config=config, overrides=set_, workers=workers, preview=preview)
+    except (ConfigError, ValueError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -130,6 +130,14 @@ def test_nnunet_layout(tmp_path):
     again = nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")
     assert again == cached_paths and not load_npz(again[0])["edema"].any()
     assert again[1].stat().st_mtime_ns == before[again[1]]
+    # the set is extended by a later run with the same settings, and refused with other settings
+    synth_dataset(1, tmp_path, seed=5, overrides=["fov.p={knees: 1.0}", "anatomy_mm=3"])
+    ds = json.loads((tmp_path / "dataset.json").read_text())
+    assert (ds["numTraining"], ds["first_seed"]) == (3, 3)
+    assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == [f"case_00000{i}.nii.gz" for i in (3, 4, 5)]
+    with pytest.raises(ValueError, match="another configuration"):
+        synth_dataset(1, tmp_path, seed=6, overrides=["fov.p={feet: 1.0}", "anatomy_mm=3"])
+    assert not (tmp_path / "cases" / "case_000006").exists()
 
 
 @pytest.mark.parametrize("fov", ["pelvis", "knees", "feet", "spine", "legs"])

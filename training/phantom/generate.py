@@ -172,12 +172,30 @@ def write_dataset_json(out: Path, names: list[str], cfg: SynthConfig, seed: int)
     (out / "dataset.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
+def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
+    """The case names already in a synth folder and its first seed, if the folder was made by this generator
+    version with the same configuration; an error if it was not (a set must not mix cases of two recipes)."""
+    ds_path = Path(out) / "dataset.json"
+    if not ds_path.is_file():
+        return [], None
+    ds = json.loads(ds_path.read_text())
+    if ds.get("generator_version") != GENERATOR_VERSION or ds.get("config") != json.loads(cfg.model_dump_json()):
+        raise ValueError(f"{out} holds cases of generator {ds.get('generator_version')} or another configuration; "
+                         f"add cases only with generator {GENERATOR_VERSION} and the same --config/--set, or use a "
+                         "new folder")
+    names = sorted(p.name for p in (Path(out) / "cases").glob("*") if (p / "image.nii.gz").is_file())
+    return names, ds.get("first_seed")
+
+
 def synth_dataset(n: int, out: Path, seed: int = 0, config: Path | None = None, overrides: list[str] | None = None,
                   workers: int = 1, preview: bool = False) -> list[str]:
-    """Generate N cases (seeds seed..seed+N-1) into OUT with a progress bar."""
+    """Generate N cases (seeds seed..seed+N-1) into OUT with a progress bar. A folder made before with the same
+    generator and configuration is extended (dataset.json then lists all its cases); one made otherwise is an
+    error."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     cfg = load_config(SynthConfig, config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), overrides)
     out = Path(out)
+    before, first_seed = existing_cases(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed + i, cfg.model_dump_json(), str(out), preview) for i in range(n)]
     names = []
@@ -191,5 +209,5 @@ def synth_dataset(n: int, out: Path, seed: int = 0, config: Path | None = None, 
         for name, _ in results:
             names.append(name)
             bar.advance(task)
-    write_dataset_json(out, sorted(names), cfg, seed)
+    write_dataset_json(out, sorted(set(before) | set(names)), cfg, seed if first_seed is None else min(first_seed, seed))
     return names
