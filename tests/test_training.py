@@ -370,7 +370,7 @@ def test_blob_loss_weighs_every_lesion_alike():
 
 
 def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["loss.blob_weight=1.0", "sampling.lesion_p=1.0"])
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["loss.blob_weight=1.0", "sampling.lesion_p=1.0", "sampling.rare_site_p=0"])
     case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
     batch = make_batch([case], np.random.default_rng(0), cfg, None)
     assert "blobs" in batch and int(batch["blobs"].max()) >= 1
