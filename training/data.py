@@ -255,21 +255,19 @@ def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator) -> 
     as often as a large one. Lesions are the case's ``instances`` or, where those are not known (binary labels of
     the nnU-Net layout), the connected components of its edema (:func:`models.lesions.components`)."""
     edema = case["edema"] == 1
-    instances = case.get("instances")
-    flat = np.flatnonzero((instances > 0) & edema) if instances is not None else np.empty(0, np.int64)
-    ids = instances.ravel()[flat] if len(flat) else flat
+    labels, lo = case.get("instances"), np.zeros(3, int)
+    flat = np.flatnonzero((labels > 0) & edema) if labels is not None else np.empty(0, np.int64)
+    ids = labels.ravel()[flat] if labels is not None else flat
     if len(np.unique(ids)) < 2:  # one id may be a binary label holding several lesions: label the edema's box
         where = np.argwhere(edema)
         if len(where) == 0:
             return None
         lo, hi = where.min(axis=0), where.max(axis=0) + 1
         labels = components(edema[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).labels
-        local = np.flatnonzero(labels)
-        ids = labels.ravel()[local]
-        chosen = rng.choice(np.unique(ids))
-        return lo + np.array(np.unravel_index(rng.choice(local[ids == chosen]), labels.shape))
+        flat = np.flatnonzero(labels)
+        ids = labels.ravel()[flat]
     chosen = rng.choice(np.unique(ids))
-    return np.array(np.unravel_index(rng.choice(flat[ids == chosen]), edema.shape))
+    return lo + np.array(np.unravel_index(rng.choice(flat[ids == chosen]), labels.shape))
 
 
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float,

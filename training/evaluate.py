@@ -218,8 +218,8 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
 
 CI_METHOD = ("95% percentile bootstrap over cases (2,000 resamples with replacement, seed 0): each statistic is "
              "recomputed on every resample of the scored cases; pooled rates (sensitivity, site accuracy) as sums "
-             "over the resampled cases. Intervals from 20 cases are wide; `wbmri compare` tests two releases on the "
-             "same cases (paired).")
+             "over the resampled cases. With tens of cases the intervals are wide; `wbmri compare` tests two releases "
+             "on the same cases (paired).")
 
 
 def interval_statistics(tag: str) -> dict[str, tuple[str, str | None, str]]:
