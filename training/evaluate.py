@@ -282,11 +282,12 @@ def compare_evaluations(a_dir: Path, b_dir: Path) -> dict[str, Any]:
     for name in interval_statistics(tag):
         cases_a, num_a, den_a = _interval_inputs(ra, name, tag)
         cases_b, num_b, den_b = _interval_inputs(rb, name, tag)
-        shared = [c for c in cases_a if c in set(cases_b)]
-        ia = [cases_a.index(c) for c in shared]
-        ib = [cases_b.index(c) for c in shared]
-        na, da = np.take(num_a, ia), np.take(den_a, ia)
-        nb, db = np.take(num_b, ib), np.take(den_b, ib)
+        pos_a = {c: i for i, c in enumerate(cases_a)}
+        pos_b = {c: i for i, c in enumerate(cases_b)}
+        shared = [c for c in cases_a if c in pos_b]
+        ia, ib = [pos_a[c] for c in shared], [pos_b[c] for c in shared]
+        na, da = np.asarray(num_a)[ia], np.asarray(den_a)[ia]
+        nb, db = np.asarray(num_b)[ib], np.asarray(den_b)[ib]
         va = float(na.sum() / da.sum()) if len(shared) and da.sum() > 0 else None
         vb = float(nb.sum() / db.sum()) if len(shared) and db.sum() > 0 else None
         ci = bootstrap_ci(nb, db, minus=(na, da)) if len(shared) else None
