@@ -155,6 +155,11 @@ def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     for _ in range(20):
         c = sample_centre(case, rng, 0.0, 0.0, mimic_p=1.0)
         assert mask[tuple(c)]
+    rim = case["image"].copy()
+    rim[6, 3:6, 3:6] = 0.6                            # the lesion's bright rim, just outside its label
+    with_rim = {**case, "image": rim}
+    assert mimic_mask(with_rim, 0.9)[6, 4, 4] and not mimic_mask(with_rim, 0.9, margin=2)[6, 4, 4]
+    assert mimic_mask(with_rim, 0.9, margin=2)[12:16, 12:16, 12:16].all()
     unknown = {**case, "sites": np.full(shape, 255, np.uint8)}   # a dataset without a site map: no mimics
     assert mimic_mask(unknown, 0.9) is None
     assert (unknown["image"][tuple(sample_centre(unknown, rng, 0.0, 0.0, mimic_p=1.0))] > 0.05)

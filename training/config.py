@@ -164,6 +164,8 @@ class SamplingConfig(Strict):
                            "negatives: red marrow, physes, foot foci, fat-suppression failure); needs a site map")
     mimic_quantile: float = Field(0.9, ge=0.5, lt=1, description="marrow brighter than this quantile of the case's "
                                   "lesion-free marrow counts as a mimic")
+    mimic_margin: int = Field(0, ge=0, le=10, description="mimic voxels lie at least this many model-grid voxels "
+                              "from any edema (0: lesion rims count too)")
     batch_size: int = Field(2, ge=1)
 
     @model_validator(mode="after")

@@ -236,14 +236,19 @@ def _pick(rng: np.random.Generator, mask: np.ndarray, stride: int) -> np.ndarray
     return None
 
 
-def mimic_mask(case: dict[str, np.ndarray], quantile: float) -> np.ndarray | None:
+def mimic_mask(case: dict[str, np.ndarray], quantile: float, margin: int = 0) -> np.ndarray | None:
     """Bright bone voxels outside any lesion: those above ``quantile`` of the case's lesion-free bone signal (red
-    marrow, physes, foot foci, patchy fat-suppression failure: what the network must learn to leave alone).
-    None when the case has no site map or no such voxel."""
+    marrow, physes, foot foci, patchy fat-suppression failure: what the network must learn to leave alone),
+    at least ``margin`` voxels from any edema (a lesion's own fading rim is not a mimic). None when the case has
+    no site map or no such voxel."""
+    from scipy.ndimage import binary_dilation
     sites, edema = case["sites"], case["edema"]
     if sites.flat[0] == UNKNOWN and (sites == UNKNOWN).all():
         return None
-    calm = (sites > 0) & (sites != UNKNOWN) & (edema == 0)
+    lesion = edema == 1
+    if margin > 0 and lesion.any():
+        lesion = binary_dilation(lesion, iterations=margin)
+    calm = (sites > 0) & (sites != UNKNOWN) & (edema == 0) & ~lesion
     values = case["image"][calm]
     if values.size == 0:
         return None
@@ -271,7 +276,8 @@ def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator) -> 
 
 
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float,
-                  mimic_p: float = 0.0, mimic_quantile: float = 0.9, per_lesion: bool = False) -> np.ndarray:
+                  mimic_p: float = 0.0, mimic_quantile: float = 0.9, per_lesion: bool = False,
+                  mimic_margin: int = 0) -> np.ndarray:
     """Patch centre: on a lesion (a random edema voxel, or with ``per_lesion`` a voxel of a uniformly chosen
     lesion), on a uniformly chosen bone site (rare sites get their share), on bright lesion-free marrow
     (:func:`mimic_mask`), or anywhere in the body."""
@@ -286,7 +292,7 @@ def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_
         if len(present):
             centre = _pick(rng, sites == rng.choice(present), 2)
     elif u < lesion_p + site_p + mimic_p:
-        mask = mimic_mask(case, mimic_quantile)
+        mask = mimic_mask(case, mimic_quantile, mimic_margin)
         if mask is not None:
             centre = _pick(rng, mask, 2)
     if centre is None:
@@ -337,7 +343,7 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     for case in cases:
         sp = cfg.sampling
         centre = sample_centre(case, rng, sp.lesion_p, sp.rare_site_p, sp.mimic_p, sp.mimic_quantile,
-                               per_lesion=sp.lesion_pick == "lesion")
+                               per_lesion=sp.lesion_pick == "lesion", mimic_margin=sp.mimic_margin)
         patch = crop(case, centre, cfg.network.patch)
         d = {k: v[None] for k, v in patch.items()}
         if augment is not None:
