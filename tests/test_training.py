@@ -16,7 +16,7 @@ import torch
 
 from models.card import load_bundle, save_bundle
 from models.networks import build_network
-from training.config import ConfigError, TrainConfig, load_config
+from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
 from training.data import crop, lesion_blobs, make_batch, mimic_mask, phantom_model_case, sample_centre
 from training.export import export_bundle, revalidate
 from training.loop import Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss
@@ -138,6 +138,9 @@ def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
     assert not improves((0.8, 0.9), (0.889, 0.72))
 
 
+MIMICS_ONLY = SamplingConfig(lesion_p=0.0, rare_site_p=0.0, mimic_p=1.0)
+
+
 def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     rng = np.random.default_rng(0)
     shape = (20, 20, 20)
@@ -153,7 +156,7 @@ def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     mask = mimic_mask(case, 0.9)
     assert mask[12:16, 12:16, 12:16].all() and not mask[3:6, 3:6, 3:6].any() and not mask[0:2, 0:2, 0:2].any()
     for _ in range(20):
-        c = sample_centre(case, rng, 0.0, 0.0, mimic_p=1.0)
+        c = sample_centre(case, rng, MIMICS_ONLY)
         assert mask[tuple(c)]
     rim = case["image"].copy()
     rim[6, 3:6, 3:6] = 0.6                            # the lesion's bright rim, just outside its label
@@ -162,7 +165,7 @@ def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     assert mimic_mask(with_rim, 0.9, margin=2)[12:16, 12:16, 12:16].all()
     unknown = {**case, "sites": np.full(shape, 255, np.uint8)}   # a dataset without a site map: no mimics
     assert mimic_mask(unknown, 0.9) is None
-    assert (unknown["image"][tuple(sample_centre(unknown, rng, 0.0, 0.0, mimic_p=1.0))] > 0.05)
+    assert (unknown["image"][tuple(sample_centre(unknown, rng, MIMICS_ONLY))] > 0.05)
 
 
 def test_per_lesion_sampling_gives_a_small_lesion_its_share():
@@ -176,7 +179,8 @@ def test_per_lesion_sampling_gives_a_small_lesion_its_share():
     case = {"image": np.ones(shape, np.float16), "edema": edema, "instances": instances,
             "sites": np.zeros(shape, np.uint8), "physis": np.zeros(shape, np.uint8)}
     def small_share(c, per_lesion):
-        hits = [sample_centre(c, rng, 1.0, 0.0, per_lesion=per_lesion) for _ in range(400)]
+        sp = SamplingConfig(lesion_p=1.0, rare_site_p=0.0, lesion_pick="lesion" if per_lesion else "voxel")
+        hits = [sample_centre(c, rng, sp) for _ in range(400)]
         assert all(c["edema"][tuple(h)] == 1 for h in hits)
         return np.mean([h[0] >= 25 for h in hits])
     assert small_share(case, False) < 0.05            # by voxel: 8 of 1,736

@@ -20,7 +20,7 @@ import torch
 from models.lesions import components
 from models.nifti import load_volume
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
-from training.config import SynthConfig, TrainConfig
+from training.config import SamplingConfig, SynthConfig, TrainConfig
 
 UNKNOWN = 255
 
@@ -245,10 +245,9 @@ def mimic_mask(case: dict[str, np.ndarray], quantile: float, margin: int = 0) ->
     sites, edema = case["sites"], case["edema"]
     if sites.flat[0] == UNKNOWN and (sites == UNKNOWN).all():
         return None
-    lesion = edema == 1
-    if margin > 0 and lesion.any():
-        lesion = binary_dilation(lesion, iterations=margin)
-    calm = (sites > 0) & (sites != UNKNOWN) & (edema == 0) & ~lesion
+    calm = (sites > 0) & (sites != UNKNOWN) & (edema == 0)
+    if margin > 0 and (edema == 1).any():
+        calm &= ~binary_dilation(edema == 1, iterations=margin)
     values = case["image"][calm]
     if values.size == 0:
         return None
@@ -275,24 +274,22 @@ def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator) -> 
     return lo + np.array(np.unravel_index(rng.choice(flat[ids == chosen]), labels.shape))
 
 
-def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, lesion_p: float, site_p: float,
-                  mimic_p: float = 0.0, mimic_quantile: float = 0.9, per_lesion: bool = False,
-                  mimic_margin: int = 0) -> np.ndarray:
-    """Patch centre: on a lesion (a random edema voxel, or with ``per_lesion`` a voxel of a uniformly chosen
-    lesion), on a uniformly chosen bone site (rare sites get their share), on bright lesion-free marrow
-    (:func:`mimic_mask`), or anywhere in the body."""
+def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: SamplingConfig) -> np.ndarray:
+    """Patch centre, with the shares of ``sp``: on a lesion (a random edema voxel, or with ``lesion_pick: lesion``
+    a voxel of a uniformly chosen lesion), on a uniformly chosen bone site (rare sites get their share), on bright
+    lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
     u = rng.random()
     centre = None
-    if u < lesion_p:
-        centre = pick_lesion_voxel(case, rng) if per_lesion else _pick(rng, case["edema"] == 1, 2)
-    elif u < lesion_p + site_p:
+    if u < sp.lesion_p:
+        centre = pick_lesion_voxel(case, rng) if sp.lesion_pick == "lesion" else _pick(rng, case["edema"] == 1, 2)
+    elif u < sp.lesion_p + sp.rare_site_p:
         sites = case["sites"]
         present = np.unique(sites[::3, ::3, ::3])
         present = present[(present > 0) & (present != UNKNOWN)]
         if len(present):
             centre = _pick(rng, sites == rng.choice(present), 2)
-    elif u < lesion_p + site_p + mimic_p:
-        mask = mimic_mask(case, mimic_quantile, mimic_margin)
+    elif u < sp.lesion_p + sp.rare_site_p + sp.mimic_p:
+        mask = mimic_mask(case, sp.mimic_quantile, sp.mimic_margin)
         if mask is not None:
             centre = _pick(rng, mask, 2)
     if centre is None:
@@ -341,10 +338,7 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     """Stack augmented patches into tensors: image (B,1,D,H,W) and targets."""
     items = []
     for case in cases:
-        sp = cfg.sampling
-        centre = sample_centre(case, rng, sp.lesion_p, sp.rare_site_p, sp.mimic_p, sp.mimic_quantile,
-                               per_lesion=sp.lesion_pick == "lesion", mimic_margin=sp.mimic_margin)
-        patch = crop(case, centre, cfg.network.patch)
+        patch = crop(case, sample_centre(case, rng, cfg.sampling), cfg.network.patch)
         d = {k: v[None] for k, v in patch.items()}
         if augment is not None:
             augment.set_random_state(seed=int(rng.integers(2 ** 31)))
