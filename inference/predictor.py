@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from models.card import ModelBundle, load_bundle, sha256_file
-from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, cpu_supports_bf16, resolve_device, size_divisor,
-                             upsample_site_ids)
+from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
+                             resolve_device, size_divisor, upsample_site_ids)
 from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
@@ -78,7 +78,8 @@ class Result:
 class Predictor:
     """A loaded model, reused across studies."""
 
-    def __init__(self, bundle: ModelBundle, device: torch.device, bf16: bool, max_voxels: int = DEFAULT_MAX_VOXELS):
+    def __init__(self, bundle: ModelBundle, device: torch.device, bf16: bool, max_voxels: int = DEFAULT_MAX_VOXELS,
+                 tta: str | None = None):
         self.bundle = bundle
         self.device = device
         self.bf16 = bf16
@@ -89,23 +90,28 @@ class Predictor:
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
         self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
+        # test-time augmentation: the card's (its thresholds were chosen with it) unless the caller overrides
+        self.tta = tta or str((bundle.card.get("inference") or {}).get("tta", "none"))
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, not {self.tta!r}")
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
-             threads: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS) -> "Predictor":
-        """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda)."""
+             threads: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS, tta: str | None = None) -> "Predictor":
+        """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda); ``tta`` (none | flip_lr)
+        overrides the card's test-time augmentation."""
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError("precision must be auto, bf16 or fp32")
         bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or cpu_supports_bf16()))
-        return cls(load_bundle(model), dev, bf16, max_voxels)
+        return cls(load_bundle(model), dev, bf16, max_voxels, tta)
 
     @property
     def model_info(self) -> dict:
         return {"name": self.bundle.name, "version": self.bundle.version, "sha256": self.bundle.sha256,
-                "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}"}
+                "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta}
 
     # ------------------------------------------------------------------------------------------------ steps
     def network_outputs(self, img: np.ndarray) -> NetworkOutputs:
@@ -124,11 +130,12 @@ class Predictor:
         x = torch.from_numpy(np.pad(crop, pad))[None, None].to(self.device).to(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), autocast_for(self.device, self.bf16):
             if x[0, 0].numel() <= WHOLE_VOLUME_MAX_VOXELS:
-                voxel, sites = self.net(x)
+                voxel, sites = forward_tta(self.net, x, self.tta)
             else:
                 from monai.inferers import sliding_window_inference
                 roi = tuple(min(s, 2 * p) for s, p in zip(x.shape[2:], cfg.patch))
-                voxel, sites = sliding_window_inference(x, roi, 1, self.net, overlap=0.25, mode="gaussian")
+                voxel, sites = sliding_window_inference(x, roi, 1, lambda t: forward_tta(self.net, t, self.tta),
+                                                        overlap=0.25, mode="gaussian")
             probs = torch.sigmoid(voxel[0].float())
             site_ids = upsample_site_ids(sites)
         sl = tuple(slice(0, s) for s in crop.shape)

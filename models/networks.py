@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .sites import n_sites
+from .sites import mirror_ids, n_sites
 
 EDEMA, BONE, PHYSIS = 0, 1, 2
 VOXEL_CHANNELS = ("edema", "bone", "physis")
@@ -140,6 +140,26 @@ def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Modu
         return body.model[1], 2 * cfg.channels[0]
     return body.upcat_2, cfg.channels[1]
 
+
+
+TTA_MODES = ("none", "flip_lr")
+
+
+def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's (voxel, site) logits for ``x`` (N, C, X, Y, Z on RAS axes), optionally averaged with those of
+    its left-right mirror image (``flip_lr``): the mirrored outputs are flipped back and their left and right
+    site channels swapped, so both passes vote for the same anatomy. Costs a second pass."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
+    voxel, sites = net(x)
+    if tta == "none":
+        return voxel, sites
+    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=fmt))
+    swap = torch.as_tensor(mirror_ids(), device=x.device)
+    voxel = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
+    sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
+    return voxel, sites
 
 
 def upsample_site_ids(site_logits: torch.Tensor, bone_only: bool = True) -> torch.Tensor:

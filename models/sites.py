@@ -74,6 +74,13 @@ def site_id(code: str) -> int:
         raise KeyError(f"unknown site code {code!r}") from None
 
 
+@lru_cache(maxsize=1)
+def mirror_ids() -> tuple[int, ...]:
+    """For each label 0..n_sites(): the label of its left-right mirror image (``femur_left`` <-> ``femur_right``;
+    background and midline sites map to themselves)."""
+    return (0, *(site_id(s.mirror_code) if s.mirror_code else s.id for s in all_sites()))
+
+
 def n_sites() -> int:
     """Number of sites (66); label maps use 0 for background and 1..n_sites()."""
     return len(all_sites())

@@ -81,6 +81,7 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
             model: Optional[Path] = typer.Option(None, "--model", help="model bundle folder (default: the shipped model)"),
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
             precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native) | bf16 | fp32"),
+            tta: Optional[str] = typer.Option(None, "--tta", help="test-time augmentation: none | flip_lr (default: the model card's)"),
             overwrite: bool = typer.Option(False, "--overwrite", help="redo cases whose folder is complete")) -> None:
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
     from rich.console import Console
@@ -91,7 +92,7 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
         typer.echo("no NIfTI inputs found", err=True)
         raise typer.Exit(2)
     try:
-        predictor = Predictor.load(model, device=device, precision=precision)
+        predictor = Predictor.load(model, device=device, precision=precision, tta=tta)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(2)
@@ -108,6 +109,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              data: Optional[Path] = typer.Option(None, "--data", help="... on this folder of phantom cases (cases/*/image.nii.gz)"),
              out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device"),
+             tta: Optional[str] = typer.Option(None, "--tta", help="test-time augmentation: none | flip_lr (default: the model card's)"),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
     import json as _json
@@ -120,7 +122,11 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         from inference.predictor import Predictor
         cases = data / "cases" if (data / "cases").is_dir() else data
         images = sorted(cases.glob("*/image.nii.gz"))
-        predictor = Predictor.load(model, device=device)
+        try:
+            predictor = Predictor.load(model, device=device, tta=tta)
+        except (ValueError, FileNotFoundError) as exc:
+            typer.echo(f"cannot load the model: {exc}", err=True)
+            raise typer.Exit(2)
         pred = out / "predictions"
         predict_many(predictor, images, pred, names=[p.parent.name for p in images])
         ref = cases
@@ -177,12 +183,14 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
 @app.command()
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
              val_cases: int = typer.Option(24, "--val-cases", min=1, help="validation phantoms (seeds from the run's val_seed)"),
-             config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)")) -> None:
+             config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)"),
+             tta: Optional[str] = typer.Option(None, "--tta", help="choose the rules with this test-time augmentation "
+                                               "(none | flip_lr; default: the card's) and record it in the card")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
     import json
 
     from training.export import revalidate
-    result = revalidate(bundle, config or Path(bundle).parent / "config.yaml", val_cases)
+    result = revalidate(bundle, config or Path(bundle).parent / "config.yaml", val_cases, tta)
     typer.echo(json.dumps(result, indent=2))
 
 

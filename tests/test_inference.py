@@ -190,3 +190,22 @@ def test_min_confidence_from_the_card_drops_unconfident_lesions(tiny_model_dir, 
     kept = [les["confidence"] for les in strict.report["lesions"]]
     assert 0 < len(kept) < len(confs) and all(c >= cut - 1e-3 for c in kept)
     assert strict.lesions.max() == len(kept)
+
+
+def test_tta_comes_from_the_card_and_can_be_overridden(tmp_path, tiny_model_dir, good_file):
+    import shutil
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_model_dir, bundle)
+    card = json.loads((bundle / "card.json").read_text())
+    card["inference"] = {"tta": "flip_lr"}
+    (bundle / "card.json").write_text(json.dumps(card))
+    with_tta = Predictor.load(bundle, device="cpu")
+    assert with_tta.tta == "flip_lr"
+    result = with_tta.predict(good_file)
+    assert result.report["model"]["tta"] == "flip_lr"
+    validate_report(result.report)
+    plain = Predictor.load(bundle, device="cpu", tta="none")
+    assert plain.predict(good_file).report["model"]["tta"] == "none"
+    assert Predictor.load(tiny_model_dir, device="cpu").tta == "none", "cards without the key: no TTA"
+    with pytest.raises(ValueError, match="tta"):
+        Predictor.load(bundle, device="cpu", tta="rotate")

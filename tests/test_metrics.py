@@ -237,6 +237,10 @@ def test_evaluate_folders_numbers(tmp_path):
     assert "grid mismatch" in {f["case"]: f["error"] for f in s["failures"]}["case_d"]
     assert s["unpaired_predictions"] == ["case_z"]
     assert "10%" in s["matching_rule"]
+    assert s["reference"] == {"path": str(ref)}, "no dataset.json: only the folder is recorded"
+    (ref / "dataset.json").write_text(json.dumps({"name": "wbmri-phantom", "first_seed": 700, "generator_version": "9.9"}))
+    again = evaluate_folders(pred, ref, tmp_path / "eval2", quiet=True)["reference"]
+    assert again == {"path": str(ref), "generator_version": "9.9", "seeds": "700..703"}
 
     les = s["lesions"]
     assert {k: (v["n_ref"], v["n_detected"], v["n_tp"], v["n_fp"], v["n_ignored"]) for k, v in les.items()} == {

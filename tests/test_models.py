@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from models.lesions import components, lesion_instances, near_bone
-from models.networks import LOG_EPS, NetworkConfig, build_network, upsample_site_ids, widen_input_weights
+from models.networks import (LOG_EPS, NetworkConfig, build_network, forward_tta, upsample_site_ids,
+                             widen_input_weights)
+from models.sites import by_code, mirror_ids
 
 
 def test_site_ids_equal_the_argmax_of_nearest_upsampled_logits():
@@ -113,3 +115,28 @@ def test_p75_reference_fixes_the_75th_body_percentile_whatever_the_bright_organs
     assert np.array_equal(rereference(normalise(img), "p99"), normalise(img))
     with pytest.raises(ValueError, match="unknown intensity reference"):
         rereference(img, "p50")
+
+
+def test_mirror_ids_swap_left_and_right_and_keep_midline_sites():
+    mirror = np.array(mirror_ids())
+    assert mirror[0] == 0 and (mirror[mirror] == np.arange(len(mirror))).all()
+    codes = by_code()
+    assert mirror[codes["femur_left"].id] == codes["femur_right"].id
+    midline = [s.id for s in codes.values() if s.side not in ("left", "right")]
+    assert midline and (mirror[midline] == midline).all()
+
+
+def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(channels=(4, 8, 16), strides=(2, 2), features=4, patch=(32, 32, 32))).eval()
+    half = torch.rand(1, 1, 16, 24, 32)
+    x = torch.cat([half, torch.flip(half, (2,))], 2)  # left half mirrors the right half
+    with torch.no_grad():
+        plain_v, _ = forward_tta(net, x, "none")
+        voxel, sites = forward_tta(net, x, "flip_lr")
+    swap = torch.as_tensor(mirror_ids())
+    assert not torch.allclose(plain_v, torch.flip(plain_v, (2,)), atol=1e-4), "a random net alone is not symmetric"
+    assert torch.allclose(voxel, torch.flip(voxel, (2,)), atol=1e-5)
+    assert torch.allclose(sites, torch.flip(sites, (2,)).index_select(1, swap), atol=1e-5)
+    with pytest.raises(ValueError, match="tta"):
+        forward_tta(net, x, "rotate")

@@ -336,6 +336,21 @@ def _case_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
 
 
+def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
+    """Where the reference cases came from: the folder, and for a phantom set made by ``wbmri synth`` (its
+    dataset.json beside or above the case folders) the generator version and seed range, for the model card."""
+    out: dict[str, Any] = {"path": str(ref_dir)}
+    for meta_path in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("name") == "wbmri-phantom" and "first_seed" in meta:
+                first = int(meta["first_seed"])
+                out.update({"generator_version": meta.get("generator_version"),
+                            "seeds": f"{first}..{first + n_cases - 1}"})
+            break
+    return out
+
+
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: float = 0.5,
                      quiet: bool = False) -> dict[str, Any]:
     """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``.
@@ -432,6 +447,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
                  "target_met": at_target is not None and at_target >= TARGET_SENSITIVITY},
         "ci95": {name: case_interval(scored, name, tag) for name in interval_statistics(tag)},
         "ci_method": CI_METHOD,
+        "reference": reference_source(ref_dir, len(refs)),
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,10 +94,12 @@ def training_wall_time(metrics_csv: Path) -> tuple[float, int]:
     return total + last, steps
 
 
-def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
+def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
-    Training validates on a few cases for speed; the shipped thresholds deserve more."""
+    Training validates on a few cases for speed; the shipped thresholds deserve more. ``tta`` (none | flip_lr;
+    default: the card's) is the test-time augmentation the rules are chosen with; the card keeps it, and
+    inference uses it."""
     from training.config import TrainConfig, load_config
     from training.loop import Trainer
     bundle_dir = Path(bundle_dir)
@@ -109,12 +111,14 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int) -> dict:
     trainer = Trainer(cfg, quiet=True)
     trainer.net.load_state_dict(bundle.net.state_dict())
     trainer.setup_data()
-    result = trainer.validate()
+    tta = tta or str((bundle.card.get("inference") or {}).get("tta", "none"))
+    result = trainer.validate(tta=tta)
     card = bundle.card
+    card["inference"] = {**(card.get("inference") or {}), "tta": tta}
     card["thresholds"] = {**card.get("thresholds", {}), "edema": result["threshold"],
                           "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"],
                           "min_confidence": result["min_confidence"]}
-    card["validation"] = {**result, "val_cases": val_cases,
+    card["validation"] = {**result, "val_cases": val_cases, "tta": tta,
                           "val_seeds": f"{cfg.data.val_seed}..{cfg.data.val_seed + val_cases - 1}"}
     (bundle_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return card["validation"]
@@ -236,6 +240,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),
+        "inference": bundle.card.get("inference", {"tta": "none"}),
         "precision": "bf16 autocast on CPUs with native bf16 and on CUDA; fp32 elsewhere",
         "training": {
             "config": cfg, "steps": steps, "selected_checkpoint": which, "selected_checkpoint_step": selected,
@@ -253,7 +258,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                                 " (the cases generated before training stopped; see data/README.md)",
             "validation_seeds": (bundle.card.get("validation") or {}).get(
                 "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
-            "test_seeds": {"whole_body": "500000..500019", "partial_fov": "600000..600019"},
+            "test_seeds": {name: (summary.get("reference") or {}).get("seeds", "not recorded by that evaluation")
+                           for name, summary in metrics.items()},
             "dataset_dirs": datasets,
             "real_patient_data": "none" if synthetic_only else "yes: see dataset_dirs",
         },
