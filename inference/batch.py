@@ -37,18 +37,24 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def is_done(out_dir: Path, name: str, model_sha256: str | None = None) -> bool:
-    """A case folder is complete when its report exists (folders are written atomically) and, when
-    ``model_sha256`` is given, was made by those weights: another model's results are redone, not reused."""
+RESULT_IDENTITY = ("sha256", "tta", "thresholds")  # what, besides the input, decides a case's result
+
+
+def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
+    """A case folder is complete when its report exists (folders are written atomically) and, when ``model`` (a
+    predictor's ``model_info``) is given, was made by the same weights, test-time augmentation and lesion rules:
+    results of another model or operating point are redone, not reused."""
     report = out_dir / name / "report.json"
     if not report.is_file():
         return False
-    if model_sha256 is None:
+    if model is None:
         return True
     try:
-        return json.loads(report.read_text()).get("model", {}).get("sha256") == model_sha256
+        made_by = json.loads(report.read_text()).get("model", {})
     except (OSError, ValueError):
         return False
+    made_by = {"tta": "none", **made_by}  # reports before test-time augmentation had none
+    return all(made_by.get(key) == model.get(key) for key in RESULT_IDENTITY)
 
 
 def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool = False,
@@ -71,7 +77,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
             t0 = time.perf_counter()
             if name in dupes:
                 outcomes.append(CaseOutcome(name, str(path), "failed", error=f"two inputs are named {name!r}; rename one"))
-            elif not overwrite and is_done(out_dir, name, predictor.model_info.get("sha256")):
+            elif not overwrite and is_done(out_dir, name, predictor.model_info):
                 outcomes.append(CaseOutcome(name, str(path), "skipped"))
             else:
                 try:

@@ -111,7 +111,9 @@ class Predictor:
     @property
     def model_info(self) -> dict:
         return {"name": self.bundle.name, "version": self.bundle.version, "sha256": self.bundle.sha256,
-                "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta}
+                "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta,
+                "thresholds": {"edema": self.threshold, "min_lesion_ml": self.min_lesion_ml,
+                               "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence}}
 
     # ------------------------------------------------------------------------------------------------ steps
     def network_outputs(self, img: np.ndarray) -> NetworkOutputs:

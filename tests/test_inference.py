@@ -134,6 +134,13 @@ def test_batch_isolates_failures_and_resumes(tmp_path, predictor, good_file):
     report["model"]["sha256"] = "0" * 64  # results of other weights are redone, not reused
     (out / "good" / "report.json").write_text(json.dumps(report))
     assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "skipped"
+    report = json.loads((out / "good" / "report.json").read_text())
+    report["model"]["thresholds"]["edema"] += 0.1  # ... and so are results of other lesion rules
+    (out / "good" / "report.json").write_text(json.dumps(report))
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    tta = Predictor.load(predictor.bundle.path, device="cpu", tta="flip_lr")  # ... or test-time augmentation
+    assert predict_many(tta, [good_file], out, progress=False)[0].status == "done"
 
 
 def test_expand_inputs_files_folders_globs(tmp_path, good_file):
