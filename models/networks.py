@@ -142,13 +142,14 @@ def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Modu
 
 
 
-TTA_MODES = ("none", "flip_lr")
+TTA_MODES = ("none", "flip_lr", "flip_lr_sites")
 
 
 def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """The network's (voxel, site) logits for ``x`` (N, C, X, Y, Z on RAS axes), optionally averaged with those of
-    its left-right mirror image (``flip_lr``): the mirrored outputs are flipped back and their left and right
-    site channels swapped, so both passes vote for the same anatomy. Costs a second pass."""
+    its left-right mirror image: the mirrored outputs are flipped back and their left and right site channels
+    swapped, so both passes vote for the same anatomy. ``flip_lr`` averages both heads; ``flip_lr_sites`` only
+    the site head (edema, bone and physis stay the plain pass's). Either costs a second pass."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
     voxel, sites = net(x)
@@ -157,8 +158,9 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
     fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
     m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=fmt))
     swap = torch.as_tensor(mirror_ids(), device=x.device)
-    voxel = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
     sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
+    if tta == "flip_lr":
+        voxel = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
     return voxel, sites
 
 

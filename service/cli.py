@@ -7,6 +7,8 @@ from typing import List, Optional
 import typer
 
 _ROOT = Path(__file__).resolve().parents[1]
+TTA_HELP = ("test-time augmentation: none, flip_lr (left-right mirror averaged in, all outputs) or flip_lr_sites "
+            "(site map only); default: the model card's")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-body MRI bone-marrow edema segmentation for CNO/CRMO. Supports, does not replace, clinical judgement.")
@@ -81,7 +83,7 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
             model: Optional[Path] = typer.Option(None, "--model", help="model bundle folder (default: the shipped model)"),
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
             precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native) | bf16 | fp32"),
-            tta: Optional[str] = typer.Option(None, "--tta", help="test-time augmentation: none | flip_lr (default: the model card's)"),
+            tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
             overwrite: bool = typer.Option(False, "--overwrite", help="redo cases whose folder is complete")) -> None:
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
     from rich.console import Console
@@ -109,7 +111,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              data: Optional[Path] = typer.Option(None, "--data", help="... on this folder of phantom cases (cases/*/image.nii.gz)"),
              out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device"),
-             tta: Optional[str] = typer.Option(None, "--tta", help="test-time augmentation: none | flip_lr (default: the model card's)"),
+             tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
     import json as _json
@@ -184,8 +186,8 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
              val_cases: int = typer.Option(24, "--val-cases", min=1, help="validation phantoms (seeds from the run's val_seed)"),
              config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)"),
-             tta: Optional[str] = typer.Option(None, "--tta", help="choose the rules with this test-time augmentation "
-                                               "(none | flip_lr; default: the card's) and record it in the card")) -> None:
+             tta: Optional[str] = typer.Option(None, "--tta", help=f"choose the rules with this {TTA_HELP}, "
+                                               "and record it in the card")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
     import json
 

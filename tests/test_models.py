@@ -138,5 +138,9 @@ def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
     assert not torch.allclose(plain_v, torch.flip(plain_v, (2,)), atol=1e-4), "a random net alone is not symmetric"
     assert torch.allclose(voxel, torch.flip(voxel, (2,)), atol=1e-5)
     assert torch.allclose(sites, torch.flip(sites, (2,)).index_select(1, swap), atol=1e-5)
+    with torch.no_grad():
+        site_only_v, site_only_s = forward_tta(net, x, "flip_lr_sites")
+    assert torch.equal(site_only_v, plain_v), "flip_lr_sites leaves the voxel head alone"
+    assert torch.allclose(site_only_s, sites, atol=1e-5)
     with pytest.raises(ValueError, match="tta"):
         forward_tta(net, x, "rotate")
