@@ -142,14 +142,15 @@ def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Modu
 
 
 
-TTA_MODES = ("none", "flip_lr", "flip_lr_sites")
+TTA_MODES = ("none", "flip_lr", "flip_lr_anatomy")
 
 
 def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """The network's (voxel, site) logits for ``x`` (N, C, X, Y, Z on RAS axes), optionally averaged with those of
     its left-right mirror image: the mirrored outputs are flipped back and their left and right site channels
-    swapped, so both passes vote for the same anatomy. ``flip_lr`` averages both heads; ``flip_lr_sites`` only
-    the site head (edema, bone and physis stay the plain pass's). Either costs a second pass."""
+    swapped, so both passes vote for the same anatomy. ``flip_lr`` averages every output; ``flip_lr_anatomy``
+    the anatomy only (sites, bone, physis), so the edema channel, and the lesion rules chosen for it, stay the
+    plain pass's. Either costs a second pass."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
     voxel, sites = net(x)
@@ -159,9 +160,10 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
     m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=fmt))
     swap = torch.as_tensor(mirror_ids(), device=x.device)
     sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
-    if tta == "flip_lr":
-        voxel = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
-    return voxel, sites
+    mean = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
+    if tta == "flip_lr_anatomy":
+        mean[:, EDEMA] = voxel[:, EDEMA].float()
+    return mean, sites
 
 
 def upsample_site_ids(site_logits: torch.Tensor, bone_only: bool = True) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.lesions import components, lesion_instances, near_bone
-from models.networks import (LOG_EPS, NetworkConfig, build_network, forward_tta, upsample_site_ids,
+from models.networks import (BONE, EDEMA, LOG_EPS, NetworkConfig, build_network, forward_tta, upsample_site_ids,
                              widen_input_weights)
 from models.sites import by_code, mirror_ids
 
@@ -139,8 +139,8 @@ def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
     assert torch.allclose(voxel, torch.flip(voxel, (2,)), atol=1e-5)
     assert torch.allclose(sites, torch.flip(sites, (2,)).index_select(1, swap), atol=1e-5)
     with torch.no_grad():
-        site_only_v, site_only_s = forward_tta(net, x, "flip_lr_sites")
-    assert torch.equal(site_only_v, plain_v), "flip_lr_sites leaves the voxel head alone"
-    assert torch.allclose(site_only_s, sites, atol=1e-5)
+        anatomy_v, anatomy_s = forward_tta(net, x, "flip_lr_anatomy")
+    assert torch.equal(anatomy_v[:, EDEMA], plain_v[:, EDEMA]), "flip_lr_anatomy leaves the edema channel alone"
+    assert torch.equal(anatomy_v[:, BONE:], voxel[:, BONE:]) and torch.equal(anatomy_s, sites)
     with pytest.raises(ValueError, match="tta"):
         forward_tta(net, x, "rotate")
