@@ -62,7 +62,7 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     from monai.inferers import sliding_window_inference
     from torch.utils.flop_counter import FlopCounterMode
     from inference.predictor import Predictor
-    from models.networks import EDEMA, autocast_for, size_divisor
+    from models.networks import EDEMA, autocast_for, forward_tta, size_divisor
     from models.nifti import load_volume
     from models.preprocessing import normalise, plan_grid, to_model_grid
     torch.set_num_threads(threads)
@@ -75,9 +75,9 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     x = torch.from_numpy(np.pad(img, [(0, (-s) % div) for s in img.shape]))[None, None].contiguous(
         memory_format=torch.channels_last_3d)
 
-    def ours(bf16: bool):
+    def ours(bf16: bool):  # as the predictor runs it: whole volume, with the card's test-time augmentation
         with torch.inference_mode(), autocast_for(pred.device, bf16):
-            return net(x)[0]
+            return forward_tta(net, x, pred.tta)[0]
 
     def nnunet(bf16: bool):
         def fwd(t):
@@ -101,7 +101,7 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     nn_out = nnunet(pred.bf16)
     t_nn = time.perf_counter() - t0
     with FlopCounterMode(display=False) as fc, torch.inference_mode():
-        net(x)
+        forward_tta(net, x, pred.tta)
     flops = fc.get_total_flops()
     a = torch.randn(4096, 4096)
     peaks = {}
@@ -115,10 +115,11 @@ def network_comparison(path: Path, model: str | None, threads: int) -> None:
     prec = "bf16" if pred.bf16 else "fp32"
     agree = ((torch.sigmoid(ours_out[0, EDEMA].float()) > 0.5) == (torch.sigmoid(nn_out[0, EDEMA]) > 0.5)).float().mean()
     print(f"\nnetwork on the model grid {tuple(x.shape[2:])} ({x[0, 0].numel() / 1e6:.1f} M voxels, {prec}):")
-    print(f"  ours (one whole-volume pass): {t_ours:.2f} s")
+    passes = "one whole-volume pass" if pred.tta == "none" else f"whole volume and its mirror image, tta {pred.tta}"
+    print(f"  ours ({passes}): {t_ours:.2f} s")
     print(f"  nnU-Net recipe (patch {cfg.patch}, 50% overlap, Gaussian, 8-fold mirroring): {t_nn:.2f} s")
     print(f"  ratio nnU-Net / ours: {t_nn / t_ours:.1f}x; voxel agreement of the edema masks: {float(agree):.4f}")
-    print(f"  network: {flops / 1e9:.0f} GFLOP per pass -> {flops / t_ours / 1e9:.0f} GFLOP/s achieved; "
+    print(f"  network: {flops / 1e9:.0f} GFLOP -> {flops / t_ours / 1e9:.0f} GFLOP/s achieved; "
           f"matmul peak measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
           f"({flops / t_ours / 1e9 / peaks[prec] * 100:.0f}% of the {prec} peak)")
     # bf16 vs fp32 on the same volume
