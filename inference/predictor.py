@@ -98,8 +98,8 @@ class Predictor:
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", precision: str = "auto",
              threads: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS, tta: str | None = None) -> "Predictor":
-        """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda); ``tta`` (:data:`models.networks.TTA_MODES`)
-        overrides the card's test-time augmentation."""
+        """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda); ``tta`` (one of
+        :data:`models.networks.TTA_MODES`) overrides the card's test-time augmentation."""
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)

@@ -238,7 +238,8 @@ def test_evaluate_folders_numbers(tmp_path):
     assert s["unpaired_predictions"] == ["case_z"]
     assert "10%" in s["matching_rule"]
     assert s["reference"] == {"path": str(ref)}, "no dataset.json: only the folder is recorded"
-    (ref / "dataset.json").write_text(json.dumps({"name": "wbmri-phantom", "first_seed": 700, "generator_version": "9.9"}))
+    meta = {"name": "wbmri-phantom", "first_seed": 700, "generator_version": "9.9"}
+    (ref / "dataset.json").write_text(json.dumps(meta))
     again = evaluate_folders(pred, ref, tmp_path / "eval2", quiet=True)["reference"]
     assert again == {"path": str(ref), "generator_version": "9.9", "seeds": "700..703"}
 

@@ -97,9 +97,9 @@ def training_wall_time(metrics_csv: Path) -> tuple[float, int]:
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
-    Training validates on a few cases for speed; the shipped thresholds deserve more. ``tta`` (:data:`models.networks.TTA_MODES`;
-    default: the card's) is the test-time augmentation the rules are chosen with; the card keeps it, and
-    inference uses it."""
+    Training validates on a few cases for speed; the shipped thresholds deserve more. ``tta`` (one of
+    :data:`models.networks.TTA_MODES`; default: the card's) is the test-time augmentation the rules are chosen
+    with; the card keeps it, and inference uses it."""
     from training.config import TrainConfig, load_config
     from training.loop import Trainer
     bundle_dir = Path(bundle_dir)
