@@ -56,7 +56,7 @@ def _child_main(conn: Any, cfg: dict[str, Any], parent_pid: int) -> None:
     try:
         from inference.predictor import Predictor
         predictor = Predictor.load(cfg["model"], device=cfg["device"], precision=cfg["precision"],
-                                   threads=cfg["threads"], max_voxels=cfg["max_voxels"])
+                                   threads=cfg["threads"], max_voxels=cfg["max_voxels"], tta=cfg["tta"])
         conn.send(("ready", predictor.model_info, predictor.bundle.card))
     except Exception as exc:
         log.error("model failed to load: %s", traceback.format_exc())
@@ -147,7 +147,7 @@ class Runner(threading.Thread):
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         cfg = {"model": str(self.settings.model) if self.settings.model else None, "device": self.settings.device,
-               "precision": self.settings.precision, "threads": self.settings.threads,
+               "precision": self.settings.precision, "tta": self.settings.tta, "threads": self.settings.threads,
                "max_voxels": self.settings.max_voxels, "log_level": self.settings.log_level}
         self._proc = ctx.Process(target=_child_main, args=(child, cfg, os.getpid()), daemon=True,
                                  name=f"wbmri-worker-{self.index}")

@@ -51,8 +51,8 @@ def raw_header_file(shape_dims, srow_x=None, n_bytes: int = 4000) -> bytes:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("svc") / "data"
-    with ServerProcess(data, tiny_model_dir, env={"WBMRI_MAX_UPLOAD_MB": MAX_UPLOAD_MB,
-                                                  "WBMRI_MAX_VOXELS": 5_000_000}) as srv:
+    with ServerProcess(data, tiny_model_dir, env={"WBMRI_MAX_UPLOAD_MB": MAX_UPLOAD_MB, "WBMRI_MAX_VOXELS": 5_000_000,
+                                                  "WBMRI_TTA": "flip_lr_anatomy"}) as srv:
         yield srv
 
 
@@ -105,6 +105,7 @@ def test_health_ready_model(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.json()["model"]["tta"] == "flip_lr_anatomy", "the service's setting overrides the card (none)"
     card = client.get("/v1/model").json()
     assert card["name"] == "wbmri-tiny-test" and card["runtime"]["sha256"]
 
