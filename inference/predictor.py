@@ -91,7 +91,7 @@ class Predictor:
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
         self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
         # test-time augmentation: the card's (its thresholds were chosen with it) unless the caller overrides
-        self.tta = tta or str((bundle.card.get("inference") or {}).get("tta", "none"))
+        self.tta = tta or bundle.tta
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, not {self.tta!r}")
 

@@ -44,6 +44,11 @@ class ModelBundle:
     def version(self) -> str:
         return str(self.card.get("version", "0"))
 
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation its lesion rules were chosen with (cards before it had none)."""
+        return str((self.card.get("inference") or {}).get("tta", "none"))
+
 
 def save_bundle(folder: Path, net: torch.nn.Module, config: NetworkConfig, card: dict[str, Any]) -> Path:
     """Write weights and card; the card records the weights' sha256 and the network config."""

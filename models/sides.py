@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from models.sites import all_sites, site_id
+from models.sites import all_sites, mirror_ids
 
 MIN_OFFSET_MM = 6.0   # voxels this close to the midline keep the predicted side (sternum, symphysis)
 
@@ -21,16 +21,10 @@ MIN_OFFSET_MM = 6.0   # voxels this close to the midline keep the predicted side
 @lru_cache(maxsize=1)
 def _pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lookup tables over site ids: is paired, id of the left twin, id of the right twin."""
-    n = len(all_sites()) + 1
-    paired = np.zeros(n, bool)
-    left, right = np.arange(n), np.arange(n)
-    for s in all_sites():
-        if s.side in ("left", "right"):
-            twin = site_id(s.mirror_code)
-            paired[s.id] = True
-            left[s.id] = s.id if s.side == "left" else twin
-            right[s.id] = s.id if s.side == "right" else twin
-    return paired, left, right
+    mirror = np.array(mirror_ids())
+    ids = np.arange(len(mirror))
+    is_left = np.array([False] + [s.side == "left" for s in all_sites()])
+    return mirror != ids, np.where(is_left, ids, mirror), np.where(is_left, mirror, ids)
 
 
 def body_mask(img: np.ndarray, level: float = 0.08, min_share: float = 0.05) -> np.ndarray:

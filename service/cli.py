@@ -77,6 +77,16 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
 
 
+def _load_predictor(model: Optional[Path], **options):
+    """``Predictor.load`` for a command: a bundle that cannot be loaded ends it with one clear message (exit 2)."""
+    from inference.predictor import Predictor
+    try:
+        return Predictor.load(model, **options)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"cannot load the model: {exc}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders or glob patterns"),
             out: Path = typer.Option(..., "--out", help="output folder: one OUT/<case>/ per input"),
@@ -88,16 +98,11 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
     from rich.console import Console
     from inference.batch import expand_inputs, predict_many, summary_table
-    from inference.predictor import Predictor
     files = expand_inputs(inputs)
     if not files:
         typer.echo("no NIfTI inputs found", err=True)
         raise typer.Exit(2)
-    try:
-        predictor = Predictor.load(model, device=device, precision=precision, tta=tta)
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"cannot load the model: {exc}", err=True)
-        raise typer.Exit(2)
+    predictor = _load_predictor(model, device=device, precision=precision, tta=tta)
     outcomes = predict_many(predictor, files, out, overwrite=overwrite)
     Console(stderr=True).print(summary_table(outcomes))
     if any(o.status == "failed" for o in outcomes):
@@ -121,14 +126,9 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             typer.echo("--model needs --data", err=True)
             raise typer.Exit(2)
         from inference.batch import predict_many
-        from inference.predictor import Predictor
         cases = data / "cases" if (data / "cases").is_dir() else data
         images = sorted(cases.glob("*/image.nii.gz"))
-        try:
-            predictor = Predictor.load(model, device=device, tta=tta)
-        except (ValueError, FileNotFoundError) as exc:
-            typer.echo(f"cannot load the model: {exc}", err=True)
-            raise typer.Exit(2)
+        predictor = _load_predictor(model, device=device, tta=tta)
         pred = out / "predictions"
         predict_many(predictor, images, pred, names=[p.parent.name for p in images])
         ref = cases

@@ -111,7 +111,7 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     trainer = Trainer(cfg, quiet=True)
     trainer.net.load_state_dict(bundle.net.state_dict())
     trainer.setup_data()
-    tta = tta or str((bundle.card.get("inference") or {}).get("tta", "none"))
+    tta = tta or bundle.tta
     result = trainer.validate(tta=tta)
     card = bundle.card
     card["inference"] = {**(card.get("inference") or {}), "tta": tta}
