@@ -142,7 +142,9 @@ def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Modu
 
 
 
-TTA_MODES = ("none", "flip_lr", "flip_lr_anatomy")
+TTA_MODES = ("none", "flip_lr", "flip_lr_anatomy", "flip_lr_anatomy_filled")
+FILL_EDEMA_P = 0.2     # edema probability above which ``*_filled`` paints a voxel over before the anatomy passes
+FILL_WINDOW = 7        # voxels: the neighbourhood whose normal marrow fills it (21 mm at 3 mm spacing)
 
 
 def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,20 +152,70 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
     its left-right mirror image: the mirrored outputs are flipped back and their left and right site channels
     swapped, so both passes vote for the same anatomy. ``flip_lr`` averages every output; ``flip_lr_anatomy``
     the anatomy only (sites, bone, physis), so the edema channel, and the lesion rules chosen for it, stay the
-    plain pass's. Either costs a second pass."""
+    plain pass's. Either costs a second pass. ``flip_lr_anatomy_filled`` reads the anatomy from the image with
+    the plain pass's edema painted over by the surrounding normal marrow (:func:`fill_edema`), so a bright lesion
+    cannot pull its bone's site label to a neighbouring bone; a third pass where there is edema to fill."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
     voxel, sites = net(x)
     if tta == "none":
         return voxel, sites
+    edema = voxel[:, EDEMA].float()
+    if tta == "flip_lr_anatomy_filled":
+        filled = fill_edema(x, torch.sigmoid(edema[:, None]), torch.sigmoid(voxel[:, BONE:BONE + 1].float()))
+        if filled is not x:
+            x = filled
+            voxel, sites = net(x)
     fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
     m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=fmt))
     swap = torch.as_tensor(mirror_ids(), device=x.device)
     sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
     mean = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
-    if tta == "flip_lr_anatomy":
-        mean[:, EDEMA] = voxel[:, EDEMA].float()
+    if tta != "flip_lr":
+        mean[:, EDEMA] = edema
     return mean, sites
+
+
+def fill_edema(x: torch.Tensor, edema_p: torch.Tensor, bone_p: torch.Tensor, p: float = FILL_EDEMA_P,
+               window: int = FILL_WINDOW, rounds: int = 4) -> torch.Tensor:
+    """``x`` (N, 1, ...) with every voxel of edema probability > ``p`` (and its 26 neighbours) replaced by the mean
+    of the unfilled bone voxels within ``window`` voxels, or of any unfilled voxels where no bone is near; larger
+    holes fill from their rim inwards over ``rounds``, the rest with the median of bone. Returns ``x`` itself when
+    there is nothing to fill."""
+    hole = nn.functional.max_pool3d((edema_p > p).float(), 3, 1, 1) > 0
+    if not bool(hole.any()):
+        return x
+    img = x[:, :1].float()
+    known = ~hole
+    marrow = (bone_p > 0.5) & known
+    fallback = img[marrow].median() if bool(marrow.any()) else img[known].median()
+    out = img.clone()
+    for _ in range(rounds):
+        for weights in (marrow, known):
+            mean, seen = _box_mean(out, weights.float(), window)
+            take = hole & seen
+            out = torch.where(take, mean, out)
+            known, hole = known | take, hole & ~take
+            marrow = marrow | take
+        if not bool(hole.any()):
+            break
+    out = torch.where(hole, fallback, out).to(x.dtype)
+    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+    return torch.cat([out, x[:, 1:]], 1).contiguous(memory_format=fmt) if x.shape[1] > 1 else \
+        out.contiguous(memory_format=fmt)
+
+
+def _box_mean(img: torch.Tensor, weights: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of ``img`` over a ``window``-wide box around each voxel (separable), and where it exists."""
+    num, den = img * weights, weights
+    for axis in range(3):
+        kernel = [1, 1, 1]
+        kernel[axis] = window
+        pad = [0, 0, 0]
+        pad[axis] = window // 2
+        num = nn.functional.avg_pool3d(num, kernel, 1, pad)
+        den = nn.functional.avg_pool3d(den, kernel, 1, pad)
+    return num / den.clamp_min(1e-6), den > 1e-6
 
 
 def upsample_site_ids(site_logits: torch.Tensor, bone_only: bool = True) -> torch.Tensor:

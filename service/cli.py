@@ -7,8 +7,9 @@ from typing import List, Optional
 import typer
 
 _ROOT = Path(__file__).resolve().parents[1]
-TTA_HELP = ("test-time augmentation: none, flip_lr (left-right mirror averaged in, all outputs) or flip_lr_anatomy "
-            "(bones and sites only, edema as one pass); default: the model card's")
+TTA_HELP = ("test-time augmentation: none, flip_lr (left-right mirror averaged in, all outputs), flip_lr_anatomy "
+            "(bones and sites only, edema as one pass) or flip_lr_anatomy_filled (the same, read from the image with "
+            "the edema painted over by the surrounding marrow); default: the model card's")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-body MRI bone-marrow edema segmentation for CNO/CRMO. Supports, does not replace, clinical judgement.")

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from models.lesions import components, lesion_instances, near_bone
-from models.networks import (BONE, EDEMA, LOG_EPS, NetworkConfig, build_network, forward_tta, upsample_site_ids,
-                             widen_input_weights)
+from models.networks import (BONE, EDEMA, LOG_EPS, NetworkConfig, build_network, fill_edema, forward_tta,
+                             upsample_site_ids, widen_input_weights)
 from models.sites import by_code, mirror_ids
 
 
@@ -144,3 +144,30 @@ def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
     assert torch.equal(anatomy_v[:, BONE:], voxel[:, BONE:]) and torch.equal(anatomy_s, sites)
     with pytest.raises(ValueError, match="tta"):
         forward_tta(net, x, "rotate")
+    with torch.no_grad():
+        filled_v, filled_s = forward_tta(net, x, "flip_lr_anatomy_filled")
+    assert torch.equal(filled_v[:, EDEMA], plain_v[:, EDEMA]), "the filled mode keeps the plain pass's edema too"
+    assert filled_s.shape == sites.shape
+
+
+def test_fill_edema_paints_a_lesion_over_with_its_own_bones_marrow():
+    torch.manual_seed(0)
+    img = torch.full((1, 1, 30, 30, 30), 0.1)           # soft tissue
+    bone = torch.zeros_like(img, dtype=torch.bool)
+    bone[..., 5:25, 5:25, 5:25] = True
+    img[bone] = 0.3 + 0.01 * torch.rand(int(bone.sum()))  # normal marrow
+    edema = torch.zeros_like(img)
+    edema[..., 12:18, 12:18, 12:18] = 0.9                 # a 6-voxel lesion deep in the bone
+    lesion_img = img.clone()
+    lesion_img[edema > 0.5] = 1.5
+    out = fill_edema(lesion_img, edema, bone.float())
+    assert out.shape == img.shape and out is not lesion_img
+    inside = edema > 0.5
+    assert torch.allclose(out[inside], torch.tensor(0.305), atol=0.01), "filled with the marrow around it"
+    far = torch.ones_like(inside)
+    far[..., 10:20, 10:20, 10:20] = False
+    assert torch.equal(out[far], lesion_img[far]), "voxels away from the lesion are untouched"
+    assert fill_edema(img, torch.zeros_like(img), bone.float()) is img, "nothing to fill: the input itself"
+    big = torch.zeros_like(img)
+    big[..., 2:28, 2:28, 2:28] = 0.9                      # a hole wider than the window fills from its rim inwards
+    assert torch.isfinite(fill_edema(lesion_img, big, bone.float())).all()
