@@ -103,9 +103,13 @@ class WbmriNet(nn.Module):
 
 def with_log_channel(x: torch.Tensor) -> torch.Tensor:
     """(N, 1, ...) -> (N, 2, ...): the image and log(image + LOG_EPS), in the input's memory format."""
-    fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+    return torch.cat([x, torch.log(x.clamp_min(0) + LOG_EPS)], 1).contiguous(memory_format=memory_format_of(x))
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5-D tensor stored that way, else the contiguous format: what derived tensors keep."""
+    return torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
         else torch.contiguous_format
-    return torch.cat([x, torch.log(x.clamp_min(0) + LOG_EPS)], 1).contiguous(memory_format=fmt)
 
 
 def widen_input_weights(theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
@@ -166,8 +170,7 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
         if filled is not x:
             x = filled
             voxel, sites = net(x)
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=fmt))
+    m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=memory_format_of(x)))
     swap = torch.as_tensor(mirror_ids(), device=x.device)
     sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
     mean = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
@@ -185,7 +188,7 @@ def fill_edema(x: torch.Tensor, edema_p: torch.Tensor, bone_p: torch.Tensor, p: 
     hole = nn.functional.max_pool3d((edema_p > p).float(), 3, 1, 1) > 0
     if not bool(hole.any()):
         return x
-    img = x[:, :1].float()
+    img = x.float()
     known = ~hole
     marrow = (bone_p > 0.5) & known
     fallback = img[marrow].median() if bool(marrow.any()) else img[known].median()
@@ -199,10 +202,7 @@ def fill_edema(x: torch.Tensor, edema_p: torch.Tensor, bone_p: torch.Tensor, p: 
             marrow = marrow | take
         if not bool(hole.any()):
             break
-    out = torch.where(hole, fallback, out).to(x.dtype)
-    fmt = torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
-    return torch.cat([out, x[:, 1:]], 1).contiguous(memory_format=fmt) if x.shape[1] > 1 else \
-        out.contiguous(memory_format=fmt)
+    return torch.where(hole, fallback, out).to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def _box_mean(img: torch.Tensor, weights: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
