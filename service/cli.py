@@ -179,8 +179,34 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
            command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
     """Copy a run's model into a bundle folder and write its model card."""
     from training.export import export_bundle
-    evals = dict(item.split("=", 1) for item in eval_)
-    typer.echo(str(export_bundle(run_dir, to, which, {k: Path(v) for k, v in evals.items()}, command)))
+    typer.echo(str(export_bundle(run_dir, to, which, _named_dirs(eval_), command)))
+
+
+def _named_dirs(items: List[str]) -> dict[str, Path]:
+    """NAME=DIR options as a dict; a clear error for anything else."""
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]]
+    if bad:
+        raise typer.BadParameter(f"expected NAME=DIR (e.g. whole_body=eval/test_wb), got {bad[0]!r}", param_hint="--eval")
+    return {name: Path(folder) for name, folder in (item.split("=", 1) for item in items)}
+
+
+@app.command()
+def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. models/default"),
+         eval_: List[str] = typer.Option(..., "--eval", help="NAME=EVAL_DIR made by `wbmri evaluate --model BUNDLE`, "
+                                         "repeatable"),
+         command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
+    """Rewrite a bundle card's test-set metrics and target check from evaluations of it (after `wbmri validate`
+    re-chose its lesion rules); evaluations made with other weights or rules are refused."""
+    from training.export import rescore_card
+    try:
+        written = rescore_card(bundle, _named_dirs(eval_), command)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"card not changed: {exc}", err=True)
+        raise typer.Exit(2)
+    for row in written["targets"]:
+        value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
+        mark = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
+        typer.echo(f"{row['test_set']:<12} {row['metric']:<40} {value} (target {row['target']}): {mark}")
 
 
 @app.command()

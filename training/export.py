@@ -191,6 +191,65 @@ def _distinct_stages(stages: list[dict], run_dir: Path) -> list[dict]:
     return out
 
 
+def _summaries(evals: dict[str, Path]) -> dict[str, dict]:
+    """Each named evaluation folder's summary.json."""
+    return {name: json.loads((Path(folder) / "summary.json").read_text()) for name, folder in evals.items()}
+
+
+def _test_seeds(metrics: dict[str, dict]) -> dict[str, str]:
+    return {name: (summary.get("reference") or {}).get("seeds", "not recorded by that evaluation")
+            for name, summary in metrics.items()}
+
+
+def _made_by(eval_dir: Path) -> list[dict]:
+    """The distinct ``model`` blocks (weights, test-time augmentation, lesion rules) of an evaluation's reports."""
+    seen: list[dict] = []
+    for report in sorted((Path(eval_dir) / "predictions").glob("*/report.json")):
+        model = json.loads(report.read_text()).get("model", {})
+        block = {"sha256": model.get("sha256"), "tta": model.get("tta", "none"), "thresholds": model.get("thresholds")}
+        if block not in seen:
+            seen.append(block)
+    return seen
+
+
+def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") -> dict:
+    """Rewrite a bundle card's test-set metrics, target check and limitations from evaluations of that bundle.
+
+    For a bundle whose lesion rules ``wbmri validate`` re-chose: its weights did not change, so it is not exported
+    again, but the card's test figures must describe the rules it now ships with. Every evaluation must hold the
+    reports it scored (``wbmri evaluate --model``), all made with this bundle's weights, test-time augmentation and
+    thresholds; anything else is refused. The validation that chose the rules becomes the card's
+    ``training.validation_at_selection``."""
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    card = bundle.card
+    expected = {"sha256": bundle.sha256, "tta": bundle.tta, "thresholds": card.get("thresholds")}
+    for name, folder in evals.items():
+        made_by = _made_by(Path(folder))
+        if not made_by:
+            raise ValueError(f"{folder} holds no predictions/*/report.json: evaluate with --model to score a bundle")
+        wrong = [m for m in made_by if m["sha256"] != expected["sha256"] or m["tta"] != expected["tta"]
+                 or any(m["thresholds"] is None or m["thresholds"].get(k) != v
+                        for k, v in (expected["thresholds"] or {}).items())]
+        if wrong:
+            raise ValueError(f"{name}={folder} was not made with {bundle_dir} as it is now: it holds reports of "
+                             f"{wrong[0]}, the bundle has {expected}")
+    metrics = _summaries(evals)
+    targets = target_check(metrics)
+    card["metrics"] = {"frozen_synthetic_test_set": metrics,
+                       "command": command or (card.get("metrics") or {}).get("command", "")}
+    card["targets"] = targets
+    card["limitations"] = _target_limitation(targets) + LIMITATIONS
+    card.setdefault("data", {})["test_seeds"] = _test_seeds(metrics)
+    if "validation" in card:
+        validation = card.pop("validation")
+        card.setdefault("training", {})["validation_at_selection"] = validation
+        card["data"]["validation_seeds"] = validation.get("val_seeds", card["data"].get("validation_seeds"))
+    (bundle_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    load_bundle(bundle_dir)
+    return card
+
+
 def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[str, Path] | None = None,
                   eval_command: str = "", throughput: dict | None = None) -> Path:
     """Copy a run's bundle to ``dest`` and write the full model card."""
@@ -206,10 +265,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / WEIGHTS, dest / WEIGHTS)
     n_params = sum(p.numel() for p in bundle.net.parameters())
-    metrics = {}
-    for name, folder in (evals or {}).items():
-        summary = json.loads((Path(folder) / "summary.json").read_text())
-        metrics[name] = summary
+    metrics = _summaries(evals or {})
     targets = target_check(metrics)
     datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
     synthetic_only = all(d["synthetic"] for d in datasets)
@@ -258,8 +314,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                                 " (the cases generated before training stopped; see data/README.md)",
             "validation_seeds": (bundle.card.get("validation") or {}).get(
                 "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
-            "test_seeds": {name: (summary.get("reference") or {}).get("seeds", "not recorded by that evaluation")
-                           for name, summary in metrics.items()},
+            "test_seeds": _test_seeds(metrics),
             "dataset_dirs": datasets,
             "real_patient_data": "none" if synthetic_only else "yes: see dataset_dirs",
         },
