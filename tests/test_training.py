@@ -20,7 +20,7 @@ from training.config import ConfigError, SamplingConfig, TrainConfig, load_confi
 from training.data import crop, lesion_blobs, make_batch, mimic_mask, phantom_model_case, sample_centre
 from training.export import export_bundle, revalidate
 from training.loop import (Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss,
-                           validation_groups, within_budget)
+                           validation_groups)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -129,22 +129,6 @@ def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget(
     assert operating_point(results)["threshold"] == 0.5
     noisy = [r(0.3, 0.95, 2.0, 0.6), r(0.5, 0.80, 0.9, 0.7)]
     assert operating_point(noisy)["threshold"] == 0.5  # nothing within budget: best F1
-
-
-def test_operating_point_keeps_the_false_positive_budget_per_field_of_view_and_on_lesion_free_scans():
-    def r(t, sens, fp, by_group):
-        return {"threshold": t, "lesion_sens": sens, "fp_per_scan": fp, "lesion_f1": 0.7, "edema_dice": 0.5,
-                "fp_per_scan_by_group": by_group}
-    # 0.45 FP/scan over all scans, but 0.7 on whole-body views: not within budget
-    mixed = r(0.2, 0.70, 0.45, {"whole_body": 0.7, "partial_fov": 0.1, "lesion_free": 0.2})
-    clean = r(0.4, 0.60, 0.30, {"whole_body": 0.45, "partial_fov": 0.1, "lesion_free": 0.2})
-    normals = r(0.3, 0.65, 0.35, {"whole_body": 0.4, "partial_fov": 0.3, "lesion_free": 0.5})  # lesion-free > 0.3
-    assert not within_budget(mixed) and within_budget(clean) and not within_budget(normals)
-    assert operating_point([mixed, clean, normals])["threshold"] == 0.4
-    # no rule keeps every group's budget: the most sensitive within 0.5 over all scans
-    assert operating_point([mixed, normals])["threshold"] == 0.2
-    # a user's dataset without fields of view: one group, judged as before
-    assert within_budget(r(0.5, 0.6, 0.4, {"scan": 0.4})) and not within_budget(r(0.5, 0.6, 0.4, {"scan": 0.6}))
 
 
 def test_validation_groups_follow_the_case_field_of_view_and_lesions():
