@@ -228,6 +228,8 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     chosen = revalidate(run / "best", run / "config.yaml", val_cases=2)
     card = load_bundle(run / "best").card
     assert chosen["val_cases"] == 2 and card["thresholds"]["edema"] == chosen["threshold"]
+    by_group = chosen["fp_per_scan_by_group"]  # the tiny config's validation phantoms are whole-body views
+    assert "whole_body" in by_group and "partial_fov" not in by_group and by_group["whole_body"] >= 0
     assert card["thresholds"]["min_confidence"] == chosen["min_confidence"]
     dest = export_bundle(run, tmp_path / "shipped", "best")
     shipped = load_bundle(dest).card
