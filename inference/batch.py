@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.card import result_identity
 from models.nifti import InputError
 
 
@@ -37,7 +38,6 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-RESULT_IDENTITY = ("sha256", "tta", "thresholds")  # what, besides the input, decides a case's result
 
 
 def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
@@ -53,8 +53,7 @@ def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
         made_by = json.loads(report.read_text()).get("model", {})
     except (OSError, ValueError):
         return False
-    made_by = {"tta": "none", **made_by}  # reports before test-time augmentation had none
-    return all(made_by.get(key) == model.get(key) for key in RESULT_IDENTITY)
+    return result_identity(made_by) == result_identity(model)
 
 
 def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool = False,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.card import CARD, WEIGHTS, load_bundle, sha256_file
+from models.card import CARD, WEIGHTS, load_bundle, result_identity, sha256_file
 from training.phantom.generate import GENERATOR_VERSION
 
 INTENDED_USE = (
@@ -207,8 +207,7 @@ def _made_by(eval_dir: Path) -> list[dict]:
     """The distinct ``model`` blocks (weights, test-time augmentation, lesion rules) of an evaluation's reports."""
     seen: list[dict] = []
     for report in sorted((Path(eval_dir) / "predictions").glob("*/report.json")):
-        model = json.loads(report.read_text()).get("model", {})
-        block = {"sha256": model.get("sha256"), "tta": model.get("tta", "none"), "thresholds": model.get("thresholds")}
+        block = result_identity(json.loads(report.read_text()).get("model", {}))
         if block not in seen:
             seen.append(block)
     return seen
