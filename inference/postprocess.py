@@ -8,6 +8,10 @@ Rules (documented here because the report's meaning depends on them):
 
 * **site**: the majority site among the lesion's voxels that lie in bone; if none does, the nearest bone
   within ``NEAR_BONE_MM`` (periosteal / juxta-cortical edema); else ``soft_tissue``.
+* **paired long bones** (tibia and fibula, radius and ulna): bright edema in the thin bone of a pair tends to be
+  labelled as its thick partner, so when the majority is one of a pair, the lesion goes to the bone whose centre
+  line (of its voxels outside the lesion, within ``PAIR_SLAB_MM`` along the pair's common axis beyond the
+  lesion's ends) passes nearest to the lesion's centroid, the distance in units of that bone's mean radius.
 * **soft-tissue lesions**: ``region`` is the region of the nearest bone within ``REGION_SEARCH_MM``, else
   ``soft_tissue``; ``side`` comes from the centroid's x against the body midline (within ``MIDLINE_MM`` =
   midline); signal ratios use that nearest bone's marrow when there is one; subregion, juxtaphyseal,
@@ -65,6 +69,8 @@ MAX_AXIS_POINTS = 200_000
 MARROW_DEPTH_MM = 2.0
 LOCAL_MARROW_MM = 20.0
 LESION_RIM_MM = 2.0
+PAIR_SEARCH_MM = 40.0
+PAIR_SLAB_MM = 20.0
 
 LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
                "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
@@ -76,6 +82,8 @@ _PROXIMAL_NEIGHBOURS: dict[str, tuple[str, ...]] = {
     "femur": ("ilium", "ischium", "pubis"), "tibia": ("femur",), "fibula": ("femur",),
     "metatarsals": ("midfoot",), "clavicle": ("sternum",),
 }
+# the two bones of the forearm and of the lower leg, which run side by side
+_PAIRED_BONES: dict[str, str] = {"tibia": "fibula", "fibula": "tibia", "radius": "ulna", "ulna": "radius"}
 _MIDLINE_REFERENCE = ("sternum", "sacrum") + tuple(f"vertebra_{c}{i}" for c, n in (("C", 7), ("T", 12), ("L", 5))
                                                     for i in range(1, n + 1))
 
@@ -396,6 +404,37 @@ def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...]) -> tuple[int, 
     return int(sites_c[nearest]), float(d[k])
 
 
+def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centroid: np.ndarray) -> int:
+    """The bone of a tibia/fibula or radius/ulna pair whose centre line passes nearest (in bone radii) to the
+    lesion's centroid; ``sid`` itself for other bones or when either bone has too few voxels near the lesion."""
+    site = by_id()[sid]
+    partner = by_code().get(f"{_PAIRED_BONES.get(site.bone)}_{site.side}")
+    if partner is None:
+        return sid
+    big = _expand(sl, _margin(PAIR_SEARCH_MM, scene.spacing), scene.sites.shape)
+    outside = scene.lesions[big] != lid
+    pts = {i: scene.world(np.argwhere((scene.sites[big] == i) & outside) + _offset(big)) for i in (sid, partner.id)}
+    if min(len(p) for p in pts.values()) < MIN_REF_VOXELS:
+        return sid
+    union = np.concatenate(list(pts.values()))
+    axis = np.linalg.svd(union - union.mean(axis=0), full_matrices=False)[2][0]
+    lesion_t = scene.world(np.argwhere(scene.lesions[sl] == lid) + _offset(sl)) @ axis
+    lo, hi = lesion_t.min() - PAIR_SLAB_MM, lesion_t.max() + PAIR_SLAB_MM
+    best, best_score = sid, np.inf
+    for i, p in pts.items():
+        t = p @ axis
+        p = p[(t >= lo) & (t <= hi)]
+        if len(p) < MIN_REF_VOXELS:
+            return sid
+        t = p @ axis
+        radius = np.sqrt(len(p) * scene.voxel_ml * 1000.0 / max(float(np.ptp(t)), 1.0) / np.pi)
+        off = centroid - p.mean(axis=0)
+        score = np.linalg.norm(off - (off @ axis) * axis) / max(radius, 1e-3)
+        if score < best_score:
+            best, best_score = i, score
+    return best
+
+
 def _subregion(scene: _Scene, site: Site, pts: np.ndarray) -> str | None:
     """Majority subregion of lesion points (world mm) in a long bone or vertebra; None for other kinds."""
     if len(pts) == 0:
@@ -450,13 +489,17 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     site_vals = scene.sites[sl][mask]
     in_bone = site_vals > 0
     signal_all = scene.image[sl][mask]
+    repaired = False
     if in_bone.any():
         sid, dist = int(np.argmax(np.bincount(site_vals[in_bone]))), 0.0
+        paired = _paired_bone(scene, sid, lid, sl, centroid)
+        sid, repaired = paired, paired != sid
     else:
         sid, dist = _nearest_bone(scene, lid, sl)
     ref = by_id().get(sid)
     is_bone = ref is not None and dist <= NEAR_BONE_MM
-    own = site_vals == sid if ref is not None else np.zeros(n, bool)
+    # a lesion moved to the other bone of its pair: its voxels in bone are that bone's
+    own = in_bone if repaired else site_vals == sid if ref is not None else np.zeros(n, bool)
     lesion_signal = float(np.median(signal_all[own] if own.any() else signal_all))
     marrow = scene.local_marrow_median(lid, sl, sid) if ref is not None else None
     near = _expand(sl, _margin(SHELL_MM[1] + 4.0, scene.spacing), scene.sites.shape)

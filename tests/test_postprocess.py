@@ -389,3 +389,38 @@ def test_stray_site_voxels_do_not_move_the_bone_axis(stray):
     clean = _limb((30, 30, 60), "femur_left", 10, 55, (46, 49))
     assert clean["subregion"] == "metaphysis_proximal"
     assert _limb((30, 30, 60), "femur_left", 10, 55, (46, 49), ("femur_left", stray))["subregion"] == clean["subregion"]
+
+
+def _lower_leg(lesion_centre: tuple[float, float], lesion_r: float, oriented: bool) -> dict:
+    """A 1.5 mm lower leg along S-I: tibia (radius 10 mm) and fibula (radius 5 mm, 25 mm lateral), a lesion of
+    radius ``lesion_r`` at (x, y) ``lesion_centre`` over z 60-80 mm whose voxels the site map calls tibia, as the
+    network does when edema in the fibula pulls the label to its thick neighbour."""
+    n = (60, 44, 100)
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    if oriented:  # voxel axes S->I, P->A, L->R
+        aff = np.array([[0, 0, 1.5, 0], [0, 1.5, 0, 0], [-1.5, 0, 0, 148.5], [0, 0, 0, 1]])
+        n = (n[2], n[1], n[0])
+    X, Y, Z = world_grid(aff, n)
+    tibia, fibula = by_code()["tibia_left"].id, by_code()["fibula_left"].id
+    sites = np.zeros(n, np.uint8)
+    sites[((X - 30) ** 2 + (Y - 33) ** 2 <= 100) & (Z >= 10) & (Z <= 140)] = tibia
+    sites[((X - 55) ** 2 + (Y - 30) ** 2 <= 25) & (Z >= 15) & (Z <= 140)] = fibula
+    lesions = np.zeros(n, np.uint16)
+    lesion = ((X - lesion_centre[0]) ** 2 + (Y - lesion_centre[1]) ** 2 <= lesion_r ** 2) & (Z >= 60) & (Z <= 80)
+    lesions[lesion & (sites > 0)] = 1
+    sites[lesion & (sites > 0)] = tibia
+    image = np.where(sites > 0, 0.4, 0.5).astype(np.float32)
+    image[lesions > 0] = 1.5
+    return measure_lesions(lesions, sites, image, aff, None, {1: 0.9})[0]
+
+
+@pytest.mark.parametrize("oriented", [False, True])
+def test_fibula_lesion_labelled_tibia_goes_to_the_fibula(oriented):
+    les = _lower_leg((55, 30), 5.0, oriented)
+    assert les["site"] == "fibula_left"
+    assert 0 < les["bone_fraction"] <= 1
+
+
+@pytest.mark.parametrize("centre", [(30, 33), (38, 33)])   # the middle and the lateral edge of the tibia
+def test_tibia_lesion_stays_in_the_tibia(centre):
+    assert _lower_leg(centre, 4.0, False)["site"] == "tibia_left"
