@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from models import SOFTWARE
 from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
                              resolve_device, size_divisor, upsample_site_ids)
@@ -113,7 +114,8 @@ class Predictor:
         return {"name": self.bundle.name, "version": self.bundle.version, "sha256": self.bundle.sha256,
                 "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta,
                 "thresholds": {"edema": self.threshold, "min_lesion_ml": self.min_lesion_ml,
-                               "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence}}
+                               "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence},
+                "software": SOFTWARE}
 
     # ------------------------------------------------------------------------------------------------ steps
     def network_outputs(self, img: np.ndarray) -> NetworkOutputs:

@@ -18,12 +18,13 @@ from .networks import NetworkConfig, WbmriNet, build_network
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 WEIGHTS = "model.safetensors"
 CARD = "card.json"
-RESULT_IDENTITY = ("sha256", "tta", "thresholds")  # what, besides the input, decides a case's result
+RESULT_IDENTITY = ("sha256", "tta", "thresholds", "software")  # what, besides the input, decides a case's result
 
 
 def result_identity(model: dict[str, Any]) -> dict[str, Any]:
     """The part of a report's ``model`` block that decides its result: weights, test-time augmentation (``none``
-    for reports made before there was any) and lesion rules."""
+    for reports made before there was any), lesion rules and the software version (None for reports made before
+    reports named it)."""
     return {key: model.get(key, "none" if key == "tta" else None) for key in RESULT_IDENTITY}
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from inference.batch import predict_many
 from inference.predictor import Predictor
+from models import SOFTWARE
 from models.card import CARD, load_bundle
 from training.evaluate import evaluate_folders
 from training.export import rescore_card
@@ -77,3 +78,17 @@ def test_card_refuses_evaluations_made_with_other_rules(evaluated, tmp_path):
         rescore_card(other, {"partial_fov": empty})
     proc = _cli(str(other), "--eval", str(evaluation))
     assert proc.returncode == 2 and "NAME=DIR" in proc.stderr
+
+
+def test_card_refuses_evaluations_made_by_another_software_version(evaluated, tmp_path):
+    bundle, evaluation = evaluated
+    old = tmp_path / "old_eval"
+    shutil.copytree(evaluation, old)
+    report = next((old / "predictions").glob("*/report.json"))
+    made = json.loads(report.read_text())
+    assert made["model"]["software"] == SOFTWARE
+    del made["model"]["software"]  # as written before reports named the software version
+    report.write_text(json.dumps(made))
+    with pytest.raises(ValueError, match="was not made with"):
+        rescore_card(bundle, {"partial_fov": old})
+    assert rescore_card(bundle, {"partial_fov": evaluation})["metrics"]["software"] == SOFTWARE

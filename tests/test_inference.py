@@ -14,6 +14,7 @@ import torch
 from inference.batch import expand_inputs, predict_many
 from inference.predictor import Predictor, case_name
 from inference.report import validate_report
+from models import SOFTWARE
 from models.networks import resolve_device
 from models.nifti import InputError
 
@@ -137,6 +138,11 @@ def test_batch_isolates_failures_and_resumes(tmp_path, predictor, good_file):
     assert predict_many(predictor, [good_file], out, progress=False)[0].status == "skipped"
     report = json.loads((out / "good" / "report.json").read_text())
     report["model"]["thresholds"]["edema"] += 0.1  # ... and so are results of other lesion rules
+    (out / "good" / "report.json").write_text(json.dumps(report))
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    report = json.loads((out / "good" / "report.json").read_text())
+    assert report["model"]["software"] == SOFTWARE
+    report["model"]["software"] = "wbmri 0.0.1"  # ... and so are results of another software version
     (out / "good" / "report.json").write_text(json.dumps(report))
     assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
     tta = Predictor.load(predictor.bundle.path, device="cpu", tta="flip_lr")  # ... or test-time augmentation

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from models import SOFTWARE
 from models.card import CARD, WEIGHTS, load_bundle, result_identity, sha256_file
 from training.phantom.generate import GENERATOR_VERSION
 
@@ -224,12 +225,13 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") ->
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     card = bundle.card
-    expected = {"sha256": bundle.sha256, "tta": bundle.tta, "thresholds": card.get("thresholds")}
+    expected = {"sha256": bundle.sha256, "tta": bundle.tta, "thresholds": card.get("thresholds"), "software": SOFTWARE}
     for name, folder in evals.items():
         made_by = _made_by(Path(folder))
         if not made_by:
             raise ValueError(f"{folder} holds no predictions/*/report.json: evaluate with --model to score a bundle")
         wrong = [m for m in made_by if m["sha256"] != expected["sha256"] or m["tta"] != expected["tta"]
+                 or m["software"] != expected["software"]
                  or any(m["thresholds"] is None or m["thresholds"].get(k) != v
                         for k, v in (expected["thresholds"] or {}).items())]
         if wrong:
@@ -237,7 +239,7 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") ->
                              f"{wrong[0]}, the bundle has {expected}")
     metrics = _summaries(evals)
     targets = target_check(metrics)
-    card["metrics"] = {"frozen_synthetic_test_set": metrics,
+    card["metrics"] = {"frozen_synthetic_test_set": metrics, "software": SOFTWARE,
                        "command": command or (card.get("metrics") or {}).get("command", "")}
     card["targets"] = targets
     card["limitations"] = _target_limitation(targets) + LIMITATIONS
@@ -319,7 +321,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "dataset_dirs": datasets,
             "real_patient_data": "none" if synthetic_only else "yes: see dataset_dirs",
         },
-        "metrics": {"frozen_synthetic_test_set": metrics, "command": eval_command},
+        "metrics": {"frozen_synthetic_test_set": metrics, "software": SOFTWARE, "command": eval_command},
         "intended_use": INTENDED_USE,
         "targets": targets,
         "limitations": _target_limitation(targets) + LIMITATIONS,
