@@ -38,12 +38,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-
-
 def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
     """A case folder is complete when its report exists (folders are written atomically) and, when ``model`` (a
-    predictor's ``model_info``) is given, was made by the same weights, test-time augmentation and lesion rules:
-    results of another model or operating point are redone, not reused."""
+    predictor's ``model_info``) is given, was made by the same weights, test-time augmentation, lesion rules and
+    software version (:func:`models.card.result_identity`): other results are redone, not reused."""
     report = out_dir / name / "report.json"
     if not report.is_file():
         return False

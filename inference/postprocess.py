@@ -423,10 +423,10 @@ def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centr
     best, best_score = sid, np.inf
     for i, p in pts.items():
         t = p @ axis
-        p = p[(t >= lo) & (t <= hi)]
+        near = (t >= lo) & (t <= hi)
+        p, t = p[near], t[near]
         if len(p) < MIN_REF_VOXELS:
             return sid
-        t = p @ axis
         radius = np.sqrt(len(p) * scene.voxel_ml * 1000.0 / max(float(np.ptp(t)), 1.0) / np.pi)
         off = centroid - p.mean(axis=0)
         score = np.linalg.norm(off - (off @ axis) * axis) / max(radius, 1e-3)

@@ -205,7 +205,7 @@ def _test_seeds(metrics: dict[str, dict]) -> dict[str, str]:
 
 
 def _made_by(eval_dir: Path) -> list[dict]:
-    """The distinct ``model`` blocks (weights, test-time augmentation, lesion rules) of an evaluation's reports."""
+    """The distinct result identities (:func:`models.card.result_identity`) of an evaluation's reports."""
     seen: list[dict] = []
     for report in sorted((Path(eval_dir) / "predictions").glob("*/report.json")):
         block = result_identity(json.loads(report.read_text()).get("model", {}))
@@ -225,13 +225,16 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") ->
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     card = bundle.card
-    expected = {"sha256": bundle.sha256, "tta": bundle.tta, "thresholds": card.get("thresholds"), "software": SOFTWARE}
+    expected = result_identity({"sha256": bundle.sha256, "tta": bundle.tta, "thresholds": card.get("thresholds"),
+                                "software": SOFTWARE})
     for name, folder in evals.items():
         made_by = _made_by(Path(folder))
         if not made_by:
             raise ValueError(f"{folder} holds no predictions/*/report.json: evaluate with --model to score a bundle")
-        wrong = [m for m in made_by if m["sha256"] != expected["sha256"] or m["tta"] != expected["tta"]
-                 or m["software"] != expected["software"]
+        # every part of the identity must match; the card's thresholds must be among the report's (older cards
+        # name fewer rules than reports do)
+        wrong = [m for m in made_by
+                 if any(m[k] != v for k, v in expected.items() if k != "thresholds")
                  or any(m["thresholds"] is None or m["thresholds"].get(k) != v
                         for k, v in (expected["thresholds"] or {}).items())]
         if wrong:
