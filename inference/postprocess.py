@@ -12,6 +12,11 @@ Rules (documented here because the report's meaning depends on them):
   labelled as its thick partner, so when the majority is one of a pair, the lesion goes to the bone whose centre
   line (of its voxels outside the lesion, within ``PAIR_SLAB_MM`` along the pair's common axis beyond the
   lesion's ends) passes nearest to the lesion's centroid, the distance in units of that bone's mean radius.
+* **stray labels**: bright edema can pull the site map to a bone that lies elsewhere (a humerus lesion labelled
+  femur). When the majority is a bone that is one piece (not a vertebra, ribs, sternum, hand, foot rays or skull)
+  and none of the lesion's voxels of that label touch the label's largest 26-connected piece, which lies more than
+  ``STRAY_LABEL_MM`` away (a physis gap is a few millimetres), the lesion goes to the most frequent other bone
+  label among its voxels; if it has no other, the majority stands. The pair rule then applies to the result.
 * **soft-tissue lesions**: ``region`` is the region of the nearest bone within ``REGION_SEARCH_MM``, else
   ``soft_tissue``; ``side`` comes from the centroid's x against the body midline (within ``MIDLINE_MM`` =
   midline); signal ratios use that nearest bone's marrow when there is one; subregion, juxtaphyseal,
@@ -71,6 +76,7 @@ LOCAL_MARROW_MM = 20.0
 LESION_RIM_MM = 2.0
 PAIR_SEARCH_MM = 40.0
 PAIR_SLAB_MM = 20.0
+STRAY_LABEL_MM = 40.0
 
 LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
                "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
@@ -84,6 +90,8 @@ _PROXIMAL_NEIGHBOURS: dict[str, tuple[str, ...]] = {
 }
 # the two bones of the forearm and of the lower leg, which run side by side
 _PAIRED_BONES: dict[str, str] = {"tibia": "fibula", "fibula": "tibia", "radius": "ulna", "ulna": "radius"}
+# bones whose label is drawn in several pieces (ribs, rays, ossification centres): a far piece is not a stray label
+_MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "metatarsals", "toes"})
 _MIDLINE_REFERENCE = ("sternum", "sacrum") + tuple(f"vertebra_{c}{i}" for c, n in (("C", 7), ("T", 12), ("L", 5))
                                                     for i in range(1, n + 1))
 
@@ -188,6 +196,7 @@ class _Scene:
         self._marrow: dict[int, float | None] = {}
         self._centroids: dict[int, np.ndarray] = {}
         self._physis_voxels: dict[int, np.ndarray] = {}
+        self._pieces: dict[int, tuple[tuple[slice, ...], np.ndarray] | None] = {}
         self._midline: float | None = None
 
     # geometry helpers
@@ -257,14 +266,23 @@ class _Scene:
     def main_piece_points(self, sid: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`site_points`, but only the site's largest 26-connected piece: a few stray voxels the network
         gave this label far away (noisy or partial views) must not tilt or stretch a long bone's axis."""
-        sl = self.site_box(sid)
-        if sl is None:
+        piece = self.main_piece(sid)
+        if piece is None:
             return np.zeros((0, 3), int), np.zeros((0, 3))
-        lab, n = ndimage.label(self.sites[sl] == sid, structure=np.ones((3, 3, 3), bool))
-        if n <= 1:
-            return self.site_points(sid)
-        largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
-        return self._subsampled(np.argwhere(lab == largest) + _offset(sl))
+        sl, mask = piece
+        return self._subsampled(np.argwhere(mask) + _offset(sl))
+
+    def main_piece(self, sid: int) -> tuple[tuple[slice, ...], np.ndarray] | None:
+        """The site's bounding box and, within it, the mask of its largest 26-connected piece (None if absent)."""
+        if sid not in self._pieces:
+            sl = self.site_box(sid)
+            piece = None
+            if sl is not None:
+                lab, n = ndimage.label(self.sites[sl] == sid, structure=np.ones((3, 3, 3), bool))
+                largest = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1 if n > 1 else 1
+                piece = (sl, lab == largest)
+            self._pieces[sid] = piece
+        return self._pieces[sid]
 
     def _compute_axis(self, site: Site) -> _BoneAxis | None:
         idx, pts = self.main_piece_points(site.id)
@@ -404,6 +422,25 @@ def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...]) -> tuple[int, 
     return int(sites_c[nearest]), float(d[k])
 
 
+def _unless_stray(scene: _Scene, sid: int, counts: np.ndarray, idx: np.ndarray) -> int:
+    """``sid``, or the most frequent other bone label of the lesion when the lesion's voxels of ``sid`` (indices
+    ``idx``) lie apart from, and over STRAY_LABEL_MM from, that one-piece bone's largest piece."""
+    site = by_id()[sid]
+    others = counts.copy()
+    others[[0, sid]] = 0
+    piece = scene.main_piece(sid)
+    if site.kind == "vertebra" or site.bone in _MULTI_PIECE_BONES or not others.any() or piece is None:
+        return sid
+    sl, mask = piece
+    local = idx - _offset(sl)
+    inside = np.all((local >= 0) & (local < mask.shape), axis=1)
+    if mask[tuple(local[inside].T)].any():
+        return sid
+    _, main_pts = scene.main_piece_points(sid)
+    gap = float(cKDTree(main_pts).query(scene.world(idx), k=1)[0].min())
+    return int(np.argmax(others)) if gap > STRAY_LABEL_MM else sid
+
+
 def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centroid: np.ndarray) -> int:
     """The bone of a tibia/fibula or radius/ulna pair whose centre line passes nearest (in bone radii) to the
     lesion's centroid; ``sid`` itself for other bones or when either bone has too few voxels near the lesion."""
@@ -491,14 +528,16 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     signal_all = scene.image[sl][mask]
     repaired = False
     if in_bone.any():
-        sid, dist = int(np.argmax(np.bincount(site_vals[in_bone]))), 0.0
-        paired = _paired_bone(scene, sid, lid, sl, centroid)
-        sid, repaired = paired, paired != sid
+        counts = np.bincount(site_vals[in_bone])
+        majority, dist = int(np.argmax(counts)), 0.0
+        sid = _unless_stray(scene, majority, counts, idx[site_vals == majority])
+        sid = _paired_bone(scene, sid, lid, sl, centroid)
+        repaired = sid != majority
     else:
         sid, dist = _nearest_bone(scene, lid, sl)
     ref = by_id().get(sid)
     is_bone = ref is not None and dist <= NEAR_BONE_MM
-    # a lesion moved to the other bone of its pair: its voxels in bone are that bone's
+    # a lesion moved to another bone (its pair, or away from a stray label): its voxels in bone are that bone's
     own = in_bone if repaired else site_vals == sid if ref is not None else np.zeros(n, bool)
     lesion_signal = float(np.median(signal_all[own] if own.any() else signal_all))
     marrow = scene.local_marrow_median(lid, sl, sid) if ref is not None else None

@@ -424,3 +424,43 @@ def test_fibula_lesion_labelled_tibia_goes_to_the_fibula(oriented):
 @pytest.mark.parametrize("centre", [(30, 33), (38, 33)])   # the middle and the lateral edge of the tibia
 def test_tibia_lesion_stays_in_the_tibia(centre):
     assert _lower_leg(centre, 4.0, False)["site"] == "tibia_left"
+
+
+
+def _arm_and_thigh(humerus_x: float, humerus_left_under: bool, oriented: bool = False) -> dict:
+    """A 2 mm scene: a femur (radius 8 mm at x = 30) and a humerus (radius 6 mm at x = ``humerus_x``), both along
+    S-I, and a lesion filling the humerus over z 90-110 mm whose voxels the site map calls femur, but for a
+    rim of humerus when ``humerus_left_under``: edema pulling the site map to a bone elsewhere."""
+    n = (70, 30, 80)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    if oriented:  # voxel axes S->I, R->L, A->P
+        aff = np.array([[0, -2.0, 0, 138.0], [0, 0, -2.0, 58.0], [-2.0, 0, 0, 158.0], [0, 0, 0, 1]])
+        n = (n[2], n[0], n[1])
+    X, Y, Z = world_grid(aff, n)
+    femur, humerus = by_code()["femur_left"].id, by_code()["humerus_left"].id
+    sites = np.zeros(n, np.uint8)
+    sites[((X - 30) ** 2 + (Y - 30) ** 2 <= 64) & (Z >= 10) & (Z <= 150)] = femur
+    r2 = (X - humerus_x) ** 2 + (Y - 30) ** 2
+    sites[(r2 <= 36) & (Z >= 40) & (Z <= 150)] = humerus
+    lesion = (sites == humerus) & (Z >= 90) & (Z <= 110)
+    sites[lesion & (r2 <= 25 if humerus_left_under else True)] = femur
+    image = np.where(sites > 0, 0.4, 0.2).astype(np.float32)
+    image[lesion] = 1.2
+    return measure_lesions(lesion.astype(np.uint16), sites, image, aff, None, {1: 0.9})[0]
+
+
+@pytest.mark.parametrize("oriented", [False, True])
+def test_lesion_in_a_far_stray_label_goes_to_its_own_bone(oriented):
+    """A humerus lesion mostly labelled femur, 70 mm from the femur, is the humerus's."""
+    assert _arm_and_thigh(110.0, True, oriented)["site"] == "humerus_left"
+
+
+def test_stray_rule_keeps_the_majority_without_another_label():
+    """All of the lesion's voxels labelled femur: no other bone to name it after, so the majority stands."""
+    assert _arm_and_thigh(110.0, False)["site"] == "femur_left"
+
+
+def test_a_piece_near_its_bone_is_not_a_stray_label():
+    """The same lesion with the humerus 12 mm from the femur: a femur piece that close may be the femur's own
+    (an epiphysis beyond its physis), so the majority stands."""
+    assert _arm_and_thigh(52.0, True)["site"] == "femur_left"
