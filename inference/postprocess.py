@@ -17,6 +17,11 @@ Rules (documented here because the report's meaning depends on them):
   and none of the lesion's voxels of that label touch the label's largest 26-connected piece, which lies more than
   ``STRAY_LABEL_MM`` away (a physis gap is a few millimetres), the lesion goes to the most frequent other bone
   label among its voxels; if it has no other, the majority stands. The pair rule then applies to the result.
+* **sternum**: the network's bone channel misses much of the sternum, so its lesions borrow a neighbour's label
+  (clavicle, rib or thoracic vertebra). A lesion so labelled whose centroid lies within ``MIDLINE_MM`` of the
+  spine's midline and over ``STERNUM_ANTERIOR_MM`` in front of the spine's centre at its level, where that spine
+  is thoracic, is in the sternum: no clavicle, rib or vertebra lies there. Its bone share is not measured
+  (None) when the site map holds fewer sternum voxels than the lesion has in bone.
 * **soft-tissue lesions**: ``region`` is the region of the nearest bone within ``REGION_SEARCH_MM``, else
   ``soft_tissue``; ``side`` comes from the centroid's x against the body midline (within ``MIDLINE_MM`` =
   midline); signal ratios use that nearest bone's marrow when there is one; subregion, juxtaphyseal,
@@ -77,6 +82,8 @@ LESION_RIM_MM = 2.0
 PAIR_SEARCH_MM = 40.0
 PAIR_SLAB_MM = 20.0
 STRAY_LABEL_MM = 40.0
+STERNUM_ANTERIOR_MM = 40.0
+SPINE_LEVEL_MM = 20.0
 
 LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
                "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
@@ -197,6 +204,7 @@ class _Scene:
         self._centroids: dict[int, np.ndarray] = {}
         self._physis_voxels: dict[int, np.ndarray] = {}
         self._pieces: dict[int, tuple[tuple[slice, ...], np.ndarray] | None] = {}
+        self._spine: tuple[np.ndarray, np.ndarray] | None = None
         self._midline: float | None = None
 
     # geometry helpers
@@ -244,6 +252,20 @@ class _Scene:
                 else:
                     self._midline = float(self.world((np.array(self.image.shape) - 1) / 2.0)[0])
         return self._midline
+
+    def spine_near(self, z: float) -> tuple[np.ndarray, float] | None:
+        """Median world point of the vertebra voxels within SPINE_LEVEL_MM of height ``z`` (mm) and the share of
+        them that are thoracic; None with fewer than MIN_REF_VOXELS such voxels."""
+        if self._spine is None:
+            vertebrae = [s.id for s in by_id().values() if s.kind == "vertebra"]
+            idx, pts = self._subsampled(np.argwhere(np.isin(self.sites, vertebrae)))
+            thoracic = np.array([by_id()[int(v)].region == "spine_thoracic" for v in self.sites[tuple(idx.T)]], bool)
+            self._spine = (pts, thoracic)
+        pts, thoracic = self._spine
+        near = np.abs(pts[:, 2] - z) <= SPINE_LEVEL_MM
+        if np.count_nonzero(near) < MIN_REF_VOXELS:
+            return None
+        return np.median(pts[near], axis=0), float(np.mean(thoracic[near]))
 
     def physis_points(self, sid: int) -> np.ndarray:
         """World points of physis voxels that belong to a site (in it or within two voxels of it)."""
@@ -441,6 +463,21 @@ def _unless_stray(scene: _Scene, sid: int, counts: np.ndarray, idx: np.ndarray) 
     return int(np.argmax(others)) if gap > STRAY_LABEL_MM else sid
 
 
+def _sternum_if_there(scene: _Scene, sid: int, centroid: np.ndarray) -> int:
+    """The sternum's id for a lesion labelled clavicle, rib or vertebra that lies in the midline well in front of a
+    thoracic spine (see the module's rules); ``sid`` otherwise."""
+    site = by_id()[sid]
+    if site.bone not in ("clavicle", "ribs") and site.kind != "vertebra":
+        return sid
+    spine = scene.spine_near(float(centroid[2]))
+    if spine is None or spine[1] < 0.5:
+        return sid
+    centre = spine[0]
+    if abs(centroid[0] - centre[0]) <= MIDLINE_MM and centroid[1] - centre[1] > STERNUM_ANTERIOR_MM:
+        return by_code()["sternum"].id
+    return sid
+
+
 def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centroid: np.ndarray) -> int:
     """The bone of a tibia/fibula or radius/ulna pair whose centre line passes nearest (in bone radii) to the
     lesion's centroid; ``sid`` itself for other bones or when either bone has too few voxels near the lesion."""
@@ -532,6 +569,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
         majority, dist = int(np.argmax(counts)), 0.0
         sid = _unless_stray(scene, majority, counts, idx[site_vals == majority])
         sid = _paired_bone(scene, sid, lid, sl, centroid)
+        sid = _sternum_if_there(scene, sid, centroid)
         repaired = sid != majority
     else:
         sid, dist = _nearest_bone(scene, lid, sl)
@@ -554,13 +592,15 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
         "confidence": round(float(min(1.0, max(0.0, confidence))), 4),
     }
     if is_bone:
-        fraction = min(1.0, np.count_nonzero(own) / max(int(scene.site_counts[sid]), 1))
+        in_map = int(scene.site_counts[sid])
+        fraction = np.count_nonzero(own) / in_map if in_map >= max(np.count_nonzero(own), 1) else None
         vol_out = np.count_nonzero(~in_bone) * scene.voxel_ml
         extends = vol_out >= SOFT_EXT_MIN_ML and (vol_out >= SOFT_EXT_FRACTION * n * scene.voxel_ml or vol_out >= SOFT_EXT_ML)
         out.update(site=ref.code, side=ref.side, region=ref.region,
                    subregion=_subregion(scene, ref, pts[own] if own.any() else pts),
                    juxtaphyseal=_juxtaphyseal(scene, ref, lid, sl),
-                   bone_fraction=round(float(fraction), 4), extension_grade=extension_grade(fraction),
+                   bone_fraction=None if fraction is None else round(float(fraction), 4),
+                   extension_grade=extension_grade(fraction),
                    soft_tissue_extension=bool(extends))
     else:
         out.update(site=SOFT_TISSUE, side=_soft_tissue_side(scene, centroid),

@@ -464,3 +464,36 @@ def test_a_piece_near_its_bone_is_not_a_stray_label():
     """The same lesion with the humerus 12 mm from the femur: a femur piece that close may be the femur's own
     (an epiphysis beyond its physis), so the majority stands."""
     assert _arm_and_thigh(52.0, True)["site"] == "femur_left"
+
+
+def _chest(lesion_xy: tuple[float, float], label: str, levels: str = "T") -> dict:
+    """A 3 mm scene: a column of vertebrae (``levels`` T4-T9 or L1-L5 stacked along S-I, 30 mm blocks at x = 0,
+    y = 0) and a lesion (a 12 mm cube at ``lesion_xy``, z 80-92 mm) whose voxels the site map calls ``label``,
+    with no sternum in the map: the bone channel's blind spot."""
+    n = (41, 51, 61)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    aff[:3, 3] = [-60.0, -30.0, 0.0]
+    X, Y, Z = world_grid(aff, n)
+    sites = np.zeros(n, np.uint8)
+    names = [f"vertebra_T{i}" for i in range(4, 10)] if levels == "T" else [f"vertebra_L{i}" for i in range(1, 6)]
+    for k, code in enumerate(reversed(names)):
+        sites[(np.abs(X) <= 12) & (np.abs(Y) <= 12) & (Z >= 30 * k) & (Z < 30 * k + 27)] = by_code()[code].id
+    lesion = (np.abs(X - lesion_xy[0]) <= 6) & (np.abs(Y - lesion_xy[1]) <= 6) & (Z >= 80) & (Z <= 92)
+    sites[lesion] = by_code()[label].id
+    image = np.where(sites > 0, 0.4, 0.2).astype(np.float32)
+    image[lesion] = 1.2
+    return measure_lesions(lesion.astype(np.uint16), sites, image, aff, None, {1: 0.9})[0]
+
+
+@pytest.mark.parametrize("label", ["clavicle_right", "vertebra_T6", "ribs_left"])
+def test_midline_lesion_in_front_of_the_thoracic_spine_is_sternal(label):
+    les = _chest((3.0, 90.0), label)
+    assert (les["site"], les["side"], les["region"]) == ("sternum", "midline", "chest_wall")
+    assert les["bone_fraction"] is None and les["extension_grade"] is None  # no sternum in the map to measure against
+
+
+@pytest.mark.parametrize("xy, label, levels", [((30.0, 90.0), "clavicle_right", "T"),   # beside the midline
+                                               ((3.0, 20.0), "vertebra_T6", "T"),       # at the spine
+                                               ((3.0, 90.0), "vertebra_L3", "L")])      # not the chest
+def test_other_lesions_are_not_sternal(xy, label, levels):
+    assert _chest(xy, label, levels)["site"] == label
