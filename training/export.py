@@ -78,7 +78,9 @@ LIMITATIONS = [
     "lesions.",
     "Works at 3 mm: lesions below about 0.5 mL, thin cortical or periosteal changes and small bones (toes, "
     "carpals, ribs) are at the edge of what it resolves. Vertebral level naming is less reliable in partial "
-    "fields of view that show few vertebrae.",
+    "fields of view that show few vertebrae. The default model's bone channel misses the sternum (its site map "
+    "holds almost none): sternal lesions are named by their position in front of the thoracic spine, without a "
+    "bone share.",
     "Input must be a fat-suppressed fluid-sensitive sequence (STIR, T2 FS, Dixon water); T1 or contrast-enhanced "
     "images are out of scope.",
 ]
