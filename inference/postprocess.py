@@ -575,7 +575,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
         sid, dist = _nearest_bone(scene, lid, sl)
     ref = by_id().get(sid)
     is_bone = ref is not None and dist <= NEAR_BONE_MM
-    # a lesion moved to another bone (its pair, or away from a stray label): its voxels in bone are that bone's
+    # a lesion moved to another bone (pair, stray label, sternum): its voxels in bone are that bone's
     own = in_bone if repaired else site_vals == sid if ref is not None else np.zeros(n, bool)
     lesion_signal = float(np.median(signal_all[own] if own.any() else signal_all))
     marrow = scene.local_marrow_median(lid, sl, sid) if ref is not None else None
