@@ -258,9 +258,9 @@ class _Scene:
         them that are thoracic; None with fewer than MIN_REF_VOXELS such voxels."""
         if self._spine is None:
             vertebrae = [s.id for s in by_id().values() if s.kind == "vertebra"]
+            thoracic = [s.id for s in by_id().values() if s.region == "spine_thoracic"]
             idx, pts = self._subsampled(np.argwhere(np.isin(self.sites, vertebrae)))
-            thoracic = np.array([by_id()[int(v)].region == "spine_thoracic" for v in self.sites[tuple(idx.T)]], bool)
-            self._spine = (pts, thoracic)
+            self._spine = (pts, np.isin(self.sites[tuple(idx.T)], thoracic))
         pts, thoracic = self._spine
         near = np.abs(pts[:, 2] - z) <= SPINE_LEVEL_MM
         if np.count_nonzero(near) < MIN_REF_VOXELS:
@@ -450,10 +450,9 @@ def _unless_stray(scene: _Scene, sid: int, counts: np.ndarray, idx: np.ndarray) 
     site = by_id()[sid]
     others = counts.copy()
     others[[0, sid]] = 0
-    piece = scene.main_piece(sid)
-    if site.kind == "vertebra" or site.bone in _MULTI_PIECE_BONES or not others.any() or piece is None:
+    if site.kind == "vertebra" or site.bone in _MULTI_PIECE_BONES or not others.any():
         return sid
-    sl, mask = piece
+    sl, mask = scene.main_piece(sid)  # the lesion's own voxels carry sid, so the site is present
     local = idx - _offset(sl)
     inside = np.all((local >= 0) & (local < mask.shape), axis=1)
     if mask[tuple(local[inside].T)].any():
