@@ -58,7 +58,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 
-from models.preprocessing import body_mask_threshold
+from models.preprocessing import background_offset, body_mask_threshold
 from models.sites import REGIONS, SOFT_TISSUE, Site, by_code, by_id
 
 NEAR_BONE_MM = 5.0
@@ -721,8 +721,11 @@ def border_lesions(lesions_arr: np.ndarray) -> list[int]:
 
 def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     """Rough signal-to-noise: median body signal over a robust noise sigma from neighbour differences along
-    the finest axis (a subsample of lines keeps it fast). None when the body is too small to judge."""
+    the finest axis (a subsample of lines keeps it fast), on the image lifted to 0 and without a background offset
+    as the network sees it. None when the body is too small to judge."""
     img = np.asarray(image, np.float32)
+    img = img - min(0.0, float(img.min()))
+    img = img - background_offset(img)
     ax = int(np.argmin(spacing))
     steps = [1, 1, 1]
     others = [a for a in range(3) if a != ax]
@@ -760,6 +763,9 @@ def study_warnings(image: np.ndarray, sites: np.ndarray, lesions_arr: np.ndarray
     if sp[1] > MAX_INPLANE_MM:
         out.append(f"In-plane pixels are {sp[0]:.1f} x {sp[1]:.1f} mm (over {MAX_INPLANE_MM:g} mm): small lesions "
                    "may be missed.")
+    if background_offset(image) > 0:
+        out.append("The image's background is not dark (a constant intensity offset from the export?): the offset "
+                   "was subtracted before analysis; check that the study was exported as acquired.")
     snr = estimate_snr(image, spacing)
     if snr is not None and snr < MIN_SNR:
         out.append(f"The image is very noisy (estimated signal-to-noise about {snr:.1f}): faint edema may be missed "

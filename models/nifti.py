@@ -6,13 +6,16 @@ file is refused cheaply. Messages name the problem and never echo header free te
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
+import struct
 import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import nibabel as nib
@@ -40,6 +43,35 @@ class Volume:
         return "".join(nib.aff2axcodes(self.affine))
 
 
+def header_from_bytes(head: bytes) -> tuple[tuple[int, ...], np.ndarray, np.dtype, int]:
+    """Parse a NIfTI-1/2 single-file header: (shape, affine, dtype, data offset). Raises InputError."""
+    if len(head) < 348:
+        raise InputError("not a readable NIfTI file (too short for a NIfTI header)")
+    sizes = {struct.unpack(e + "i", head[:4])[0] for e in "<>"}
+    if 348 in sizes:
+        magic = head[344:348]
+        if magic == b"ni1\x00":
+            raise InputError("not a single-file NIfTI: a .hdr/.img pair is not accepted; convert it to .nii")
+        if magic != b"n+1\x00":
+            raise InputError("not a readable NIfTI file (no NIfTI-1 magic)")
+        klass, size = nib.Nifti1Header, 348
+    elif 540 in sizes and len(head) >= 540 and head[4:8] == b"n+2\x00":
+        klass, size = nib.Nifti2Header, 540
+    else:
+        raise InputError("not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
+    try:
+        hdr = klass.from_fileobj(io.BytesIO(head[:size]), check=True)
+        shape = tuple(int(s) for s in hdr.get_data_shape())
+        dtype = hdr.get_data_dtype()
+        offset = int(hdr.get_data_offset())
+        affine = hdr.get_best_affine()
+    except Exception as exc:  # nibabel raises several types for broken headers
+        raise InputError(f"not a readable NIfTI header ({type(exc).__name__})") from None
+    if any(s < 1 for s in shape):
+        raise InputError(f"header dimensions {shape} are invalid")
+    return shape, affine, dtype, max(offset, size)
+
+
 def _check_gzip(path: Path) -> None:
     """Refuse truncated or corrupt gzip streams before nibabel meets them."""
     try:
@@ -50,9 +82,18 @@ def _check_gzip(path: Path) -> None:
         raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
 
 
-def _check_raw_spacing(path: Path, header_class) -> None:
+def _read_head(path: Path, gz: bool) -> bytes:
+    """The first bytes of the (inflated) file: enough for a NIfTI-1 or NIfTI-2 header."""
+    try:
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            return fh.read(540)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
+
+
+def _check_raw_spacing(path: Path, header_class, gz: bool) -> None:
     """nibabel silently turns zero pixdim into 1 mm on load; refuse such headers instead of guessing."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if gz else open
     with opener(path, "rb") as fh:
         raw = header_class.from_fileobj(fh, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], float)
@@ -78,6 +119,10 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)):
         raise InputError("header affine is missing or not finite")
+    header = getattr(img, "header", None)
+    if header is not None and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        raise InputError("the header holds no orientation (qform and sform codes are both 0), so left and right "
+                         "cannot be told apart; export the study again with its orientation (dcm2niix writes it)")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if np.any(zooms <= 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in zooms)} mm is zero or degenerate")
@@ -86,38 +131,63 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     return shape  # type: ignore[return-value]
 
 
+@contextmanager
+def _named_by_content(path: Path, gz: bool) -> Iterator[Path]:
+    """``path``, or a link to it whose name ends as its content is (nibabel goes by the name: a gzip file named
+    .nii, or a plain one named .nii.gz, is read for what it holds)."""
+    if path.name.lower().endswith(".gz") == gz:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="wbmri-read-") as tmp:
+        link = Path(tmp) / ("study.nii.gz" if gz else "study.nii")
+        link.symlink_to(path.resolve())
+        yield link
+
+
 def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS,
                 label: bool = False) -> Volume:
     """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`. A ``label`` map may be
     constant (a lesion-free case's edema mask is all zero); an image may not."""
     if isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
-        img = source
+        data, affine = _voxels(source, max_voxels)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"no such file: {path.name}")
-        with open(path, "rb") as fh:
-            magic = fh.read(2)
-        if magic == b"\x1f\x8b":
-            _check_gzip(path)
-        try:
-            img = nib.load(str(path))
-        except Exception as exc:  # nibabel raises many types for non-NIfTI input
-            raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
-        _check_raw_spacing(path, type(img).header_class)
-    shape = check_header(img, max_voxels)
-    try:
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
-    except Exception as exc:
-        raise InputError(f"voxel data could not be read ({type(exc).__name__}: file truncated?)") from None
+        data, affine = _read_file(Path(source), max_voxels)
     if not np.all(np.isfinite(data)):
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise InputError(f"image holds {bad:,} NaN or infinite voxels")
     if not label and float(data.max()) <= float(data.min()):
         raise InputError("image is constant (e.g. all zero): nothing to analyse")
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64))
+    return Volume(data=data, affine=affine)
+
+
+def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
+    if not path.is_file():
+        raise InputError(f"no such file: {path.name}")
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    shape, affine, _, _ = header_from_bytes(_read_head(path, gz))  # a small gzip file can inflate to a huge volume
+    check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels)
+    if gz:
+        _check_gzip(path)
+    with _named_by_content(path, gz) as readable:
+        try:
+            img = nib.load(str(readable))
+        except Exception as exc:  # nibabel raises many types for non-NIfTI input
+            raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
+        _check_raw_spacing(readable, type(img).header_class, gz)
+        return _voxels(img, max_voxels)
+
+
+def _voxels(img: nib.Nifti1Image, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    shape = check_header(img, max_voxels)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:
+        raise InputError(f"voxel data could not be read ({type(exc).__name__}: file truncated?)") from None
+    return data, np.asarray(img.affine, dtype=np.float64)
 
 
 @contextmanager

@@ -98,11 +98,25 @@ def _body_sample(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sample, sample[sample > body_mask_threshold(sample)]
 
 
+# Air and suppressed fat are near zero on STIR; when even the darkest voxels (0.1th percentile) sit above this share
+# of the 99th percentile, the export added a constant offset, which would make the whole field look like body.
+OFFSET_FRACTION = 0.1
+
+
+def background_offset(img: np.ndarray) -> float:
+    """The constant to subtract from a volume whose background is not dark (see OFFSET_FRACTION); 0 otherwise."""
+    sample = img[:: 2, :: 2, :: 2] if img.size > 2_000_000 else img
+    lo, hi = (float(v) for v in np.percentile(sample, [0.1, 99.0]))
+    return lo if hi > 0 and lo > OFFSET_FRACTION * hi else 0.0
+
+
 def normalise(img: np.ndarray, reference: str = "p99") -> np.ndarray:
     """Robust intensity scaling, clipped to [0, 4]. ``p99``: 1.0 = the 99th percentile of body voxels. ``p75``: the
-    same, then re-referenced by ``rereference`` (the network config's ``intensity_reference`` says which)."""
+    same, then re-referenced by ``rereference`` (the network config's ``intensity_reference`` says which). A
+    negative minimum is lifted to 0 and a constant positive background offset removed first."""
     img = np.asarray(img, dtype=np.float32)
     img = img - min(0.0, float(img.min()))
+    img = img - background_offset(img)
     sample, body = _body_sample(img)
     scale = float(np.percentile(body, 99.0)) if body.size > 100 else float(sample.max())
     if scale <= 0:

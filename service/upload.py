@@ -5,7 +5,6 @@ The voxel data itself (NaN, constant image) is checked later, in the job, by :fu
 """
 from __future__ import annotations
 
-import io
 import os
 import re
 import secrets
@@ -20,7 +19,7 @@ from typing import AsyncIterator
 import nibabel as nib
 import numpy as np
 
-from models.nifti import InputError, check_header
+from models.nifti import InputError, check_header, header_from_bytes
 
 try:  # python-multipart >= 0.0.13
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -65,35 +64,6 @@ def sanitise_filename(name: str | None) -> str:
     if len(base) > 128:
         base = base[:60] + "..." + base[-65:]
     return base or "study.nii.gz"
-
-
-def _header_from_bytes(head: bytes) -> tuple[tuple[int, ...], np.ndarray, np.dtype, int]:
-    """Parse a NIfTI-1/2 single-file header: (shape, affine, dtype, data offset). Raises InputError."""
-    if len(head) < 348:
-        raise InputError("not a readable NIfTI file (too short for a NIfTI header)")
-    sizes = {struct.unpack(e + "i", head[:4])[0] for e in "<>"}
-    if 348 in sizes:
-        magic = head[344:348]
-        if magic == b"ni1\x00":
-            raise InputError("not a single-file NIfTI: a .hdr/.img pair cannot be uploaded; convert it to .nii")
-        if magic != b"n+1\x00":
-            raise InputError("not a readable NIfTI file (no NIfTI-1 magic)")
-        klass, size = nib.Nifti1Header, 348
-    elif 540 in sizes and len(head) >= 540 and head[4:8] == b"n+2\x00":
-        klass, size = nib.Nifti2Header, 540
-    else:
-        raise InputError("not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
-    try:
-        hdr = klass.from_fileobj(io.BytesIO(head[:size]), check=True)
-        shape = tuple(int(s) for s in hdr.get_data_shape())
-        dtype = hdr.get_data_dtype()
-        offset = int(hdr.get_data_offset())
-        affine = hdr.get_best_affine()
-    except Exception as exc:  # nibabel raises several types for broken headers
-        raise InputError(f"not a readable NIfTI header ({type(exc).__name__})") from None
-    if any(s < 1 for s in shape):
-        raise InputError(f"header dimensions {shape} are invalid")
-    return shape, affine, dtype, max(offset, size)
 
 
 class NiftiStreamCheck:
@@ -163,7 +133,7 @@ class NiftiStreamCheck:
         return 348 in {struct.unpack(e + "i", self.head[:4])[0] for e in "<>"}
 
     def _check_header(self) -> None:
-        shape, affine, dtype, offset = _header_from_bytes(self.head)
+        shape, affine, dtype, offset = header_from_bytes(self.head)
         self.shape = shape
         check_header(SimpleNamespace(shape=shape, affine=affine), self.max_voxels)
         n = int(np.prod(shape, dtype=np.int64))

@@ -73,12 +73,23 @@ def write_bad(tmp_path, kind: str):
         hdr.set_data_dtype(np.float32)
         with gzip.open(path, "wb") as fh:  # a header that promises 256 GB, with almost no data behind it
             fh.write(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 1000)
+    elif kind == "no_orientation":
+        bare = nib.Nifti1Image(img.get_fdata().astype(np.float32), None)
+        bare.header.set_zooms((3.0, 3.0, 3.0))  # valid spacing, but qform and sform codes 0: no orientation
+        nib.save(bare, str(path))
+    elif kind == "absurd_dims_truncated":
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape((4000, 4000, 4000))
+        hdr.set_data_dtype(np.float32)
+        raw = gzip.compress(hdr.binaryblock + b"\x00" * 4 + b"\x00" * 100_000)
+        path.write_bytes(raw[: len(raw) // 2])  # the header is read before the (broken) stream is inflated
     return path
 
 
 BAD = {"not_nifti": "not a readable NIfTI", "truncated_gzip": "gzip", "corrupt_gzip": "gzip", "two_d": "2D",
        "four_d": "4D with 5 volumes", "nan": "NaN", "zero_spacing": "spacing", "all_zero": "constant",
-       "absurd_dims": "over the budget"}
+       "absurd_dims": "over the budget", "absurd_dims_truncated": "over the budget",
+       "no_orientation": "no orientation"}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
@@ -87,6 +98,17 @@ def test_bad_input_gets_one_clear_message(tmp_path, predictor, kind):
     with pytest.raises(InputError) as exc:
         predictor.predict(path)
     assert BAD[kind] in str(exc.value)
+
+
+@pytest.mark.parametrize("name, compress", [("plain_named_gz.nii.gz", False), ("gzip_named_plain.nii", True)])
+def test_a_file_is_read_for_what_it_holds_whatever_its_extension(tmp_path, predictor, name, compress):
+    img = blob_volume()
+    raw = img.to_bytes()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    result = predictor.predict(path)
+    assert result.lesions.shape == img.shape
+    np.testing.assert_allclose(result.affine, img.affine)
 
 
 def test_four_d_with_one_volume_is_accepted(tmp_path, predictor):

@@ -98,6 +98,20 @@ def test_a_network_widened_to_the_log_channel_computes_what_the_old_one_did_and_
     assert not torch.allclose(v1, v2, atol=1e-3)
 
 
+def test_a_constant_background_offset_is_removed_before_scaling():
+    from models.preprocessing import background_offset, normalise
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 40, 40), np.float32)
+    img[5:35, 5:35, 5:35] = rng.uniform(0.1, 0.3, (30, 30, 30))
+    img[15:20, 15:20, 15:20] = 1.0
+    img += np.abs(rng.normal(0, 0.005, img.shape)).astype(np.float32)  # a noise floor in the air
+    assert background_offset(img) == 0.0  # dark air: nothing is subtracted
+    for offset in (0.5, 500.0):  # an export's constant offset, small and large against the signal
+        assert background_offset(img + offset) == pytest.approx(offset, abs=0.01)
+        assert np.allclose(normalise(img + offset), normalise(img), atol=0.02)
+    assert np.allclose(normalise(img - 100.0), normalise(img), atol=1e-4)  # negative values: lifted to 0
+
+
 def test_p75_reference_fixes_the_75th_body_percentile_whatever_the_bright_organs():
     from models.preprocessing import P75_TO_P99, _body_sample, normalise, rereference
     rng = np.random.default_rng(0)

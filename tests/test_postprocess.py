@@ -287,6 +287,8 @@ def test_study_warnings(scene):
     text = " ".join(warn)
     assert "No bone" in text and "Lesion(s) 11" in text and "8.0 mm" in text and "In-plane" in text
     assert border_lesions(edge) == [11]
+    offset = study_warnings(scene["image"] + 50.0, scene["sites"], scene["lesions"], sp)
+    assert len(offset) == 1 and "background is not dark" in offset[0]  # and the SNR is judged without the offset
 
 
 def test_signal_ratios_ignore_cortex_and_air():

@@ -152,7 +152,15 @@ BAD = {
     "zero_spacing": (lambda: raw_header_file((10, 10, 10), srow_x=[0, 0, 0, 0]), "s.nii", "zero or degenerate"),
     "absurd_dims": (lambda: raw_header_file((30000, 30000, 30000)), "s.nii", "over the budget"),
     "negative_dims": (lambda: raw_header_file((-5, 10, 10)), "s.nii", "dimensions"),
+    "no_orientation": (lambda: _without_orientation(blob_volume()), "s.nii.gz", "no orientation"),
 }
+
+
+def _without_orientation(data: np.ndarray) -> bytes:
+    """Valid 2 mm voxels, but qform and sform codes 0: which way is left is not recorded."""
+    img = nib.Nifti1Image(data, None)
+    img.header.set_zooms((2.0, 2.0, 2.0))
+    return gzip.compress(img.to_bytes(), 1)
 
 
 def _corrupt(payload: bytes) -> bytes:
@@ -170,7 +178,7 @@ def test_bad_upload_is_4xx_with_message(client, kind, tmp_path):
     assert r.status_code in (400, 413, 422), (r.status_code, r.text)
     detail = r.json()["detail"]
     assert phrase.lower() in detail.lower(), detail
-    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims"):  # header checks: the library's exact message
+    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation"):  # the library's exact message
         path = tmp_path / name
         path.write_bytes(payload)
         with pytest.raises(InputError) as exc:
