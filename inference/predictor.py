@@ -23,8 +23,7 @@ from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
-from models.sides import body_mask, sides_by_position
-from models.spine import renumber_vertebrae
+from models.site_rules import apply_site_rules
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
@@ -197,8 +196,7 @@ class Predictor:
         prob, bone_p, physis_p, site_map = self.network_outputs(img)
         lap("network")
         tick("postprocess", 0.7)
-        site_map = renumber_vertebrae(site_map, grid.model_spacing)
-        site_map = sides_by_position(site_map, body_mask(img), grid.model_spacing)
+        site_map = apply_site_rules(site_map, img, grid.model_spacing)
         inst, conf = self._components(prob, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)

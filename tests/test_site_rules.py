@@ -115,3 +115,36 @@ def test_a_vertebra_mistaken_in_a_leg_does_not_move_the_midline(model_case):
     fixed = sides_by_position(sites, body, GRID)
     others = model_case["sites"] == site_id("tibia_right")
     assert (fixed[others] == site_id("tibia_right")).mean() > 0.99
+
+
+def test_true_sites_keep_every_label_and_voxel_through_the_stray_rule(sites):
+    from models.site_rules import relabel_stray_pieces
+    assert np.array_equal(relabel_stray_pieces(sites, GRID), sites)
+
+
+def test_stray_labels_go_to_the_bone_they_sit_in(sites):
+    from models.site_rules import relabel_stray_pieces
+    femur, humerus, c5 = site_id("femur_left"), site_id("humerus_left"), site_id("vertebra_C5")
+    idx = np.argwhere(sites == femur)
+    shaft = idx[np.argsort(idx[:, 2])[len(idx) // 2]]  # a voxel halfway up the femur
+    noisy = sites.copy()
+    x, y, z = shaft
+    noisy[x, y, z - 1:z + 2] = c5                        # 3 voxels of "C5" inside the femur: a label too small
+    far = idx[np.argsort(idx[:, 2])[len(idx) // 8]]      # low on the femur, well over 20 mm from the humerus
+    noisy[far[0], far[1], far[2]] = humerus              # one far-away voxel of a bone that is present elsewhere
+    out = relabel_stray_pieces(noisy, GRID)
+    assert np.array_equal(out, sites)
+    assert np.count_nonzero(noisy != sites) == 4
+
+
+def test_a_nearby_piece_of_the_same_bone_stays(sites):
+    from models.site_rules import relabel_stray_pieces
+    femur = site_id("femur_left")
+    noisy = sites.copy()
+    top = np.argwhere(sites == femur)
+    top = top[np.argmax(top[:, 2])]
+    x, y, z = top
+    assert sites[x, y, z + 3] != femur
+    noisy[x, y, z + 3] = femur  # a piece 6-9 mm above the femur's top (an epiphysis beyond a growth plate)
+    out = relabel_stray_pieces(noisy, GRID)
+    assert out[x, y, z + 3] == femur

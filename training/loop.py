@@ -493,11 +493,9 @@ class Trainer:
         return best
 
     def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
-        """The site map as inference reports it: vertebral levels fitted along the spine, sides by position."""
-        from models.sides import body_mask, sides_by_position
-        from models.spine import renumber_vertebrae
-        spacing = self.cfg.network.spacing_mm
-        return sides_by_position(renumber_vertebrae(site_map.astype(np.uint8), spacing), body_mask(img), spacing)
+        """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`)."""
+        from models.site_rules import apply_site_rules
+        return apply_site_rules(site_map, img, self.cfg.network.spacing_mm)
 
     @staticmethod
     def _score_rules(acc: dict, inst: np.ndarray, ref: np.ndarray, ref_inst: np.ndarray, ref_sites: dict,
