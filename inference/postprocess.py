@@ -59,6 +59,7 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 
 from models.preprocessing import background_offset, body_mask_threshold
+from models.site_rules import MULTI_PIECE_BONES
 from models.sites import REGIONS, SOFT_TISSUE, Site, by_code, by_id
 
 NEAR_BONE_MM = 5.0
@@ -98,7 +99,6 @@ _PROXIMAL_NEIGHBOURS: dict[str, tuple[str, ...]] = {
 # the two bones of the forearm and of the lower leg, which run side by side
 _PAIRED_BONES: dict[str, str] = {"tibia": "fibula", "fibula": "tibia", "radius": "ulna", "ulna": "radius"}
 # bones whose label is drawn in several pieces (ribs, rays, ossification centres): a far piece is not a stray label
-_MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "metatarsals", "toes"})
 _MIDLINE_REFERENCE = ("sternum", "sacrum") + tuple(f"vertebra_{c}{i}" for c, n in (("C", 7), ("T", 12), ("L", 5))
                                                     for i in range(1, n + 1))
 
@@ -450,7 +450,7 @@ def _unless_stray(scene: _Scene, sid: int, counts: np.ndarray, idx: np.ndarray) 
     site = by_id()[sid]
     others = counts.copy()
     others[[0, sid]] = 0
-    if site.kind == "vertebra" or site.bone in _MULTI_PIECE_BONES or not others.any():
+    if site.kind == "vertebra" or site.bone in MULTI_PIECE_BONES or not others.any():
         return sid
     sl, mask = scene.main_piece(sid)  # the lesion's own voxels carry sid, so the site is present
     local = idx - _offset(sl)
@@ -724,8 +724,8 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     the finest axis (a subsample of lines keeps it fast), on the image lifted to 0 and without a background offset
     as the network sees it. None when the body is too small to judge."""
     img = np.asarray(image, np.float32)
-    img = img - min(0.0, float(img.min()))
-    img = img - background_offset(img)
+    floor = min(0.0, float(img.min()))
+    dark = floor + background_offset(img, floor)  # subtracted from the subsample below, not the whole volume
     ax = int(np.argmin(spacing))
     steps = [1, 1, 1]
     others = [a for a in range(3) if a != ax]
@@ -734,7 +734,7 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     stride = max(1, int(np.ceil(np.sqrt(n_lines * per_line / 2_000_000))))
     for a in others:
         steps[a] = stride
-    sub = img[:: steps[0], :: steps[1], :: steps[2]]
+    sub = img[:: steps[0], :: steps[1], :: steps[2]] - dark
     thr = body_mask_threshold(sub)
     a, b = np.take(sub, range(per_line - 1), axis=ax), np.take(sub, range(1, per_line), axis=ax)
     both = (a > thr) & (b > thr)

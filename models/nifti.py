@@ -91,11 +91,10 @@ def _read_head(path: Path, gz: bool) -> bytes:
         raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
 
 
-def _check_raw_spacing(path: Path, header_class, gz: bool) -> None:
-    """nibabel silently turns zero pixdim into 1 mm on load; refuse such headers instead of guessing."""
-    opener = gzip.open if gz else open
-    with opener(path, "rb") as fh:
-        raw = header_class.from_fileobj(fh, check=False)
+def _check_raw_spacing(head: bytes, header_class) -> None:
+    """nibabel silently turns zero pixdim into 1 mm on load; refuse such headers (``head``: the file's first bytes)
+    instead of guessing."""
+    raw = header_class.from_fileobj(io.BytesIO(head), check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], float)
     if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0 and np.any(pixdim <= 0):
         raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in pixdim)} mm is zero or negative")
@@ -166,7 +165,8 @@ def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"no such file: {path.name}")
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
-    shape, affine, _, _ = header_from_bytes(_read_head(path, gz))  # a small gzip file can inflate to a huge volume
+    head = _read_head(path, gz)
+    shape, affine, _, _ = header_from_bytes(head)  # a small gzip file can inflate to a huge volume
     check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels)
     if gz:
         _check_gzip(path)
@@ -177,7 +177,7 @@ def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
             raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
-        _check_raw_spacing(readable, type(img).header_class, gz)
+        _check_raw_spacing(head, type(img).header_class)
         return _voxels(img, max_voxels)
 
 

@@ -103,10 +103,11 @@ def _body_sample(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 OFFSET_FRACTION = 0.1
 
 
-def background_offset(img: np.ndarray) -> float:
-    """The constant to subtract from a volume whose background is not dark (see OFFSET_FRACTION); 0 otherwise."""
+def background_offset(img: np.ndarray, floor: float = 0.0) -> float:
+    """The constant to subtract from ``img - floor`` when its background is not dark (see OFFSET_FRACTION); 0
+    otherwise. ``floor`` spares a full-size copy of a volume still to be lifted to 0."""
     sample = img[:: 2, :: 2, :: 2] if img.size > 2_000_000 else img
-    lo, hi = (float(v) for v in np.percentile(sample, [0.1, 99.0]))
+    lo, hi = (float(v) - floor for v in np.percentile(sample, [0.1, 99.0]))
     return lo if hi > 0 and lo > OFFSET_FRACTION * hi else 0.0
 
 

@@ -28,10 +28,11 @@ from models.spine import renumber_vertebrae
 
 MIN_LABEL_ML = 0.5
 FAR_MM = 20.0
-# bones of several pieces: ribs, rays and segments, and the hip bones, whose acetabular parts lie beyond the
-# triradiate cartilage in a child
-_MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "metatarsals", "toes", "ilium",
-                                "ischium", "pubis"})
+# bones of several pieces: ribs, rays and segments (also for naming lesions, inference.postprocess)
+MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "metatarsals", "toes"})
+# ... and, for the site map's stray pieces, the hip bones, whose acetabular parts lie beyond the triradiate
+# cartilage in a child (the lesion rule keeps them one-piece: merging the two would change lesion naming)
+_SEVERAL_PIECES = MULTI_PIECE_BONES | {"ilium", "ischium", "pubis"}
 _NEIGHBOURS = np.ones((3, 3, 3), bool)
 
 
@@ -50,7 +51,7 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
         sizes = np.bincount(pieces.ravel())[1:]
         if sizes.sum() < min_voxels:
             stray = list(range(1, n + 1))
-        elif n > 1 and sites_by_id[sid].bone not in _MULTI_PIECE_BONES:
+        elif n > 1 and sites_by_id[sid].bone not in _SEVERAL_PIECES:
             main = int(np.argmax(sizes)) + 1
             gap = ndimage.distance_transform_edt(pieces != main, sampling=spacing)
             nearest = ndimage.minimum(gap, pieces, index=np.arange(1, n + 1))
