@@ -56,6 +56,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     """Train (or fine-tune) the network; every setting lives in one validated YAML schema."""
     from training.config import ConfigError, TrainConfig, load_config
     from training.loop import Trainer
+    from training.nnunet import DatasetError
     overrides = list(set_)
     if init is not None:
         overrides.append(f"init={init}")
@@ -63,18 +64,29 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
         overrides.append(f"out_dir={out_dir}")
     if device is not None:
         overrides.append(f"device={device}")
+    if config is not None and not config.is_file():
+        typer.echo(f"no such config file: {config}", err=True)
+        raise typer.Exit(2)
     path = config or (_ROOT / "configs" / "train" / "default.yaml")
     try:
         cfg = load_config(TrainConfig, path if path.is_file() else None, overrides)
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
-    if prepare_only:
-        made = Trainer(cfg).prepare()
-        typer.echo(f"prepared in {made['seconds']:.0f} s ({made['made']} phantom cases made): {made['pool_cases']} pool, "
-                   f"{made['val_cases']} validation and {made['dataset_cases']} dataset cases under {cfg.data.cache_dir}")
-        return
-    result = Trainer(cfg, resume=resume).train()
+    try:
+        if prepare_only:
+            made = Trainer(cfg).prepare()
+            typer.echo(f"prepared in {made['seconds']:.0f} s ({made['made']} phantom cases made): {made['pool_cases']} "
+                       f"pool, {made['val_cases']} validation and {made['dataset_cases']} dataset cases under "
+                       f"{cfg.data.cache_dir}")
+            return
+        result = Trainer(cfg, resume=resume).train()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    except (DatasetError, FileNotFoundError) as exc:
+        typer.echo(f"cannot train on this data: {exc}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
 
 

@@ -130,7 +130,10 @@ def test_nnunet_layout(tmp_path):
     again = nnunet_cases(tmp_path, (6.0, 6.0, 6.0), tmp_path / "cache")
     assert again == cached_paths and not load_npz(again[0])["edema"].any()
     assert again[1].stat().st_mtime_ns == before[again[1]]
-    # the set is extended by a later run with the same settings, and refused with other settings
+    # the set is extended by a later run with the same settings (a setting added since, at its default, counts as
+    # the same), and refused with other settings
+    del ds["config"]["lesions"]["muscle_floor"]
+    (tmp_path / "dataset.json").write_text(json.dumps(ds))
     synth_dataset(1, tmp_path, seed=5, overrides=["fov.p={knees: 1.0}", "anatomy_mm=3"])
     ds = json.loads((tmp_path / "dataset.json").read_text())
     assert (ds["numTraining"], ds["first_seed"]) == (3, 3)
@@ -189,6 +192,26 @@ def test_contrast_gamma_bends_the_randomised_tissue_means_and_keeps_their_order(
         load_config(SynthConfig, None, ["contrast.gamma=[0, 1.2]"])
 
 
+def test_muscle_floor_lifts_faint_edema_in_fatty_marrow_only_when_set():
+    from training.phantom.contrast import apply_edema
+    from training.phantom.render import MUSCLE, TISSUES
+    lut = np.zeros(len(TISSUES), np.float32)
+    lut[MUSCLE] = 0.2
+    labels = np.zeros((12, 12, 12), np.uint16)
+    labels[3:9, 3:9, 3:9] = 1
+    edema = (labels > 0).astype(np.float32)
+    inside = labels == 1
+
+    def lesion_median(floor: float) -> float:
+        img = np.full(labels.shape, 0.08, np.float32)  # dark fatty marrow
+        out = apply_edema(img, edema, {1: 1.3}, labels, lut, np.random.default_rng(0), floor)
+        return float(np.median(out[inside]))
+
+    assert lesion_median(0.0) == pytest.approx(0.08 * 1.3, rel=0.03)  # the drawn ratio to marrow alone
+    assert lesion_median(1.0) == pytest.approx(0.2 * (0.6 + 0.25 * 1.3), rel=0.03)  # muscle-level floor
+    assert SynthConfig().lesions.muscle_floor == 1.0
+
+
 def test_normal_foot_foci_are_symmetric_left_right():
     from models.sites import site_id
     from training.config import BodyConfig
@@ -216,3 +239,14 @@ def test_normal_foot_foci_are_symmetric_left_right():
     agree = bright[tuple(left[both].T)] == bright[tuple(j[both].T)]
     assert both.sum() > 50 and 0.05 < bright[foot].mean() < 0.95  # there are foci, and normal marrow between them
     assert agree.mean() > 0.85, f"left and right foot foci agree on only {agree.mean():.0%} of mirrored voxels"
+
+
+def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
+    import hashlib
+    from training.data import phantom_cache_name, synth_digest
+    cfg = SynthConfig()
+    before = json.loads(cfg.model_dump_json())
+    del before["lesions"]["muscle_floor"]  # the config as written before the setting existed
+    assert synth_digest(cfg) == hashlib.sha256(json.dumps(before, separators=(",", ":")).encode()).hexdigest()[:8]
+    fainter = load_config(SynthConfig, None, ["lesions.muscle_floor=0"])
+    assert phantom_cache_name("pool", fainter, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))

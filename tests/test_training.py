@@ -268,6 +268,21 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     assert card4["training"]["total_steps"] == card3["training"]["total_steps"]
 
 
+def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_from(tmp_path):
+    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["val_every=1000"])
+    Trainer(first, quiet=True).train(progress=False)
+    start = tmp_path / "run" / "final"
+    card = json.loads((start / "card.json").read_text())
+    card["thresholds"] = {"edema": 0.3, "min_lesion_ml": 0.1, "min_bone_fraction": 0.0, "min_confidence": 0.9}
+    card["inference"] = {"tta": "flip_lr_anatomy"}
+    (start / "card.json").write_text(json.dumps(card))
+    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        f"out_dir={tmp_path / 'ft'}", "optim.steps=2", "data.val_cases=0", f"init={start}"])
+    Trainer(second, quiet=True).train(progress=False)
+    tuned = load_bundle(tmp_path / "ft" / "final").card
+    assert tuned["thresholds"] == card["thresholds"] and tuned["inference"] == {"tta": "flip_lr_anatomy"}
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]
 

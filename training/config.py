@@ -85,6 +85,8 @@ class LesionConfig(Strict):
     volume_ml: Range = (0.4, 20.0)
     ratio_to_marrow: Range = (1.4, 6.0)
     faint_p: float = Field(0.35, ge=0, le=1, description="lesions drawn from the faint end (ratio < 2)")
+    muscle_floor: float = Field(1.0, ge=0, le=2, description="edema signal is at least muscle_floor x muscle x "
+                                "(0.6 + 0.25 ratio); 0: edema follows its marrow ratio alone, even in dark fatty marrow")
     expected: dict[str, Range] = Field(
         default={"tibia": (0.40, 0.80), "femur": (0.30, 0.70), "clavicle": (0.15, 0.50), "vertebra": (0.12, 0.45),
                  "pelvis": (0.15, 0.55), "metaphysis_share": (0.45, 0.80), "bilateral": (0.35, 0.85),

@@ -35,12 +35,12 @@ def to_model_case(image: np.ndarray, affine: np.ndarray, spacing, lesions: np.nd
         if arr is None:
             out[key] = np.full(grid.model_shape, UNKNOWN, np.uint8)
         else:
-            lab = to_model_grid(arr.astype(np.int16 if key == "edema" else np.uint8), grid, "nearest-exact")
+            lab = to_model_grid(arr.astype(np.int32 if key == "edema" else np.uint8), grid, "nearest-exact")
             if key == "edema":
                 lab = lab > 0
             out[key] = lab.astype(np.uint8)
     if lesions is not None:
-        out["instances"] = to_model_grid(lesions.astype(np.int16), grid, "nearest-exact").astype(np.uint16)
+        out["instances"] = to_model_grid(lesions.astype(np.int32), grid, "nearest-exact").astype(np.uint16)
     return out
 
 
@@ -63,8 +63,21 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
     """Folder name of cached phantom cases: changes with the generator version, the synth config and the grid, so
     a stale cache is never reused after the phantom changes."""
     from training.phantom.generate import GENERATOR_VERSION
-    digest = hashlib.sha256(synth.model_dump_json().encode()).hexdigest()[:8]
-    return f"{kind}_g{GENERATOR_VERSION}_{digest}_{first_seed}_{grid_tag(spacing)}"
+    return f"{kind}_g{GENERATOR_VERSION}_{synth_digest(synth)}_{first_seed}_{grid_tag(spacing)}"
+
+
+# Settings added after generator 1.3 whose default reproduces its cases bit for bit: left out of the digest at that
+# default, so caches made before they existed stay valid.
+_DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0}
+
+
+def synth_digest(synth: SynthConfig) -> str:
+    """Eight hex digits of the phantom config (compact JSON, as pydantic writes it)."""
+    data = synth.model_dump(mode="json")
+    for (section, key), default in _DIGEST_SILENT_DEFAULTS.items():
+        if data[section][key] == default:
+            del data[section][key]
+    return hashlib.sha256(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()[:8]
 
 
 def grid_tag(spacing) -> str:
@@ -197,32 +210,35 @@ class CaseCache:
 
 
 def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
-    """Preprocess an nnU-Net raw dataset (imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz) into cached npz files.
+    """Preprocess an nnU-Net raw dataset (:mod:`training.nnunet`: imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz,
+    optional sitesTr/ and physisTr/; without those, their losses are masked for the case) into cached npz files.
 
-    Optional ``sitesTr/NAME.nii.gz`` and ``physisTr/NAME.nii.gz`` add bone-site and physis targets; without them
-    those losses are masked for the case.
+    A case is cached again whenever its set of files or any file's size or modification time changes (a label
+    replaced by an older copy too). Every case is checked before an error is raised, which lists them all.
     """
+    from models.nifti import InputError
+    from training.nnunet import dataset_files, raise_problems, read_case
     folder = Path(folder)
-    if not (folder / "dataset.json").is_file() or not (folder / "imagesTr").is_dir():
-        raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
-    json.loads((folder / "dataset.json").read_text())
+    cases = dataset_files(folder)
     cache = dataset_cache_dir(folder, spacing, cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    out = []
-    for img_path in sorted((folder / "imagesTr").glob("*_0000.nii*")):
-        name, ext = img_path.name.rsplit("_0000", 1)  # NAME_0000.nii.gz -> NAME, .nii.gz (NAME may hold "_0000")
-        dst = cache / f"{name}.npz"
+    out, problems = [], []
+    for case in cases:
+        dst = cache / f"{case.name}.npz"
+        stamp = dst.with_suffix(".sources.json")
+        sources = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in case.sources}
+        if dst.exists() and stamp.exists() and json.loads(stamp.read_text()) == sources:
+            out.append(dst)
+            continue
+        try:
+            vol, lesions, sites, physis = read_case(case)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lesions, sites, physis))
+        stamp.write_text(json.dumps(sources))
         out.append(dst)
-        targets = {key: folder / sub / f"{name}{ext}" for key, sub in
-                   (("edema", "labelsTr"), ("sites", "sitesTr"), ("physis", "physisTr"))}
-        sources = [img_path] + [p for p in targets.values() if p.exists()]
-        if dst.exists() and dst.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
-            continue  # cached after its files were last written (an edited label is cached again)
-        vol = load_volume(img_path)
-        lab = load_volume(targets["edema"], label=True).data
-        extra = {key: np.asarray(load_volume(p, label=True).data) if p.exists() else None
-                 for key, p in targets.items() if key != "edema"}
-        save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lab.astype(np.int16), extra["sites"], extra["physis"]))
+    raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be used")
     return out
 
 

@@ -18,8 +18,9 @@ from models.card import load_bundle, save_bundle
 from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import UNKNOWN, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_cache_name, with_reference
+from training.nnunet import DatasetError
 
 
 def _dist() -> tuple[int, int]:
@@ -216,13 +217,14 @@ class Trainer:
         (e.g. a re-designed head) keep their fresh initialisation and are listed; input convolutions of a network
         that gained the log channel are widened with zeros. The spacing must match."""
         init = load_bundle(folder)
+        self.init_card = init.card
         if tuple(init.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
-            raise ValueError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
+            raise ConfigError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
                              f"{self.cfg.network.spacing_mm} mm")
         own = self.net.state_dict()
         same, widened = widen_input_weights(init.net.state_dict(), own)
         if not same:
-            raise ValueError(f"--init {folder}: no weights fit this run's network section")
+            raise ConfigError(f"--init {folder}: no weights fit this run's network section")
         self.net.load_state_dict(same, strict=False)
         fresh = sorted(k for k in own if k not in same)
         if (fresh or widened) and not self.quiet:
@@ -248,6 +250,8 @@ class Trainer:
         """Make every cached case this run reads (phantom pool, validation phantoms, dataset folders) and return:
         ``data.workers`` processes at full priority, which is faster than filling the pool beside training."""
         t0 = time.time()
+        sp = self.cfg.network.spacing_mm  # dataset folders first: a bad one stops before any phantom is made
+        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir))) for d in self.cfg.data.dataset_dirs)
         pool, val = self._pools()
         pools = [p for p in (pool, val) if p is not None]
         todo = sum(len(p.missing()) for p in pools)
@@ -275,8 +279,6 @@ class Trainer:
             left = sum(len(p.missing()) for p in pools)
             if left:
                 raise RuntimeError(f"prepare: {left} phantom cases were not made; see the producer's traceback above")
-        sp = self.cfg.network.spacing_mm
-        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir))) for d in self.cfg.data.dataset_dirs)
         return {"pool_cases": len(pool.ready()) if pool else 0, "val_cases": len(val.ready()),
                 "dataset_cases": dataset, "made": todo, "seconds": round(time.time() - t0, 1)}
 
@@ -285,14 +287,14 @@ class Trainer:
         sp = cfg.network.spacing_mm
         self.train_files: list[Path] = []
         ref = cfg.network.intensity_reference  # caches hold p99-normalised images; each case is re-referenced on reading
+        for d in cfg.data.dataset_dirs:  # checked first: a bad dataset stops the run before any phantom is made
+            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
         self.pool, val = self._pools()
         if self.pool:
             if cfg.data.workers == 0:
                 self.pool.fill_now()
             elif self.rank == 0:
                 self.pool.start()
-        for d in cfg.data.dataset_dirs:
-            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
@@ -325,12 +327,19 @@ class Trainer:
         self.best_dice = float(ck.get("best_dice", -1.0))
 
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
+        """A bundle of the current weights. Lesion rules come from this run's validation; without one, a fine-tuned
+        model keeps its --init model's rules and test-time augmentation, a new one the config's threshold."""
+        inherited = getattr(self, "init_card", None) or {}
+        fallback = {"edema": self.cfg.edema_threshold, "min_lesion_ml": self.cfg.min_lesion_ml, "min_bone_fraction": 0.0,
+                    "min_confidence": 0.0, **inherited.get("thresholds", {})}
         card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
                 "precision": "bf16" if self.bf16 else "fp32", "train_config": json.loads(self.cfg.model_dump_json()),
-                "thresholds": {"edema": getattr(self, "val_threshold", self.cfg.edema_threshold),
-                               "min_lesion_ml": getattr(self, "val_min_ml", self.cfg.min_lesion_ml),
-                               "min_bone_fraction": getattr(self, "val_bone_fraction", 0.0),
-                               "min_confidence": getattr(self, "val_min_confidence", 0.0)}}
+                "thresholds": {"edema": getattr(self, "val_threshold", fallback["edema"]),
+                               "min_lesion_ml": getattr(self, "val_min_ml", fallback["min_lesion_ml"]),
+                               "min_bone_fraction": getattr(self, "val_bone_fraction", fallback["min_bone_fraction"]),
+                               "min_confidence": getattr(self, "val_min_confidence", fallback["min_confidence"])}}
+        if "inference" in inherited:
+            card["inference"] = inherited["inference"]
         if metrics:
             card["validation"] = metrics
         if extra:
@@ -340,6 +349,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self, progress: bool = True) -> dict:
         cfg = self.cfg
+        if not cfg.data.phantom_cases and not cfg.data.dataset_dirs:
+            raise DatasetError("no training cases: set data.phantom_cases above 0 or name a labelled dataset in "
+                               "data.dataset_dirs")
         self.setup_data()
         if self.pool and cfg.data.workers:
             self.pool.wait(min(len(self.pool.seeds), max(8, cfg.sampling.batch_size * 4)))

@@ -94,7 +94,7 @@ def foot_foci_gain(cv: Canvas, body: Body, foot: np.ndarray, rng: np.random.Gene
 
 def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratios: dict[int, float],
                lesion_labels: np.ndarray, mimics: dict, rng: np.random.Generator, stir: StirConfig,
-               cfg: MimicConfig) -> np.ndarray:
+               cfg: MimicConfig, muscle_floor: float = 1.0) -> np.ndarray:
     """The anatomy-grid STIR image (before acquisition)."""
     shape = cv.shape
     img = lut[cv.tissue]
@@ -120,11 +120,14 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
         img[bowel] *= np.clip(field_at(bowel, rng, cells=int(shape[2] / 8), lo=0.3, hi=2.0), 0.2, 2.0)
     # lesion edema: local marrow signal scaled toward its ratio, soft at the margins
     if lesion_labels.any() or edema.any():
-        img = _apply_edema(img, edema, ratios, lesion_labels, lut, rng)
+        img = apply_edema(img, edema, ratios, lesion_labels, lut, rng, muscle_floor)
     return img
 
 
-def _apply_edema(img, edema, ratios, labels, lut, rng) -> np.ndarray:
+def apply_edema(img: np.ndarray, edema: np.ndarray, ratios: dict[int, float], labels: np.ndarray, lut: np.ndarray,
+                rng: np.random.Generator, muscle_floor: float) -> np.ndarray:
+    """Brighten each labelled lesion's marrow to ``ratio`` x its own signal (at least ``muscle_floor`` x a
+    muscle-level edema signal), weighted by the soft edema map and with 18% voxel heterogeneity."""
     from scipy.ndimage import find_objects
     pad = 3
     for lid, sl in enumerate(find_objects(labels), start=1):
@@ -134,8 +137,8 @@ def _apply_edema(img, edema, ratios, labels, lut, rng) -> np.ndarray:
         own = np.isin(labels[sl], (0, lid))
         e = edema[sl] * own
         base = img[sl]
-        # brightness relative to the lesion's normal marrow, never below a muscle-level edema signal
-        target = np.maximum(base * ratios[lid], lut[MUSCLE] * (0.6 + 0.25 * ratios[lid]))
+        # brightness relative to the lesion's normal marrow, by default never below a muscle-level edema signal
+        target = np.maximum(base * ratios[lid], muscle_floor * lut[MUSCLE] * (0.6 + 0.25 * ratios[lid]))
         het = 1.0 + 0.18 * rng.standard_normal(base.shape).astype(np.float32)
         img[sl] = np.where(e > 0, base + e * (target * het - base), base)
     return img

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from models.nifti import atomic_dir, save_nifti
 from training.config import SynthConfig, load_config
@@ -71,7 +72,8 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     _measure_flags(cv, label, kept)
     ratios = {plan.id: plan.ratio_to_marrow for plan in kept}
     lut = tissue_means(rng, cfg.stir, cfg.contrast)
-    img = synthesize(cv, body, lut, edema, ratios, label, mimics, rng, cfg.stir, cfg.mimics)
+    img = synthesize(cv, body, lut, edema, ratios, label, mimics, rng, cfg.stir, cfg.mimics,
+                     muscle_floor=cfg.lesions.muscle_floor)
     label = lut_ids[label]
     for new, plan in enumerate(kept, start=1):
         plan.id = new
@@ -179,7 +181,11 @@ def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
     if not ds_path.is_file():
         return [], None
     ds = json.loads(ds_path.read_text())
-    if ds.get("generator_version") != GENERATOR_VERSION or ds.get("config") != json.loads(cfg.model_dump_json()):
+    try:  # settings added since the folder was made take their defaults
+        stored = SynthConfig.model_validate(ds.get("config"))
+    except ValidationError:
+        stored = None
+    if ds.get("generator_version") != GENERATOR_VERSION or stored != cfg:
         raise ValueError(f"{out} holds cases of generator {ds.get('generator_version')} or another configuration; "
                          f"add cases only with generator {GENERATOR_VERSION} and the same --config/--set, or use a "
                          "new folder")

@@ -1,0 +1,165 @@
+"""A user's labelled dataset in nnU-Net raw layout: what is read, what is refused, and how the error reads."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from training.data import load_npz, nnunet_cases
+from training.nnunet import DatasetError
+
+SPACING = (4.0, 4.0, 4.0)
+SHAPE = (24, 20, 16)
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+def _image(rng: np.random.Generator) -> np.ndarray:
+    img = 100 + 10 * rng.random(SHAPE, dtype=np.float32)
+    img[8:16, 6:14, 4:12] += 400  # a bright block
+    return img
+
+
+def _label() -> np.ndarray:
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[3:9, 2:8, 5:11] = 1  # off-centre: a mirrored label lands elsewhere
+    return lab
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def make_dataset(root: Path, names=("PAT01", "PAT02"), labels: dict | None = None) -> Path:
+    """imagesTr/NAME_0000.nii.gz and labelsTr/NAME.nii.gz for each name, plus dataset.json."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        _save(root / "imagesTr" / f"{name}_0000.nii.gz", _image(rng))
+        _save(root / "labelsTr" / f"{name}.nii.gz", _label())
+    ds = {"channel_names": {"0": "STIR"}, "labels": labels or {"background": 0, "edema": 1},
+          "numTraining": len(names), "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(ds))
+    return root
+
+
+def _cached_edema(root: Path, tmp_path: Path, name: str = "PAT01") -> np.ndarray:
+    files = nnunet_cases(root, SPACING, tmp_path / "cache")
+    return load_npz(next(p for p in files if p.stem == name))["edema"]
+
+
+def test_a_label_in_another_axis_order_is_reordered_onto_the_image(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    reference = _cached_edema(root, tmp_path)
+    assert reference.sum() > 0
+    # the same mask written LPS (first two axes reversed, affine to match): the same voxels in the world
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [(SHAPE[0] - 1), (SHAPE[1] - 1)]
+    lps = AFFINE @ flip
+    _save(root / "labelsTr" / "PAT01.nii.gz", _label()[::-1, ::-1].copy(), lps)
+    np.testing.assert_array_equal(_cached_edema(root, tmp_path / "second"), reference)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("shift", "voxel grid is not the image's"),
+    ("shape", "does not match the image's"),
+    ("soft", "whole numbers"),
+    ("nan_image", "NaN"),
+])
+def test_a_label_that_does_not_fit_its_image_names_the_file(tmp_path, change, message):
+    root = make_dataset(tmp_path / "ds")
+    label = root / "labelsTr" / "PAT02.nii.gz"
+    if change == "shift":
+        moved = AFFINE.copy()
+        moved[:3, 3] = 30.0
+        _save(label, _label(), moved)
+    elif change == "shape":
+        _save(label, _label()[:-4])
+    elif change == "soft":
+        _save(label, _label().astype(np.float32) * 0.3)
+    else:
+        img = _image(np.random.default_rng(1))
+        img[0, 0, 0] = np.nan
+        _save(root / "imagesTr" / "PAT02_0000.nii.gz", img)
+    with pytest.raises(DatasetError, match=message) as err:
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+    assert "PAT02" in str(err.value) and "1 of 2 cases" in str(err.value)
+
+
+def test_float_labels_and_large_lesion_ids_keep_their_lesions(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    _save(root / "labelsTr" / "PAT01.nii.gz", _label().astype(np.float32) * 0.999)
+    assert _cached_edema(root, tmp_path).sum() > 0
+    ids = np.zeros(SHAPE, np.int32)
+    ids[3:9, 2:8, 4:7] = 40_000
+    ids[3:9, 2:8, 9:12] = 70_000
+    _save(root / "labelsTr" / "PAT02.nii.gz", ids)
+    case = load_npz(next(p for p in nnunet_cases(root, SPACING, tmp_path / "c2") if p.stem == "PAT02"))
+    assert case["edema"].sum() > 0
+    assert set(np.unique(case["instances"]).tolist()) == {0, 1, 2}
+
+
+def test_every_problem_of_the_dataset_is_listed_at_once(tmp_path):
+    root = make_dataset(tmp_path / "ds", names=("PAT01", "PAT02", "PAT03"))
+    (root / "labelsTr" / "PAT02.nii.gz").unlink()
+    os.rename(root / "imagesTr" / "PAT03_0000.nii.gz", root / "imagesTr" / "PAT03.nii.gz")
+    _save(root / "imagesTr" / "PAT01_0001.nii.gz", _image(np.random.default_rng(2)))
+    with pytest.raises(DatasetError) as err:
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "labelsTr/PAT02.nii.gz: missing" in text
+    assert "imagesTr/PAT03.nii.gz: images are named NAME_0000" in text
+    assert "imagesTr/PAT01_0001.nii.gz: a second channel" in text
+
+
+@pytest.mark.parametrize("dataset_json, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"labels": {"background": 0, "edema": 1, "bone": 2}}), "2 foreground classes"),
+    (json.dumps({"file_ending": ".mha"}), "file_ending '.mha'"),
+    (json.dumps({"channel_names": {"0": "STIR", "1": "T1"}}), "2 channels"),
+])
+def test_dataset_json_that_wbmri_cannot_follow_is_refused(tmp_path, dataset_json, message):
+    root = make_dataset(tmp_path / "ds")
+    (root / "dataset.json").write_text(dataset_json)
+    with pytest.raises(DatasetError, match=message) as err:
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+    assert "dataset.json" in str(err.value)
+
+
+def test_site_ids_outside_the_vocabulary_are_refused_before_training(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    sites = np.zeros(SHAPE, np.uint8)
+    sites[8:16, 6:14, 4:12] = 200
+    _save(root / "sitesTr" / "PAT01.nii.gz", sites)
+    with pytest.raises(DatasetError, match=r"sitesTr/PAT01.nii.gz: site ids must be 0\.\.66"):
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+
+
+def test_a_label_replaced_by_an_older_file_is_cached_again(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    label = root / "labelsTr" / "PAT01.nii.gz"
+    assert _cached_edema(root, tmp_path).sum() > 0
+    _save(label, np.zeros(SHAPE, np.uint8))
+    os.utime(label, ns=(1_000_000_000, 1_000_000_000))  # as `cp -p` of an old file leaves it
+    assert _cached_edema(root, tmp_path).sum() == 0
+
+
+def test_train_cli_reports_data_and_config_problems_without_a_traceback(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    (root / "labelsTr" / "PAT02.nii.gz").unlink()
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--config", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2 and "no such config file" in res.output
+    res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--prepare-only",
+                              "--set", f"data.dataset_dirs=[{root}]", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert res.exit_code == 2 and "labelsTr/PAT02.nii.gz: missing" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--out-dir", str(tmp_path / "run"),
+                              "--set", "data.phantom_cases=0", "--set", "data.val_cases=0"])
+    assert res.exit_code == 2 and "no training cases" in res.output

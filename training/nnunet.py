@@ -1,0 +1,173 @@
+"""A labelled dataset in nnU-Net raw layout, read and checked before training sees it.
+
+``DIR/dataset.json``, ``DIR/imagesTr/NAME_0000.nii.gz`` (one channel: the STIR or T2 fat-suppressed image),
+``DIR/labelsTr/NAME.nii.gz`` (0 background, > 0 edema; lesion ids allowed), optional ``DIR/sitesTr/NAME.nii.gz``
+(ids of ``models/contract/sites.tsv``) and ``DIR/physisTr/NAME.nii.gz`` (growth plates, > 0). Every problem of every
+case is collected and reported together, each with its file, so a user fixes a dataset in one pass.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from models.nifti import InputError, Volume, load_volume
+from models.sites import all_sites
+
+ENDINGS = (".nii.gz", ".nii")
+TARGETS = (("edema", "labelsTr"), ("sites", "sitesTr"), ("physis", "physisTr"))
+AFFINE_TOLERANCE_MM = 1e-3
+_CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
+_MAX_LISTED = 20
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on as it is; the message lists every problem with its file."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    name: str
+    image: Path
+    targets: dict[str, Path]  # the target files that exist (always "edema")
+
+    @property
+    def sources(self) -> list[Path]:
+        return [self.image, *self.targets.values()]
+
+
+def _ending(path: Path) -> str | None:
+    return next((e for e in ENDINGS if path.name.endswith(e)), None)
+
+
+def raise_problems(problems: list[str], heading: str) -> None:
+    """A :class:`DatasetError` listing the problems (the first 20) under ``heading``; nothing if there are none."""
+    if problems:
+        listed = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
+                                           if len(problems) > _MAX_LISTED else [])
+        raise DatasetError(f"{heading}:\n  " + "\n  ".join(listed))
+
+
+def check_dataset_json(folder: Path) -> dict:
+    """The parsed ``dataset.json``, refused where it declares what wbmri cannot train on."""
+    path = folder / "dataset.json"
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(ds, dict):
+        raise DatasetError(f"{path}: must hold a JSON object")
+    problems = []
+    ending = ds.get("file_ending", ".nii.gz")
+    if ending not in ENDINGS:
+        problems.append(f"file_ending {ending!r}: wbmri reads NIfTI ({' or '.join(ENDINGS)})")
+    channels = ds.get("channel_names", ds.get("modality"))
+    if isinstance(channels, dict) and len(channels) != 1:
+        problems.append(f"channel_names has {len(channels)} channels: wbmri uses one image (STIR or T2 "
+                        "fat-suppressed) as NAME_0000")
+    labels = ds.get("labels")
+    if isinstance(labels, dict):
+        foreground = {k: v for k, v in labels.items() if v not in (0, "0") and k != "background"}
+        if len(foreground) > 1:
+            problems.append(f"labels declares {len(foreground)} foreground classes ({', '.join(foreground)}): "
+                            "labelsTr must hold edema only (0 background, > 0 edema or lesion ids); bone sites go "
+                            "in sitesTr")
+    raise_problems(problems, f"{path}: {len(problems)} problem(s)")
+    return ds
+
+
+def dataset_files(folder: Path) -> list[CaseFiles]:
+    """Every case of the dataset with its files; a misnamed image or a missing label is an error."""
+    folder = Path(folder)
+    if not (folder / "dataset.json").is_file() or not (folder / "imagesTr").is_dir():
+        raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
+    check_dataset_json(folder)
+    problems, cases = [], []
+    for path in sorted((folder / "imagesTr").iterdir()):
+        ending = _ending(path)
+        if ending is None:
+            continue
+        match = _CHANNEL.match(path.name[: -len(ending)])
+        if match is None:
+            problems.append(f"imagesTr/{path.name}: images are named NAME_0000{ending} (nnU-Net channel suffix)")
+            continue
+        if match["channel"] != "0000":
+            problems.append(f"imagesTr/{path.name}: a second channel; wbmri uses one image per case (_0000)")
+            continue
+        name = match["name"]
+        targets = {key: folder / sub / f"{name}{ending}" for key, sub in TARGETS}
+        if not targets["edema"].is_file():
+            problems.append(f"labelsTr/{name}{ending}: missing (the label of imagesTr/{path.name})")
+            continue
+        cases.append(CaseFiles(name, path, {k: p for k, p in targets.items() if p.is_file()}))
+    raise_problems(problems, f"{folder}: {len(problems)} problem(s) with the dataset's files")
+    if not cases:
+        raise DatasetError(f"{folder}: imagesTr/ holds no NAME_0000.nii.gz image")
+    return cases
+
+
+def _on_image_grid(label: Volume, image: Volume) -> np.ndarray:
+    """The label's voxels in the image's voxel order; an error unless both cover the same grid (a label saved in
+    another axis order, e.g. LPS against RAS, is reordered)."""
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label.affine),
+                                                nib.orientations.io_orientation(image.affine))
+    data = nib.orientations.apply_orientation(label.data, transform)
+    affine = label.affine @ nib.orientations.inv_ornt_aff(transform, label.data.shape)
+    if data.shape != image.data.shape:
+        raise InputError(f"shape {label.data.shape} does not match the image's {image.data.shape}")
+    if not np.allclose(affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+        shift = float(np.abs(affine[:3, 3] - image.affine[:3, 3]).max())
+        raise InputError(f"its voxel grid is not the image's (affines differ; origins {shift:.1f} mm apart)")
+    return data
+
+
+def _integer_labels(data: np.ndarray) -> np.ndarray:
+    rounded = np.rint(data)
+    off = np.abs(data - rounded) > 0.01
+    if off.any():
+        raise InputError(f"label values must be whole numbers; {int(off.sum()):,} voxels are not "
+                         f"(e.g. {float(data[off][0]):.3g})")
+    return rounded.astype(np.int64)
+
+
+def _compact_ids(labels: np.ndarray) -> np.ndarray:
+    """Lesion ids renumbered 1..K in id order (0 and negatives stay background)."""
+    labels = np.where(labels > 0, labels, 0)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    offset = 0 if ids[0] == 0 else 1
+    return (inverse.reshape(labels.shape) + offset).astype(np.int32)
+
+
+def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Image, lesion ids (1..K), sites and physis (None where absent) on the image's grid; an
+    :class:`InputError` naming the file otherwise."""
+    def load(path: Path, label: bool) -> Volume:
+        try:
+            return load_volume(path, label=label)
+        except InputError as exc:
+            raise InputError(f"{path.parent.name}/{path.name}: {exc}") from None
+
+    image = load(case.image, label=False)
+    out: dict[str, np.ndarray | None] = {"sites": None, "physis": None}
+    for key, path in case.targets.items():
+        vol = load(path, label=True)
+        try:
+            data = _integer_labels(_on_image_grid(vol, image))
+        except InputError as exc:
+            raise InputError(f"{path.parent.name}/{path.name}: {exc}") from None
+        if key == "sites":
+            known = max(s.id for s in all_sites())
+            bad = (data < 0) | (data > known)
+            if bad.any():
+                raise InputError(f"{path.parent.name}/{path.name}: site ids must be 0..{known} "
+                                 f"(models/contract/sites.tsv); found {sorted(set(data[bad].tolist()))[:5]}")
+            out[key] = data.astype(np.uint8)
+        elif key == "physis":
+            out[key] = (data > 0).astype(np.uint8)
+        else:
+            out[key] = _compact_ids(data)
+    return image, out["edema"], out["sites"], out["physis"]
