@@ -61,7 +61,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
     Case names default to the file names without .nii/.nii.gz; ``names`` overrides them (e.g. phantom case folders).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from inference.predictor import case_name
+    from models.nifti import case_name
     out_dir = Path(out_dir)
     outcomes: list[CaseOutcome] = []
     names = list(names) if names is not None else [case_name(p) for p in inputs]

@@ -20,22 +20,13 @@ from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
                              resolve_device, size_divisor, upsample_site_ids)
 from models.lesions import components, near_bone
-from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, load_volume, save_nifti
+from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, case_name, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
 from models.site_rules import apply_site_rules
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
-
-
-def case_name(path: str | Path) -> str:
-    """``OUT/<case>``: the file name without .nii / .nii.gz."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 class NetworkOutputs(NamedTuple):

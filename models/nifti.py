@@ -190,6 +190,23 @@ def _voxels(img: nib.Nifti1Image, max_voxels: int) -> tuple[np.ndarray, np.ndarr
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
+NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """A study's name from its file: the name without .nii / .nii.gz, and without nnU-Net's channel suffix
+    ``_0000`` for images in an imagesTr/ or imagesTs/ folder (so outputs match labelsTr/NAME)."""
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    if path.parent.name in NNUNET_IMAGE_FOLDERS and name.endswith("_0000") and len(name) > 5:
+        name = name[:-5]
+    return name or "study"
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds."""

@@ -126,7 +126,7 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
 def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of predicted case folders (contract layout)"),
              ref: Optional[Path] = typer.Option(None, "--ref", help="folder of reference case folders"),
              model: Optional[Path] = typer.Option(None, "--model", help="predict first with this model bundle ..."),
-             data: Optional[Path] = typer.Option(None, "--data", help="... on this folder of phantom cases (cases/*/image.nii.gz)"),
+             data: Optional[Path] = typer.Option(None, "--data", help="... on this folder: phantom cases (cases/*/image.nii.gz) or a labelled nnU-Net dataset (imagesTr/, labelsTr/, optional sitesTr/)"),
              out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device"),
              tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
@@ -139,12 +139,22 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             typer.echo("--model needs --data", err=True)
             raise typer.Exit(2)
         from inference.batch import predict_many
-        cases = data / "cases" if (data / "cases").is_dir() else data
-        images = sorted(cases.glob("*/image.nii.gz"))
+        if (data / "dataset.json").is_file() and (data / "imagesTr").is_dir():  # a labelled nnU-Net dataset
+            from training.nnunet import DatasetError, write_references
+            ref = out / "reference"
+            try:
+                by_name = write_references(data, ref)
+            except DatasetError as exc:
+                typer.echo(f"cannot evaluate on this data: {exc}", err=True)
+                raise typer.Exit(2)
+            names, images = list(by_name), list(by_name.values())
+        else:  # phantom case folders (wbmri synth)
+            ref = data / "cases" if (data / "cases").is_dir() else data
+            images = sorted(ref.glob("*/image.nii.gz"))
+            names = [p.parent.name for p in images]
         predictor = _load_predictor(model, device=device, tta=tta)
         pred = out / "predictions"
-        predict_many(predictor, images, pred, names=[p.parent.name for p in images])
-        ref = cases
+        predict_many(predictor, images, pred, names=names)
     if pred is None or ref is None:
         typer.echo("give --pred and --ref, or --model and --data", err=True)
         raise typer.Exit(2)

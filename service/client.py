@@ -9,7 +9,7 @@ from typing import Sequence
 
 import httpx
 
-from models.nifti import atomic_dir
+from models.nifti import atomic_dir, case_name
 
 RESULT_FILES = (("report", "report.json"), ("lesions", "lesions.nii.gz"), ("sites", "sites.nii.gz"),
                 ("overlay", "overlay.png"))
@@ -34,14 +34,6 @@ class Submission:
     @property
     def ok(self) -> bool:
         return self.state == "done"
-
-
-def case_name(path: Path) -> str:
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)] or "study"
-    return name or "study"
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -1,6 +1,7 @@
 """A user's labelled dataset in nnU-Net raw layout: what is read, what is refused, and how the error reads."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -163,3 +164,21 @@ def test_train_cli_reports_data_and_config_problems_without_a_traceback(tmp_path
     res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--out-dir", str(tmp_path / "run"),
                               "--set", "data.phantom_cases=0", "--set", "data.val_cases=0"])
     assert res.exit_code == 2 and "no training cases" in res.output
+
+
+def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
+    root = make_dataset(tmp_path / "ds")
+    two = _label()
+    two[14:20, 12:18, 5:11] = 1  # a second, separate lesion
+    _save(root / "labelsTr" / "PAT02.nii.gz", two)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
+    assert {k: int(v["n_ref"]) for k, v in rows.items()} == {"PAT01": 1, "PAT02": 2}
+    assert all(v["status"] == "ok" for v in rows.values())
+    assert json.loads((out / "summary.json").read_text())["n_cases"] == 2
+    (root / "labelsTr" / "PAT01.nii.gz").unlink()
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
+    assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output

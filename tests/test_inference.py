@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from inference.batch import expand_inputs, predict_many
-from inference.predictor import Predictor, case_name
+from inference.predictor import Predictor
+from models.nifti import case_name
 from inference.report import validate_report
 from models import SOFTWARE
 from models.networks import resolve_device
@@ -177,6 +178,8 @@ def test_expand_inputs_files_folders_globs(tmp_path, good_file):
     assert set(expand_inputs([str(tmp_path)])) == {good_file, other}
     assert expand_inputs([str(tmp_path / "*.nii")]) == [other]
     assert case_name("x/y/study.nii.gz") == "study"
+    assert case_name("Dataset/imagesTs/PAT01_0000.nii.gz") == "PAT01"  # nnU-Net's channel suffix, as in labelsTr
+    assert case_name("x/y/scan_0000.nii") == "scan_0000" and case_name("x/.nii.gz") == "study"
 
 
 def test_device_selection_on_cpu():

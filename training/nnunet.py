@@ -171,3 +171,29 @@ def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, n
         else:
             out[key] = _compact_ids(data)
     return image, out["edema"], out["sites"], out["physis"]
+
+
+def write_references(folder: Path, out: Path) -> dict[str, Path]:
+    """The dataset's labels as reference case folders for ``wbmri evaluate`` (``OUT/NAME/lesions.nii.gz`` on the
+    image's grid: a binary label split into 26-connected lesions, lesion ids kept; ``sites.nii.gz`` where sitesTr
+    has one). Returns each case's image path by name; every problem is listed before anything is scored."""
+    from models.lesions import components
+    from models.nifti import save_nifti
+    cases = dataset_files(folder)
+    images, problems = {}, []
+    for case in cases:
+        try:
+            image, lesions, sites, _ = read_case(case)
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
+        if len(np.unique(lesions)) <= 2:  # background and one value: a mask holding any number of lesions
+            lesions = components(lesions > 0).labels
+        dst = Path(out) / case.name
+        dst.mkdir(parents=True, exist_ok=True)
+        save_nifti(dst / "lesions.nii.gz", lesions, image.affine, np.uint16 if lesions.max() < 2**16 else np.int32)
+        if sites is not None:
+            save_nifti(dst / "sites.nii.gz", sites, image.affine, np.uint8)
+        images[case.name] = case.image
+    raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be scored")
+    return images
