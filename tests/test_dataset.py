@@ -182,3 +182,18 @@ def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     (root / "labelsTr" / "PAT01.nii.gz").unlink()
     res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
     assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output
+
+
+def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
+    train = make_dataset(tmp_path / "train", names=("PAT01", "PAT02"))
+    held_out = make_dataset(tmp_path / "held_out", names=("PAT03",))
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--out-dir", str(run),
+                                   "--set", "data.phantom_cases=0", "--set", "data.val_cases=0",
+                                   "--set", f"data.dataset_dirs=[{train}]", "--set", f"data.val_dataset_dirs=[{held_out}]",
+                                   "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "optim.steps=2",
+                                   "--set", "val_every=2", "--set", "network.patch=[16,16,16]"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert rows[-1]["val_lesion_f1"] != ""  # scored on PAT03
+    assert (run / "best" / "card.json").is_file()

@@ -148,7 +148,10 @@ class DataConfig(Strict):
                                "by background workers into cache_dir and training starts once a few are ready")
     phantom_seed: int = 100_000
     dataset_dirs: list[Path] = []
-    val_cases: int = Field(8, ge=0)
+    val_cases: int = Field(8, ge=0, description="validation phantoms (seeds from val_seed)")
+    val_dataset_dirs: list[Path] = Field([], description="labelled nnU-Net folders validated on beside (or, with "
+                                         "val_cases 0, instead of) the phantoms: they pick the best checkpoint "
+                                         "and the lesion rules; keep them apart from dataset_dirs")
     val_seed: int = 900_000
     cache_dir: Path = Path("data/cache")
     workers: int = Field(1, ge=0, description="background phantom generators (0: generate in the training process first)")

@@ -298,7 +298,8 @@ class Trainer:
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
-            self.val_cases = [with_reference(load_npz(p), ref) for p in val.ready()]
+            files = val.ready() + [p for d in cfg.data.val_dataset_dirs for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir))]
+            self.val_cases = [with_reference(load_npz(p), ref) for p in files]
         self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
         self.augment = build_augment(cfg)
 
@@ -476,7 +477,8 @@ class Trainer:
             ref = case["edema"] == 1
             bone = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5
             site_map = self._site_rules(np.where(bone, upsample_site_ids(sites).cpu().numpy()[sl], 0), img)
-            bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
+            if not (case["sites"] == UNKNOWN).all():  # a user's case without sitesTr has no bone reference
+                bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
             # every threshold's lesions and every reference lesion lie in this box: score there (same results, ~10x less work)
             box = _bbox((prob > min(thresholds)) | ref | (case["instances"] > 0), margin=2)
@@ -523,6 +525,6 @@ class Trainer:
             acc["by_group"][group] = acc["by_group"][group] + counts if group in acc["by_group"] else counts
         pred_sites = majority_labels(inst, site_map)
         for pid, rid in match.pred_to_ref.items():
-            if rid is not None:
+            if rid is not None and ref_sites[rid] != UNKNOWN:  # unknown: a case without a site reference
                 acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
                 acc["site_n"] += 1
