@@ -179,6 +179,9 @@ def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     assert {k: int(v["n_ref"]) for k, v in rows.items()} == {"PAT01": 1, "PAT02": 2}
     assert all(v["status"] == "ok" for v in rows.values())
     assert json.loads((out / "summary.json").read_text())["n_cases"] == 2
+    _save(out / "reference" / "GHOST" / "lesions.nii.gz", _label())  # left by an earlier run: not scored again
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
+    assert res.exit_code == 0 and json.loads((out / "summary.json").read_text())["n_cases"] == 2
     (root / "labelsTr" / "PAT01.nii.gz").unlink()
     res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
     assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output

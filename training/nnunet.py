@@ -177,9 +177,12 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
     """The dataset's labels as reference case folders for ``wbmri evaluate`` (``OUT/NAME/lesions.nii.gz`` on the
     image's grid: a binary label split into 26-connected lesions, lesion ids kept; ``sites.nii.gz`` where sitesTr
     has one). Returns each case's image path by name; every problem is listed before anything is scored."""
+    import shutil
     from models.lesions import components
     from models.nifti import save_nifti
     cases = dataset_files(folder)
+    if Path(out).is_dir():  # references of an earlier run (perhaps of cases removed since) would be scored too
+        shutil.rmtree(out)
     images, problems = {}, []
     for case in cases:
         try:
