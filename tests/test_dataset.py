@@ -164,6 +164,8 @@ def test_train_cli_reports_data_and_config_problems_without_a_traceback(tmp_path
     res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--out-dir", str(tmp_path / "run"),
                               "--set", "data.phantom_cases=0", "--set", "data.val_cases=0"])
     assert res.exit_code == 2 and "no training cases" in res.output
+    res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--init", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "--init:" in res.output and "not a model bundle" in res.output
 
 
 def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):

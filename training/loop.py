@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from scipy import ndimage
 
-from models.card import load_bundle, save_bundle
+from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
 from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
@@ -216,7 +216,13 @@ class Trainer:
         """Start from a bundle's weights (fine-tuning). Tensors whose name and shape match are copied; the rest
         (e.g. a re-designed head) keep their fresh initialisation and are listed; input convolutions of a network
         that gained the log channel are widened with zeros. The spacing must match."""
-        init = load_bundle(folder)
+        folder = Path(folder)
+        if not folder.is_absolute() and not folder.exists() and (DEFAULT_MODEL_DIR.parents[1] / folder).exists():
+            folder = DEFAULT_MODEL_DIR.parents[1] / folder  # e.g. finetune.yaml's models/default, run from elsewhere
+        try:
+            init = load_bundle(folder)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--init: {exc}") from None
         self.init_card = init.card
         if tuple(init.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
             raise ConfigError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
