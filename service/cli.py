@@ -139,7 +139,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             typer.echo("--model needs --data", err=True)
             raise typer.Exit(2)
         from inference.batch import predict_many
-        if (data / "dataset.json").is_file() and (data / "imagesTr").is_dir():  # a labelled nnU-Net dataset
+        # a wbmri synth folder holds both layouts: its cases/ keep lesion instances (labelsTr merges touching ones)
+        if not (data / "cases").is_dir() and (data / "dataset.json").is_file() and (data / "imagesTr").is_dir():
             from training.nnunet import DatasetError, write_references
             ref = out / "reference"
             try:

@@ -202,3 +202,21 @@ def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert rows[-1]["val_lesion_f1"] != ""  # scored on PAT03
     assert (run / "best" / "card.json").is_file()
+
+
+def test_evaluate_on_a_synth_folder_keeps_its_lesion_instances(tmp_path):
+    """A `wbmri synth` folder has cases/ (lesion ids) and the nnU-Net layout (binary labels): two touching lesions
+    stay two reference lesions."""
+    root = make_dataset(tmp_path / "synth", names=("case_000001",))
+    touching = np.zeros(SHAPE, np.uint16)
+    touching[3:9, 2:8, 5:8] = 1
+    touching[3:9, 2:8, 8:11] = 2
+    case = root / "cases" / "case_000001"
+    _save(case / "lesions.nii.gz", touching)
+    os.link(root / "imagesTr" / "case_000001_0000.nii.gz", case / "image.nii.gz")
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "per_case.csv")))
+    assert [(r["case"], int(r["n_ref"])) for r in rows] == [("case_000001", 2)]
