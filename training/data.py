@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from models.lesions import components
-from models.nifti import load_volume
+from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
 from training.config import SamplingConfig, SynthConfig, TrainConfig
+from training.nnunet import dataset_files, raise_problems, read_case
 
 UNKNOWN = 255
 
@@ -216,8 +217,6 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     A case is cached again whenever its set of files or any file's size or modification time changes (a label
     replaced by an older copy too). Every case is checked before an error is raised, which lists them all.
     """
-    from models.nifti import InputError
-    from training.nnunet import dataset_files, raise_problems, read_case
     folder = Path(folder)
     cases = dataset_files(folder)
     cache = dataset_cache_dir(folder, spacing, cache_dir)

@@ -17,10 +17,10 @@ import numpy as np
 
 from models.nifti import InputError, Volume, load_volume
 from models.sites import all_sites
+from training.evaluate import AFFINE_TOL
 
 ENDINGS = (".nii.gz", ".nii")
 TARGETS = (("edema", "labelsTr"), ("sites", "sitesTr"), ("physis", "physisTr"))
-AFFINE_TOLERANCE_MM = 1e-3
 _CHANNEL = re.compile(r"^(?P<name>.+)_(?P<channel>\d{4})$")
 _MAX_LISTED = 20
 
@@ -119,7 +119,7 @@ def _on_image_grid(label: Volume, image: Volume) -> np.ndarray:
     affine = label.affine @ nib.orientations.inv_ornt_aff(transform, label.data.shape)
     if data.shape != image.data.shape:
         raise InputError(f"shape {label.data.shape} does not match the image's {image.data.shape}")
-    if not np.allclose(affine, image.affine, atol=AFFINE_TOLERANCE_MM):
+    if not np.allclose(affine, image.affine, atol=AFFINE_TOL):
         shift = float(np.abs(affine[:3, 3] - image.affine[:3, 3]).max())
         raise InputError(f"its voxel grid is not the image's (affines differ; origins {shift:.1f} mm apart)")
     return data
