@@ -234,15 +234,30 @@ def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. mo
 
 @app.command()
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
-             val_cases: int = typer.Option(24, "--val-cases", min=1, help="validation phantoms (seeds from the run's val_seed)"),
+             val_cases: int = typer.Option(24, "--val-cases", min=0, help="validation phantoms (seeds from the run's val_seed); "
+                                           "0 with data.val_dataset_dirs: choose on those labelled scans alone"),
              config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)"),
              tta: Optional[str] = typer.Option(None, "--tta", help=f"choose the rules with this {TTA_HELP}, "
-                                               "and record it in the card")) -> None:
+                                               "and record it in the card"),
+             table: Optional[Path] = typer.Option(None, "--table", help="write every candidate rule's validation "
+                                                  "figures (per kind of scan) to this CSV"),
+             set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
+                                            "data.val_dataset_dirs (a YAML list of labelled folders) to add them")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
     import json
 
+    from training.config import ConfigError
     from training.export import revalidate
-    result = revalidate(bundle, config or Path(bundle).parent / "config.yaml", val_cases, tta)
+    from training.nnunet import DatasetError
+    run_config = config or Path(bundle).parent / "config.yaml"
+    if not run_config.is_file():
+        typer.echo(f"no such config file: {run_config} (give the run's config with --config)", err=True)
+        raise typer.Exit(2)
+    try:
+        result = revalidate(bundle, run_config, val_cases, tta, table, set_)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"cannot validate: {exc}", err=True)
+        raise typer.Exit(2)
     typer.echo(json.dumps(result, indent=2))
 
 

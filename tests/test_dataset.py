@@ -203,6 +203,23 @@ def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
     assert rows[-1]["val_lesion_f1"] != ""  # scored on PAT03
     assert (run / "best" / "card.json").is_file()
 
+    # the lesion rules re-chosen on the held-out scans alone, with every candidate rule's figures in a table
+    table = tmp_path / "rules.csv"
+    res = CliRunner().invoke(app, ["validate", str(run / "best"), "--val-cases", "0", "--table", str(table)])
+    assert res.exit_code == 0, res.output
+    chosen = json.loads((run / "best" / "card.json").read_text())["validation"]
+    assert chosen["val_seeds"] is None and chosen["val_dataset_dirs"] == [str(held_out)]
+    rules = list(csv.DictReader(open(table)))
+    assert len(rules) == 13 * 3 * 3 * 4  # thresholds x bone shares x sizes (0.1, 0.25, 0.5 mL) x confidences
+    assert {"sens_scan", "fp_per_scan_scan"} <= set(rules[0])  # PAT03 has no field of view: kind "scan"
+    picked = [r for r in rules if float(r["threshold"]) == chosen["threshold"]
+              and float(r["min_confidence"]) == chosen["min_confidence"]
+              and float(r["min_lesion_ml"]) == chosen["min_lesion_ml"]
+              and float(r["min_bone_fraction"]) == chosen["min_bone_fraction"]]
+    assert len(picked) == 1 and float(picked[0]["lesion_f1"]) == pytest.approx(chosen["lesion_f1"])
+    res = CliRunner().invoke(app, ["validate", str(run / "best"), "--val-cases", "0", "--set", "data.val_dataset_dirs=[]"])
+    assert res.exit_code == 2 and "nothing to validate on" in res.output and "Traceback" not in res.output
+
 
 def test_evaluate_on_a_synth_folder_keeps_its_lesion_instances(tmp_path):
     """A `wbmri synth` folder has cases/ (lesion ids) and the nnU-Net layout (binary labels): two touching lesions

@@ -101,32 +101,65 @@ def training_wall_time(metrics_csv: Path) -> tuple[float, int]:
     return total + last, steps
 
 
-def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None) -> dict:
+RULE_COLUMNS = ["threshold", "min_bone_fraction", "min_lesion_ml", "min_confidence", "lesion_sens", "lesion_prec",
+                "lesion_f1", "fp_per_scan", "edema_dice", "site_acc"]
+
+
+def write_rule_table(rows: list[dict], path: Path) -> None:
+    """Every candidate lesion rule's validation figures as CSV, one row per rule, with sensitivity and false
+    positives per scan for each validation group (``whole_body``, ``partial_fov``, ``lesion_free``, ``scan`` for a
+    user's or a ``data.val_dataset_dirs`` case): the trade-off behind the chosen operating point."""
+    groups = sorted({g for r in rows for g in r["fp_per_scan_by_group"]})
+    cols = RULE_COLUMNS + [f"{k}_{g}" for g in groups for k in ("sens", "fp_per_scan")]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            out = {c: r[c] for c in RULE_COLUMNS}
+            for g in groups:
+                out[f"sens_{g}"] = r["sensitivity_by_group"].get(g)
+                out[f"fp_per_scan_{g}"] = r["fp_per_scan_by_group"].get(g)
+            w.writerow(out)
+
+
+def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None,
+               table: Path | None = None, overrides: list[str] = ()) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
-    Training validates on a few cases for speed; the shipped thresholds deserve more. ``tta`` (one of
+    Training validates on a few cases for speed; the shipped thresholds deserve more. ``val_cases`` may be 0 when the
+    config names labelled folders in ``data.val_dataset_dirs``: the rules are then chosen on those scans alone. ``tta`` (one of
     :data:`models.networks.TTA_MODES`; default: the card's) is the test-time augmentation the rules are chosen
-    with; the card keeps it, and inference uses it."""
+    with; the card keeps it, and inference uses it. ``table``: where to write every candidate rule's figures
+    (:func:`write_rule_table`); ``overrides``: ``key=value`` settings applied to ``run_config`` (for example
+    ``data.val_dataset_dirs=[DIR]`` to add labelled scans to the validation phantoms)."""
     from training.config import TrainConfig, load_config
     from training.loop import Trainer
     bundle_dir = Path(bundle_dir)
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.dataset_dirs=[]",
-                                                      f"data.val_cases={val_cases}"])
+                                                      f"data.val_cases={val_cases}", *overrides])
+    if not val_cases and not cfg.data.val_dataset_dirs:
+        raise ValueError("nothing to validate on: give --val-cases >= 1 or labelled folders in data.val_dataset_dirs")
     bundle = load_bundle(bundle_dir)
     if cfg.network.model_dump() != bundle.config.model_dump():
         raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
     trainer = Trainer(cfg, quiet=True)
     trainer.net.load_state_dict(bundle.net.state_dict())
+    trainer.prepare()  # validation phantoms made by data.workers processes, not one by one
     trainer.setup_data()
     tta = tta or bundle.tta
     result = trainer.validate(tta=tta)
+    if table is not None:
+        write_rule_table(trainer.val_table, table)
     card = bundle.card
     card["inference"] = {**(card.get("inference") or {}), "tta": tta}
     card["thresholds"] = {**card.get("thresholds", {}), "edema": result["threshold"],
                           "min_bone_fraction": result["min_bone_fraction"], "min_lesion_ml": result["min_lesion_ml"],
                           "min_confidence": result["min_confidence"]}
     card["validation"] = {**result, "val_cases": val_cases, "tta": tta,
-                          "val_seeds": f"{cfg.data.val_seed}..{cfg.data.val_seed + val_cases - 1}"}
+                          "val_seeds": f"{cfg.data.val_seed}..{cfg.data.val_seed + val_cases - 1}" if val_cases else None,
+                          "val_dataset_dirs": [str(d) for d in cfg.data.val_dataset_dirs]}
     (bundle_dir / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return card["validation"]
 

@@ -409,7 +409,7 @@ class Trainer:
                     for k, v in last_val.items():
                         if isinstance(v, (int, float)) and v is not None:
                             writer.add_scalar(f"val/{k}", v, self.step)
-                        elif isinstance(v, dict):  # fp_per_scan_by_group
+                        elif isinstance(v, dict):  # fp_per_scan_by_group, sensitivity_by_group
                             for group, x in v.items():
                                 if x is not None:
                                     writer.add_scalar(f"val/{k}/{group}", x, self.step)
@@ -504,10 +504,12 @@ class Trainer:
                                "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
                                "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
                                "fp_per_scan_by_group": {g: n.fp_per_scan for g, n in sorted(acc["by_group"].items())},
+                               "sensitivity_by_group": {g: n.sensitivity for g, n in sorted(acc["by_group"].items())},
                                "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None,
                                "threshold": t, "min_bone_fraction": f, "min_lesion_ml": m, "min_confidence": c,
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
-        best = operating_point(list(results.values()))
+        self.val_table = list(results.values())
+        best = operating_point(self.val_table)
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
