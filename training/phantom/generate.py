@@ -5,6 +5,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,14 +206,11 @@ def synth_dataset(n: int, out: Path, seed: int = 0, config: Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed + i, cfg.model_dump_json(), str(out), preview) for i in range(n)]
     names = []
-    with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+    # the pool is shut down before exit (a pool left open printed an OSError traceback when the program ended)
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool, \
+            Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("synth", total=n)
-        if workers <= 1:
-            results = map(_one, jobs)
-        else:
-            pool = ProcessPoolExecutor(max_workers=workers)
-            results = pool.map(_one, jobs)
-        for name, _ in results:
+        for name, _ in (pool.map(_one, jobs) if pool else map(_one, jobs)):
             names.append(name)
             bar.advance(task)
     write_dataset_json(out, sorted(set(before) | set(names)), cfg, seed if first_seed is None else min(first_seed, seed))
