@@ -8,7 +8,9 @@ median and 90th percentile of its voxels over the median of the normal marrow ar
 from the lesion, one voxel in from the bone's edge, away from other lesions and growth plates), and that marrow's
 coefficient of variation. Per case, the same over all its lesions together, which is how the clinical notes'
 reference series (adults with sacroiliitis, manual masks on real STIR) reports it: median lesion 1.05-2.27x normal
-marrow (median of subjects 1.43), 90th percentile 1.4-3.8x, normal marrow CV 0.10-0.18.
+marrow (median of subjects 1.43), 90th percentile 1.4-3.8x, normal marrow CV 0.10-0.18. The marrow CV is split
+into noise (from differences of neighbouring voxels along the finest axis) and the rest (texture, red and yellow
+marrow, bias field): sqrt(CV^2 - noise^2).
 """
 from __future__ import annotations
 
@@ -26,6 +28,17 @@ REFERENCE = {"median": (1.05, 1.43, 2.27), "p90": (1.4, None, 3.8), "marrow_cv":
 
 def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
+
+
+def _noise_sigma(img: np.ndarray, region: np.ndarray, axis: int) -> float | None:
+    """Noise sigma inside ``region`` from differences of neighbouring voxels along ``axis`` (robust: 1.4826 x
+    their median absolute value / sqrt 2); None with fewer than 30 neighbour pairs."""
+    n = img.shape[axis]
+    a, b = (np.take(img, range(i, n - 1 + i), axis=axis) for i in (0, 1))
+    both = np.take(region, range(n - 1), axis=axis) & np.take(region, range(1, n), axis=axis)
+    if both.sum() < 30:
+        return None
+    return 1.4826 * float(np.median(np.abs(a[both] - b[both]))) / np.sqrt(2.0)
 
 
 def lesion_contrasts(case: Path) -> tuple[list[dict], dict | None]:
@@ -59,9 +72,13 @@ def lesion_contrasts(case: Path) -> tuple[list[dict], dict | None]:
         ref = float(np.median(marrow_v))
         if ref <= 0:
             continue
+        noise = _noise_sigma(img[crop], marrow, int(np.argmin(zooms)))
+        cv = float(marrow_v.std() / marrow_v.mean())
+        noise_cv = None if noise is None else noise / float(marrow_v.mean())
         rows.append({"case": case.name, "lesion": lid, "site": site, "voxels": int(own.sum()),
                      "median": float(np.median(lesion_v)) / ref, "p90": float(np.percentile(lesion_v, 90)) / ref,
-                     "marrow_cv": float(marrow_v.std() / marrow_v.mean())})
+                     "marrow_cv": cv, "noise_cv": noise_cv,
+                     "structure_cv": None if noise_cv is None else float(np.sqrt(max(0.0, cv ** 2 - noise_cv ** 2)))})
         pooled_lesion.append(lesion_v / ref)
         pooled_marrow.append(marrow_v / ref)
     if not rows:
@@ -100,6 +117,10 @@ def main() -> None:
     print(f"{'per lesion: median / marrow':34} {_quantiles([r['median'] for r in rows])}")
     print(f"{'per lesion: marrow CV':34} {_quantiles([r['marrow_cv'] for r in rows])}   "
           f"{ref['marrow_cv'][0]}-{ref['marrow_cv'][2]}")
+    split = [r for r in rows if r["noise_cv"] is not None]
+    if split:
+        print(f"{'  of which noise (neighbour diff.)':34} {_quantiles([r['noise_cv'] for r in split])}")
+        print(f"{'  of which structure (the rest)':34} {_quantiles([r['structure_cv'] for r in split])}")
     med = np.array([r["median"] for r in rows])
     print(f"{len(per_case)} cases, {len(rows)} lesions; lesions with a median under 1.43x marrow: "
           f"{(med < 1.43).mean():.1%}, under 2x: {(med < 2).mean():.1%}; cases with a median above 2.27x: "
