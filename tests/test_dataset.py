@@ -237,3 +237,31 @@ def test_evaluate_on_a_synth_folder_keeps_its_lesion_instances(tmp_path):
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert [(r["case"], int(r["n_ref"])) for r in rows] == [("case_000001", 2)]
+
+
+def test_a_binary_label_caches_each_lesion_apart_and_old_caches_are_made_again(tmp_path):
+    """Validation on a user's held-out scans scores lesion by lesion: the two lesions of a binary mask are two
+    reference lesions (the whole mask was one, so finding either lesion counted both as found)."""
+    root = make_dataset(tmp_path / "ds", names=("PAT01",))
+    two = _label()
+    two[14:20, 12:18, 5:11] = 1  # a second, separate lesion
+    _save(root / "labelsTr" / "PAT01.nii.gz", two)
+    path = nnunet_cases(root, SPACING, tmp_path / "cache")[0]
+    instances = load_npz(path)["instances"]
+    assert sorted(np.unique(instances).tolist()) == [0, 1, 2]
+    assert set(instances[load_npz(path)["edema"] > 0].tolist()) == {1, 2}
+    ids = two.astype(np.uint16)
+    ids[14:20, 12:18, 5:11] = 7  # a label with lesion ids keeps them (renumbered), even where they touch
+    ids[9, 2:8, 5:11] = 7
+    _save(root / "labelsTr" / "PAT01.nii.gz", ids)
+    assert sorted(np.unique(load_npz(nnunet_cases(root, SPACING, tmp_path / "cache")[0])["instances"]).tolist()) == [0, 1, 2]
+    # a cache written before the split (format 1: no format in its stamp) is made again
+    _save(root / "labelsTr" / "PAT01.nii.gz", two)
+    path = nnunet_cases(root, SPACING, tmp_path / "cache")[0]
+    stamp = path.with_suffix(".sources.json")
+    old = {k: v for k, v in json.loads(stamp.read_text()).items() if k != "format"}
+    stamp.write_text(json.dumps(old))
+    case = load_npz(path)
+    case["instances"] = (case["instances"] > 0).astype(np.uint16)
+    np.savez_compressed(path, **case)
+    assert sorted(np.unique(load_npz(nnunet_cases(root, SPACING, tmp_path / "cache")[0])["instances"]).tolist()) == [0, 1, 2]

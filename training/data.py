@@ -210,12 +210,18 @@ class CaseCache:
         return case
 
 
+# Bumped when a dataset's cached cases change meaning, so older caches are made again. 2: a binary label's lesions
+# are its 26-connected components (format 1 kept the whole mask as one lesion, so validation on a user's held-out
+# scans counted every lesion of a scan as found when one was).
+DATASET_CACHE_FORMAT = 2
+
+
 def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     """Preprocess an nnU-Net raw dataset (:mod:`training.nnunet`: imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz,
     optional sitesTr/ and physisTr/; without those, their losses are masked for the case) into cached npz files.
 
     A case is cached again whenever its set of files or any file's size or modification time changes (a label
-    replaced by an older copy too). Every case is checked before an error is raised, which lists them all.
+    replaced by an older copy too), or the cache format (DATASET_CACHE_FORMAT). Every case is checked before an error is raised, which lists them all.
     """
     folder = Path(folder)
     cases = dataset_files(folder)
@@ -226,6 +232,7 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
         dst = cache / f"{case.name}.npz"
         stamp = dst.with_suffix(".sources.json")
         sources = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in case.sources}
+        sources["format"] = DATASET_CACHE_FORMAT
         if dst.exists() and stamp.exists() and json.loads(stamp.read_text()) == sources:
             out.append(dst)
             continue

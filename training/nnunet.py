@@ -143,7 +143,7 @@ def _compact_ids(labels: np.ndarray) -> np.ndarray:
 
 
 def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Image, lesion ids (1..K), sites and physis (None where absent) on the image's grid; an
+    """Image, lesion ids (1..K; :func:`lesion_ids`), sites and physis (None where absent) on the image's grid; an
     :class:`InputError` naming the file otherwise."""
     def load(path: Path, label: bool) -> Volume:
         try:
@@ -169,8 +169,18 @@ def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, n
         elif key == "physis":
             out[key] = (data > 0).astype(np.uint8)
         else:
-            out[key] = _compact_ids(data)
+            out[key] = lesion_ids(data)
     return image, out["edema"], out["sites"], out["physis"]
+
+
+def lesion_ids(labels: np.ndarray) -> np.ndarray:
+    """Lesion ids 1..K from a label: its own ids when it has several, else (a binary mask, which may hold any
+    number of lesions, as nnU-Net labels do) its 26-connected components."""
+    from models.lesions import components
+    ids = _compact_ids(labels)
+    if ids.max() <= 1:
+        return components(ids > 0).labels.astype(np.int32)
+    return ids
 
 
 def write_references(folder: Path, out: Path) -> dict[str, Path]:
@@ -178,7 +188,6 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
     image's grid: a binary label split into 26-connected lesions, lesion ids kept; ``sites.nii.gz`` where sitesTr
     has one). Returns each case's image path by name; every problem is listed before anything is scored."""
     import shutil
-    from models.lesions import components
     from models.nifti import save_nifti
     cases = dataset_files(folder)
     if Path(out).is_dir():  # references of an earlier run (perhaps of cases removed since) would be scored too
@@ -190,8 +199,6 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
         except InputError as exc:
             problems.append(str(exc))
             continue
-        if len(np.unique(lesions)) <= 2:  # background and one value: a mask holding any number of lesions
-            lesions = components(lesions > 0).labels
         dst = Path(out) / case.name
         dst.mkdir(parents=True, exist_ok=True)
         save_nifti(dst / "lesions.nii.gz", lesions, image.affine, np.uint16 if lesions.max() < 2**16 else np.int32)
