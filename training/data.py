@@ -221,7 +221,8 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     optional sitesTr/ and physisTr/; without those, their losses are masked for the case) into cached npz files.
 
     A case is cached again whenever its set of files or any file's size or modification time changes (a label
-    replaced by an older copy too), or the cache format (DATASET_CACHE_FORMAT). Every case is checked before an error is raised, which lists them all.
+    replaced by an older copy too), or the cache format (DATASET_CACHE_FORMAT). Every case is checked before an
+    error is raised, which lists them all.
     """
     folder = Path(folder)
     cases = dataset_files(folder)

@@ -128,9 +128,9 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
                table: Path | None = None, overrides: list[str] = ()) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
-    Training validates on a few cases for speed; the shipped thresholds deserve more. ``val_cases`` may be 0 when the
-    config names labelled folders in ``data.val_dataset_dirs``: the rules are then chosen on those scans alone. ``tta`` (one of
-    :data:`models.networks.TTA_MODES`; default: the card's) is the test-time augmentation the rules are chosen
+    Training validates on a few cases for speed; the shipped thresholds deserve more. ``val_cases`` may be 0 when
+    the config names labelled folders in ``data.val_dataset_dirs``: the rules are then chosen on those scans alone.
+    ``tta`` (one of :data:`models.networks.TTA_MODES`; default: the card's) is the test-time augmentation the rules are chosen
     with; the card keeps it, and inference uses it. ``table``: where to write every candidate rule's figures
     (:func:`write_rule_table`); ``overrides``: ``key=value`` settings applied to ``run_config`` (for example
     ``data.val_dataset_dirs=[DIR]`` to add labelled scans to the validation phantoms)."""
