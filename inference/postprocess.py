@@ -719,6 +719,17 @@ def border_lesions(lesions_arr: np.ndarray) -> list[int]:
     return [int(i) for i in ids if i > 0]
 
 
+def neighbour_noise_sigma(img: np.ndarray, region: np.ndarray, axis: int, min_pairs: int) -> float | None:
+    """Noise sigma inside ``region`` from differences of neighbouring voxels along ``axis`` (robust: 1.4826 x their
+    median absolute value / sqrt 2); None with fewer than ``min_pairs`` pairs of neighbours both in ``region``."""
+    n = img.shape[axis]
+    a, b = np.take(img, range(n - 1), axis=axis), np.take(img, range(1, n), axis=axis)
+    both = np.take(region, range(n - 1), axis=axis) & np.take(region, range(1, n), axis=axis)
+    if np.count_nonzero(both) < min_pairs:
+        return None
+    return 1.4826 * float(np.median(np.abs(a[both] - b[both]))) / np.sqrt(2.0)
+
+
 def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     """Rough signal-to-noise: median body signal over a robust noise sigma from neighbour differences along
     the finest axis (a subsample of lines keeps it fast), on the image lifted to 0 and without a background offset
@@ -736,11 +747,9 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
         steps[a] = stride
     sub = img[:: steps[0], :: steps[1], :: steps[2]] - dark
     thr = body_mask_threshold(sub)
-    a, b = np.take(sub, range(per_line - 1), axis=ax), np.take(sub, range(1, per_line), axis=ax)
-    both = (a > thr) & (b > thr)
-    if np.count_nonzero(both) < 1000:
+    sigma = neighbour_noise_sigma(sub, sub > thr, ax, min_pairs=1000)
+    if sigma is None:
         return None
-    sigma = 1.4826 * float(np.median(np.abs(a[both] - b[both]))) / np.sqrt(2.0)
     signal = float(np.median(sub[sub > thr]))
     return float("inf") if sigma <= 0 else signal / sigma
 

@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from inference.postprocess import neighbour_noise_sigma
+
 MIN_LESION_VOXELS = 20
 RING_MM = (4.0, 20.0)
 REFERENCE = {"median": (1.05, 1.43, 2.27), "p90": (1.4, None, 3.8), "marrow_cv": (0.10, None, 0.18)}
@@ -28,17 +30,6 @@ REFERENCE = {"median": (1.05, 1.43, 2.27), "p90": (1.4, None, 3.8), "marrow_cv":
 
 def _load(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
-
-
-def _noise_sigma(img: np.ndarray, region: np.ndarray, axis: int) -> float | None:
-    """Noise sigma inside ``region`` from differences of neighbouring voxels along ``axis`` (robust: 1.4826 x
-    their median absolute value / sqrt 2); None with fewer than 30 neighbour pairs."""
-    n = img.shape[axis]
-    a, b = (np.take(img, range(i, n - 1 + i), axis=axis) for i in (0, 1))
-    both = np.take(region, range(n - 1), axis=axis) & np.take(region, range(1, n), axis=axis)
-    if both.sum() < 30:
-        return None
-    return 1.4826 * float(np.median(np.abs(a[both] - b[both]))) / np.sqrt(2.0)
 
 
 def lesion_contrasts(case: Path) -> tuple[list[dict], dict | None]:
@@ -72,7 +63,7 @@ def lesion_contrasts(case: Path) -> tuple[list[dict], dict | None]:
         ref = float(np.median(marrow_v))
         if ref <= 0:
             continue
-        noise = _noise_sigma(img[crop], marrow, int(np.argmin(zooms)))
+        noise = neighbour_noise_sigma(img[crop], marrow, int(np.argmin(zooms)), min_pairs=30)
         cv = float(marrow_v.std() / marrow_v.mean())
         noise_cv = None if noise is None else noise / float(marrow_v.mean())
         rows.append({"case": case.name, "lesion": lid, "site": site, "voxels": int(own.sum()),
