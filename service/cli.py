@@ -43,6 +43,13 @@ def show(case_dir: Path = typer.Argument(..., help="a case folder (image.nii.gz,
     typer.echo(str(path))
 
 
+def _exit_unless_file(config: Path, hint: str = "") -> None:
+    """End the command with exit status 2 and one line when a config file is missing."""
+    if not config.is_file():
+        typer.echo(f"no such config file: {config}{hint}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def train(config: Optional[Path] = typer.Option(None, "--config", help="training YAML (default configs/train/default.yaml)"),
           set_: List[str] = typer.Option([], "--set", help="override a key, e.g. --set optim.steps=500"),
@@ -64,9 +71,8 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
         overrides.append(f"out_dir={out_dir}")
     if device is not None:
         overrides.append(f"device={device}")
-    if config is not None and not config.is_file():
-        typer.echo(f"no such config file: {config}", err=True)
-        raise typer.Exit(2)
+    if config is not None:
+        _exit_unless_file(config)
     path = config or (_ROOT / "configs" / "train" / "default.yaml")
     try:
         cfg = load_config(TrainConfig, path if path.is_file() else None, overrides)
@@ -250,9 +256,7 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
     from training.export import revalidate
     from training.nnunet import DatasetError
     run_config = config or Path(bundle).parent / "config.yaml"
-    if not run_config.is_file():
-        typer.echo(f"no such config file: {run_config} (give the run's config with --config)", err=True)
-        raise typer.Exit(2)
+    _exit_unless_file(run_config, " (give the run's config with --config)")
     try:
         result = revalidate(bundle, run_config, val_cases, tta, table, set_)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
