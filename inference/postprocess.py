@@ -13,10 +13,14 @@ Rules (documented here because the report's meaning depends on them):
   line (of its voxels outside the lesion, within ``PAIR_SLAB_MM`` along the pair's common axis beyond the
   lesion's ends) passes nearest to the lesion's centroid, the distance in units of that bone's mean radius.
 * **stray labels**: bright edema can pull the site map to a bone that lies elsewhere (a humerus lesion labelled
-  femur). When the majority is a bone that is one piece (not a vertebra, ribs, sternum, hand, foot rays or skull)
-  and none of the lesion's voxels of that label touch the label's largest 26-connected piece, which lies more than
-  ``STRAY_LABEL_MM`` away (a physis gap is a few millimetres), the lesion goes to the most frequent other bone
-  label among its voxels; if it has no other, the majority stands. The pair rule then applies to the result.
+  femur, a wrist lesion labelled clavicle and tibia). A label among the lesion's voxels is stray when, for a bone
+  that is one piece, none of those voxels touch the label's largest 26-connected piece, which lies more than
+  ``STRAY_LABEL_MM`` away (a physis gap is a few millimetres); for a bone of several pieces (ribs, sternum, hand,
+  foot rays, skull), when no voxel of that label outside the lesion lies within ``STRAY_PIECE_MM`` (a bone continues
+  beyond its lesion; the next rib lies closer than the next bone elsewhere); vertebrae
+  never are. The lesion goes to its most frequent label that is not stray; when every label is, to the bone
+  nearest the lesion outside it (stray labels left out) within ``REGION_SEARCH_MM``; with none, the majority
+  stands. The pair rule then applies to the result.
 * **sternum**: the network's bone channel misses much of the sternum, so its lesions borrow a neighbour's label
   (clavicle, rib or thoracic vertebra). A lesion so labelled whose centroid lies within ``MIDLINE_MM`` of the
   spine's midline and over ``STERNUM_ANTERIOR_MM`` in front of the spine's centre at its level, where that spine
@@ -83,6 +87,7 @@ LESION_RIM_MM = 2.0
 PAIR_SEARCH_MM = 40.0
 PAIR_SLAB_MM = 20.0
 STRAY_LABEL_MM = 40.0
+STRAY_PIECE_MM = 10.0
 STERNUM_ANTERIOR_MM = 40.0
 SPINE_LEVEL_MM = 20.0
 
@@ -427,15 +432,16 @@ def _max_diameter(mask: np.ndarray, offset: np.ndarray, scene: _Scene) -> float:
     return float(pdist(pts).max())
 
 
-def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...]) -> tuple[int, float]:
-    """Site id and distance (mm) of the bone nearest to a lesion within REGION_SEARCH_MM; (0, inf) if none."""
+def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...], exclude: Sequence[int] = ()) -> tuple[int, float]:
+    """Site id and distance (mm) of the bone nearest to a lesion within REGION_SEARCH_MM, not counting the lesion's
+    own voxels nor the sites in ``exclude``; (0, inf) if none."""
     big = _expand(sl, _margin(REGION_SEARCH_MM, scene.spacing), scene.sites.shape)
     sites_c = scene.sites[big]
-    bone = sites_c > 0
+    lm = scene.lesions[big] == lid
+    bone = (sites_c > 0) & ~lm & ~np.isin(sites_c, list(exclude))
     if not bone.any():
         return 0, float("inf")
     dist, inds = ndimage.distance_transform_edt(~bone, sampling=scene.spacing, return_indices=True)
-    lm = scene.lesions[big] == lid
     d = dist[lm]
     k = int(np.argmin(d))
     if d[k] > REGION_SEARCH_MM:
@@ -444,22 +450,42 @@ def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...]) -> tuple[int, 
     return int(sites_c[nearest]), float(d[k])
 
 
-def _unless_stray(scene: _Scene, sid: int, counts: np.ndarray, idx: np.ndarray) -> int:
-    """``sid``, or the most frequent other bone label of the lesion when the lesion's voxels of ``sid`` (indices
-    ``idx``) lie apart from, and over STRAY_LABEL_MM from, that one-piece bone's largest piece."""
+def _is_stray(scene: _Scene, sid: int, idx: np.ndarray, lid: int) -> bool:
+    """Whether the lesion's voxels labelled ``sid`` (indices ``idx``) are a stray label: for a one-piece bone, they
+    lie apart from, and over STRAY_LABEL_MM from, its largest piece; for a bone of several pieces, no voxel of that
+    label outside the lesion lies within STRAY_PIECE_MM of them. Vertebrae (levels are fitted) never are."""
     site = by_id()[sid]
-    others = counts.copy()
-    others[[0, sid]] = 0
-    if site.kind == "vertebra" or site.bone in MULTI_PIECE_BONES or not others.any():
-        return sid
+    if site.kind == "vertebra":
+        return False
+    if site.bone in MULTI_PIECE_BONES:
+        sl = _expand(scene.site_box(sid), np.zeros(3, int), scene.sites.shape)
+        own = np.argwhere((scene.sites[sl] == sid) & (scene.lesions[sl] != lid)) + _offset(sl)
+        if len(own) == 0:
+            return True
+        _, own_pts = scene._subsampled(own)
+        return float(cKDTree(own_pts).query(scene.world(idx), k=1)[0].min()) > STRAY_PIECE_MM
     sl, mask = scene.main_piece(sid)  # the lesion's own voxels carry sid, so the site is present
     local = idx - _offset(sl)
     inside = np.all((local >= 0) & (local < mask.shape), axis=1)
     if mask[tuple(local[inside].T)].any():
-        return sid
+        return False
     _, main_pts = scene.main_piece_points(sid)
-    gap = float(cKDTree(main_pts).query(scene.world(idx), k=1)[0].min())
-    return int(np.argmax(others)) if gap > STRAY_LABEL_MM else sid
+    return float(cKDTree(main_pts).query(scene.world(idx), k=1)[0].min()) > STRAY_LABEL_MM
+
+
+def _unless_stray(scene: _Scene, lid: int, sl: tuple[slice, ...], site_vals: np.ndarray, idx: np.ndarray) -> int:
+    """The most frequent bone label among the lesion's voxels (``site_vals`` at indices ``idx``) that is not a stray
+    label (:func:`_is_stray`); when all are, the bone nearest the lesion outside it (:func:`_nearest_bone`, stray
+    labels left out); when there is none, the majority."""
+    counts = np.bincount(site_vals[site_vals > 0])
+    order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    strays = []
+    for sid in order:
+        if not _is_stray(scene, sid, idx[site_vals == sid], lid):
+            return sid
+        strays.append(sid)
+    near, _ = _nearest_bone(scene, lid, sl, exclude=strays)
+    return near or order[0]
 
 
 def _sternum_if_there(scene: _Scene, sid: int, centroid: np.ndarray) -> int:
@@ -566,7 +592,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     if in_bone.any():
         counts = np.bincount(site_vals[in_bone])
         majority, dist = int(np.argmax(counts)), 0.0
-        sid = _unless_stray(scene, majority, counts, idx[site_vals == majority])
+        sid = _unless_stray(scene, lid, sl, site_vals, idx)
         sid = _paired_bone(scene, sid, lid, sl, centroid)
         sid = _sternum_if_there(scene, sid, centroid)
         repaired = sid != majority

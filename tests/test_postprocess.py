@@ -429,10 +429,12 @@ def test_tibia_lesion_stays_in_the_tibia(centre):
 
 
 
-def _arm_and_thigh(humerus_x: float, humerus_left_under: bool, oriented: bool = False) -> dict:
+def _arm_and_thigh(humerus_x: float, humerus_left_under: bool, oriented: bool = False,
+                   whole_humerus_femur: bool = False) -> dict:
     """A 2 mm scene: a femur (radius 8 mm at x = 30) and a humerus (radius 6 mm at x = ``humerus_x``), both along
     S-I, and a lesion filling the humerus over z 90-110 mm whose voxels the site map calls femur, but for a
-    rim of humerus when ``humerus_left_under``: edema pulling the site map to a bone elsewhere."""
+    rim of humerus when ``humerus_left_under``: edema pulling the site map to a bone elsewhere. With
+    ``whole_humerus_femur`` the site map calls all of the humerus femur."""
     n = (70, 30, 80)
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     if oriented:  # voxel axes S->I, R->L, A->P
@@ -446,6 +448,8 @@ def _arm_and_thigh(humerus_x: float, humerus_left_under: bool, oriented: bool = 
     sites[(r2 <= 36) & (Z >= 40) & (Z <= 150)] = humerus
     lesion = (sites == humerus) & (Z >= 90) & (Z <= 110)
     sites[lesion & (r2 <= 25 if humerus_left_under else True)] = femur
+    if whole_humerus_femur:
+        sites[sites == humerus] = femur
     image = np.where(sites > 0, 0.4, 0.2).astype(np.float32)
     image[lesion] = 1.2
     return measure_lesions(lesion.astype(np.uint16), sites, image, aff, None, {1: 0.9})[0]
@@ -457,9 +461,14 @@ def test_lesion_in_a_far_stray_label_goes_to_its_own_bone(oriented):
     assert _arm_and_thigh(110.0, True, oriented)["site"] == "humerus_left"
 
 
-def test_stray_rule_keeps_the_majority_without_another_label():
-    """All of the lesion's voxels labelled femur: no other bone to name it after, so the majority stands."""
-    assert _arm_and_thigh(110.0, False)["site"] == "femur_left"
+def test_lesion_with_only_stray_labels_goes_to_the_bone_around_it():
+    """All of the lesion's voxels labelled femur, 70 mm from the femur: the humerus above and below it names it."""
+    assert _arm_and_thigh(110.0, False)["site"] == "humerus_left"
+
+
+def test_stray_rule_keeps_the_majority_without_another_bone():
+    """The whole humerus labelled femur: no bone of another label within reach, so the majority stands."""
+    assert _arm_and_thigh(110.0, False, whole_humerus_femur=True)["site"] == "femur_left"
 
 
 def test_a_piece_near_its_bone_is_not_a_stray_label():
