@@ -450,22 +450,22 @@ def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...], exclude: Seque
     return int(sites_c[nearest]), float(d[k])
 
 
-def _is_stray(scene: _Scene, sid: int, idx: np.ndarray, lid: int) -> bool:
-    """Whether the lesion's voxels labelled ``sid`` (indices ``idx``) are a stray label: for a one-piece bone, they
-    lie apart from, and over STRAY_LABEL_MM from, its largest piece; for a bone of several pieces, no voxel of that
-    label outside the lesion lies within STRAY_PIECE_MM of them. Vertebrae (levels are fitted) never are."""
+def _is_stray(scene: _Scene, sid: int, idx: np.ndarray, lid: int, sl: tuple[slice, ...]) -> bool:
+    """Whether the voxels of lesion ``lid`` (bounding box ``sl``) labelled ``sid`` (indices ``idx``) are a stray
+    label: for a one-piece bone, they lie apart from, and over STRAY_LABEL_MM from, its largest piece; for a bone
+    of several pieces, no voxel of that label outside the lesion lies within STRAY_PIECE_MM of them. Vertebrae
+    (levels are fitted) never are."""
     site = by_id()[sid]
     if site.kind == "vertebra":
         return False
     if site.bone in MULTI_PIECE_BONES:
-        sl = _expand(scene.site_box(sid), np.zeros(3, int), scene.sites.shape)
-        own = np.argwhere((scene.sites[sl] == sid) & (scene.lesions[sl] != lid)) + _offset(sl)
+        near = _expand(sl, _margin(STRAY_PIECE_MM, scene.spacing), scene.sites.shape)
+        own = np.argwhere((scene.sites[near] == sid) & (scene.lesions[near] != lid)) + _offset(near)
         if len(own) == 0:
             return True
-        _, own_pts = scene._subsampled(own)
-        return float(cKDTree(own_pts).query(scene.world(idx), k=1)[0].min()) > STRAY_PIECE_MM
-    sl, mask = scene.main_piece(sid)  # the lesion's own voxels carry sid, so the site is present
-    local = idx - _offset(sl)
+        return float(cKDTree(scene.world(own)).query(scene.world(idx), k=1)[0].min()) > STRAY_PIECE_MM
+    box, mask = scene.main_piece(sid)  # the lesion's own voxels carry sid, so the site is present
+    local = idx - _offset(box)
     inside = np.all((local >= 0) & (local < mask.shape), axis=1)
     if mask[tuple(local[inside].T)].any():
         return False
@@ -481,7 +481,7 @@ def _unless_stray(scene: _Scene, lid: int, sl: tuple[slice, ...], site_vals: np.
     order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     strays = []
     for sid in order:
-        if not _is_stray(scene, sid, idx[site_vals == sid], lid):
+        if not _is_stray(scene, sid, idx[site_vals == sid], lid, sl):
             return sid
         strays.append(sid)
     near, _ = _nearest_bone(scene, lid, sl, exclude=strays)
