@@ -16,11 +16,11 @@ Rules (documented here because the report's meaning depends on them):
   femur, a wrist lesion labelled clavicle and tibia). A label among the lesion's voxels is stray when, for a bone
   that is one piece, none of those voxels touch the label's largest 26-connected piece, which lies more than
   ``STRAY_LABEL_MM`` away (a physis gap is a few millimetres); for a bone of several pieces (ribs, sternum, hand,
-  foot rays, skull), when no voxel of that label outside the lesion lies within ``STRAY_PIECE_MM`` (a bone continues
-  beyond its lesion; the next rib lies closer than the next bone elsewhere); vertebrae
-  never are. The lesion goes to its most frequent label that is not stray; when every label is, to the bone
-  nearest the lesion outside it (stray labels left out) within ``REGION_SEARCH_MM``; with none, the majority
-  stands. The pair rule then applies to the result.
+  foot rays, skull), when no voxel of that label outside the lesion lies within ``STRAY_PIECE_MM`` (a bone
+  continues beyond its lesion; the next rib lies closer than the next bone elsewhere); vertebrae never are. The
+  lesion goes to its most frequent label that is not stray; when every label is, to the bone nearest the lesion
+  outside it (stray labels left out) within ``REGION_SEARCH_MM``; with none, the majority stands. The pair rule
+  then applies to the result.
 * **sternum**: the network's bone channel misses much of the sternum, so its lesions borrow a neighbour's label
   (clavicle, rib or thoracic vertebra). A lesion so labelled whose centroid lies within ``MIDLINE_MM`` of the
   spine's midline and over ``STERNUM_ANTERIOR_MM`` in front of the spine's centre at its level, where that spine
@@ -473,11 +473,11 @@ def _is_stray(scene: _Scene, sid: int, idx: np.ndarray, lid: int, sl: tuple[slic
     return float(cKDTree(main_pts).query(scene.world(idx), k=1)[0].min()) > STRAY_LABEL_MM
 
 
-def _unless_stray(scene: _Scene, lid: int, sl: tuple[slice, ...], site_vals: np.ndarray, idx: np.ndarray) -> int:
-    """The most frequent bone label among the lesion's voxels (``site_vals`` at indices ``idx``) that is not a stray
-    label (:func:`_is_stray`); when all are, the bone nearest the lesion outside it (:func:`_nearest_bone`, stray
-    labels left out); when there is none, the majority."""
-    counts = np.bincount(site_vals[site_vals > 0])
+def _unless_stray(scene: _Scene, lid: int, sl: tuple[slice, ...], counts: np.ndarray, site_vals: np.ndarray,
+                  idx: np.ndarray) -> int:
+    """The most frequent bone label (``counts``: voxels per site id) among the lesion's voxels (``site_vals`` at
+    indices ``idx``) that is not a stray label (:func:`_is_stray`); when all are, the bone nearest the lesion
+    outside it (:func:`_nearest_bone`, stray labels left out); when there is none, the majority."""
     order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     strays = []
     for sid in order:
@@ -592,7 +592,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     if in_bone.any():
         counts = np.bincount(site_vals[in_bone])
         majority, dist = int(np.argmax(counts)), 0.0
-        sid = _unless_stray(scene, lid, sl, site_vals, idx)
+        sid = _unless_stray(scene, lid, sl, counts, site_vals, idx)
         sid = _paired_bone(scene, sid, lid, sl, centroid)
         sid = _sternum_if_there(scene, sid, centroid)
         repaired = sid != majority
