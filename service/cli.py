@@ -197,6 +197,8 @@ def compare(a: Path = typer.Argument(..., help="an evaluation folder (per_case.c
                       "-" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]")
     console = Console()
     console.print(table)
+    if result["skipped"]:
+        console.print(f"not in both evaluations (re-run the older one to compare them): {', '.join(result['skipped'])}")
     console.print(f"{CI_METHOD} Intervals that contain 0: no difference shown.", soft_wrap=True)
 
 

@@ -13,7 +13,7 @@ from models.nifti import save_nifti
 from models.sites import site_id
 from training.evaluate import GridMismatchError, check_same_grid, compare_evaluations, evaluate_folders, load_case
 from training.metrics import (FrocCase, bootstrap_ci, detection_counts, dice, froc, majority_labels, match_lesions,
-                              per_site_dice, sensitivity_at_fp, site_agreement)
+                              per_site_dice, sensitivity_at_fp, site_agreement, subregion_agreement)
 
 
 def box(shape, *slices, value=1, out=None):
@@ -160,6 +160,20 @@ def test_froc_points_by_hand_and_monotonic():
     assert froc(cases, thresholds=[0.95]) == [(0.0, 0.0, 0.95)]
 
 
+def test_subregion_agreement_counts_only_right_sites_with_a_reference_subregion():
+    ref = np.zeros((12, 4, 4), np.uint16)
+    for i in range(4):
+        ref[3 * i:3 * i + 2] = i + 1
+    m = match_lesions(ref.copy(), ref)
+    ref_sites = {1: "tibia_left", 2: "tibia_left", 3: "femur_left", 4: "vertebra_L1"}
+    pred_sites = {1: "tibia_left", 2: "tibia_left", 3: "tibia_left", 4: "vertebra_L1"}
+    ref_sub = {1: "metaphysis_distal", 2: "metaphysis_distal", 3: "diaphysis", 4: None}
+    pred_sub = {1: "metaphysis_distal", 2: "epiphysis_distal", 3: "diaphysis", 4: "vertebral_body"}
+    a = subregion_agreement(m, pred_sites, ref_sites, pred_sub, ref_sub)
+    assert (a.n, a.n_right, a.accuracy) == (2, 1, 0.5), "lesion 3: wrong bone; lesion 4: no reference subregion"
+    assert (a + a).n == 4 and subregion_agreement(m, {}, {}, {}, {}).accuracy is None
+
+
 def test_site_and_side_agreement():
     a = site_agreement([("femur_left", "femur_left"), ("femur_right", "femur_left"), ("tibia_left", "femur_left"),
                         ("sacrum", "vertebra_L5"), ("soft_tissue", "soft_tissue")])
@@ -199,14 +213,14 @@ def build_folders(root: Path) -> tuple[Path, Path]:
     ra = box(shp, slice(1, 7), slice(1, 6), slice(1, 6), value=1)
     box(shp, slice(10, 13), slice(10, 13), slice(10, 13), value=2, out=ra)
     write_case(ref / "case_a", ra, site_map(), "case.json",
-               [{"id": 1, "site": "femur_left", "subregion": None, "volume_ml": 1.2},
-                {"id": 2, "site": "tibia_right", "subregion": None, "volume_ml": 0.216}])
+               [{"id": 1, "site": "femur_left", "subregion": "metaphysis_distal", "volume_ml": 1.2},
+                {"id": 2, "site": "tibia_right", "subregion": "diaphysis", "volume_ml": 0.216}])
     pa = box(shp, slice(2, 7), slice(1, 6), slice(1, 6), value=1)  # 125 voxels inside ref 1
     box(shp, slice(10, 13), slice(10, 13), slice(10, 12), value=2, out=pa)  # 18 voxels inside ref 2
     box(shp, slice(13, 15), slice(0, 2), slice(0, 2), value=3, out=pa)  # 8 voxels, false positive
     write_case(pred / "case_a", pa, site_map(tibia_hi=14), "report.json",
-               [{"id": 1, "site": "femur_left", "confidence": 0.9},
-                {"id": 2, "site": "tibia_left", "confidence": 0.6},
+               [{"id": 1, "site": "femur_left", "subregion": "epiphysis_distal", "confidence": 0.9},
+                {"id": 2, "site": "tibia_left", "subregion": "diaphysis", "confidence": 0.6},
                 {"id": 3, "site": "humerus_left", "confidence": 0.4}])
     # case_b: no reference lesion, one false positive
     write_case(ref / "case_b", np.zeros(shp, np.uint16), site_map(), "case.json", [])
@@ -254,6 +268,8 @@ def test_evaluate_folders_numbers(tmp_path):
     assert s["edema_dice"]["mean"] == pytest.approx(case_a_dice / 4)
     assert s["edema_dice"]["median"] == 0.0
     assert s["site_accuracy"] == {"n_matched": 2, "site": 0.5, "side": 0.5}
+    # only the femur lesion counts (the tibia lesion's site is wrong), and its subregion is wrong
+    assert (s["subregion_accuracy"]["n_scored"], s["subregion_accuracy"]["value"]) == (1, 0.0)
     case_a_site_dice = (1.0 + 2 * 180 / (216 + 180)) / 2
     assert s["mean_site_dice"]["mean"] == pytest.approx((case_a_site_dice + 1.0 + 0 + 0) / 4)
 
@@ -277,8 +293,9 @@ def test_evaluate_folders_numbers(tmp_path):
     assert rows["case_d"]["status"] == "failed" and "grid mismatch" in rows["case_d"]["error"]
 
     with open(out / "lesions.csv", newline="") as fh:
-        lesions = [(r["case"], r["kind"], r["id"], r["site"], r["detected"], r["pred_ids"], r["pred_site"])
-                   for r in csv.DictReader(fh)]
+        rows_l = list(csv.DictReader(fh))
+    lesions = [(r["case"], r["kind"], r["id"], r["site"], r["detected"], r["pred_ids"], r["pred_site"]) for r in rows_l]
+    assert (rows_l[0]["subregion"], rows_l[0]["pred_subregion"]) == ("metaphysis_distal", "epiphysis_distal")
     assert lesions == [("case_a", "reference", "1", "femur_left", "True", "1", "femur_left"),
                        ("case_a", "reference", "2", "tibia_right", "True", "2", "tibia_left"),
                        ("case_a", "false_positive", "3", "humerus_left", "", "3", "humerus_left"),
@@ -338,6 +355,18 @@ def test_compare_two_evaluations_paired(tmp_path):
     from service.cli import app
     res = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["statistics"]["fp_per_scan"]["b"] == 0.25
+    # an evaluation made before subregions were scored: that statistic is skipped, the rest compared
+    per_case = tmp_path / "a" / "per_case.csv"
+    with open(per_case, newline="") as fh:
+        old = [{k: v for k, v in r.items() if "subregion" not in k} for r in csv.DictReader(fh)]
+    with open(per_case, "w", newline="") as fh:
+        w = csv.DictWriter(fh, list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    result = compare_evaluations(tmp_path / "a", tmp_path / "b")
+    assert result["skipped"] == ["subregion_accuracy"] and result["statistics"]["fp_per_scan"]["b"] == 0.25
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert res.exit_code == 0 and "subregion_accuracy" in res.output
     res = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "missing")])
     assert res.exit_code == 2 and "cannot compare" in res.output
 

@@ -16,13 +16,16 @@ import nibabel as nib
 import numpy as np
 
 from models.sites import SOFT_TISSUE, by_id
-from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement, bootstrap_ci,
-                              detection_counts, dice, froc, froc_case, majority_labels, match_lesions,
-                              matched_site_pairs, per_site_dice, sensitivity_at_fp, site_agreement)
+from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
+                              SubregionAgreement, bootstrap_ci, detection_counts, dice, froc, froc_case,
+                              majority_labels, match_lesions, matched_site_pairs, per_site_dice, sensitivity_at_fp,
+                              site_agreement, subregion_agreement)
 
 AFFINE_TOL = 1e-3
 TARGET_SENSITIVITY = 0.90
 TARGET_FP_PER_SCAN = 0.5
+SUBREGION_RULE = ("Part of the bone: among true-positive predictions whose site (with side) equals their reference "
+                  "lesion's and whose reference names a subregion, the share whose subregion is the same.")
 FAILURE_RULE = ("A case whose prediction is missing or unusable (unreadable, wrong grid) is listed in `failures` "
                 "and scored as an empty prediction: all its reference lesions are missed, Dice is 0 where the "
                 "reference has edema or sites.")
@@ -34,11 +37,13 @@ class GridMismatchError(ValueError):
 
 @dataclass
 class LabelCase:
-    """One case folder loaded: instance labels, site labels (or None), per-lesion site code and confidence."""
+    """One case folder loaded: instance labels, site labels (or None), per-lesion site code, subregion (None where
+    the JSON names none) and confidence."""
     lesions: np.ndarray
     affine: np.ndarray
     sites: np.ndarray | None
     lesion_site: dict[int, str] = field(default_factory=dict)
+    lesion_subregion: dict[int, str | None] = field(default_factory=dict)
     confidence: dict[int, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -120,6 +125,8 @@ def load_case(folder: Path) -> LabelCase:
             continue
         if entry.get("site"):
             case.lesion_site[lid] = str(entry["site"])
+        if entry.get("subregion"):
+            case.lesion_subregion[lid] = str(entry["subregion"])
         if entry.get("confidence") is not None:
             case.confidence[lid] = float(entry["confidence"])
     missing = ids - case.lesion_site.keys()
@@ -157,11 +164,12 @@ def _size_bins(min_ref_ml: float) -> dict[str, tuple[float, float]]:
 
 @dataclass
 class CaseScore:
-    """One case scored: detection counts by size bin, FROC input, site agreement, its per_case.csv row, one
-    lesions.csv row per reference lesion and per false-positive prediction, and the Dice of each site."""
+    """One case scored: detection counts by size bin, FROC input, site and subregion agreement, its per_case.csv
+    row, one lesions.csv row per reference lesion and per false-positive prediction, and the Dice of each site."""
     bins: dict[str, DetectionCounts]
     froc: FrocCase
     agree: SiteAgreement
+    parts: SubregionAgreement
     row: dict[str, Any]
     lesion_rows: list[dict[str, Any]]
     site_dices: dict[int, float]
@@ -178,15 +186,18 @@ def _lesion_rows(m: Matching, pred: LabelCase, ref: LabelCase) -> list[dict[str,
         best = [p for p in found_by[r] if m.pred_to_ref.get(p) == r] or found_by[r]
         p = best[0] if best else None
         rows.append({"kind": "reference", "id": r, "volume_ml": m.ref_volume_ml[r], "site": ref.lesion_site.get(r, ""),
+                     "subregion": ref.lesion_subregion.get(r, ""),
                      "detected": bool(m.ref_detected[r]), "pred_ids": " ".join(map(str, sorted(found_by[r]))),
                      "pred_site": pred.lesion_site.get(p, "") if p is not None else "",
+                     "pred_subregion": pred.lesion_subregion.get(p, "") if p is not None else "",
                      "pred_volume_ml": m.pred_volume_ml.get(p) if p is not None else None,
                      "confidence": pred.confidence.get(p) if p is not None else None})
     for p, r in sorted(m.pred_to_ref.items()):
         if r is None:
             rows.append({"kind": "false_positive", "id": p, "volume_ml": m.pred_volume_ml[p],
-                         "site": pred.lesion_site.get(p, ""), "detected": None, "pred_ids": str(p),
-                         "pred_site": pred.lesion_site.get(p, ""), "pred_volume_ml": m.pred_volume_ml[p],
+                         "site": pred.lesion_site.get(p, ""), "subregion": pred.lesion_subregion.get(p, ""),
+                         "detected": None, "pred_ids": str(p), "pred_site": pred.lesion_site.get(p, ""),
+                         "pred_subregion": pred.lesion_subregion.get(p, ""), "pred_volume_ml": m.pred_volume_ml[p],
                          "confidence": pred.confidence.get(p)})
     return rows
 
@@ -200,6 +211,7 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
     bins = {k: detection_counts(m, lo, hi) for k, (lo, hi) in _size_bins(min_ref_ml).items()}
     fc = froc_case(m, pred.confidence, min_ml=min_ref_ml)
     agree = site_agreement(matched_site_pairs(m, pred.lesion_site, ref.lesion_site))
+    parts = subregion_agreement(m, pred.lesion_site, ref.lesion_site, pred.lesion_subregion, ref.lesion_subregion)
     site_dices: dict[int, float] = {}
     if ref.sites is not None and pred.sites is not None:
         site_dices = per_site_dice(pred.sites, ref.sites)
@@ -212,8 +224,9 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
            "mean_site_dice": _mean(list(site_dices.values())),
            "site_accuracy": agree.site_accuracy, "side_accuracy": agree.side_accuracy,
            "n_site_scored": agree.n, "n_site_right": agree.n_site,
+           "subregion_accuracy": parts.accuracy, "n_subregion_scored": parts.n, "n_subregion_right": parts.n_right,
            "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
-    return CaseScore(bins, fc, agree, row, _lesion_rows(m, pred, ref), site_dices)
+    return CaseScore(bins, fc, agree, parts, row, _lesion_rows(m, pred, ref), site_dices)
 
 
 CI_METHOD = ("95% percentile bootstrap over cases (2,000 resamples with replacement, seed 0): each statistic is "
@@ -230,6 +243,7 @@ def interval_statistics(tag: str) -> dict[str, tuple[str, str | None, str]]:
             "fp_per_scan_no_reference_lesions": ("fp", None, "no_reference"),
             "edema_dice": ("edema_dice", None, "all"),
             "site_accuracy": ("n_site_right", "n_site_scored", "all"),
+            "subregion_accuracy": ("n_subregion_right", "n_subregion_scored", "all"),
             "mean_site_dice": ("mean_site_dice", None, "with_value")}
 
 
@@ -278,8 +292,11 @@ def compare_evaluations(a_dir: Path, b_dir: Path) -> dict[str, Any]:
     by_b = {r["case"]: r for r in rows_b}
     ra, rb = [by_a[c] for c in common], [by_b[c] for c in common]
     out: dict[str, Any] = {"n_cases": len(common), "only_a": sorted(set(by_a) - set(common)),
-                           "only_b": sorted(set(by_b) - set(common)), "statistics": {}}
-    for name in interval_statistics(tag):
+                           "only_b": sorted(set(by_b) - set(common)), "statistics": {}, "skipped": []}
+    for name, (num_col, _, _) in interval_statistics(tag).items():
+        if num_col not in ra[0] or num_col not in rb[0]:
+            out["skipped"].append(name)  # an evaluation made before this statistic existed
+            continue
         cases_a, num_a, den_a = _interval_inputs(ra, name, tag)
         cases_b, num_b, den_b = _interval_inputs(rb, name, tag)
         pos_a = {c: i for i, c in enumerate(cases_a)}
@@ -370,6 +387,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     bins_total = {k: DetectionCounts() for k in _size_bins(min_ref_ml)}
     no_ref_counts = DetectionCounts()
     agree_total = SiteAgreement()
+    parts_total = SubregionAgreement()
     froc_cases: list[FrocCase] = []
     rows: list[dict[str, Any]] = []
     lesion_rows: list[dict[str, Any]] = []
@@ -412,6 +430,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             if bins["all"].n_ref == 0:
                 no_ref_counts = no_ref_counts + bins["all"]
             agree_total = agree_total + agree
+            parts_total = parts_total + score.parts
             froc_cases.append(fc)
             rows.append({"case": name, "status": "failed" if error else "ok", "error": error, **row})
             progress.advance(task)
@@ -439,6 +458,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
         "fp_per_scan_no_reference_lesions": {"value": no_ref_counts.fp_per_scan, "n_cases": no_ref_counts.n_scans},
         "site_accuracy": {"n_matched": agree_total.n, "site": agree_total.site_accuracy,
                           "side": agree_total.side_accuracy},
+        "subregion_accuracy": {"n_scored": parts_total.n, "value": parts_total.accuracy,
+                               "rule": SUBREGION_RULE},
         "mean_site_dice": {"mean": _mean(site_dices), "n": len(site_dices)},
         "froc": {"min_ref_ml": min_ref_ml, "n_ref": ge.n_ref,
                  "points": [{"fp_per_scan": fp, "sensitivity": s, "threshold": t} for fp, s, t in points],
@@ -453,10 +474,11 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = ["case", "status", "error", "n_ref", f"n_ref_ge_{tag}", "n_pred", "tp", "fp", "fn", "detected",
                f"detected_ge_{tag}", "edema_dice", "mean_site_dice", "site_accuracy", "side_accuracy",
-               "n_site_scored", "n_site_right", "ref_volume_ml", "pred_volume_ml"]
+               "n_site_scored", "n_site_right", "subregion_accuracy", "n_subregion_scored", "n_subregion_right",
+               "ref_volume_ml", "pred_volume_ml"]
     _write_csv(out_dir / "per_case.csv", columns, rows)
-    _write_csv(out_dir / "lesions.csv", ["case", "kind", "id", "volume_ml", "site", "detected", "pred_ids", "pred_site",
-                                         "pred_volume_ml", "confidence"], lesion_rows)
+    _write_csv(out_dir / "lesions.csv", ["case", "kind", "id", "volume_ml", "site", "subregion", "detected", "pred_ids",
+                                         "pred_site", "pred_subregion", "pred_volume_ml", "confidence"], lesion_rows)
     _write_csv(out_dir / "sites.csv", ["site", "n_cases", "mean_dice"],
                [{"site": _site_code(sid), "n_cases": len(d), "mean_dice": float(np.mean(d))}
                 for sid, d in sorted(per_site.items(), key=lambda kv: float(np.mean(kv[1])))])

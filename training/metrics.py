@@ -319,6 +319,35 @@ def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str],
     return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items() if r is not None]
 
 
+@dataclass(frozen=True)
+class SubregionAgreement:
+    """Part-of-bone agreement over matched lesions whose site is right and whose reference names a subregion
+    (epiphysis / metaphysis / diaphysis with its end, vertebral body / posterior elements)."""
+    n: int = 0
+    n_right: int = 0
+
+    def __add__(self, other: SubregionAgreement) -> SubregionAgreement:
+        return SubregionAgreement(self.n + other.n, self.n_right + other.n_right)
+
+    @property
+    def accuracy(self) -> float | None:
+        return _ratio(self.n_right, self.n)
+
+
+def subregion_agreement(m: Matching, pred_sites: Mapping[int, str], ref_sites: Mapping[int, str],
+                        pred_subregions: Mapping[int, str | None],
+                        ref_subregions: Mapping[int, str | None]) -> SubregionAgreement:
+    """Compare subregions of true-positive predictions with their reference lesions; a pair counts only when the
+    site is right (a subregion of the wrong bone means nothing) and the reference names a subregion."""
+    n = n_right = 0
+    for p, r in m.pred_to_ref.items():
+        if r is None or ref_subregions.get(r) is None or pred_sites.get(p) != ref_sites.get(r):
+            continue
+        n += 1
+        n_right += pred_subregions.get(p) == ref_subregions[r]
+    return SubregionAgreement(n, n_right)
+
+
 def _ratio_of_sums(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """sum(num[i]) / sum(den[i]) for each row i of case indices (NaN where the denominator is 0)."""
     n, d = num[idx].sum(axis=1), den[idx].sum(axis=1)
