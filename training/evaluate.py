@@ -37,13 +37,13 @@ class GridMismatchError(ValueError):
 
 @dataclass
 class LabelCase:
-    """One case folder loaded: instance labels, site labels (or None), per-lesion site code, subregion (None where
-    the JSON names none) and confidence."""
+    """One case folder loaded: instance labels, site labels (or None), per-lesion site code, subregion (where the
+    JSON names one) and confidence."""
     lesions: np.ndarray
     affine: np.ndarray
     sites: np.ndarray | None
     lesion_site: dict[int, str] = field(default_factory=dict)
-    lesion_subregion: dict[int, str | None] = field(default_factory=dict)
+    lesion_subregion: dict[int, str] = field(default_factory=dict)
     confidence: dict[int, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
