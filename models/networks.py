@@ -146,7 +146,11 @@ def _half_resolution_level(body: nn.Module, cfg: NetworkConfig) -> tuple[nn.Modu
 
 
 
-TTA_MODES = ("none", "flip_lr", "flip_lr_anatomy", "flip_lr_anatomy_filled")
+TTA_MODES = ("none", "flip_lr", "flip_lr_anatomy", "flip_lr_anatomy_filled", "flip_lr_anatomy_shift4",
+             "flip_lr_anatomy_shift8")
+# Input shifts (voxels along x, y, z) of the edema shift ensemble: phases modulo the U-Net's total stride (16),
+# spread so that the first 4 and all 8 cover every axis's phases evenly (x and y in steps of 2-4, z alternating parity).
+SHIFTS = ((0, 0, 0), (6, 10, 7), (12, 4, 14), (2, 14, 5), (8, 8, 12), (14, 2, 3), (4, 12, 10), (10, 6, 1))
 FILL_EDEMA_P = 0.2     # edema probability above which ``*_filled`` paints a voxel over before the anatomy passes
 FILL_WINDOW = 7        # voxels: the neighbourhood whose normal marrow fills it (21 mm at 3 mm spacing)
 
@@ -176,7 +180,25 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
     mean = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
     if tta != "flip_lr":
         mean[:, EDEMA] = edema
+    if "_shift" in tta:
+        mean[:, EDEMA] = shifted_edema(net, x, edema, int(tta.rsplit("_shift", 1)[1]))
     return mean, sites
+
+
+def shifted_edema(net: nn.Module, x: torch.Tensor, edema: torch.Tensor, n: int) -> torch.Tensor:
+    """Edema logits of the mean probability over the first ``n`` input shifts of :data:`SHIFTS` (``edema``: the
+    unshifted pass's logits). Each shift pads the input at its start (and its end, to keep sizes divisible by the
+    strides), so every lesion is seen at several phases of the strided convolutions."""
+    prob = torch.sigmoid(edema.float())
+    for shift in SHIFTS[1:n]:
+        pad = []
+        for s in reversed(shift):  # F.pad takes the last axis first
+            pad += [s, (32 - s) % 32]
+        v, _ = net(nn.functional.pad(x, pad).contiguous(memory_format=memory_format_of(x)))
+        sx, sy, sz = shift
+        X, Y, Z = x.shape[2:]
+        prob = prob + torch.sigmoid(v[:, EDEMA, sx:sx + X, sy:sy + Y, sz:sz + Z].float())
+    return torch.logit((prob / n).clamp(1e-6, 1 - 1e-6))
 
 
 def fill_edema(x: torch.Tensor, edema_p: torch.Tensor, bone_p: torch.Tensor, p: float = FILL_EDEMA_P,

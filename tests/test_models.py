@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from models.lesions import components, lesion_instances, near_bone
 from models.networks import (BONE, EDEMA, LOG_EPS, NetworkConfig, build_network, fill_edema, forward_tta,
-                             upsample_site_ids, widen_input_weights)
+                             shifted_edema, upsample_site_ids, widen_input_weights)
 from models.sites import by_code, mirror_ids
 
 
@@ -162,6 +162,28 @@ def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
         filled_v, filled_s = forward_tta(net, x, "flip_lr_anatomy_filled")
     assert torch.equal(filled_v[:, EDEMA], plain_v[:, EDEMA]), "the filled mode keeps the plain pass's edema too"
     assert filled_s.shape == sites.shape
+
+
+class _Pointwise(torch.nn.Module):
+    """A translation-equivariant stand-in for the network: logits are a voxel-wise function of the input."""
+    def forward(self, x):
+        return torch.cat([6 * x - 3] * 3, 1), torch.zeros(x.shape[0], 2, *(n // 2 for n in x.shape[2:]))
+
+
+def test_shift_tta_averages_each_voxel_with_itself_seen_at_other_stride_phases():
+    x = torch.rand(1, 1, 32, 32, 64)
+    with torch.no_grad():
+        plain, _ = _Pointwise()(x)
+        for n in (4, 8):   # every shifted pass is cropped back onto the same voxels
+            assert torch.allclose(shifted_edema(_Pointwise(), x, plain[:, EDEMA], n), plain[:, EDEMA], atol=1e-4)
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(channels=(4, 8, 16), strides=(2, 2), features=4, patch=(32, 32, 32))).eval()
+    with torch.no_grad():
+        anatomy_v, anatomy_s = forward_tta(net, x, "flip_lr_anatomy")
+        shift_v, shift_s = forward_tta(net, x, "flip_lr_anatomy_shift4")
+    assert torch.equal(shift_v[:, BONE:], anatomy_v[:, BONE:]) and torch.equal(shift_s, anatomy_s)
+    edge = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))   # a strided net is not shift-equivariant
+    assert not torch.allclose(shift_v[:, EDEMA][edge], anatomy_v[:, EDEMA][edge], atol=1e-3)
 
 
 def test_fill_edema_paints_a_lesion_over_with_its_own_bones_marrow():

@@ -17,7 +17,8 @@ import torch
 from models.card import load_bundle, save_bundle
 from models.networks import build_network
 from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
-from training.data import crop, lesion_blobs, make_batch, mimic_mask, phantom_model_case, sample_centre
+from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
+                           sample_centre)
 from training.export import export_bundle, revalidate
 from training.loop import (Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss,
                            validation_groups)
@@ -198,6 +199,30 @@ def test_per_lesion_sampling_gives_a_small_lesion_its_share():
     binary = {**case, "instances": edema.astype(np.uint16)}   # nnU-Net labels: lesions are the components
     assert 0.4 < small_share(binary, True) < 0.6
     assert 0.4 < small_share({k: v for k, v in binary.items() if k != "instances"}, True) < 0.6
+
+
+def test_patches_put_their_lesion_anywhere_not_only_at_the_centre():
+    """A lesion always at the patch centre teaches the network where lesions sit relative to its strides."""
+    rng = np.random.default_rng(0)
+    patch, centre = (32, 32, 48), np.array([50, 60, 70])
+    offsets = np.array([jitter_centre(centre, patch, rng, 1.0) - centre for _ in range(3000)])
+    reach = np.array(patch) // 2 - JITTER_MARGIN
+    assert (np.abs(offsets) <= reach).all() and (np.abs(offsets).max(axis=0) == reach).all()
+    assert all(len(np.unique(offsets[:, ax] % 16)) == 16 for ax in range(3))      # every phase of a stride of 16
+    assert (jitter_centre(centre, patch, rng, 0.0) == centre).all()
+    # through make_batch: a one-voxel lesion, every patch chosen on it, lands at many places in the patch
+    shape = (64, 64, 64)
+    edema = np.zeros(shape, np.uint8)
+    edema[30, 31, 32] = 1
+    case = {"image": np.ones(shape, np.float16), "edema": edema, "sites": np.zeros(shape, np.uint8),
+            "physis": np.zeros(shape, np.uint8)}
+    def lesion_places(jitter: float) -> set:
+        cfg = TrainConfig.model_validate({"network": {"patch": [32, 32, 32]}, "loss": {"blob_weight": 0},
+                                          "sampling": {"lesion_p": 1.0, "rare_site_p": 0.0, "centre_jitter": jitter}})
+        return {tuple(np.argwhere(make_batch([case], rng, cfg, None)["edema"][0, 0].numpy() == 1)[0])
+                for _ in range(30)}
+    assert lesion_places(0.0) == {(16, 16, 16)}
+    assert len(lesion_places(1.0)) > 20
 
 
 def test_crop_pads_outside_the_volume():

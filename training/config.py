@@ -171,6 +171,11 @@ class SamplingConfig(Strict):
                                   "lesion-free marrow counts as a mimic")
     mimic_margin: int = Field(0, ge=0, le=10, description="mimic voxels lie at least this many model-grid voxels "
                               "from any edema (0: lesion rims count too)")
+    centre_jitter: float = Field(1.0, ge=0, le=1, description="move each patch off its chosen voxel by up to this "
+                                 "share of the half patch (uniform per axis; the voxel stays 8 voxels inside). 0 "
+                                 "puts the voxel at the patch centre, as models up to 1.2.13550 were trained: they "
+                                 "learned where lesions sit in a patch, modulo the strides, and miss lesions "
+                                 "elsewhere in a whole-volume pass")
     batch_size: int = Field(2, ge=1)
 
     @model_validator(mode="after")

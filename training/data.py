@@ -320,6 +320,17 @@ def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: Sam
     return centre if centre is not None else np.array(case["image"].shape) // 2
 
 
+JITTER_MARGIN = 8  # voxels a jittered patch keeps between its chosen voxel and its faces
+
+
+def jitter_centre(centre: np.ndarray, patch, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """``centre`` moved by a uniform integer offset of up to ``fraction`` of (half the patch - the margin) per axis,
+    so the chosen voxel lands anywhere in the patch (nnU-Net's way) rather than always at its centre, where a
+    network learns its position relative to the strided convolutions."""
+    reach = np.floor(fraction * np.maximum(np.asarray(patch) // 2 - JITTER_MARGIN, 0)).astype(int)
+    return np.asarray(centre) + rng.integers(-reach, reach + 1)
+
+
 def crop(case: dict[str, np.ndarray], centre: np.ndarray, patch) -> dict[str, np.ndarray]:
     """A patch around centre, zero-padded (labels: image 0, sites 0, unknown stays unknown) where it leaves the volume."""
     shape = np.array(case["image"].shape)
@@ -361,7 +372,9 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     """Stack augmented patches into tensors: image (B,1,D,H,W) and targets."""
     items = []
     for case in cases:
-        patch = crop(case, sample_centre(case, rng, cfg.sampling), cfg.network.patch)
+        centre = jitter_centre(sample_centre(case, rng, cfg.sampling), cfg.network.patch, rng,
+                               cfg.sampling.centre_jitter)
+        patch = crop(case, centre, cfg.network.patch)
         d = {k: v[None] for k, v in patch.items()}
         if augment is not None:
             augment.set_random_state(seed=int(rng.integers(2 ** 31)))
