@@ -9,7 +9,8 @@ import typer
 _ROOT = Path(__file__).resolve().parents[1]
 TTA_HELP = ("test-time augmentation: none, flip_lr (left-right mirror averaged in, all outputs), flip_lr_anatomy "
             "(bones and sites only, edema as one pass) or flip_lr_anatomy_filled (the same, read from the image with "
-            "the edema painted over by the surrounding marrow); default: the model card's")
+            "the edema painted over by the surrounding marrow); flip_lr_anatomy_shift4 / _shift8 also average the "
+            "edema over 4 or 8 inputs shifted by a few voxels (experimental); default: the model card's")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-body MRI bone-marrow edema segmentation for CNO/CRMO. Supports, does not replace, clinical judgement.")

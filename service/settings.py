@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     tta: str | None = Field(None, description="test-time augmentation: none | flip_lr | flip_lr_anatomy | "
-                            "flip_lr_anatomy_filled (default: the model card's; a CPU without bf16 may want none, "
+                            "flip_lr_anatomy_filled | flip_lr_anatomy_shift4 | flip_lr_anatomy_shift8 (default: the model "
+                            "card's; a CPU without bf16 may want none, "
                             "the mirror pass doubles the network time)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per inference worker")
     workers: int = Field(1, ge=1, le=16, description="inference worker processes (jobs analysed at once)")
