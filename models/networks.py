@@ -192,7 +192,7 @@ def shifted_edema(net: nn.Module, x: torch.Tensor, edema: torch.Tensor, n: int) 
     prob = torch.sigmoid(edema.float())
     for shift in SHIFTS[1:n]:
         pad = []
-        for s in reversed(shift):  # F.pad takes the last axis first
+        for s in reversed(shift):  # F.pad takes the last axis first; 32 keeps the input's size divisor
             pad += [s, (32 - s) % 32]
         v, _ = net(nn.functional.pad(x, pad).contiguous(memory_format=memory_format_of(x)))
         sx, sy, sz = shift

@@ -174,8 +174,8 @@ class SamplingConfig(Strict):
     centre_jitter: float = Field(1.0, ge=0, le=1, description="move each patch off its chosen voxel by up to this "
                                  "share of the half patch (uniform per axis; the voxel stays 8 voxels inside). 0 "
                                  "puts the voxel at the patch centre, as models up to 1.2.13550 were trained: they "
-                                 "learned where lesions sit in a patch, modulo the strides, and miss lesions "
-                                 "elsewhere in a whole-volume pass")
+                                 "learned where lesions sit relative to the strides, and a few voxels' shift of "
+                                 "the input changes their answer for some lesions")
     batch_size: int = Field(2, ge=1)
 
     @model_validator(mode="after")
