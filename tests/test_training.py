@@ -452,3 +452,37 @@ def test_a_stage_is_counted_once_whether_its_path_is_relative_or_absolute(tmp_pa
               {"run": str(tmp_path / "runs" / "a"), "steps": 10}]
     kept = _distinct_stages(stages, Path("runs/b"))
     assert [s["steps"] for s in kept] == [10]
+
+
+def test_extra_pools_are_made_with_their_own_generator_settings_and_batches_come_from_loader_workers(tmp_path):
+    over = tiny_overrides(tmp_path) + [
+        "data.phantom_cases=1", "data.loader_workers=2", "optim.steps=4",
+        "data.extra_pools=[{cases: 1, seed: 200000, synth: {anatomy_mm: 4, fov: {p: {whole_body: 1.0}}, "
+        "lesions: {none_p: 0, ratio_to_marrow: [1.0, 1.2], faint_p: 1.0, muscle_floor: 0.0}}}]"]
+    cfg = load_config(TrainConfig, TINY, over)
+    trainer = Trainer(cfg, quiet=True)
+    result = trainer.train(progress=False)
+    assert result["step"] == 4 and np.isfinite(result["loss"])
+    main, faint = (sorted((tmp_path / "cache").glob(f"pool_*_{s}_*/{s}.npz")) for s in (100000, 200000))
+    assert len(main) == 1 and len(faint) == 1 and main[0].parent != faint[0].parent  # one cache folder per setting
+    assert [p.name for p in trainer._files()] == ["100000.npz", "200000.npz"]
+
+    def lesion_to_marrow(path):  # median edema signal over median lesion-free bone signal
+        from training.data import load_npz
+        case = load_npz(path)
+        img, edema, bone = case["image"].astype(np.float32), case["edema"] == 1, case["sites"] > 0
+        return np.median(img[edema]) / np.median(img[bone & ~edema])
+    assert lesion_to_marrow(faint[0]) < lesion_to_marrow(main[0])
+
+    from training.data import BatchStream
+    stream = BatchStream([(main[0].parent, [100000])], [faint[0]], cfg, seed=5)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    it = iter(loader)
+    first, second = next(it), next(it)  # one batch from each worker: their random streams differ
+    assert first["image"].shape == (1, 1, 32, 32, 32) and not torch.equal(first["image"], second["image"])
+    del it
+
+
+def test_phantom_pools_must_not_share_seeds():
+    with pytest.raises(ConfigError, match="phantom pools overlap: seeds 100000-100159 and 100100-100109"):
+        load_config(TrainConfig, None, ["data.extra_pools=[{cases: 10, seed: 100100}]"])

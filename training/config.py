@@ -143,10 +143,20 @@ class SynthConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------------------------- training
+class PhantomPoolConfig(Strict):
+    """A further phantom pool with its own generator settings (e.g. faint edema, randomised contrast), trained on
+    beside the main pool and cached like it."""
+    cases: int = Field(..., ge=1, description="phantoms in this pool (seeds from seed)")
+    seed: int = Field(..., ge=0, description="first seed; keep the pools' seed ranges apart")
+    synth: SynthConfig = Field(SynthConfig(), description="the generator settings of this pool (defaults where unset)")
+
+
 class DataConfig(Strict):
     phantom_cases: int = Field(160, ge=0, description="size of the phantom pool (0: real data only); cases are generated "
                                "by background workers into cache_dir and training starts once a few are ready")
     phantom_seed: int = 100_000
+    extra_pools: list[PhantomPoolConfig] = Field([], description="further phantom pools, each with its own "
+                                                "generator settings, sampled beside the main pool case for case")
     dataset_dirs: list[Path] = []
     val_cases: int = Field(8, ge=0, description="validation phantoms (seeds from val_seed)")
     val_dataset_dirs: list[Path] = Field([], description="labelled nnU-Net folders validated on beside (or, with "
@@ -154,9 +164,20 @@ class DataConfig(Strict):
                                          "and the lesion rules; keep them apart from dataset_dirs")
     val_seed: int = 900_000
     cache_dir: Path = Path("data/cache")
-    workers: int = Field(1, ge=0, description="background phantom generators (0: generate in the training process first)")
+    workers: int = Field(1, ge=0, description="phantom generator processes, shared by the pools (0: generate in the training process first)")
     ram_cache_gb: float = Field(8.0, ge=0, description="training cases kept in memory per process (GiB); the least recently used "
                                 "beyond it are re-read from their npz files")
+    loader_workers: int = Field(0, ge=0, description="processes that make the augmented batches (0: the training "
+                                "process makes them). On a GPU, batch making rather than the network sets the pace")
+
+    @model_validator(mode="after")
+    def _pools_apart(self) -> "DataConfig":
+        ranges = [(self.phantom_seed, self.phantom_cases)] + [(p.seed, p.cases) for p in self.extra_pools]
+        ranges = sorted((s, s + n) for s, n in ranges if n)
+        for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+            if b0 < a1:
+                raise ValueError(f"phantom pools overlap: seeds {a0}-{a1 - 1} and {b0}-{b1 - 1}")
+        return self
 
 
 class SamplingConfig(Strict):

@@ -12,7 +12,7 @@ import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -384,6 +384,31 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
             item["blobs"] = torch.from_numpy(lesion_blobs(np.asarray(d["edema"])))
         items.append(item)
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """Endless augmented training batches for a DataLoader: each worker has its own random stream (``seed`` and
+    its worker id) and case cache, and sees phantom pool cases as they are made."""
+
+    def __init__(self, pools: list[tuple[Path, list[int]]], files: list[Path], cfg: TrainConfig, seed: int):
+        self.pools, self.files, self.cfg, self.seed = pools, files, cfg, seed
+
+    def _ready(self) -> list[Path]:
+        return [Path(folder) / f"{s}.npz" for folder, seeds in self.pools for s in seeds
+                if (Path(folder) / f"{s}.npz").exists()] + self.files
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, info.id if info else 0])
+        ref, n = self.cfg.network.intensity_reference, self.cfg.sampling.batch_size
+        cache = CaseCache(int(self.cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
+        augment = build_augment(self.cfg)
+        files, checked = self._ready(), time.time()
+        while True:
+            if time.time() - checked > 10:  # a growing pool: look for new cases now and then
+                files, checked = self._ready(), time.time()
+            picks = rng.choice(len(files), size=n, replace=len(files) < n)
+            yield make_batch([cache.get(files[i]) for i in picks], rng, self.cfg, augment)
 
 
 def lesion_blobs(edema: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +20,8 @@ from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
-from training.data import UNKNOWN, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases, phantom_cache_name, with_reference
+from training.data import (UNKNOWN, BatchStream, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases,
+                           phantom_cache_name, with_reference)
 from training.nnunet import DatasetError
 
 
@@ -185,6 +187,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+def share_workers(pools: list[PhantomPool], workers: int) -> None:
+    """Split ``workers`` generator processes over the pools by the cases each still lacks (at least one each)."""
+    missing = [len(p.missing()) for p in pools]
+    total = sum(missing)
+    for pool, n in zip(pools, missing):
+        pool.workers = max(1, round(workers * n / total)) if n else 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
         self.cfg = cfg
@@ -193,6 +203,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed patch size: pick the fastest kernels once
         self.bf16 = use_bf16(cfg, self.device)
         torch.manual_seed(cfg.seed + self.rank)
         self.rng = np.random.default_rng([cfg.seed, self.rank, int(time.time()) if resume else 0])
@@ -239,18 +250,18 @@ class Trainer:
                   + (f", {len(fresh)} start fresh: {', '.join(fresh)}" if fresh else ""))
 
     # ------------------------------------------------------------------ data
-    def _pools(self) -> tuple[PhantomPool | None, PhantomPool]:
-        """The training phantom pool (None without phantom cases) and the validation phantoms, as cache folders."""
+    def _pools(self) -> tuple[list[PhantomPool], PhantomPool]:
+        """The training phantom pools (the main one, then ``data.extra_pools``; none without phantom cases) and the
+        validation phantoms, as cache folders."""
         cfg, sp = self.cfg, self.cfg.network.spacing_mm
         cache = Path(cfg.data.cache_dir)
-        pool = None
-        if cfg.data.phantom_cases:
-            seeds = [cfg.data.phantom_seed + i for i in range(cfg.data.phantom_cases)]
-            pool = PhantomPool(cache / phantom_cache_name("pool", cfg.synth, cfg.data.phantom_seed, sp), seeds,
-                               cfg.synth, sp, cfg.data.workers)
+        specs = ([(cfg.data.phantom_cases, cfg.data.phantom_seed, cfg.synth)] if cfg.data.phantom_cases else []) \
+            + [(p.cases, p.seed, p.synth) for p in cfg.data.extra_pools]
+        pools = [PhantomPool(cache / phantom_cache_name("pool", synth, seed, sp), [seed + i for i in range(n)], synth,
+                             sp, cfg.data.workers) for n, seed, synth in specs]
         val = PhantomPool(cache / phantom_cache_name("val", cfg.synth, cfg.data.val_seed, sp),
                           [cfg.data.val_seed + i for i in range(cfg.data.val_cases)], cfg.synth, sp, cfg.data.workers)
-        return pool, val
+        return pools, val
 
     def prepare(self, progress: bool = True) -> dict:
         """Make every cached case this run reads (phantom pool, validation phantoms, dataset folders) and return:
@@ -258,13 +269,14 @@ class Trainer:
         t0 = time.time()
         sp = self.cfg.network.spacing_mm  # dataset folders first: a bad one stops before any phantom is made
         dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir))) for d in self.cfg.data.dataset_dirs)
-        pool, val = self._pools()
-        pools = [p for p in (pool, val) if p is not None]
+        train_pools, val = self._pools()
+        pools = train_pools + [val]
         todo = sum(len(p.missing()) for p in pools)
         if todo and self.cfg.data.workers == 0:
             for p in pools:
                 p.fill_now()
         elif todo:
+            share_workers(pools, self.cfg.data.workers)
             for p in pools:
                 p.start(nice=0)
             bar = None
@@ -285,7 +297,7 @@ class Trainer:
             left = sum(len(p.missing()) for p in pools)
             if left:
                 raise RuntimeError(f"prepare: {left} phantom cases were not made; see the producer's traceback above")
-        return {"pool_cases": len(pool.ready()) if pool else 0, "val_cases": len(val.ready()),
+        return {"pool_cases": sum(len(p.ready()) for p in train_pools), "val_cases": len(val.ready()),
                 "dataset_cases": dataset, "made": todo, "seconds": round(time.time() - t0, 1)}
 
     def setup_data(self) -> None:
@@ -295,12 +307,13 @@ class Trainer:
         ref = cfg.network.intensity_reference  # caches hold p99-normalised images; each case is re-referenced on reading
         for d in cfg.data.dataset_dirs:  # checked first: a bad dataset stops the run before any phantom is made
             self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
-        self.pool, val = self._pools()
-        if self.pool:
+        self.pools, val = self._pools()
+        share_workers(self.pools, cfg.data.workers)
+        for pool in self.pools:
             if cfg.data.workers == 0:
-                self.pool.fill_now()
+                pool.fill_now()
             elif self.rank == 0:
-                self.pool.start()
+                pool.start()
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
@@ -310,13 +323,24 @@ class Trainer:
         self.augment = build_augment(cfg)
 
     def _files(self) -> list[Path]:
-        ready = self.pool.ready() if self.pool else []
-        return ready + self.train_files
+        return [f for pool in self.pools for f in pool.ready()] + self.train_files
 
     def _cases(self, n: int) -> list[dict]:
         files = self._files()
         picks = self.rng.choice(len(files), size=n, replace=len(files) < n)
         return [self.cache.get(files[i]) for i in picks]
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless training batches: made here, or with ``data.loader_workers`` in DataLoader processes."""
+        cfg = self.cfg
+        if not cfg.data.loader_workers:
+            while True:
+                yield make_batch(self._cases(cfg.sampling.batch_size), self.rng, cfg, self.augment)
+        stream = BatchStream([(p.folder, p.seeds) for p in self.pools], self.train_files, cfg,
+                             int(self.rng.integers(2 ** 31)))
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
+                                             pin_memory=self.device.type == "cuda", prefetch_factor=4)
+        yield from loader
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, path: Path) -> None:
@@ -356,12 +380,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self, progress: bool = True) -> dict:
         cfg = self.cfg
-        if not cfg.data.phantom_cases and not cfg.data.dataset_dirs:
-            raise DatasetError("no training cases: set data.phantom_cases above 0 or name a labelled dataset in "
-                               "data.dataset_dirs")
+        if not cfg.data.phantom_cases and not cfg.data.extra_pools and not cfg.data.dataset_dirs:
+            raise DatasetError("no training cases: set data.phantom_cases above 0, add data.extra_pools or name a "
+                               "labelled dataset in data.dataset_dirs")
         self.setup_data()
-        if self.pool and cfg.data.workers:
-            self.pool.wait(min(len(self.pool.seeds), max(8, cfg.sampling.batch_size * 4)))
+        if self.pools and cfg.data.workers:
+            self.pools[0].wait(min(len(self.pools[0].seeds), max(8, cfg.sampling.batch_size * 4)))
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False))
@@ -381,14 +405,16 @@ class Trainer:
         last_loss = float("nan")  # stays NaN when a finished run is resumed (no step left to take)
         t_start = time.time()
         self.net.train()
+        batches = self._batches()
         while self.step < cfg.optim.steps:
-            batch = make_batch(self._cases(cfg.sampling.batch_size), self.rng, cfg, self.augment)
+            batch = next(batches)
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, cfg)
-            x = batch["image"].to(self.device).to(memory_format=torch.channels_last_3d)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            x = batch["image"].to(memory_format=torch.channels_last_3d)
             with autocast_for(self.device, self.bf16):
                 voxel, sites = self.model(x)
-            loss, parts = compute_loss(voxel, sites, {k: v.to(self.device) for k, v in batch.items()}, cfg)
+            loss, parts = compute_loss(voxel, sites, batch, cfg)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
@@ -436,8 +462,8 @@ class Trainer:
             if not (self.out / "best").exists():
                 self.export(self.out / "best", last_val)
             writer.close()
-        if self.pool:
-            self.pool.stop()
+        for pool in self.pools:
+            pool.stop()
         return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
