@@ -87,9 +87,10 @@ def test_a_label_that_does_not_fit_its_image_names_the_file(tmp_path, change, me
         img = _image(np.random.default_rng(1))
         img[0, 0, 0] = np.nan
         _save(root / "imagesTr" / "PAT02_0000.nii.gz", img)
-    with pytest.raises(DatasetError, match=message) as err:
-        nnunet_cases(root, SPACING, tmp_path / "cache")
-    assert "PAT02" in str(err.value) and "1 of 2 cases" in str(err.value)
+    for workers in (1, 2):  # the same message whether cases are cached one at a time or in parallel
+        with pytest.raises(DatasetError, match=message) as err:
+            nnunet_cases(root, SPACING, tmp_path / f"cache{workers}", workers)
+        assert "PAT02" in str(err.value) and "1 of 2 cases" in str(err.value)
 
 
 def test_float_labels_and_large_lesion_ids_keep_their_lesions(tmp_path):

@@ -122,6 +122,11 @@ def test_nnunet_layout(tmp_path):
     # another grid gets its own cache; an edited label is cached again, an unchanged case is not
     coarse = nnunet_cases(tmp_path, (8.0, 8.0, 8.0), tmp_path / "cache")
     assert coarse[0].parent != cached_paths[0].parent and load_npz(coarse[0])["image"].shape != cached[0]["image"].shape
+    parallel = nnunet_cases(tmp_path, (8.0, 8.0, 8.0), tmp_path / "cache2", workers=2)
+    assert [p.name for p in parallel] == [p.name for p in coarse]
+    for a, b in zip(parallel, coarse):  # two processes cache exactly what one does
+        x, y = load_npz(a), load_npz(b)
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
     assert cached[0]["edema"].any(), "the test needs a case with edema"
     label = tmp_path / "labelsTr" / "case_000003.nii.gz"
     img = nib.load(str(label))

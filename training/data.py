@@ -216,9 +216,21 @@ class CaseCache:
 DATASET_CACHE_FORMAT = 2
 
 
-def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
+def _cache_case(case, dst: Path, sources: dict, spacing) -> str | None:
+    """Read one nnU-Net case, bring it onto the model grid and cache it; the problem's text if it cannot be used."""
+    try:
+        vol, lesions, sites, physis = read_case(case)
+    except InputError as exc:
+        return str(exc)
+    save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lesions, sites, physis))
+    dst.with_suffix(".sources.json").write_text(json.dumps(sources))
+    return None
+
+
+def nnunet_cases(folder: Path, spacing, cache_dir: Path, workers: int = 1) -> list[Path]:
     """Preprocess an nnU-Net raw dataset (:mod:`training.nnunet`: imagesTr/NAME_0000.nii.gz, labelsTr/NAME.nii.gz,
-    optional sitesTr/ and physisTr/; without those, their losses are masked for the case) into cached npz files.
+    optional sitesTr/ and physisTr/; without those, their losses are masked for the case) into cached npz files,
+    ``workers`` cases at a time.
 
     A case is cached again whenever its set of files or any file's size or modification time changes (a label
     replaced by an older copy too), or the cache format (DATASET_CACHE_FORMAT). Every case is checked before an
@@ -228,25 +240,24 @@ def nnunet_cases(folder: Path, spacing, cache_dir: Path) -> list[Path]:
     cases = dataset_files(folder)
     cache = dataset_cache_dir(folder, spacing, cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    out, problems = [], []
+    todo = []
     for case in cases:
         dst = cache / f"{case.name}.npz"
         stamp = dst.with_suffix(".sources.json")
         sources = {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in case.sources}
         sources["format"] = DATASET_CACHE_FORMAT
-        if dst.exists() and stamp.exists() and json.loads(stamp.read_text()) == sources:
-            out.append(dst)
-            continue
-        try:
-            vol, lesions, sites, physis = read_case(case)
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        save_npz(dst, to_model_case(vol.data, vol.affine, spacing, lesions, sites, physis))
-        stamp.write_text(json.dumps(sources))
-        out.append(dst)
+        if not (dst.exists() and stamp.exists() and json.loads(stamp.read_text()) == sources):
+            todo.append((case, dst, sources, tuple(spacing)))
+    if workers > 1 and len(todo) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as ex:
+            problems = list(ex.map(_cache_case, *zip(*todo)))
+    else:
+        problems = [_cache_case(*args) for args in todo]
+    failed = {args[1] for args, problem in zip(todo, problems) if problem}
+    problems = [p for p in problems if p]
     raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be used")
-    return out
+    return [cache / f"{case.name}.npz" for case in cases if cache / f"{case.name}.npz" not in failed]
 
 
 # ------------------------------------------------------------------------------------------------ patches

@@ -268,7 +268,8 @@ class Trainer:
         ``data.workers`` processes at full priority, which is faster than filling the pool beside training."""
         t0 = time.time()
         sp = self.cfg.network.spacing_mm  # dataset folders first: a bad one stops before any phantom is made
-        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir))) for d in self.cfg.data.dataset_dirs)
+        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir), self.cfg.data.workers))
+                      for d in self.cfg.data.dataset_dirs)
         train_pools, val = self._pools()
         pools = train_pools + [val]
         todo = sum(len(p.missing()) for p in pools)
@@ -306,7 +307,7 @@ class Trainer:
         self.train_files: list[Path] = []
         ref = cfg.network.intensity_reference  # caches hold p99-normalised images; each case is re-referenced on reading
         for d in cfg.data.dataset_dirs:  # checked first: a bad dataset stops the run before any phantom is made
-            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir))
+            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)
         self.pools, val = self._pools()
         share_workers(self.pools, cfg.data.workers)
         for pool in self.pools:
@@ -317,7 +318,8 @@ class Trainer:
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
-            files = val.ready() + [p for d in cfg.data.val_dataset_dirs for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir))]
+            files = val.ready() + [p for d in cfg.data.val_dataset_dirs
+                                   for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)]
             self.val_cases = [with_reference(load_npz(p), ref) for p in files]
         self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
         self.augment = build_augment(cfg)
