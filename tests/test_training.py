@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -486,3 +487,59 @@ def test_extra_pools_are_made_with_their_own_generator_settings_and_batches_come
 def test_phantom_pools_must_not_share_seeds():
     with pytest.raises(ConfigError, match="phantom pools overlap: seeds 100000-100159 and 100100-100109"):
         load_config(TrainConfig, None, ["data.extra_pools=[{cases: 10, seed: 100100}]"])
+
+
+def test_affine_theta_turns_a_non_cubic_patch_rigidly():
+    import torch.nn.functional as F
+    from training.data import affine_theta
+    shape = (9, 25, 41)  # D, H, W: far from a cube; odd sides put the centre on voxel (4, 12, 20)
+    img = torch.zeros(1, 1, *shape)
+    img[0, 0, 4, 12, 30] = 1.0  # 10 voxels from the centre along x
+    quarter = torch.tensor([[0.0, 0.0, np.pi / 2]])  # about z
+    theta = affine_theta(shape, quarter, torch.ones(1, 3))
+    out = F.grid_sample(img, F.affine_grid(theta, [1, 1, *shape], align_corners=False), mode="nearest",
+                        align_corners=False)
+    d, y, x = np.argwhere(out[0, 0].numpy() > 0.5)[0]
+    assert d == 4 and x == 20 and abs(y - 12) == 10  # still 10 voxels from the centre, now along y
+    half = affine_theta(shape, torch.zeros(1, 3), torch.full((1, 3), 2.0))  # scale 2: input read 2x further out
+    out = F.grid_sample(img, F.affine_grid(half, [1, 1, *shape], align_corners=False), mode="nearest",
+                        align_corners=False)
+    assert np.argwhere(out[0, 0].numpy() > 0.5).tolist() == [[4, 12, 25]]
+
+
+def test_batch_augmentation_keeps_labels_whole_and_does_nothing_at_probability_zero(tmp_path):
+    from training.config import AugmentConfig
+    from training.data import augment_batch
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    case = phantom_model_case(100000, cfg.synth, cfg.network.spacing_mm)
+    batch = make_batch([case] * 4, np.random.default_rng(0), cfg, None)
+    assert "blobs" not in batch or batch["blobs"].dtype == torch.int16
+    same = augment_batch(batch, torch.Generator().manual_seed(0), AugmentConfig(p=0.0))
+    assert all(torch.equal(same[k], batch[k].float() if k == "image" else batch[k]) for k in batch)
+    moved = augment_batch(batch, torch.Generator().manual_seed(0), AugmentConfig(p=1.0, rotate_deg=20))
+    for key in ("edema", "sites", "physis"):
+        assert moved[key].dtype == batch[key].dtype and moved[key].shape == batch[key].shape
+        assert set(moved[key].unique().tolist()) <= set(batch[key].unique().tolist())  # nearest: no new labels
+    assert not torch.equal(moved["sites"], batch["sites"]) and torch.isfinite(moved["image"]).all()
+    again = augment_batch(batch, torch.Generator().manual_seed(0), AugmentConfig(p=1.0, rotate_deg=20))
+    assert all(torch.equal(again[k], moved[k]) for k in moved)  # the generator decides every draw
+
+
+def test_training_with_augmentation_on_the_device_lowers_nothing_to_nan(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["augment.on_device=true", "augment.p=1.0"])
+    trainer = Trainer(cfg, quiet=True)
+    result = trainer.train(progress=False)
+    assert trainer.augment is None and result["step"] == cfg.optim.steps and np.isfinite(result["loss"])
+
+
+def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path, capsys):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["optim.steps=100000", "optim.minutes=0.25",
+                                                                     "checkpoint_every=50", "val_every=100000"])
+    t0 = time.time()
+    result = Trainer(cfg).train(progress=False)
+    assert time.time() - t0 < 15 + 60  # the budget, with room for the export and a slow machine
+    counts = [int(n) for n in re.findall(r"(\d+) steps fit in 0.25 min", capsys.readouterr().out)]
+    assert counts and counts[-1] == cfg.optim.steps < 100000  # the step count follows the measured pace
+    assert 60 < result["step"] <= cfg.optim.steps  # reached, or stopped when the time was up
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").optim.steps == cfg.optim.steps
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

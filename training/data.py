@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import time
@@ -20,7 +21,7 @@ import torch
 from models.lesions import components
 from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
-from training.config import SamplingConfig, SynthConfig, TrainConfig
+from training.config import AugmentConfig, SamplingConfig, SynthConfig, TrainConfig
 from training.nnunet import dataset_files, raise_problems, read_case
 
 UNKNOWN = 255
@@ -380,7 +381,8 @@ def build_augment(cfg: TrainConfig):
 
 
 def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg: TrainConfig, augment) -> dict[str, torch.Tensor]:
-    """Stack augmented patches into tensors: image (B,1,D,H,W) and targets."""
+    """Stack augmented patches into tensors: image (B,1,D,H,W) and targets. ``augment`` None: patches as cropped
+    (with ``augment.on_device`` the training process augments the batch: :func:`augment_batch`)."""
     items = []
     for case in cases:
         centre = jitter_centre(sample_centre(case, rng, cfg.sampling), cfg.network.patch, rng,
@@ -413,13 +415,76 @@ class BatchStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         ref, n = self.cfg.network.intensity_reference, self.cfg.sampling.batch_size
         cache = CaseCache(int(self.cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
-        augment = build_augment(self.cfg)
+        augment = None if self.cfg.augment.on_device else build_augment(self.cfg)
         files, checked = self._ready(), time.time()
         while True:
             if time.time() - checked > 10:  # a growing pool: look for new cases now and then
                 files, checked = self._ready(), time.time()
             picks = rng.choice(len(files), size=n, replace=len(files) < n)
             yield make_batch([cache.get(files[i]) for i in picks], rng, self.cfg, augment)
+
+
+LABEL_KEYS = ("edema", "sites", "physis", "blobs")
+
+
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """(B, 3) angles in radians about x, y, z -> (B, 3, 3) rotation matrices Rz @ Ry @ Rx."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1).view(-1, 3, 3)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1).view(-1, 3, 3)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def affine_theta(shape, angles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 4) ``affine_grid`` matrices of a rotation by ``angles`` (B, 3: about x, y, z) and scaling by
+    ``scales`` (B, 3) about the centre of a (D, H, W) patch, in voxel units: the rotation is rigid even where the
+    patch is not a cube (``affine_grid`` works in coordinates normalised to each side)."""
+    m = _rotation(angles) @ torch.diag_embed(scales)
+    half = torch.tensor([shape[2], shape[1], shape[0]], dtype=m.dtype, device=m.device) / 2  # x, y, z = W, H, D
+    return torch.cat([m * half[None, None, :] / half[None, :, None], torch.zeros(len(m), 3, 1, dtype=m.dtype,
+                                                                                   device=m.device)], 2)
+
+
+def augment_batch(batch: dict[str, torch.Tensor], gen: torch.Generator, a: AugmentConfig) -> dict[str, torch.Tensor]:
+    """The transforms of :func:`build_augment`, with its probabilities and ranges, applied to a whole batch on the
+    device its tensors are on: rotation (up to ``rotate_deg`` about each axis) and per-axis scaling about the patch
+    centre in voxel units (the grid is isotropic), bilinear for the image and nearest for the labels and lesion ids
+    (zeros outside); then gamma on the sample's own range, intensity scaling and Gaussian noise. ``gen``: a CPU
+    generator, so a run's draws do not depend on the device."""
+    import torch.nn.functional as F
+    img = batch["image"].float()
+    n, dev = img.shape[0], img.device
+    u = lambda *shape: torch.rand(*shape, generator=gen).to(dev)  # noqa: E731
+    out = dict(batch)
+    moved = torch.nonzero(u(n) < a.p).flatten()
+    if len(moved):
+        angles = (u(len(moved), 3) * 2 - 1) * math.radians(a.rotate_deg)
+        scales = a.scale[0] + u(len(moved), 3) * (a.scale[1] - a.scale[0])
+        grid = F.affine_grid(affine_theta(img.shape[2:], angles, scales), [len(moved), 1, *img.shape[2:]],
+                             align_corners=False)
+        img = img.clone()
+        img[moved] = F.grid_sample(img[moved], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        for key in LABEL_KEYS:
+            if key in batch:
+                lab = batch[key].clone()
+                lab[moved] = F.grid_sample(batch[key][moved].float(), grid, mode="nearest", padding_mode="zeros",
+                                           align_corners=False).to(lab.dtype)
+                out[key] = lab
+    lo = img.amin(dim=(1, 2, 3, 4), keepdim=True)
+    span = img.amax(dim=(1, 2, 3, 4), keepdim=True) - lo
+    gamma = (a.gamma[0] + u(n) * (a.gamma[1] - a.gamma[0])).view(-1, 1, 1, 1, 1)
+    adjusted = ((img - lo) / (span + 1e-7)) ** gamma * span + lo
+    img = torch.where((u(n) < a.p * 0.6).view(-1, 1, 1, 1, 1), adjusted, img)
+    factor = (a.intensity_scale[0] + u(n) * (a.intensity_scale[1] - a.intensity_scale[0])).view(-1, 1, 1, 1, 1)
+    img = torch.where((u(n) < a.p).view(-1, 1, 1, 1, 1), img * factor, img)
+    std = (u(n) * a.noise_std[1] * (u(n) < a.p * 0.5)).view(-1, 1, 1, 1, 1)
+    on_dev = torch.Generator(device=dev)  # noise drawn where the batch is, seeded from ``gen``
+    on_dev.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
+    noise = torch.randn(img.shape, generator=on_dev, device=dev)
+    out["image"] = img + noise * std
+    return out
 
 
 def lesion_blobs(edema: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
-from training.data import (UNKNOWN, BatchStream, CaseCache, PhantomPool, build_augment, load_npz, make_batch, nnunet_cases,
-                           phantom_cache_name, with_reference)
+from training.data import (UNKNOWN, BatchStream, CaseCache, PhantomPool, augment_batch, build_augment, load_npz,
+                           make_batch, nnunet_cases, phantom_cache_name, with_reference)
 from training.nnunet import DatasetError
 
 
@@ -322,7 +322,8 @@ class Trainer:
                                    for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)]
             self.val_cases = [with_reference(load_npz(p), ref) for p in files]
         self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
-        self.augment = build_augment(cfg)
+        self.augment = None if cfg.augment.on_device else build_augment(cfg)
+        self.augment_gen = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
 
     def _files(self) -> list[Path]:
         return [f for pool in self.pools for f in pool.ready()] + self.train_files
@@ -408,11 +409,24 @@ class Trainer:
         t_start = time.time()
         self.net.train()
         batches = self._batches()
+        pace_from = self.step + 4 * cfg.data.loader_workers + 20  # loader processes fill their queues first
+        pace_t0 = None
         while self.step < cfg.optim.steps:
+            if cfg.optim.minutes:
+                if self.step == pace_from:
+                    pace_t0 = time.time()
+                elif pace_t0 is not None and self.step > pace_from and (self.step - pace_from) % 200 == 40:
+                    # at 40 steps, then every 200 with the pace since the last count, as machines slow down
+                    self._set_steps_for_time(t_start, (time.time() - pace_t0) / (self.step - pace_from), bar)
+                    pace_from, pace_t0 = self.step, time.time()
+                if self.world == 1 and time.time() - t_start > cfg.optim.minutes * 60:
+                    break  # (several processes stop together at the step count instead)
             batch = next(batches)
             for g in self.opt.param_groups:
                 g["lr"] = lr_at(self.step, cfg)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if cfg.augment.on_device:
+                batch = augment_batch(batch, self.augment_gen, cfg.augment)
             x = batch["image"].to(memory_format=torch.channels_last_3d)
             with autocast_for(self.device, self.bf16):
                 voxel, sites = self.model(x)
@@ -467,6 +481,22 @@ class Trainer:
         for pool in self.pools:
             pool.stop()
         return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
+
+    def _set_steps_for_time(self, t_start: float, s_per_step: float, bar) -> None:
+        """``optim.minutes``: the step count that ends the schedule when the time is up, at the measured pace."""
+        left = self.cfg.optim.minutes * 60 - (time.time() - t_start)
+        steps = torch.tensor([self.step + max(1, int(left / s_per_step))], device=self.device)
+        if self.world > 1:
+            torch.distributed.broadcast(steps, 0)  # every process takes rank 0's count
+        self.cfg.optim.steps = int(steps.item())
+        if bar:
+            bar.total = self.cfg.optim.steps
+            bar.refresh()
+        if self.rank == 0:
+            print(f"{s_per_step:.3f} s/step: {self.cfg.optim.steps} steps fit in {self.cfg.optim.minutes:g} min",
+                  flush=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(json.loads(self.cfg.model_dump_json()),
+                                                                 sort_keys=False))
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "bone", "physis", "sites",
