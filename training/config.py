@@ -215,7 +215,7 @@ class AugmentConfig(Strict):
     noise_std: Range = (0.0, 0.04)
     on_device: bool = Field(False, description="augment whole batches on the training device (a GPU) instead of "
                             "patch by patch in the processes that make batches, where rotation and scaling take "
-                            "over 90% of the time; the same transforms and ranges")
+                            "about 90% of the time; the same transforms and ranges")
     p: float = Field(0.8, ge=0, le=1)
 
 
