@@ -391,6 +391,20 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 
+def test_ddp_processes_share_the_step_count_a_time_budget_sets(tmp_path):
+    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "service.cli", "train", "--config", str(TINY), *over, "--set", "optim.steps=100000",
+           "--set", "optim.minutes=0.15", "--set", "checkpoint_every=20", "--set", "val_every=100000",
+           "--set", "threads=1", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)  # a rank left waiting would hang
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = load_config(TrainConfig, tmp_path / "run" / "config.yaml").optim.steps
+    assert 60 < steps < 100000  # rank 0's count, which both processes trained to
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == steps
+
+
 def test_card_names_the_dataset_folders_a_run_learned_from(tmp_path):
     from training.config import SynthConfig
     from training.export import _dataset_source
@@ -543,3 +557,15 @@ def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path
     assert 60 < result["step"] <= cfg.optim.steps  # reached, or stopped when the time was up
     assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").optim.steps == cfg.optim.steps
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_generator_processes_are_shared_by_what_each_pool_lacks(tmp_path):
+    from training.config import SynthConfig
+    from training.data import PhantomPool
+    from training.loop import share_workers
+    pools = [PhantomPool(tmp_path / name, list(range(n)), SynthConfig(), (8.0, 8.0, 8.0)) for name, n in
+             (("a", 240), ("b", 120), ("c", 120), ("d", 0))]
+    share_workers(pools, 9)
+    assert [p.workers for p in pools] == [5, 2, 2, 0]  # 4.5, 2.25, 2.25: the largest remainder takes the ninth
+    share_workers(pools[:3], 2)  # fewer processes than pools: each pool that lacks cases still gets one
+    assert [p.workers for p in pools[:3]] == [1, 1, 1]

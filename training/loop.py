@@ -191,8 +191,12 @@ def share_workers(pools: list[PhantomPool], workers: int) -> None:
     """Split ``workers`` generator processes over the pools by the cases each still lacks (at least one each)."""
     missing = [len(p.missing()) for p in pools]
     total = sum(missing)
-    for pool, n in zip(pools, missing):
-        pool.workers = max(1, round(workers * n / total)) if n else 0
+    shares = [workers * n / total if total else 0.0 for n in missing]
+    counts = [int(x) for x in shares]
+    for i in sorted(range(len(pools)), key=lambda i: shares[i] - counts[i], reverse=True)[:workers - sum(counts)]:
+        counts[i] += 1  # the largest remainders get the processes left over
+    for pool, n, count in zip(pools, missing, counts):
+        pool.workers = max(1, count) if n else 0
 
 
 class Trainer:
