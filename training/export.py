@@ -156,7 +156,7 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     trainer.prepare()  # validation phantoms made by data.workers processes, not one by one
     trainer.setup_data()
     tta = tta or bundle.tta
-    result = trainer.validate(tta=tta)
+    result = trainer.validate(tta=tta, progress=True)
     if table is not None:
         write_rule_table(trainer.val_table, table)
     card = bundle.card

@@ -518,12 +518,13 @@ class Trainer:
     @torch.no_grad()
     def validate(self, thresholds: tuple[float, ...] = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                  bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5),
-                 min_confidences: tuple[float, ...] = (0.0, 0.8, 0.85, 0.9), tta: str = "none") -> dict:
+                 min_confidences: tuple[float, ...] = (0.0, 0.8, 0.85, 0.9), tta: str = "none",
+                 progress: bool = False) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
         edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
         config's ``min_lesion_ml`` and ``min_sizes_ml``) and minimum lesion confidence (mean probability); the
         rules chosen by ``operating_point`` are reported and shipped in the card (``thresholds``). ``tta`` as at
-        inference (:func:`models.networks.forward_tta`)."""
+        inference (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
         from models.networks import forward_tta, size_divisor
         from training.metrics import dice, majority_labels
         self.net.eval()
@@ -534,7 +535,11 @@ class Trainer:
         per_thr = {(t, *r): {"dice": [], "counts": None, "by_group": {}, "site_ok": 0, "site_n": 0}
                    for t in thresholds for r in rules}
         bone_dice: list[float] = []
-        for case in self.val_cases:
+        cases = self.val_cases
+        if progress:
+            from tqdm import tqdm
+            cases = tqdm(cases, desc="validate", unit="case", dynamic_ncols=True)
+        for case in cases:
             img = case["image"].astype(np.float32)
             pad = [(0, (-s) % div) for s in img.shape]
             x = torch.from_numpy(np.pad(img, pad))[None, None].to(self.device).to(memory_format=torch.channels_last_3d)
