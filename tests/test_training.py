@@ -490,7 +490,7 @@ def test_extra_pools_are_made_with_their_own_generator_settings_and_batches_come
     assert lesion_to_marrow(faint[0]) < lesion_to_marrow(main[0])
 
     from training.data import BatchStream
-    stream = BatchStream([(main[0].parent, [100000])], [faint[0]], cfg, seed=5)
+    stream = BatchStream(trainer.pools[:1], [faint[0]], cfg, None, seed=5)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
     it = iter(loader)
     first, second = next(it), next(it)  # one batch from each worker: their random streams differ

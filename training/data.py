@@ -131,6 +131,9 @@ class PhantomPool:
         self.synth, self.spacing, self.workers = synth, spacing, workers
         self.procs: list[mp.Process] = []
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "procs": []}  # a copy in another process (a batch loader) only reads the folder
+
     def missing(self) -> list[int]:
         return [s for s in self.seeds if not (self.folder / f"{s}.npz").exists()]
 
@@ -399,29 +402,30 @@ def make_batch(cases: list[dict[str, np.ndarray]], rng: np.random.Generator, cfg
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def ready_files(pools: list[PhantomPool], files: list[Path]) -> list[Path]:
+    """The training cases there are now: the pools' cases made so far, then the dataset folders' cached cases."""
+    return [f for pool in pools for f in pool.ready()] + files
+
+
 class BatchStream(torch.utils.data.IterableDataset):
-    """Endless augmented training batches for a DataLoader: each worker has its own random stream (``seed`` and
-    its worker id) and case cache, and sees phantom pool cases as they are made."""
+    """Endless training batches, made in the training process or by DataLoader workers: each iterator has its
+    own random stream (``seed`` and its worker id) and case cache, and sees phantom pool cases as they are made.
+    ``augment``: :func:`build_augment`'s transforms, or None (``augment.on_device``: :func:`augment_batch`)."""
 
-    def __init__(self, pools: list[tuple[Path, list[int]]], files: list[Path], cfg: TrainConfig, seed: int):
-        self.pools, self.files, self.cfg, self.seed = pools, files, cfg, seed
-
-    def _ready(self) -> list[Path]:
-        return [Path(folder) / f"{s}.npz" for folder, seeds in self.pools for s in seeds
-                if (Path(folder) / f"{s}.npz").exists()] + self.files
+    def __init__(self, pools: list[PhantomPool], files: list[Path], cfg: TrainConfig, augment, seed: int):
+        self.pools, self.files, self.cfg, self.augment, self.seed = pools, files, cfg, augment, seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         rng = np.random.default_rng([self.seed, info.id if info else 0])
         ref, n = self.cfg.network.intensity_reference, self.cfg.sampling.batch_size
         cache = CaseCache(int(self.cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
-        augment = None if self.cfg.augment.on_device else build_augment(self.cfg)
-        files, checked = self._ready(), time.time()
+        files, checked = ready_files(self.pools, self.files), time.time()
         while True:
             if time.time() - checked > 10:  # a growing pool: look for new cases now and then
-                files, checked = self._ready(), time.time()
+                files, checked = ready_files(self.pools, self.files), time.time()
             picks = rng.choice(len(files), size=n, replace=len(files) < n)
-            yield make_batch([cache.get(files[i]) for i in picks], rng, self.cfg, augment)
+            yield make_batch([cache.get(files[i]) for i in picks], rng, self.cfg, self.augment)
 
 
 LABEL_KEYS = ("edema", "sites", "physis", "blobs")

@@ -144,8 +144,8 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     from training.config import TrainConfig, load_config
     from training.loop import Trainer
     bundle_dir = Path(bundle_dir)
-    cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.extra_pools=[]", "data.dataset_dirs=[]",
-                                                      f"data.val_cases={val_cases}", *overrides])
+    cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.extra_pools=[]",
+                                                      "data.dataset_dirs=[]", f"data.val_cases={val_cases}", *overrides])
     if not val_cases and not cfg.data.val_dataset_dirs:
         raise ValueError("nothing to validate on: give --val-cases >= 1 or labelled folders in data.val_dataset_dirs")
     bundle = load_bundle(bundle_dir)

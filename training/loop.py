@@ -20,8 +20,8 @@ from models.lesions import components, near_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
-from training.data import (UNKNOWN, BatchStream, CaseCache, PhantomPool, augment_batch, build_augment, load_npz,
-                           make_batch, nnunet_cases, phantom_cache_name, with_reference)
+from training.data import (UNKNOWN, BatchStream, PhantomPool, augment_batch, build_augment, load_npz, nnunet_cases,
+                           phantom_cache_name, ready_files, with_reference)
 from training.nnunet import DatasetError
 
 
@@ -325,29 +325,19 @@ class Trainer:
             files = val.ready() + [p for d in cfg.data.val_dataset_dirs
                                    for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)]
             self.val_cases = [with_reference(load_npz(p), ref) for p in files]
-        self.cache = CaseCache(int(cfg.data.ram_cache_gb * 2**30), prepare=lambda case: with_reference(case, ref))
         self.augment = None if cfg.augment.on_device else build_augment(cfg)
         self.augment_gen = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
 
     def _files(self) -> list[Path]:
-        return [f for pool in self.pools for f in pool.ready()] + self.train_files
-
-    def _cases(self, n: int) -> list[dict]:
-        files = self._files()
-        picks = self.rng.choice(len(files), size=n, replace=len(files) < n)
-        return [self.cache.get(files[i]) for i in picks]
+        return ready_files(self.pools, self.train_files)
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Endless training batches: made here, or with ``data.loader_workers`` in DataLoader processes."""
-        cfg = self.cfg
-        if not cfg.data.loader_workers:
-            while True:
-                yield make_batch(self._cases(cfg.sampling.batch_size), self.rng, cfg, self.augment)
-        stream = BatchStream([(p.folder, p.seeds) for p in self.pools], self.train_files, cfg,
-                             int(self.rng.integers(2 ** 31)))
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.data.loader_workers,
-                                             pin_memory=self.device.type == "cuda", prefetch_factor=4)
-        yield from loader
+        stream = BatchStream(self.pools, self.train_files, self.cfg, self.augment, int(self.rng.integers(2 ** 31)))
+        if not self.cfg.data.loader_workers:
+            return iter(stream)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.data.loader_workers,
+                                                pin_memory=self.device.type == "cuda", prefetch_factor=4))
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, path: Path) -> None:
