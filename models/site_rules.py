@@ -1,6 +1,19 @@
 """The anatomical rules applied to the network's site map, in order (:func:`apply_site_rules`), shared by
-validation and inference: vertebral levels fitted along the spine (:mod:`models.spine`), sides by position
-(:mod:`models.sides`), then stray labels handed to the bone they sit in (below).
+validation and inference: pieces out of head-to-feet order dropped (below), vertebral levels fitted along the spine
+(:mod:`models.spine`), sides by position (:mod:`models.sides`), then stray labels handed to the bone they sit in
+(below).
+
+Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
+lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
+view. A child lies supine with the legs extended, so the bones come in tiers from head to feet: skull, cervical and
+thoracic spine, chest wall, shoulder girdle and humerus; lumbar spine; pelvis; femur; patella; tibia and fibula;
+foot. Forearms and hands are not ranked (beside the trunk or thighs, or above the head). Neighbouring tiers that
+can share a height (the lumbar spine and the upper trunk, or the pelvis; the pelvis and the femoral head; the
+patella and the femur or tibia) are not compared. Every 26-connected piece of a ranked label is taken from the
+largest down; a piece whose centroid lies more than ``ORDER_MARGIN_MM`` on the wrong side of the centroid of a
+piece already taken (below a femur for a "scapula", above the pelvis for a "tibia") is dropped, and its voxels
+go to the bone around them (the most frequent label touching them; none: no bone). The larger piece wins, so a
+few spurious millilitres never outvote a femur.
 
 Stray labels: site labels the network scattered where that bone is not.
 
@@ -23,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.sides import body_mask, sides_by_position
-from models.sites import by_id
+from models.sites import Site, by_id
 from models.spine import renumber_vertebrae
 
 MIN_LABEL_ML = 0.5
@@ -34,6 +47,69 @@ MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "m
 # cartilage in a child (the lesion rule keeps them one-piece: merging the two would change lesion naming)
 _SEVERAL_PIECES = MULTI_PIECE_BONES | {"ilium", "ischium", "pubis"}
 _NEIGHBOURS = np.ones((3, 3, 3), bool)
+
+ORDER_MARGIN_MM = 10.0
+# tiers from head to feet (a site's bone or region), and the pairs of tiers that can share a height
+_TIERS = (("head", "spine_cervical", "spine_thoracic", "chest_wall", "shoulder", "humerus"), ("spine_lumbar",),
+          ("pelvis",), ("femur",), ("patella",), ("tibia", "fibula"), ("foot",))
+_MAY_OVERLAP = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)})
+
+
+def head_to_feet_tier(site: Site) -> int | None:
+    """The site's tier from head (0) to feet (6); None for forearms and hands, which are not ranked."""
+    for tier, members in enumerate(_TIERS):
+        if site.bone in members or site.region in members:
+            return tier
+    return None
+
+
+def _out_of_order(upper: int, lower: int, z_upper: float, z_lower: float) -> bool:
+    """Whether a piece of tier ``upper`` at height ``z_upper`` (mm, superior +) and one of tier ``lower`` break
+    the head-to-feet order (tiers equal or sharing a height never do)."""
+    if upper > lower:
+        upper, lower, z_upper, z_lower = lower, upper, z_lower, z_upper
+    if upper == lower or (upper, lower) in _MAY_OVERLAP:
+        return False
+    return z_upper < z_lower - ORDER_MARGIN_MM
+
+
+def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``sites`` (site ids on a RAS grid, +z superior) with pieces that break the head-to-feet order handed to the
+    bone around them (see the module docstring); the input itself when nothing breaks it."""
+    sites = np.asarray(sites)
+    sites_by_id = by_id()
+    pieces = []   # (voxels, centroid z in mm, tier, box, piece mask within the box)
+    for sid, box in enumerate(ndimage.find_objects(sites), start=1):
+        tier = head_to_feet_tier(sites_by_id[sid]) if box is not None and sid in sites_by_id else None
+        if tier is None:
+            continue
+        lab, n = ndimage.label(sites[box] == sid, _NEIGHBOURS)
+        index = np.arange(1, n + 1)
+        sizes = np.bincount(lab.ravel())[1:]
+        z_mm = (np.asarray(ndimage.center_of_mass(lab > 0, lab, index))[:, 2] + box[2].start) * float(spacing[2])
+        pieces += [(int(sizes[k]), float(z_mm[k]), tier, box, lab == k + 1) for k in range(n)]
+    pieces.sort(key=lambda p: -p[0])
+    kept: list[tuple[float, int]] = []
+    dropped = []
+    for size, z, tier, box, mask in pieces:
+        if any(_out_of_order(tier, t, z, zk) for zk, t in kept):
+            dropped.append((box, mask))
+        else:
+            kept.append((z, tier))
+    if not dropped:
+        return sites
+    out = sites.copy()
+    for box, mask in dropped:
+        out[box][mask] = 0
+    for box, mask in dropped:
+        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+        piece = np.zeros(out[grown].shape, bool)
+        piece[tuple(slice(s.start - g.start, s.start - g.start + m) for s, g, m in zip(box, grown, mask.shape))] = mask
+        around = out[grown][ndimage.binary_dilation(piece, _NEIGHBOURS) & ~piece]
+        around = around[around > 0]
+        if around.size:
+            out[grown][piece] = np.bincount(around).argmax()
+    return out
 
 
 def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -68,6 +144,7 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
 
 def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """The site map as inference reports it, from the network's map and the normalised image on the model grid."""
-    site_map = renumber_vertebrae(np.asarray(site_map, np.uint8), spacing)
+    site_map = drop_out_of_order_pieces(np.asarray(site_map, np.uint8), spacing)
+    site_map = renumber_vertebrae(site_map, spacing)
     site_map = sides_by_position(site_map, body_mask(img), spacing)
     return relabel_stray_pieces(site_map, spacing)

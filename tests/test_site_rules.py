@@ -148,3 +148,52 @@ def test_a_nearby_piece_of_the_same_bone_stays(sites):
     noisy[x, y, z + 3] = femur  # a piece 6-9 mm above the femur's top (an epiphysis beyond a growth plate)
     out = relabel_stray_pieces(noisy, GRID)
     assert out[x, y, z + 3] == femur
+
+
+def test_only_forearms_and_hands_are_unranked_head_to_feet():
+    from models.site_rules import head_to_feet_tier
+    from models.sites import all_sites
+    unranked = {s.bone for s in all_sites() if head_to_feet_tier(s) is None}
+    assert unranked == {"radius", "ulna", "hand"}
+    tier = {s.bone: head_to_feet_tier(s) for s in all_sites()}
+    assert tier["skull"] < tier["vertebra_L3"] < tier["sacrum"] < tier["femur"] < tier["tibia"] < tier["talus"]
+
+
+@pytest.mark.parametrize("view", [(0.0, 1.0), (0.0, 0.3), (0.2, 0.45), (0.4, 0.65), (0.85, 1.0)])
+def test_true_sites_keep_every_voxel_through_the_order_rule(sites, view):
+    """Whole body and head-feet windows of it (feet, legs, knees and thighs, pelvis, head and neck)."""
+    from models.site_rules import drop_out_of_order_pieces
+    lo, hi = (int(f * sites.shape[2]) for f in view)
+    part = np.ascontiguousarray(sites[:, :, lo:hi])
+    assert np.array_equal(drop_out_of_order_pieces(part, GRID), part)
+
+
+def test_pieces_out_of_head_to_feet_order_go_to_the_bone_around_them(model_case, sites):
+    from models.site_rules import drop_out_of_order_pieces
+    tibia, scapula, skull = site_id("tibia_left"), site_id("scapula_right"), site_id("skull")
+    legs = np.ascontiguousarray(sites[:, :, : sites.shape[2] // 3])
+    noisy = legs.copy()
+    # a "scapula" of 45 voxels (1.2 mL) in the soft tissue beside a lower leg, touching no bone
+    idx = np.argwhere(legs == tibia)
+    x, y, z = idx[np.argsort(idx[:, 2])[len(idx) // 2]]
+    d = next(d for d in range(4, 40) if not legs[x + d - 2:x + d + 3, y - 2:y + 3, z - 3:z + 4].any())
+    noisy[x + d - 1:x + d + 2, y - 1:y + 2, z - 2:z + 3] = scapula
+    # the middle of a foot bone named "skull"
+    foot = np.argwhere(legs == site_id("metatarsals_left"))
+    part = foot[np.abs(foot[:, 1] - np.median(foot[:, 1])) < 3]
+    noisy[tuple(part.T)] = skull
+    assert np.count_nonzero(noisy == scapula) >= 10 and np.count_nonzero(noisy == skull) >= 10
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert not np.isin(out, [scapula, skull]).any()
+    assert np.array_equal(out, legs)
+
+
+def test_a_small_leg_label_in_the_chest_loses_to_the_trunk(sites):
+    from models.site_rules import drop_out_of_order_pieces
+    rib = np.argwhere(sites == site_id("ribs_left"))
+    x, y, z = rib[len(rib) // 2]
+    noisy = sites.copy()
+    noisy[x, y, z] = site_id("tibia_left")              # one voxel of "tibia" inside a rib
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert out[x, y, z] == site_id("ribs_left")
+    assert np.array_equal(out, sites)
