@@ -48,6 +48,13 @@ MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "m
 _SEVERAL_PIECES = MULTI_PIECE_BONES | {"ilium", "ischium", "pubis"}
 _NEIGHBOURS = np.ones((3, 3, 3), bool)
 
+def bone_around(labels: np.ndarray, piece: np.ndarray, exclude: int = 0) -> int:
+    """The most frequent label touching ``piece`` (26-neighbours), other than 0 and ``exclude``; 0 when none."""
+    around = labels[ndimage.binary_dilation(piece, _NEIGHBOURS) & ~piece]
+    around = around[(around > 0) & (around != exclude)]
+    return int(np.bincount(around).argmax()) if around.size else 0
+
+
 ORDER_MARGIN_MM = 10.0
 # tiers from head to feet (a site's bone or region), and the pairs of tiers that can share a height
 _TIERS = (("head", "spine_cervical", "spine_thoracic", "chest_wall", "shoulder", "humerus"), ("spine_lumbar",),
@@ -105,10 +112,7 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
         grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
         piece = np.zeros(out[grown].shape, bool)
         piece[tuple(slice(s.start - g.start, s.start - g.start + m) for s, g, m in zip(box, grown, mask.shape))] = mask
-        around = out[grown][ndimage.binary_dilation(piece, _NEIGHBOURS) & ~piece]
-        around = around[around > 0]
-        if around.size:
-            out[grown][piece] = np.bincount(around).argmax()
+        out[grown][piece] = bone_around(out[grown], piece)
     return out
 
 
@@ -136,9 +140,7 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
             continue
         for k in stray:
             piece = pieces == k
-            around = crop[ndimage.binary_dilation(piece, _NEIGHBOURS) & ~piece]
-            around = around[(around > 0) & (around != sid)]
-            crop[piece] = np.bincount(around).argmax() if around.size else 0
+            crop[piece] = bone_around(crop, piece, exclude=sid)
     return out
 
 
