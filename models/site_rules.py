@@ -11,9 +11,11 @@ foot. Forearms and hands are not ranked (beside the trunk or thighs, or above th
 can share a height (the lumbar spine and the upper trunk, or the pelvis; the pelvis and the femoral head; the
 patella and the femur or tibia) are not compared. Every 26-connected piece of a ranked label is taken from the
 largest down; a piece whose centroid lies more than ``ORDER_MARGIN_MM`` on the wrong side of the centroid of a
-piece already taken (below a femur for a "scapula", above the pelvis for a "tibia") is dropped, and its voxels
-go to the bone around them (the most frequent label touching them; none: no bone). The larger piece wins, so a
-few spurious millilitres never outvote a femur.
+piece already taken (below a femur for a "scapula", above the pelvis for a "tibia") is dropped: its voxels become
+no bone, and a lesion there is named after the nearest bone (:mod:`inference.postprocess`). Handing them to the
+label around them instead spread wrong names (a "femur" in the neck became "skull" next to a clavicle lesion) and
+scored lower on the development views. The larger piece wins, so a few spurious millilitres never outvote a
+femur.
 
 Stray labels: site labels the network scattered where that bone is not.
 
@@ -81,8 +83,8 @@ def _out_of_order(upper: int, lower: int, z_upper: float, z_lower: float) -> boo
 
 
 def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """``sites`` (site ids on a RAS grid, +z superior) with pieces that break the head-to-feet order handed to the
-    bone around them (see the module docstring); the input itself when nothing breaks it."""
+    """``sites`` (site ids on a RAS grid, +z superior) without the pieces that break the head-to-feet order (see the
+    module docstring); the input itself when nothing breaks it."""
     sites = np.asarray(sites)
     sites_by_id = by_id()
     pieces = []   # (voxels, centroid z in mm, tier, box, piece mask within the box)
@@ -108,11 +110,6 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     out = sites.copy()
     for box, mask in dropped:
         out[box][mask] = 0
-    for box, mask in dropped:
-        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
-        piece = np.zeros(out[grown].shape, bool)
-        piece[tuple(slice(s.start - g.start, s.start - g.start + m) for s, g, m in zip(box, grown, mask.shape))] = mask
-        out[grown][piece] = bone_around(out[grown], piece)
     return out
 
 
