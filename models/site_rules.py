@@ -11,11 +11,13 @@ foot. Forearms and hands are not ranked (beside the trunk or thighs, or above th
 can share a height (the lumbar spine and the upper trunk, or the pelvis; the pelvis and the femoral head; the
 patella and the femur or tibia) are not compared. Every 26-connected piece of a ranked label is taken from the
 largest down; a piece whose centroid lies more than ``ORDER_MARGIN_MM`` on the wrong side of the centroid of a
-piece already taken (below a femur for a "scapula", above the pelvis for a "tibia") is dropped: its voxels become
-no bone, and a lesion there is named after the nearest bone (:mod:`inference.postprocess`). Handing them to the
-label around them instead spread wrong names (a "femur" in the neck became "skull" next to a clavicle lesion) and
-scored lower on the development views. The larger piece wins, so a few spurious millilitres never outvote a
-femur.
+piece already taken (below a femur for a "scapula", above the pelvis for a "tibia") is dropped. Its voxels take
+the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
+largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
+any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
+(:mod:`inference.postprocess`). Without the extent check a "femur" in the neck became "skull" next to a clavicle
+lesion; with every dropped voxel made no bone, lesions in real bone were flagged as extending into soft tissue.
+The larger piece wins, so a few spurious millilitres never outvote a femur.
 
 Stray labels: site labels the network scattered where that bone is not.
 
@@ -83,8 +85,8 @@ def _out_of_order(upper: int, lower: int, z_upper: float, z_lower: float) -> boo
 
 
 def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """``sites`` (site ids on a RAS grid, +z superior) without the pieces that break the head-to-feet order (see the
-    module docstring); the input itself when nothing breaks it."""
+    """``sites`` (site ids on a RAS grid, +z superior) with the pieces that break the head-to-feet order renamed or
+    made no bone (see the module docstring); the input itself when nothing breaks it."""
     sites = np.asarray(sites)
     sites_by_id = by_id()
     pieces = []   # (voxels, centroid z in mm, tier, box, piece mask within the box)
@@ -96,21 +98,37 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
         index = np.arange(1, n + 1)
         sizes = np.bincount(lab.ravel())[1:]
         z_mm = (np.asarray(ndimage.center_of_mass(lab > 0, lab, index))[:, 2] + box[2].start) * float(spacing[2])
-        pieces += [(int(sizes[k]), float(z_mm[k]), tier, box, lab == k + 1) for k in range(n)]
+        pieces += [(int(sizes[k]), float(z_mm[k]), tier, sid, box, lab == k + 1) for k in range(n)]
     pieces.sort(key=lambda p: -p[0])
     kept: list[tuple[float, int]] = []
+    main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []
-    for size, z, tier, box, mask in pieces:
+    for size, z, tier, sid, box, mask in pieces:
         if any(_out_of_order(tier, t, z, zk) for zk, t in kept):
-            dropped.append((box, mask))
-        else:
-            kept.append((z, tier))
+            dropped.append((box, mask, z))
+            continue
+        kept.append((z, tier))
+        if sid not in main_rows:
+            rows = np.nonzero(mask.any(axis=(0, 1)))[0] + box[2].start
+            main_rows[sid] = (int(rows[0]), int(rows[-1]))
     if not dropped:
         return sites
     out = sites.copy()
-    for box, mask in dropped:
+    for box, mask, _ in dropped:
         out[box][mask] = 0
+    for box, mask, z in dropped:
+        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+        piece = np.zeros(out[grown].shape, bool)
+        piece[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))] = mask
+        label = bone_around(out[grown], piece)
+        if label and (label not in main_rows or _within_height(z, main_rows[label], float(spacing[2]))):
+            out[grown][piece] = label
     return out
+
+
+def _within_height(z_mm: float, rows: tuple[int, int], spacing_z: float) -> bool:
+    """Whether height ``z_mm`` lies within a piece's head-feet rows (first, last), give or take the margin."""
+    return rows[0] * spacing_z - ORDER_MARGIN_MM <= z_mm <= rows[1] * spacing_z + ORDER_MARGIN_MM
 
 
 def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
