@@ -52,6 +52,7 @@ MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "m
 _SEVERAL_PIECES = MULTI_PIECE_BONES | {"ilium", "ischium", "pubis"}
 _NEIGHBOURS = np.ones((3, 3, 3), bool)
 
+
 def bone_around(labels: np.ndarray, piece: np.ndarray, exclude: int = 0) -> int:
     """The most frequent label touching ``piece`` (26-neighbours), other than 0 and ``exclude``; 0 when none."""
     around = labels[ndimage.binary_dilation(piece, _NEIGHBOURS) & ~piece]
@@ -89,7 +90,7 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     made no bone (see the module docstring); the input itself when nothing breaks it."""
     sites = np.asarray(sites)
     sites_by_id = by_id()
-    pieces = []   # (voxels, centroid z in mm, tier, box, piece mask within the box)
+    pieces = []   # (voxels, centroid z in mm, tier, site id, box, piece mask within the box)
     for sid, box in enumerate(ndimage.find_objects(sites), start=1):
         tier = head_to_feet_tier(sites_by_id[sid]) if box is not None and sid in sites_by_id else None
         if tier is None:
@@ -103,7 +104,7 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     kept: list[tuple[float, int]] = []
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []
-    for size, z, tier, sid, box, mask in pieces:
+    for _, z, tier, sid, box, mask in pieces:
         if any(_out_of_order(tier, t, z, zk) for zk, t in kept):
             dropped.append((box, mask, z))
             continue
@@ -121,7 +122,8 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
         piece = np.zeros(out[grown].shape, bool)
         piece[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))] = mask
         label = bone_around(out[grown], piece)
-        if label and (label not in main_rows or _within_height(z, main_rows[label], float(spacing[2]))):
+        unranked = label not in main_rows          # forearms and hands
+        if label and (unranked or _within_height(z, main_rows[label], float(spacing[2]))):
             out[grown][piece] = label
     return out
 
