@@ -90,28 +90,29 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     made no bone (see the module docstring); the input itself when nothing breaks it."""
     sites = np.asarray(sites)
     sites_by_id = by_id()
-    pieces = []   # (voxels, centroid z in mm, tier, site id, box, piece mask within the box)
+    pieces = []   # (voxels, centroid z in mm, tier, site id, piece box, the label's pieces in that box, number)
     for sid, box in enumerate(ndimage.find_objects(sites), start=1):
         tier = head_to_feet_tier(sites_by_id[sid]) if box is not None and sid in sites_by_id else None
         if tier is None:
             continue
-        lab, n = ndimage.label(sites[box] == sid, _NEIGHBOURS)
-        index = np.arange(1, n + 1)
-        sizes = np.bincount(lab.ravel())[1:]
-        z_mm = (np.asarray(ndimage.center_of_mass(lab > 0, lab, index))[:, 2] + box[2].start) * float(spacing[2])
-        pieces += [(int(sizes[k]), float(z_mm[k]), tier, sid, box, lab == k + 1) for k in range(n)]
+        lab, _ = ndimage.label(sites[box] == sid, _NEIGHBOURS)
+        flat = lab.ravel()
+        sizes = np.bincount(flat)[1:]
+        rows = np.broadcast_to(np.arange(lab.shape[2]), lab.shape).ravel()
+        z_mm = (np.bincount(flat, weights=rows)[1:] / sizes + box[2].start) * float(spacing[2])
+        for k, piece_box in enumerate(ndimage.find_objects(lab)):
+            at = tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, piece_box))
+            pieces.append((int(sizes[k]), float(z_mm[k]), tier, sid, at, lab[piece_box], k + 1))
     pieces.sort(key=lambda p: -p[0])
     kept: list[tuple[float, int]] = []
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
-    dropped = []
-    for _, z, tier, sid, box, mask in pieces:
+    dropped = []   # (piece box, piece mask within it, centroid z in mm)
+    for _, z, tier, sid, box, lab, k in pieces:
         if any(_out_of_order(tier, t, z, zk) for zk, t in kept):
-            dropped.append((box, mask, z))
-            continue
-        kept.append((z, tier))
-        if sid not in main_rows:
-            rows = np.nonzero(mask.any(axis=(0, 1)))[0] + box[2].start
-            main_rows[sid] = (int(rows[0]), int(rows[-1]))
+            dropped.append((box, lab == k, z))
+        else:
+            kept.append((z, tier))
+            main_rows.setdefault(sid, (box[2].start, box[2].stop - 1))
     if not dropped:
         return sites
     out = sites.copy()
