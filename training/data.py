@@ -366,6 +366,10 @@ def crop(case: dict[str, np.ndarray], centre: np.ndarray, patch) -> dict[str, np
     return out
 
 
+# shares of ``augment.p`` for the gamma and noise transforms (both augmentation paths)
+GAMMA_SHARE, NOISE_SHARE = 0.6, 0.5
+
+
 def build_augment(cfg: TrainConfig):
     """MONAI dictionary transforms: small rotations/scaling (no flips: left and right must stay), intensity."""
     from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised,
@@ -377,9 +381,9 @@ def build_augment(cfg: TrainConfig):
         RandAffined(keys=keys, mode=["bilinear", "nearest", "nearest", "nearest"], prob=a.p,
                     rotate_range=(rot, rot, rot), scale_range=[(a.scale[0] - 1, a.scale[1] - 1)] * 3,
                     padding_mode="zeros", cache_grid=False),
-        RandAdjustContrastd(keys=["image"], prob=a.p * 0.6, gamma=a.gamma),
+        RandAdjustContrastd(keys=["image"], prob=a.p * GAMMA_SHARE, gamma=a.gamma),
         RandScaleIntensityd(keys=["image"], factors=(a.intensity_scale[0] - 1, a.intensity_scale[1] - 1), prob=a.p),
-        RandGaussianNoised(keys=["image"], prob=a.p * 0.5, std=a.noise_std[1]),
+        RandGaussianNoised(keys=["image"], prob=a.p * NOISE_SHARE, std=a.noise_std[1]),
     ])
 
 
@@ -480,10 +484,10 @@ def augment_batch(batch: dict[str, torch.Tensor], gen: torch.Generator, a: Augme
     span = img.amax(dim=(1, 2, 3, 4), keepdim=True) - lo
     gamma = (a.gamma[0] + u(n) * (a.gamma[1] - a.gamma[0])).view(-1, 1, 1, 1, 1)
     adjusted = ((img - lo) / (span + 1e-7)) ** gamma * span + lo
-    img = torch.where((u(n) < a.p * 0.6).view(-1, 1, 1, 1, 1), adjusted, img)
+    img = torch.where((u(n) < a.p * GAMMA_SHARE).view(-1, 1, 1, 1, 1), adjusted, img)
     factor = (a.intensity_scale[0] + u(n) * (a.intensity_scale[1] - a.intensity_scale[0])).view(-1, 1, 1, 1, 1)
     img = torch.where((u(n) < a.p).view(-1, 1, 1, 1, 1), img * factor, img)
-    std = (u(n) * a.noise_std[1] * (u(n) < a.p * 0.5)).view(-1, 1, 1, 1, 1)
+    std = (u(n) * a.noise_std[1] * (u(n) < a.p * NOISE_SHARE)).view(-1, 1, 1, 1, 1)
     on_dev = torch.Generator(device=dev)  # noise drawn where the batch is, seeded from ``gen``
     on_dev.manual_seed(int(torch.randint(2 ** 62, (1,), generator=gen)))
     noise = torch.randn(img.shape, generator=on_dev, device=dev)
