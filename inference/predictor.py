@@ -23,7 +23,7 @@ from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, case_name, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
-from models.site_rules import apply_site_rules
+from models.site_rules import BONE_THRESHOLD, apply_site_rules, sites_in_bone
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
@@ -35,6 +35,7 @@ class NetworkOutputs(NamedTuple):
     bone: np.ndarray    # float32 probability
     physis: np.ndarray  # float32 probability
     sites: np.ndarray   # uint8 site ids as the network labels them (0 outside predicted bone)
+    site_ids: np.ndarray  # uint8 site id of every voxel, bone or not (for choosing the bone thresholds)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Predictor:
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
         self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
+        self.bone_threshold = float(th.get("bone", BONE_THRESHOLD))
+        self.bone_thin_threshold = float(th.get("bone_thin", self.bone_threshold))
         # test-time augmentation: the card's (its thresholds were chosen with it) unless the caller overrides
         self.tta = tta or bundle.tta
         if self.tta not in TTA_MODES:
@@ -104,7 +107,8 @@ class Predictor:
         return {"name": self.bundle.name, "version": self.bundle.version, "sha256": self.bundle.sha256,
                 "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta,
                 "thresholds": {"edema": self.threshold, "min_lesion_ml": self.min_lesion_ml,
-                               "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence},
+                               "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence,
+                               "bone": self.bone_threshold, "bone_thin": self.bone_thin_threshold},
                 "software": SOFTWARE}
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -138,10 +142,10 @@ class Predictor:
             full = np.zeros(img.shape, np.float32)
             full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = probs[ch].cpu().numpy()[sl]
             out.append(full)
-        site_map = np.zeros(img.shape, np.uint8)
-        s = site_ids.to(torch.uint8).cpu().numpy()[sl]
-        site_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.where(out[1][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > 0.5, s, 0)
-        return NetworkOutputs(out[0], out[1], out[2], site_map)
+        all_ids = np.zeros(img.shape, np.uint8)
+        all_ids[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = site_ids.cpu().numpy()[sl]
+        site_map = sites_in_bone(all_ids, out[1], self.bone_threshold, self.bone_thin_threshold)
+        return NetworkOutputs(out[0], out[1], out[2], site_map, all_ids)
 
     def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
         """Lesion instances on the model grid (see :mod:`models.lesions`) and their confidences (mean probability)."""
@@ -184,7 +188,7 @@ class Predictor:
         img = normalise(to_model_grid(vol.data, grid, "trilinear"), self.bundle.config.intensity_reference)
         lap("preprocess")
         tick("network", 0.2)
-        prob, bone_p, physis_p, site_map = self.network_outputs(img)
+        prob, bone_p, physis_p, site_map, _ = self.network_outputs(img)
         lap("network")
         tick("postprocess", 0.7)
         site_map = apply_site_rules(site_map, img, grid.model_spacing)

@@ -40,9 +40,10 @@ import numpy as np
 from scipy import ndimage
 
 from models.sides import body_mask, sides_by_position
-from models.sites import Site, by_id
+from models.sites import Site, by_id, thin_bone_ids
 from models.spine import renumber_vertebrae
 
+BONE_THRESHOLD = 0.5   # bone probability above which a voxel is bone, unless the model card says otherwise
 MIN_LABEL_ML = 0.5
 FAR_MM = 20.0
 # bones of several pieces: ribs, rays and segments (also for naming lesions, inference.postprocess)
@@ -160,6 +161,30 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
             piece = pieces == k
             crop[piece] = bone_around(crop, piece, exclude=sid)
     return out
+
+
+def sites_in_bone(site_ids: np.ndarray, bone_prob: np.ndarray, bone: float = BONE_THRESHOLD,
+                  bone_thin: float | None = None) -> np.ndarray:
+    """The network's site map: each voxel's site id where the bone probability exceeds ``bone``, 0 (no bone)
+    elsewhere. With ``bone_thin``, a bone of :data:`models.sites.THIN_BONES` also keeps its voxels above
+    ``bone_thin`` that are 26-connected, through such voxels of the same label, to one above ``bone`` (hysteresis:
+    a rib or fibula grows to the extent partial volume hid, but no new thin bone appears where none passed
+    ``bone``)."""
+    site_ids = np.asarray(site_ids, np.uint8)
+    site_map = np.where(bone_prob > bone, site_ids, 0).astype(np.uint8)
+    if bone_thin is None or bone_thin >= bone:
+        return site_map
+    thin = np.zeros(256, bool)
+    thin[list(thin_bone_ids())] = True
+    low = np.where((bone_prob > bone_thin) & thin[site_ids], site_ids, 0)
+    for sid, box in enumerate(ndimage.find_objects(low), start=1):
+        if box is None:
+            continue
+        pieces, _ = ndimage.label(low[box] == sid, _NEIGHBOURS)
+        cores = np.unique(pieces[site_map[box] == sid])
+        grown = np.isin(pieces, cores[cores > 0])
+        site_map[box][grown] = sid
+    return site_map
 
 
 def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[float]) -> np.ndarray:

@@ -13,6 +13,9 @@ REPORT_SCHEMA = CONTRACT_DIR / "report.schema.json"
 SOFT_TISSUE = "soft_tissue"
 VERTEBRAL_LEVELS = tuple([f"vertebra_C{i}" for i in range(1, 8)] + [f"vertebra_T{i}" for i in range(1, 13)] +
                          [f"vertebra_L{i}" for i in range(1, 6)])          # site codes C1..L5, head to feet
+# Bones a few millimetres thick, two voxels or fewer of the 3 mm model grid in a child: partial volume dilutes their
+# bone probability, so the site map grows them down to a lower bone threshold (card ``thresholds.bone_thin``).
+THIN_BONES = ("sternum", "clavicle", "ribs", "hand", "patella", "fibula", "toes")
 REGIONS = ("head", "spine_cervical", "spine_thoracic", "spine_lumbar", "pelvis", "chest_wall",
            "shoulder", "upper_limb", "hand", "lower_limb", "foot")
 
@@ -79,6 +82,12 @@ def mirror_ids() -> tuple[int, ...]:
     """For each label 0..n_sites(): the label of its left-right mirror image (``femur_left`` <-> ``femur_right``;
     background and midline sites map to themselves)."""
     return (0, *(site_id(s.mirror_code) if s.mirror_code else s.id for s in all_sites()))
+
+
+@lru_cache(maxsize=1)
+def thin_bone_ids() -> tuple[int, ...]:
+    """Site ids of :data:`THIN_BONES` (both sides)."""
+    return tuple(s.id for s in all_sites() if s.bone in THIN_BONES)
 
 
 def n_sites() -> int:

@@ -211,6 +211,7 @@ def test_network_outputs_are_on_the_model_grid(predictor):
         assert 0.0 <= arr.min() and arr.max() <= 1.0
     assert out.sites.shape == img.shape and out.sites.dtype == np.uint8
     assert not out.sites[out.bone <= 0.5].any(), "site ids only where the bone channel says bone"
+    assert np.array_equal(out.sites, np.where(out.bone > 0.5, out.site_ids, 0))
 
 
 def test_min_confidence_from_the_card_drops_unconfident_lesions(tiny_model_dir, good_file):

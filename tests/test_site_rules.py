@@ -5,7 +5,8 @@ import pytest
 
 from models.sides import _pairs, body_mask, sides_by_position
 from models.spine import LEVELS, renumber_vertebrae
-from models.sites import site_id
+from models.site_rules import sites_in_bone
+from models.sites import THIN_BONES, by_id, site_id, thin_bone_ids
 from training.config import SynthConfig, load_config
 from training.data import to_model_case
 from training.phantom.generate import generate_case
@@ -212,3 +213,22 @@ def test_a_dropped_piece_beyond_its_neighbours_height_becomes_no_bone(sites):
     out = drop_out_of_order_pieces(noisy, GRID)
     assert (out[x, y, z - 12:z] == 0).all()
     assert np.array_equal(out, sites)
+
+
+def test_thin_bones_are_the_few_millimetre_ones_on_both_sides():
+    thin = {by_id()[i].code for i in thin_bone_ids()}
+    assert {"sternum", "ribs_left", "ribs_right", "fibula_left", "fibula_right", "toes_left", "toes_right"} <= thin
+    assert not thin & {"femur_left", "tibia_right", "skull", "vertebra_L1", "humerus_left", "metatarsals_left"}
+    assert {by_id()[i].bone for i in thin_bone_ids()} == set(THIN_BONES)
+
+
+def test_thin_bones_grow_from_a_confident_core_down_to_the_thin_threshold():
+    femur, rib = site_id("femur_left"), site_id("ribs_right")
+    ids = np.array([[[rib, rib, rib, 0, rib, femur, femur]]], np.uint8)
+    prob = np.array([[[0.7, 0.3, 0.25, 0.9, 0.3, 0.6, 0.3]]], np.float32)
+    assert sites_in_bone(ids, prob).tolist() == [[[rib, 0, 0, 0, 0, femur, 0]]]            # one threshold, 0.5
+    # the rib grows from its core through 0.3 and 0.25; the rib voxel past a gap has no core and the femur no
+    # thin threshold, so both stay no bone
+    assert sites_in_bone(ids, prob, 0.5, 0.2).tolist() == [[[rib, rib, rib, 0, 0, femur, 0]]]
+    assert sites_in_bone(ids, prob, 0.5, 0.28).tolist() == [[[rib, rib, 0, 0, 0, femur, 0]]]
+    assert sites_in_bone(ids, prob, 0.5, 0.5).tolist() == sites_in_bone(ids, prob).tolist()

@@ -299,7 +299,8 @@ def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_
     Trainer(first, quiet=True).train(progress=False)
     start = tmp_path / "run" / "final"
     card = json.loads((start / "card.json").read_text())
-    card["thresholds"] = {"edema": 0.3, "min_lesion_ml": 0.1, "min_bone_fraction": 0.0, "min_confidence": 0.9}
+    card["thresholds"] = {"edema": 0.3, "min_lesion_ml": 0.1, "min_bone_fraction": 0.0, "min_confidence": 0.9,
+                          "bone": 0.6, "bone_thin": 0.2}
     card["inference"] = {"tta": "flip_lr_anatomy"}
     (start / "card.json").write_text(json.dumps(card))
     second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [

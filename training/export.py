@@ -153,6 +153,7 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
         raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
     trainer = Trainer(cfg, quiet=True)
     trainer.net.load_state_dict(bundle.net.state_dict())
+    trainer.init_card = bundle.card  # the site map as the bundle makes it (its bone thresholds)
     trainer.prepare()  # validation phantoms made by data.workers processes, not one by one
     trainer.setup_data()
     tta = tta or bundle.tta
@@ -342,7 +343,9 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
                   "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence "
                                      "and at least min_bone_fraction of their voxels in or touching predicted bone "
-                                     "(thresholds chosen on the validation set)",
+                                     "(thresholds chosen on the validation set); the site map: bone where the bone probability > bone, and thin bones "
+                                     "(models.sites.THIN_BONES) grown from there down to bone_thin (hysteresis; chosen on development "
+                                     "phantoms with tests/benchmarks/bone_thresholds.py)",
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
 from models.lesions import components, near_bone
+from models.site_rules import BONE_THRESHOLD, sites_in_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
@@ -366,6 +367,8 @@ class Trainer:
                                "min_lesion_ml": getattr(self, "val_min_ml", fallback["min_lesion_ml"]),
                                "min_bone_fraction": getattr(self, "val_bone_fraction", fallback["min_bone_fraction"]),
                                "min_confidence": getattr(self, "val_min_confidence", fallback["min_confidence"])}}
+        # the site map's bone thresholds are not chosen by validation: a fine-tuned model keeps its --init model's
+        card["thresholds"].update({k: v for k, v in inherited.get("thresholds", {}).items() if k in ("bone", "bone_thin")})
         if "inference" in inherited:
             card["inference"] = inherited["inference"]
         if metrics:
@@ -538,8 +541,10 @@ class Trainer:
             sl = tuple(slice(0, s) for s in img.shape)
             prob = torch.sigmoid(voxel[0, EDEMA].float()).cpu().numpy()[sl]
             ref = case["edema"] == 1
-            bone = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl] > 0.5
-            site_map = self._site_rules(np.where(bone, upsample_site_ids(sites).cpu().numpy()[sl], 0), img)
+            bone_prob = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl]
+            bone = bone_prob > BONE_THRESHOLD
+            site_map = self._site_rules(sites_in_bone(upsample_site_ids(sites).cpu().numpy()[sl], bone_prob,
+                                                      *self.site_bone_thresholds), img)
             if not (case["sites"] == UNKNOWN).all():  # a user's case without sitesTr has no bone reference
                 bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
@@ -570,6 +575,13 @@ class Trainer:
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
+
+    @property
+    def site_bone_thresholds(self) -> tuple[float, float | None]:
+        """Bone thresholds of the site map (``bone``, ``bone_thin``): those of the --init or validated model's card,
+        else :data:`models.site_rules.BONE_THRESHOLD` for every bone."""
+        th = (getattr(self, "init_card", None) or {}).get("thresholds", {})
+        return float(th.get("bone", BONE_THRESHOLD)), th.get("bone_thin")
 
     def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
         """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`)."""
