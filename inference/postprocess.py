@@ -64,7 +64,7 @@ from scipy.spatial.distance import pdist
 
 from models.preprocessing import background_offset, body_mask_threshold
 from models.site_rules import MULTI_PIECE_BONES
-from models.sites import REGIONS, SOFT_TISSUE, Site, by_code, by_id
+from models.sites import REGIONS, SOFT_TISSUE, THIN_BONES, Site, by_code, by_id
 
 NEAR_BONE_MM = 5.0
 REGION_SEARCH_MM = 30.0
@@ -453,12 +453,13 @@ def _nearest_bone(scene: _Scene, lid: int, sl: tuple[slice, ...], exclude: Seque
 def _is_stray(scene: _Scene, sid: int, idx: np.ndarray, lid: int, sl: tuple[slice, ...]) -> bool:
     """Whether the voxels of lesion ``lid`` (bounding box ``sl``) labelled ``sid`` (indices ``idx``) are a stray
     label: for a one-piece bone, they lie apart from, and over STRAY_LABEL_MM from, its largest piece; for a bone
-    of several pieces, no voxel of that label outside the lesion lies within STRAY_PIECE_MM of them. Vertebrae
-    (levels are fitted) never are."""
+    of several pieces, or a thin bone (:data:`models.sites.THIN_BONES`, whose map breaks into pieces on the model
+    grid), no voxel of that label outside the lesion lies within STRAY_PIECE_MM of them. Vertebrae (levels are
+    fitted) never are."""
     site = by_id()[sid]
     if site.kind == "vertebra":
         return False
-    if site.bone in MULTI_PIECE_BONES:
+    if site.bone in MULTI_PIECE_BONES or site.bone in THIN_BONES:  # a thin bone's map breaks into pieces at 3 mm
         near = _expand(sl, _margin(STRAY_PIECE_MM, scene.spacing), scene.sites.shape)
         own = np.argwhere((scene.sites[near] == sid) & (scene.lesions[near] != lid)) + _offset(near)
         if len(own) == 0:

@@ -508,3 +508,25 @@ def test_midline_lesion_in_front_of_the_thoracic_spine_is_sternal(label):
                                                ((3.0, 90.0), "vertebra_L3", "L")])      # not the chest
 def test_other_lesions_are_not_sternal(xy, label, levels):
     assert _chest(xy, label, levels)["site"] == label
+
+
+@pytest.mark.parametrize("medial_lesion", [True, False])
+def test_a_lesion_on_a_piece_of_a_broken_clavicle_keeps_the_clavicle(medial_lesion):
+    """The bone channel breaks a thin bone into pieces on the 3 mm grid: a clavicle mapped as a medial piece and a
+    larger lateral one 45 mm apart, a rib 12 mm below the medial piece. A lesion on either piece is the
+    clavicle's (as a one-piece bone, the medial piece was a stray label and the lesion went to the rib)."""
+    n = (61, 21, 31)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    aff[:3, 3] = [-150.0, -30.0, 0.0]
+    X, Y, Z = world_grid(aff, n)
+    clavicle, rib = by_code()["clavicle_left"].id, by_code()["ribs_left"].id
+    sites = np.zeros(n, np.uint8)
+    rod = (np.abs(Y) <= 4) & (np.abs(Z - 60) <= 4)
+    sites[rod & (X >= -30) & (X <= -6)] = clavicle          # medial piece
+    sites[rod & (X >= -135) & (X <= -75)] = clavicle        # lateral piece, the largest
+    sites[(np.abs(Y) <= 4) & (np.abs(Z - 45) <= 3) & (X >= -40) & (X <= 0)] = rib
+    lesion = rod & ((X >= -27) & (X <= -15) if medial_lesion else (X >= -120) & (X <= -100))
+    image = np.where(sites > 0, 0.4, 0.2).astype(np.float32)
+    image[lesion] = 1.2
+    les = measure_lesions(lesion.astype(np.uint16), sites, image, aff, None, {1: 0.9})[0]
+    assert les["site"] == "clavicle_left"
