@@ -23,7 +23,7 @@ from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, case_name, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 
-from models.site_rules import BONE_THRESHOLD, apply_site_rules, sites_in_bone
+from models.site_rules import BONE_THRESHOLD, apply_site_rules, bone_thresholds, sites_in_bone
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
@@ -82,8 +82,7 @@ class Predictor:
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
         self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
-        self.bone_threshold = float(th.get("bone", BONE_THRESHOLD))
-        self.bone_thin_threshold = float(th.get("bone_thin", self.bone_threshold))
+        self.bone_threshold, self.bone_thin_threshold = bone_thresholds(th)
         # test-time augmentation: the card's (its thresholds were chosen with it) unless the caller overrides
         self.tta = tta or bundle.tta
         if self.tta not in TTA_MODES:
@@ -112,6 +111,11 @@ class Predictor:
                 "software": SOFTWARE}
 
     # ------------------------------------------------------------------------------------------------ steps
+    def model_input(self, vol: Volume) -> tuple[GridMap, np.ndarray]:
+        """The model grid of a loaded volume and the volume on it, normalised as the network expects."""
+        grid = plan_grid(vol.data.shape, vol.affine, self.bundle.config.spacing_mm)
+        return grid, normalise(to_model_grid(vol.data, grid, "trilinear"), self.bundle.config.intensity_reference)
+
     def network_outputs(self, img: np.ndarray) -> NetworkOutputs:
         """The raw network outputs for a normalised volume on the model grid (no vertebral fit, sides or lesions):
         for benchmarks and for users who post-process themselves."""
@@ -150,7 +154,7 @@ class Predictor:
     def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
         """Lesion instances on the model grid (see :mod:`models.lesions`) and their confidences (mean probability)."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
-        near = near_bone(bone > 0.5) if self.min_bone_fraction > 0 else None
+        near = near_bone(bone > BONE_THRESHOLD) if self.min_bone_fraction > 0 else None
         comp = components(prob > self.threshold, near, prob)
         keep = comp.keep(vox_ml, self.min_lesion_ml, self.min_bone_fraction, self.min_confidence)
         confidence = np.clip(comp.confidence[keep], 0, 1)  # instance k + 1 is the k-th kept component
@@ -184,8 +188,7 @@ class Predictor:
             filename = f"{name}.nii.gz"
         lap("read")
         tick("preprocess", 0.1)
-        grid = plan_grid(vol.data.shape, vol.affine, self.bundle.config.spacing_mm)
-        img = normalise(to_model_grid(vol.data, grid, "trilinear"), self.bundle.config.intensity_reference)
+        grid, img = self.model_input(vol)
         lap("preprocess")
         tick("network", 0.2)
         prob, bone_p, physis_p, site_map, _ = self.network_outputs(img)

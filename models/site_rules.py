@@ -34,7 +34,7 @@ Works on any grid with its voxel spacing (the model grid at inference).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -161,6 +161,13 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
             piece = pieces == k
             crop[piece] = bone_around(crop, piece, exclude=sid)
     return out
+
+
+def bone_thresholds(thresholds: Mapping[str, float]) -> tuple[float, float]:
+    """The site map's (``bone``, ``bone_thin``) from a model card's ``thresholds``: :data:`BONE_THRESHOLD` where the
+    card has none, and ``bone_thin`` equal to ``bone`` (no growth) where it has no thin one."""
+    bone = float(thresholds.get("bone", BONE_THRESHOLD))
+    return bone, float(thresholds.get("bone_thin", bone))
 
 
 def sites_in_bone(site_ids: np.ndarray, bone_prob: np.ndarray, bone: float = BONE_THRESHOLD,

@@ -89,8 +89,7 @@ LIMITATIONS = [
     "The soft-tissue-extension flag is insensitive: the default model's bone channel labels edema just outside "
     "the cortex as bone, so on the 50 + 50 test sets the flag was set for none of the 25 predicted lesions "
     "matched to a reference lesion that extends into soft tissue (and wrongly for 1 of the 117 matched to one "
-    "that does not). A lesion without the flag may "
-    "still extend into soft tissue: look at the images.",
+    "that does not). A lesion without the flag may still extend into soft tissue: look at the images.",
     "Whether the default model finds a lesion depends somewhat on where the lesion falls on its 3 mm grid (it was"
     " trained with every lesion at the centre of its training patch): on 66 whole-body test lesions, moving the "
     "input by a few voxels changed the answer for 5 (8%). Compare follow-up scans with care: a lesion missing "

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
 from models.lesions import components, near_bone
-from models.site_rules import BONE_THRESHOLD, sites_in_bone
+from models.site_rules import BONE_THRESHOLD, bone_thresholds, sites_in_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
@@ -577,11 +577,10 @@ class Trainer:
         return best
 
     @property
-    def site_bone_thresholds(self) -> tuple[float, float | None]:
+    def site_bone_thresholds(self) -> tuple[float, float]:
         """Bone thresholds of the site map (``bone``, ``bone_thin``): those of the --init or validated model's card,
         else :data:`models.site_rules.BONE_THRESHOLD` for every bone."""
-        th = (getattr(self, "init_card", None) or {}).get("thresholds", {})
-        return float(th.get("bone", BONE_THRESHOLD)), th.get("bone_thin")
+        return bone_thresholds((getattr(self, "init_card", None) or {}).get("thresholds", {}))
 
     def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
         """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`)."""

@@ -26,7 +26,6 @@ def network_cache(model: str, cases: list[Path], cache: Path) -> list[Path]:
     """One .npz per case: bone probability, site ids (every voxel) and the normalised image on the model grid."""
     from inference.predictor import Predictor
     from models.nifti import load_volume
-    from models.preprocessing import normalise, plan_grid, to_model_grid
     predictor = None
     out = []
     for case in cases:
@@ -35,9 +34,7 @@ def network_cache(model: str, cases: list[Path], cache: Path) -> list[Path]:
         if path.is_file():
             continue
         predictor = predictor or Predictor.load(model)
-        vol = load_volume(case / "image.nii.gz")
-        grid = plan_grid(vol.data.shape, vol.affine, predictor.bundle.config.spacing_mm)
-        img = normalise(to_model_grid(vol.data, grid), predictor.bundle.config.intensity_reference)
+        _, img = predictor.model_input(load_volume(case / "image.nii.gz"))
         net = predictor.network_outputs(img)
         np.savez_compressed(path, bone=net.bone.astype(np.float16), site_ids=net.site_ids, img=img.astype(np.float16),
                             case=str(case))
