@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -206,8 +207,11 @@ def synth_dataset(n: int, out: Path, seed: int = 0, config: Path | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(seed + i, cfg.model_dump_json(), str(out), preview) for i in range(n)]
     names = []
-    # the pool is shut down before exit (a pool left open printed an OSError traceback when the program ended)
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else nullcontext() as pool, \
+    # the pool is shut down before exit (a pool left open printed an OSError traceback when the program ended);
+    # spawned, not forked: a forked child of a process whose torch threads have run can hang (the Python API may
+    # call this after a prediction)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) if workers > 1 \
+            else nullcontext() as pool, \
             Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("synth", total=n)
         for name, _ in (pool.map(_one, jobs) if pool else map(_one, jobs)):
