@@ -347,9 +347,10 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
                   "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence "
                                      "and at least min_bone_fraction of their voxels in or touching predicted bone "
-                                     "(thresholds chosen on the validation set); the site map: bone where the bone probability > bone, and thin bones "
-                                     "(models.sites.THIN_BONES) grown from there down to bone_thin (hysteresis; chosen on development "
-                                     "phantoms with tests/benchmarks/bone_thresholds.py)",
+                                     "(thresholds chosen on the validation set); the site map: bone where the bone "
+                                     "probability > bone, and thin bones (models.sites.THIN_BONES) grown from there "
+                                     "down to bone_thin (hysteresis; chosen on development phantoms with "
+                                     "tests/benchmarks/bone_thresholds.py)",
                   "sequence": "STIR / T2 fat-suppressed / Dixon water"},
         "network": json.loads(bundle.config.model_dump_json()),
         "thresholds": bundle.card.get("thresholds", {"edema": 0.5, "min_lesion_ml": 0.1}),

@@ -214,6 +214,7 @@ class Trainer:
         self.rng = np.random.default_rng([cfg.seed, self.rank, int(time.time()) if resume else 0])
         self.out = Path(cfg.out_dir)
         self.net = build_network(cfg.network)
+        self.init_card: dict = {}  # the --init model's card (its lesion rules, bone thresholds and TTA)
         if cfg.init:
             self._init_from(cfg.init)
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
@@ -358,7 +359,7 @@ class Trainer:
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """A bundle of the current weights. Lesion rules come from this run's validation; without one, a fine-tuned
         model keeps its --init model's rules and test-time augmentation, a new one the config's threshold."""
-        inherited = getattr(self, "init_card", None) or {}
+        inherited = self.init_card
         fallback = {"edema": self.cfg.edema_threshold, "min_lesion_ml": self.cfg.min_lesion_ml, "min_bone_fraction": 0.0,
                     "min_confidence": 0.0, **inherited.get("thresholds", {})}
         card = {"name": self.cfg.name, "version": f"{self.step}", "training_steps": self.step,
@@ -580,7 +581,7 @@ class Trainer:
     def site_bone_thresholds(self) -> tuple[float, float]:
         """Bone thresholds of the site map (``bone``, ``bone_thin``): those of the --init or validated model's card,
         else :data:`models.site_rules.BONE_THRESHOLD` for every bone."""
-        return bone_thresholds((getattr(self, "init_card", None) or {}).get("thresholds", {}))
+        return bone_thresholds(self.init_card.get("thresholds", {}))
 
     def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
         """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`)."""
