@@ -269,6 +269,30 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
 
 
 @app.command()
+def recalibrate(bundle: Path = typer.Argument(..., help="a model bundle, e.g. models/default"),
+                to: Path = typer.Option(..., "--to", help="the new bundle folder"),
+                config: Optional[Path] = typer.Option(None, "--config", help="the run's config, whose training data "
+                                                      "and sampling give the patches (default: BUNDLE/../config.yaml)"),
+                batches: int = typer.Option(400, "--batches", min=1, help="training batches to average over"),
+                set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
+                                               "data.phantom_cases=120")) -> None:
+    """Re-estimate a bundle's batch-norm statistics on its training patches (precise BN) into a new bundle."""
+    import json
+
+    from training.config import ConfigError
+    from training.export import recalibrate_bundle
+    from training.nnunet import DatasetError
+    run_config = config or Path(bundle).parent / "config.yaml"
+    _exit_unless_file(run_config, " (give the run's config with --config)")
+    try:
+        result = recalibrate_bundle(bundle, run_config, to, batches, set_)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"cannot recalibrate: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
 def serve(host: Optional[str] = typer.Option(None, "--host", help="interface (default 127.0.0.1; other hosts need API keys)"),
           port: Optional[int] = typer.Option(None, "--port", help="port (default 8000)"),
           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="job store, uploads, results (default ./var)"),

@@ -21,8 +21,8 @@ from training.config import ConfigError, SamplingConfig, TrainConfig, load_confi
 from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
                            sample_centre)
 from training.export import export_bundle, revalidate
-from training.loop import (Trainer, blob_dice_loss, compute_loss, improves, operating_point, sites_loss,
-                           validation_groups)
+from training.loop import (Trainer, advance_schedule, blob_dice_loss, compute_loss, improves, lr_at,
+                           operating_point, sites_loss, validation_groups)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -558,6 +558,67 @@ def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path
     assert 60 < result["step"] <= cfg.optim.steps  # reached, or stopped when the time was up
     assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").optim.steps == cfg.optim.steps
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_a_re_counted_time_budget_bends_the_learning_rate_without_a_jump():
+    cfg = TrainConfig(optim={"lr": 1e-3, "warmup": 10, "steps": 1000, "schedule": "cosine"})
+    frac, fixed = 0.0, []
+    for step in range(cfg.optim.steps):  # a count that stays: the same curve as the plain schedule
+        fixed.append(lr_at(step, cfg, frac if step >= cfg.optim.warmup else None))
+        if step >= cfg.optim.warmup:
+            frac = advance_schedule(frac, step, cfg.optim.steps)
+    assert np.allclose(fixed, [lr_at(s, cfg) for s in range(cfg.optim.steps)], rtol=0, atol=1e-12)
+    assert frac == pytest.approx(1.0)
+    frac, bent, plain = 0.0, [], []
+    for step in range(cfg.optim.warmup, 1400):  # the pace doubles at step 300: the count becomes 1,400
+        if step == 300:
+            cfg.optim.steps = 1400
+        bent.append(lr_at(step, cfg, frac))
+        plain.append(lr_at(step, cfg))
+        frac = advance_schedule(frac, step, cfg.optim.steps)
+    jump = max(abs(a - b) for a, b in zip(plain[1:], plain[:-1]))
+    assert jump > 5e-5  # re-reading the plain curve at the new count jumps up (9% of the peak rate)
+    assert max(abs(a - b) for a, b in zip(bent[1:], bent[:-1])) < jump / 20  # the bent one moves a step's worth
+    assert all(b <= a + 1e-12 for a, b in zip(bent[:-1], bent[1:])) and bent[-1] < 1e-8  # falls, and ends on time
+
+
+def test_precise_bn_averages_every_batch_s_statistics_and_leaves_the_weights(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["precision=fp32", "data.val_cases=0"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.setup_data()
+    norms = [m for m in trainer.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    seen: list[torch.Tensor] = []
+    hook = norms[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().float()))
+    weights = {k: v.clone() for k, v in trainer.net.named_parameters()}
+    assert trainer.precise_bn(5) == len(norms) > 0
+    hook.remove()
+    assert len(seen) == 5
+    by_channel = [x.transpose(0, 1).flatten(1) for x in seen]  # (C, voxels of the batch)
+    assert torch.allclose(norms[0].running_mean, torch.stack([x.mean(1) for x in by_channel]).mean(0), atol=1e-6)
+    assert torch.allclose(norms[0].running_var, torch.stack([x.var(1) for x in by_channel]).mean(0), rtol=1e-4)
+    assert all(torch.equal(v, dict(trainer.net.named_parameters())[k]) for k, v in weights.items())
+    assert all(m.momentum == 0.1 for m in norms) and trainer.net.training  # as it was before
+    first = norms[-1].running_var.clone()
+    trainer.precise_bn(5)  # the same seed: the same patches, the same statistics
+    assert torch.equal(norms[-1].running_var, first)
+
+
+def test_recalibrate_writes_a_new_bundle_with_re_estimated_statistics(tmp_path):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["optim.steps=2", "val_every=1000"])
+    Trainer(cfg, quiet=True).train(progress=False)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "service.cli", "recalibrate", str(run / "final"), "--batches", "3"]
+    same = subprocess.run(cmd + ["--to", str(run / "final")], capture_output=True, text=True, cwd=ROOT)
+    assert same.returncode == 2 and "--to must be a new folder" in same.stderr
+    res = subprocess.run(cmd + ["--to", str(tmp_path / "bn")], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    old, new = load_bundle(run / "final"), load_bundle(tmp_path / "bn")  # load_bundle checks the card's sha256
+    record = new.card["training"]["precise_bn"]
+    assert record["batches"] == 3 and record["from_sha256"] == old.sha256 and record["cases"] == 2
+    assert new.card["version"] == f"{old.version}+bn3" and new.card["thresholds"] == old.card["thresholds"]
+    a, b = old.net.state_dict(), new.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    assert not torch.equal(a["body.model.0.conv.unit0.adn.N.running_var"], b["body.model.0.conv.unit0.adn.N.running_var"])
 
 
 def test_generator_processes_are_shared_by_what_each_pool_lacks(tmp_path):

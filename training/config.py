@@ -241,8 +241,9 @@ class OptimConfig(Strict):
     schedule: Literal["cosine", "constant", "poly"] = "cosine"
     grad_clip: float = Field(12.0, gt=0)
     minutes: float = Field(0.0, ge=0, description="train for about this long instead (0: exactly `steps`): the step "
-                           "count is set from the pace measured once the batch queue is full, so the schedule ends "
-                           "on time, and training stops, exporting as usual, when the time is up (a GPU lease)")
+                           "count is set from the pace measured once the batch queue is full and re-set as the pace "
+                           "changes, the schedule bending smoothly to end on time, and training stops, exporting as "
+                           "usual, when the time is up (a GPU lease)")
 
 
 class TrainConfig(Strict):
@@ -262,6 +263,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(200, ge=1)
     val_every: int = Field(400, ge=1)
     early_stop_patience: int = Field(0, ge=0, description="validations without improvement before stopping (0: off)")
+    precise_bn_batches: int = Field(0, ge=0, description="before each validation and the final export, re-estimate the "
+                                    "batch-norm statistics as the plain average over this many training batches "
+                                    "(precise BN; 0: keep the running averages training leaves)")
     init: Optional[Path] = None
     edema_threshold: float = Field(0.5, gt=0, lt=1)
     min_lesion_ml: float = Field(0.1, ge=0)

@@ -176,6 +176,50 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     return card["validation"]
 
 
+def recalibrate_bundle(bundle_dir: Path, run_config: Path, dest: Path, batches: int = 400,
+                       overrides: list[str] = ()) -> dict:
+    """Write ``dest``: ``bundle_dir``'s weights with batch-norm statistics re-estimated on ``batches`` batches of
+    the training patches ``run_config`` describes (:meth:`training.loop.Trainer.precise_bn`), and its card with
+    the version marked ``+bn<batches>`` and what was done in ``training.precise_bn``. The lesion rules are kept:
+    re-choose them with ``wbmri validate`` if the evaluation says so. Returns that record."""
+    from models.card import save_bundle
+    from training.config import TrainConfig, load_config
+    from training.loop import Trainer
+    bundle_dir, dest = Path(bundle_dir), Path(dest)
+    if dest.resolve() == bundle_dir.resolve():
+        raise ValueError("--to must be a new folder: the bundle is read while the new one is written")
+    cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.val_cases=0", "data.val_dataset_dirs=[]",
+                                                      *overrides])
+    bundle = load_bundle(bundle_dir)
+    if cfg.network.model_dump() != bundle.config.model_dump():
+        raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
+    trainer = Trainer(cfg, quiet=False)
+    trainer.net.load_state_dict(bundle.net.state_dict())
+    trainer.prepare()  # the training cases the config names, made by data.workers processes if missing
+    trainer.setup_data()
+    if not trainer._files():
+        raise ValueError(f"{run_config}: no training cases to draw patches from")
+    try:
+        layers = trainer.precise_bn(batches, progress=True)
+    finally:
+        for pool in trainer.pools:
+            pool.stop()
+    if not layers:
+        raise ValueError(f"{bundle_dir}: the network has no batch-norm layers to re-estimate")
+    card = json.loads(json.dumps(bundle.card))
+    record = {"batches": batches, "patches": batches * cfg.sampling.batch_size, "layers": layers, "seed": cfg.seed,
+              "from_version": bundle.version, "from_sha256": bundle.sha256, "cases": len(trainer._files()),
+              "pool_seeds": f"{cfg.data.phantom_seed}..{cfg.data.phantom_seed + cfg.data.phantom_cases - 1}"
+                            if cfg.data.phantom_cases else None,
+              "dataset_dirs": [str(d) for d in cfg.data.dataset_dirs],
+              "precision": "bf16" if trainer.bf16 else "fp32"}
+    card["version"] = f"{bundle.version.split('+')[0]}+bn{batches}"
+    card.setdefault("training", {})["precise_bn"] = record
+    save_bundle(dest, trainer.net, bundle.config, card)
+    load_bundle(dest)  # verifies the sha256 and that the weights load
+    return record
+
+
 def _minor_version(net) -> int:
     """1.0: pooled site head; 1.2: skip-level site head; 1.3: a new input (log channel or the p75 intensity
     reference), which an older wbmri would feed wrongly."""

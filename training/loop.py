@@ -176,16 +176,26 @@ def _trim_csv(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, frac: float | None = None) -> float:
+    """The learning rate at ``step``: linear warm-up, then the schedule at ``frac`` of its way (default: the share
+    of the steps after warm-up taken; ``optim.minutes`` passes the Trainer's :func:`advance_schedule` instead)."""
     o = cfg.optim
     if step < o.warmup:
         return o.lr * (step + 1) / o.warmup
     if o.schedule == "constant":
         return o.lr
-    frac = (step - o.warmup) / max(1, o.steps - o.warmup)
+    if frac is None:
+        frac = (step - o.warmup) / max(1, o.steps - o.warmup)
     if o.schedule == "poly":
         return o.lr * (1 - frac) ** 0.9
     return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def advance_schedule(frac: float, step: int, steps: int) -> float:
+    """One step further along the schedule: the way left over the steps left. With a fixed ``steps`` this is the
+    same straight line as ``lr_at``'s default; when ``optim.minutes`` re-counts the steps as the pace changes,
+    the learning rate bends smoothly instead of jumping to the new count's curve."""
+    return min(1.0, frac + (1.0 - frac) / max(1, steps - step))
 
 
 def share_workers(pools: list[PhantomPool], workers: int) -> None:
@@ -226,6 +236,8 @@ class Trainer:
         self.best = -1.0        # validation lesion F1 of the best checkpoint
         self.best_dice = -1.0   # and its edema Dice, which breaks ties
         self.bad_vals = 0
+        self.sched_frac = 0.0   # how far along the schedule after warm-up (optim.minutes, see advance_schedule)
+        self.bn_step = -1       # the step whose batch-norm statistics precise_bn last re-estimated
         if resume and (self.out / "last.pt").exists():
             self._load(self.out / "last.pt")
 
@@ -341,12 +353,45 @@ class Trainer:
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.data.loader_workers,
                                                 pin_memory=self.device.type == "cuda", prefetch_factor=4))
 
+    @torch.no_grad()
+    def precise_bn(self, batches: int, progress: bool = False) -> int:
+        """Re-estimate every batch-norm layer's statistics as the plain average over ``batches`` training batches
+        (drawn and augmented as in training, from a stream seeded by the config's ``seed``, so the same data give the same
+        result) instead of the running average of the last few dozen batches that training leaves: precise BN
+        (Wu and Johnson 2021). The weights are unchanged. Returns the number of layers re-estimated."""
+        norms = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms or batches < 1:
+            return 0
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+        was_training = self.net.training
+        self.net.train()
+        stream = iter(BatchStream(self.pools, self.train_files, self.cfg, self.augment, self.cfg.seed))
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        steps = range(batches)
+        if progress and not self.quiet:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="precise BN", unit="batch", dynamic_ncols=True)
+        for _ in steps:
+            batch = {k: v.to(self.device) for k, v in next(stream).items()}
+            if self.cfg.augment.on_device:
+                batch = augment_batch(batch, gen, self.cfg.augment)
+            with autocast_for(self.device, self.bf16):
+                self.net(batch["image"].to(memory_format=torch.channels_last_3d))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        self.net.train(was_training)
+        self.bn_step = self.step
+        return len(norms)
+
     # ------------------------------------------------------------------ checkpoints
     def _save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         torch.save({"model": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "best": self.best,
                     "best_dice": self.best_dice,
-                    "bad_vals": self.bad_vals, "config": json.loads(self.cfg.model_dump_json())}, tmp)
+                    "bad_vals": self.bad_vals, "sched_frac": self.sched_frac, "config": json.loads(self.cfg.model_dump_json())}, tmp)
         os.replace(tmp, path)
 
     def _load(self, path: Path) -> None:
@@ -355,6 +400,8 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.step, self.best, self.bad_vals = int(ck["step"]), float(ck["best"]), int(ck.get("bad_vals", 0))
         self.best_dice = float(ck.get("best_dice", -1.0))
+        o = self.cfg.optim
+        self.sched_frac = float(ck.get("sched_frac", max(0, self.step - o.warmup) / max(1, o.steps - o.warmup)))
 
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """A bundle of the current weights. Lesion rules come from this run's validation; without one, a fine-tuned
@@ -420,8 +467,9 @@ class Trainer:
                 if self.world == 1 and time.time() - t_start > cfg.optim.minutes * 60:
                     break  # (several processes stop together at the step count instead)
             batch = next(batches)
+            lr = lr_at(self.step, cfg, self.sched_frac if cfg.optim.minutes else None)
             for g in self.opt.param_groups:
-                g["lr"] = lr_at(self.step, cfg)
+                g["lr"] = lr
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if cfg.augment.on_device:
                 batch = augment_batch(batch, self.augment_gen, cfg.augment)
@@ -433,18 +481,21 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
             self.opt.step()
+            if self.step >= cfg.optim.warmup:
+                self.sched_frac = advance_schedule(self.sched_frac, self.step, cfg.optim.steps)
             self.step += 1
             last_loss = loss.item()
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", pool=len(self._files()))
             if self.rank == 0:
-                row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr_at(self.step, cfg),
+                row = {"step": self.step, "time_s": round(time.time() - t_start, 1), "lr": lr,
                        "loss": last_loss, **parts}
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(f"train/{k}", v, self.step)
                 if self.step % cfg.val_every == 0 or self.step == cfg.optim.steps:
+                    self.precise_bn(cfg.precise_bn_batches)
                     last_val = self.validate() if self.val_cases else {}
                     for k, v in last_val.items():
                         if isinstance(v, (int, float)) and v is not None:
@@ -471,6 +522,8 @@ class Trainer:
         if bar:
             bar.close()
         if self.rank == 0:
+            if cfg.precise_bn_batches and self.bn_step != self.step:  # stopped between validations
+                self.precise_bn(cfg.precise_bn_batches)
             self._save(self.out / "last.pt")
             self.export(self.out / "final", last_val)
             if not (self.out / "best").exists():
