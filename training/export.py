@@ -135,6 +135,21 @@ def write_rule_table(rows: list[dict], path: Path) -> None:
             w.writerow(out)
 
 
+def _bundle_trainer(bundle_dir: Path, cfg, run_config: Path, quiet: bool):
+    """A Trainer of ``cfg`` holding ``bundle_dir``'s weights and card, its data made (by ``data.workers``
+    processes, not one by one) and set up; and the bundle. ``cfg`` (from ``run_config``) must describe its network."""
+    from training.loop import Trainer
+    bundle = load_bundle(bundle_dir)
+    if cfg.network.model_dump() != bundle.config.model_dump():
+        raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
+    trainer = Trainer(cfg, quiet=quiet)
+    trainer.net.load_state_dict(bundle.net.state_dict())
+    trainer.init_card = bundle.card  # the site map as the bundle makes it (its bone thresholds)
+    trainer.prepare()
+    trainer.setup_data()
+    return trainer, bundle
+
+
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None,
                table: Path | None = None, overrides: list[str] = ()) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
@@ -146,20 +161,12 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     (:func:`write_rule_table`); ``overrides``: ``key=value`` settings applied to ``run_config`` (for example
     ``data.val_dataset_dirs=[DIR]`` to add labelled scans to the validation phantoms)."""
     from training.config import TrainConfig, load_config
-    from training.loop import Trainer
     bundle_dir = Path(bundle_dir)
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.extra_pools=[]",
                                                       "data.dataset_dirs=[]", f"data.val_cases={val_cases}", *overrides])
     if not val_cases and not cfg.data.val_dataset_dirs:
         raise ValueError("nothing to validate on: give --val-cases >= 1 or labelled folders in data.val_dataset_dirs")
-    bundle = load_bundle(bundle_dir)
-    if cfg.network.model_dump() != bundle.config.model_dump():
-        raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
-    trainer = Trainer(cfg, quiet=True)
-    trainer.net.load_state_dict(bundle.net.state_dict())
-    trainer.init_card = bundle.card  # the site map as the bundle makes it (its bone thresholds)
-    trainer.prepare()  # validation phantoms made by data.workers processes, not one by one
-    trainer.setup_data()
+    trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=True)
     tta = tta or bundle.tta
     result = trainer.validate(tta=tta, progress=True)
     if table is not None:
@@ -184,19 +191,12 @@ def recalibrate_bundle(bundle_dir: Path, run_config: Path, dest: Path, batches: 
     re-choose them with ``wbmri validate`` if the evaluation says so. Returns that record."""
     from models.card import save_bundle
     from training.config import TrainConfig, load_config
-    from training.loop import Trainer
     bundle_dir, dest = Path(bundle_dir), Path(dest)
     if dest.resolve() == bundle_dir.resolve():
         raise ValueError("--to must be a new folder: the bundle is read while the new one is written")
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.val_cases=0", "data.val_dataset_dirs=[]",
                                                       *overrides])
-    bundle = load_bundle(bundle_dir)
-    if cfg.network.model_dump() != bundle.config.model_dump():
-        raise ValueError(f"{run_config} does not describe the network of {bundle_dir}")
-    trainer = Trainer(cfg, quiet=False)
-    trainer.net.load_state_dict(bundle.net.state_dict())
-    trainer.prepare()  # the training cases the config names, made by data.workers processes if missing
-    trainer.setup_data()
+    trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=False)
     if not trainer._files():
         raise ValueError(f"{run_config}: no training cases to draw patches from")
     try:
