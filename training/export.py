@@ -197,7 +197,8 @@ def recalibrate_bundle(bundle_dir: Path, run_config: Path, dest: Path, batches: 
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.val_cases=0", "data.val_dataset_dirs=[]",
                                                       *overrides])
     trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=False)
-    if not trainer._files():
+    cases = len(trainer._files())
+    if not cases:
         raise ValueError(f"{run_config}: no training cases to draw patches from")
     try:
         layers = trainer.precise_bn(batches, progress=True)
@@ -208,7 +209,7 @@ def recalibrate_bundle(bundle_dir: Path, run_config: Path, dest: Path, batches: 
         raise ValueError(f"{bundle_dir}: the network has no batch-norm layers to re-estimate")
     card = json.loads(json.dumps(bundle.card))
     record = {"batches": batches, "patches": batches * cfg.sampling.batch_size, "layers": layers, "seed": cfg.seed,
-              "from_version": bundle.version, "from_sha256": bundle.sha256, "cases": len(trainer._files()),
+              "from_version": bundle.version, "from_sha256": bundle.sha256, "cases": cases,
               "pool_seeds": f"{cfg.data.phantom_seed}..{cfg.data.phantom_seed + cfg.data.phantom_cases - 1}"
                             if cfg.data.phantom_cases else None,
               "dataset_dirs": [str(d) for d in cfg.data.dataset_dirs],

@@ -176,6 +176,11 @@ def _trim_csv(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def schedule_share(step: int, optim) -> float:
+    """The share of the schedule after warm-up that ``step`` has reached with a fixed ``optim.steps``."""
+    return max(0, step - optim.warmup) / max(1, optim.steps - optim.warmup)
+
+
 def lr_at(step: int, cfg: TrainConfig, frac: float | None = None) -> float:
     """The learning rate at ``step``: linear warm-up, then the schedule at ``frac`` of its way (default: the share
     of the steps after warm-up taken; ``optim.minutes`` passes the Trainer's :func:`advance_schedule` instead)."""
@@ -185,7 +190,7 @@ def lr_at(step: int, cfg: TrainConfig, frac: float | None = None) -> float:
     if o.schedule == "constant":
         return o.lr
     if frac is None:
-        frac = (step - o.warmup) / max(1, o.steps - o.warmup)
+        frac = schedule_share(step, o)
     if o.schedule == "poly":
         return o.lr * (1 - frac) ** 0.9
     return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
@@ -400,8 +405,7 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.step, self.best, self.bad_vals = int(ck["step"]), float(ck["best"]), int(ck.get("bad_vals", 0))
         self.best_dice = float(ck.get("best_dice", -1.0))
-        o = self.cfg.optim
-        self.sched_frac = float(ck.get("sched_frac", max(0, self.step - o.warmup) / max(1, o.steps - o.warmup)))
+        self.sched_frac = float(ck.get("sched_frac", schedule_share(self.step, self.cfg.optim)))
 
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """A bundle of the current weights. Lesion rules come from this run's validation; without one, a fine-tuned
