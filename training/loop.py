@@ -459,15 +459,14 @@ class Trainer:
         self.net.train()
         batches = self._batches()
         pace_from = self.step + 4 * cfg.data.loader_workers + 20  # loader processes fill their queues first
-        pace_t0 = None
+        pace_t0, first_count = None, True
         while self.step < cfg.optim.steps:
             if cfg.optim.minutes:
                 if self.step == pace_from:
                     pace_t0 = time.time()
-                elif pace_t0 is not None and self.step > pace_from and (self.step - pace_from) % 200 == 40:
-                    # at 40 steps, then every 200 with the pace since the last count, as machines slow down
+                elif pace_t0 is not None and self._count_due(self.step - pace_from, time.time() - pace_t0, first_count):
                     self._set_steps_for_time(t_start, (time.time() - pace_t0) / (self.step - pace_from), bar)
-                    pace_from, pace_t0 = self.step, time.time()
+                    pace_from, pace_t0, first_count = self.step, time.time(), False
                 if self.world == 1 and time.time() - t_start > cfg.optim.minutes * 60:
                     break  # (several processes stop together at the step count instead)
             batch = next(batches)
@@ -536,6 +535,20 @@ class Trainer:
         for pool in self.pools:
             pool.stop()
         return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
+
+    def _count_due(self, paced_steps: int, paced_s: float, first: bool) -> bool:
+        """``optim.minutes``: whether to count the steps again from the pace since the last count. The first count
+        comes after 40 paced steps, or after 5 on a machine so slow that they took over a twentieth of the budget;
+        then every 200, as machines slow down. Several processes take rank 0's decision, so that they count
+        together."""
+        if not first:
+            return paced_steps >= 200
+        due = paced_steps >= 40 or (paced_steps >= 5 and paced_s > self.cfg.optim.minutes * 3)
+        if self.world > 1:
+            flag = torch.tensor([int(due)], device=self.device)
+            torch.distributed.broadcast(flag, 0)
+            due = bool(flag.item())
+        return due
 
     def _set_steps_for_time(self, t_start: float, s_per_step: float, bar) -> None:
         """``optim.minutes``: the step count that ends the schedule when the time is up, at the measured pace."""

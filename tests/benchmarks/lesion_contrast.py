@@ -11,10 +11,15 @@ reference series (adults with sacroiliitis, manual masks on real STIR) reports i
 marrow (median of subjects 1.43), 90th percentile 1.4-3.8x, normal marrow CV 0.10-0.18. The marrow CV is split
 into noise (from differences of neighbouring voxels along the finest axis) and the rest (texture, red and yellow
 marrow, bias field): sqrt(CV^2 - noise^2).
+
+With ``--detections EVAL/lesions.csv`` (from ``wbmri evaluate`` on the same cases) it also prints which share of the
+lesions of at least ``--min-ml`` a model found, by contrast to their marrow and by contrast-to-noise ratio
+((lesion median - marrow median) / marrow noise sigma): where the missed lesions sit on the scale of visibility.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -67,6 +72,8 @@ def lesion_contrasts(case: Path) -> tuple[list[dict], dict | None]:
         cv = float(marrow_v.std() / marrow_v.mean())
         noise_cv = None if noise is None else noise / float(marrow_v.mean())
         rows.append({"case": case.name, "lesion": lid, "site": site, "voxels": int(own.sum()),
+                     "ml": float(own.sum() * np.prod(zooms) / 1000.0),
+                     "cnr": None if not noise else float((np.median(lesion_v) - ref) / noise),
                      "median": float(np.median(lesion_v)) / ref, "p90": float(np.percentile(lesion_v, 90)) / ref,
                      "marrow_cv": cv, "noise_cv": noise_cv,
                      "structure_cv": None if noise_cv is None else float(np.sqrt(max(0.0, cv ** 2 - noise_cv ** 2)))})
@@ -83,10 +90,49 @@ def _quantiles(values: list[float]) -> str:
     return " ".join(f"{v:5.2f}" for v in q)
 
 
+CONTRAST_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
+CNR_BINS = (-np.inf, 1.0, 2.0, 4.0, 8.0, np.inf)
+
+
+def _detected(path: Path) -> dict[tuple[str, int], bool]:
+    """(case, reference lesion id) -> found, from an evaluation's lesions.csv."""
+    with open(path, newline="") as f:
+        return {(r["case"], int(r["id"])): r["detected"] == "True" for r in csv.DictReader(f)
+                if r["kind"] == "reference"}
+
+
+def _print_found_by(rows: list[dict], key: str, edges: tuple[float, ...], label: str) -> None:
+    print(f"found by {label}:")
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = [r for r in rows if r[key] is not None and lo <= r[key] < hi]
+        if sel:
+            found = sum(r["found"] for r in sel)
+            print(f"  {lo:>6.2f} - {hi:<6.2f} {found:4d} of {len(sel):4d} found ({found / len(sel):.0%})")
+
+
+def detection_table(rows: list[dict], detections: Path, min_ml: float) -> None:
+    """Found share of the measured lesions of at least ``min_ml`` by contrast and by contrast-to-noise ratio."""
+    found = _detected(detections)
+    joined = [{**r, "found": found[(r["case"], r["lesion"])]} for r in rows
+              if r["ml"] >= min_ml and (r["case"], r["lesion"]) in found]
+    if not joined:
+        raise SystemExit(f"no lesion of >= {min_ml} mL of these cases is in {detections}")
+    n_found = sum(r["found"] for r in joined)
+    print(f"\n{len(joined)} measured lesions >= {min_ml} mL, {n_found} found ({n_found / len(joined):.0%}) per {detections}")
+    _print_found_by(joined, "median", CONTRAST_BINS, "median lesion / marrow")
+    _print_found_by(joined, "cnr", CNR_BINS, "contrast-to-noise ratio")
+    missed = [r for r in joined if not r["found"]]
+    if missed:
+        print(f"missed: median lesion / marrow {_quantiles([r['median'] for r in missed])} (5-95%), "
+              f"volume {_quantiles([r['ml'] for r in missed])} mL")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path, help="folder with cases/<case>/{image,lesions,sites}.nii.gz")
     ap.add_argument("--max-cases", type=int, default=0, help="only the first N cases (0: all)")
+    ap.add_argument("--detections", type=Path, help="an evaluation's lesions.csv: found share by contrast")
+    ap.add_argument("--min-ml", type=float, default=0.5, help="lesion size for --detections (mL)")
     args = ap.parse_args()
     cases = sorted(p for p in (args.data / "cases").iterdir() if (p / "lesions.nii.gz").exists())
     cases = cases[: args.max_cases] if args.max_cases else cases
@@ -116,6 +162,8 @@ def main() -> None:
     print(f"{len(per_case)} cases, {len(rows)} lesions; lesions with a median under 1.43x marrow: "
           f"{(med < 1.43).mean():.1%}, under 2x: {(med < 2).mean():.1%}; cases with a median above 2.27x: "
           f"{np.mean([c['median'] > 2.27 for c in per_case]):.0%}")
+    if args.detections:
+        detection_table(rows, args.detections, args.min_ml)
 
 
 if __name__ == "__main__":
