@@ -159,15 +159,26 @@ def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = D
     return Volume(data=data, affine=affine)
 
 
-def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
+def _checked_header(path: Path, max_voxels: int) -> tuple[bytes, bool, tuple[int, int, int], np.ndarray]:
+    """The file's first bytes, whether it is gzipped, its 3D shape and its affine, from the header alone."""
     if not path.is_file():
         raise InputError(f"no such file: {path.name}")
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
     head = _read_head(path, gz)
     shape, affine, _, _ = header_from_bytes(head)  # a small gzip file can inflate to a huge volume
-    check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels)
+    return head, gz, check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels), affine
+
+
+def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of a NIfTI file with :func:`load_volume`'s header checks, without reading its voxels."""
+    _, _, shape, affine = _checked_header(Path(path), max_voxels)
+    return shape, np.asarray(affine, dtype=np.float64)
+
+
+def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
+    head, gz, _, _ = _checked_header(path, max_voxels)
     if gz:
         _check_gzip(path)
     with _named_by_content(path, gz) as readable:

@@ -141,6 +141,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
     import json as _json
     from training.evaluate import evaluate_folders
+    errors: dict[str, str] = {}
     if model is not None or data is not None:
         if data is None:
             typer.echo("--model needs --data", err=True)
@@ -162,11 +163,12 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             names = [p.parent.name for p in images]
         predictor = _load_predictor(model, device=device, tta=tta)
         pred = out / "predictions"
-        predict_many(predictor, images, pred, names=names)
+        outcomes = predict_many(predictor, images, pred, names=names)
+        errors = {o.name: o.error for o in outcomes if o.status == "failed"}
     if pred is None or ref is None:
         typer.echo("give --pred and --ref, or --model and --data", err=True)
         raise typer.Exit(2)
-    summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml)
+    summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
     typer.echo(_json.dumps({k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
                                                     "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}, indent=2))
 

@@ -190,6 +190,34 @@ def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output
 
 
+def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_failed(tmp_path):
+    """References are made from the label files and the image headers; an image's voxels are read once, when it is
+    predicted, so a NaN image fails its own case (every lesion missed) and the others are scored."""
+    root = make_dataset(tmp_path / "ds")
+    bad = _image(np.random.default_rng(1))
+    bad[0, 0, 0] = np.nan
+    _save(root / "imagesTr" / "PAT02_0000.nii.gz", bad)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
+    assert rows["PAT01"]["status"] == "ok" and rows["PAT02"]["status"] == "failed"
+    assert "NaN" in rows["PAT02"]["error"] and rows["PAT02"]["detected"] == "0"
+
+
+def test_an_image_grid_is_read_from_its_header_alone(tmp_path):
+    from models.nifti import InputError, load_volume, read_grid
+    path = tmp_path / "img.nii.gz"
+    _save(path, _image(np.random.default_rng(0)))
+    shape, affine = read_grid(path)
+    vol = load_volume(path)
+    assert shape == vol.data.shape and np.array_equal(affine, vol.affine)
+    path.write_bytes(path.read_bytes()[:40])  # a truncated gzip stream: no header to read
+    with pytest.raises(InputError, match="gzip"):
+        read_grid(path)
+
+
 def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
     train = make_dataset(tmp_path / "train", names=("PAT01", "PAT02"))
     held_out = make_dataset(tmp_path / "held_out", names=("PAT03",))

@@ -369,8 +369,9 @@ def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
 
 
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: float = 0.5,
-                     quiet: bool = False) -> dict[str, Any]:
-    """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``.
+                     quiet: bool = False, prediction_errors: dict[str, str] | None = None) -> dict[str, Any]:
+    """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``
+    (``prediction_errors``: why a case has no prediction, by case name, where it was just predicted).
 
     Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``summary.json`` and ``froc.png``; returns
     the summary.
@@ -409,7 +410,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             pred: LabelCase | None = None
             error = ""
             if name not in preds:
-                error = "prediction missing"
+                why = (prediction_errors or {}).get(name)
+                error = f"prediction failed: {why}" if why else "prediction missing"
             else:
                 try:
                     pred = load_case(preds[name])

@@ -11,11 +11,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
 
-from models.nifti import InputError, Volume, load_volume
+from models.nifti import InputError, Volume, load_volume, read_grid
 from models.sites import all_sites
 from training.evaluate import AFFINE_TOL
 
@@ -110,17 +111,17 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
     return cases
 
 
-def _on_image_grid(label: Volume, image: Volume) -> np.ndarray:
-    """The label's voxels in the image's voxel order; an error unless both cover the same grid (a label saved in
-    another axis order, e.g. LPS against RAS, is reordered)."""
+def _on_image_grid(label: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The label's voxels in the voxel order of the image's grid (``shape``, ``affine``); an error unless both
+    cover the same grid (a label saved in another axis order, e.g. LPS against RAS, is reordered)."""
     transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(label.affine),
-                                                nib.orientations.io_orientation(image.affine))
+                                                nib.orientations.io_orientation(affine))
     data = nib.orientations.apply_orientation(label.data, transform)
-    affine = label.affine @ nib.orientations.inv_ornt_aff(transform, label.data.shape)
-    if data.shape != image.data.shape:
-        raise InputError(f"shape {label.data.shape} does not match the image's {image.data.shape}")
-    if not np.allclose(affine, image.affine, atol=AFFINE_TOL):
-        shift = float(np.abs(affine[:3, 3] - image.affine[:3, 3]).max())
+    label_affine = label.affine @ nib.orientations.inv_ornt_aff(transform, label.data.shape)
+    if data.shape != tuple(shape):
+        raise InputError(f"shape {label.data.shape} does not match the image's {tuple(shape)}")
+    if not np.allclose(label_affine, affine, atol=AFFINE_TOL):
+        shift = float(np.abs(label_affine[:3, 3] - affine[:3, 3]).max())
         raise InputError(f"its voxel grid is not the image's (affines differ; origins {shift:.1f} mm apart)")
     return data
 
@@ -142,23 +143,21 @@ def _compact_ids(labels: np.ndarray) -> np.ndarray:
     return (inverse.reshape(labels.shape) + offset).astype(np.int32)
 
 
-def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Image, lesion ids (1..K; :func:`lesion_ids`), sites and physis (None where absent) on the image's grid; an
-    :class:`InputError` naming the file otherwise."""
-    def load(path: Path, label: bool) -> Volume:
-        try:
-            return load_volume(path, label=label)
-        except InputError as exc:
-            raise InputError(f"{path.parent.name}/{path.name}: {exc}") from None
+def _in_file(path: Path, read: Callable[[], Any]) -> Any:
+    """``read()``, with an :class:`InputError` prefixed by the file's folder and name."""
+    try:
+        return read()
+    except InputError as exc:
+        raise InputError(f"{path.parent.name}/{path.name}: {exc}") from None
 
-    image = load(case.image, label=False)
+
+def read_labels(case: CaseFiles, shape: tuple[int, ...], affine: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Lesion ids (1..K; :func:`lesion_ids`), sites and physis (None where absent) on the image's grid."""
     out: dict[str, np.ndarray | None] = {"sites": None, "physis": None}
     for key, path in case.targets.items():
-        vol = load(path, label=True)
-        try:
-            data = _integer_labels(_on_image_grid(vol, image))
-        except InputError as exc:
-            raise InputError(f"{path.parent.name}/{path.name}: {exc}") from None
+        vol = _in_file(path, lambda: load_volume(path, label=True))
+        data = _in_file(path, lambda: _integer_labels(_on_image_grid(vol, shape, affine)))
         if key == "sites":
             known = max(s.id for s in all_sites())
             bad = (data < 0) | (data > known)
@@ -170,7 +169,14 @@ def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, n
             out[key] = (data > 0).astype(np.uint8)
         else:
             out[key] = lesion_ids(data)
-    return image, out["edema"], out["sites"], out["physis"]
+    return out["edema"], out["sites"], out["physis"]
+
+
+def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Image, lesion ids, sites and physis (:func:`read_labels`) on the image's grid; an :class:`InputError`
+    naming the file otherwise."""
+    image = _in_file(case.image, lambda: load_volume(case.image, label=False))
+    return image, *read_labels(case, image.data.shape, image.affine)
 
 
 def lesion_ids(labels: np.ndarray) -> np.ndarray:
@@ -186,7 +192,8 @@ def lesion_ids(labels: np.ndarray) -> np.ndarray:
 def write_references(folder: Path, out: Path) -> dict[str, Path]:
     """The dataset's labels as reference case folders for ``wbmri evaluate`` (``OUT/NAME/lesions.nii.gz`` on the
     image's grid: a binary label split into 26-connected lesions, lesion ids kept; ``sites.nii.gz`` where sitesTr
-    has one). Returns each case's image path by name; every problem is listed before anything is scored."""
+    has one). Returns each case's image path by name; every problem of a label or an image header is listed
+    before anything is predicted (an image's voxels are checked when it is predicted)."""
     import shutil
     from models.nifti import save_nifti
     cases = dataset_files(folder)
@@ -194,16 +201,17 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
         shutil.rmtree(out)
     images, problems = {}, []
     for case in cases:
-        try:
-            image, lesions, sites, _ = read_case(case)
+        try:  # the image's voxels are read once, when it is predicted
+            shape, affine = _in_file(case.image, lambda: read_grid(case.image))
+            lesions, sites, _ = read_labels(case, shape, affine)
         except InputError as exc:
             problems.append(str(exc))
             continue
         dst = Path(out) / case.name
         dst.mkdir(parents=True, exist_ok=True)
-        save_nifti(dst / "lesions.nii.gz", lesions, image.affine, np.uint16 if lesions.max() < 2**16 else np.int32)
+        save_nifti(dst / "lesions.nii.gz", lesions, affine, np.uint16 if lesions.max() < 2**16 else np.int32)
         if sites is not None:
-            save_nifti(dst / "sites.nii.gz", sites, image.affine, np.uint8)
+            save_nifti(dst / "sites.nii.gz", sites, affine, np.uint8)
         images[case.name] = case.image
     raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be scored")
     return images
