@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -243,6 +243,23 @@ def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. mo
         typer.echo(f"{row['test_set']:<12} {row['metric']:<40} {value} (target {row['target']}): {mark}")
 
 
+def _run_on_bundle(verb: str, bundle: Path, config: Optional[Path], work: Callable[[Path], dict]) -> None:
+    """``work(run_config)`` for a bundle command (the run's config: ``config`` or BUNDLE/../config.yaml), its
+    result printed as JSON; a usage error (exit code 2) names what is wrong."""
+    import json
+
+    from training.config import ConfigError
+    from training.nnunet import DatasetError
+    run_config = config or Path(bundle).parent / "config.yaml"
+    _exit_unless_file(run_config, " (give the run's config with --config)")
+    try:
+        result = work(run_config)
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"cannot {verb}: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command()
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
              val_cases: int = typer.Option(24, "--val-cases", min=0, help="validation phantoms (seeds from the run's val_seed); "
@@ -255,19 +272,8 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
              set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
                                             "data.val_dataset_dirs (a YAML list of labelled folders) to add them")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
-    import json
-
-    from training.config import ConfigError
     from training.export import revalidate
-    from training.nnunet import DatasetError
-    run_config = config or Path(bundle).parent / "config.yaml"
-    _exit_unless_file(run_config, " (give the run's config with --config)")
-    try:
-        result = revalidate(bundle, run_config, val_cases, tta, table, set_)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"cannot validate: {exc}", err=True)
-        raise typer.Exit(2)
-    typer.echo(json.dumps(result, indent=2))
+    _run_on_bundle("validate", bundle, config, lambda run_config: revalidate(bundle, run_config, val_cases, tta, table, set_))
 
 
 @app.command()
@@ -279,19 +285,8 @@ def recalibrate(bundle: Path = typer.Argument(..., help="a model bundle, e.g. mo
                 set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
                                                "data.phantom_cases=120")) -> None:
     """Re-estimate a bundle's batch-norm statistics on its training patches (precise BN) into a new bundle."""
-    import json
-
-    from training.config import ConfigError
     from training.export import recalibrate_bundle
-    from training.nnunet import DatasetError
-    run_config = config or Path(bundle).parent / "config.yaml"
-    _exit_unless_file(run_config, " (give the run's config with --config)")
-    try:
-        result = recalibrate_bundle(bundle, run_config, to, batches, set_)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"cannot recalibrate: {exc}", err=True)
-        raise typer.Exit(2)
-    typer.echo(json.dumps(result, indent=2))
+    _run_on_bundle("recalibrate", bundle, config, lambda run_config: recalibrate_bundle(bundle, run_config, to, batches, set_))
 
 
 @app.command()
