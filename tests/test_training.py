@@ -202,6 +202,27 @@ def test_per_lesion_sampling_gives_a_small_lesion_its_share():
     assert 0.4 < small_share({k: v for k, v in binary.items() if k != "instances"}, True) < 0.6
 
 
+def test_per_region_sampling_gives_a_pelvic_lesion_the_share_of_the_legs():
+    """Three lesions: femur and tibia (legs) and one in the ilium (pelvis). By lesion the ilium gets a third of
+    the lesion patches; by region half, as the legs together do; without a site reference, a third again."""
+    from models.sites import site_id
+    rng = np.random.default_rng(2)
+    shape = (30, 30, 30)
+    instances, sites = np.zeros(shape, np.uint16), np.zeros(shape, np.uint8)
+    for lid, (sl, code) in enumerate([((slice(2, 8),) * 3, "femur_left"), ((slice(10, 16),) * 3, "tibia_left"),
+                                      ((slice(24, 27),) * 3, "ilium_left")], start=1):
+        instances[sl], sites[sl] = lid, site_id(code)
+    case = {"image": np.ones(shape, np.float16), "edema": (instances > 0).astype(np.uint8), "instances": instances,
+            "sites": sites, "physis": np.zeros(shape, np.uint8)}
+    def ilium_share(c, pick):
+        sp = SamplingConfig(lesion_p=1.0, rare_site_p=0.0, lesion_pick=pick)
+        return np.mean([sample_centre(c, rng, sp)[0] >= 24 for _ in range(600)])
+    assert 0.26 < ilium_share(case, "lesion") < 0.41
+    assert 0.42 < ilium_share(case, "region") < 0.58
+    unknown = {**case, "sites": np.full(shape, 255, np.uint8)}     # a user's case without sitesTr
+    assert 0.26 < ilium_share(unknown, "region") < 0.41
+
+
 def test_patches_put_their_lesion_anywhere_not_only_at_the_centre():
     """A lesion always at the patch centre teaches the network where lesions sit relative to its strides."""
     rng = np.random.default_rng(0)

@@ -182,9 +182,12 @@ class DataConfig(Strict):
 
 class SamplingConfig(Strict):
     lesion_p: float = Field(0.5, ge=0, le=1, description="patches centred on a lesion")
-    lesion_pick: Literal["voxel", "lesion"] = Field("voxel", description="voxel: a random edema voxel (large "
-                                                    "lesions get most patches); lesion: a random voxel of a "
-                                                    "uniformly chosen lesion (small and faint ones get their share)")
+    lesion_pick: Literal["voxel", "lesion", "region"] = Field("voxel", description="voxel: a random edema voxel "
+                                                              "(large lesions get most patches); lesion: a random "
+                                                              "voxel of a uniformly chosen lesion (small and faint "
+                                                              "ones get their share); region: of a uniformly chosen "
+                                                              "lesion in a uniformly chosen body region among the "
+                                                              "case's lesions' (pelvis, feet, spine get theirs)")
     rare_site_p: float = Field(0.2, ge=0, le=1, description="patches centred on a random site (uniform over sites)")
     mimic_p: float = Field(0.0, ge=0, le=1, description="patches centred on bright marrow outside any lesion (hard "
                            "negatives: red marrow, physes, foot foci, fat-suppression failure); needs a site map")

@@ -292,34 +292,62 @@ def mimic_mask(case: dict[str, np.ndarray], quantile: float, margin: int = 0) ->
     return calm & (case["image"] > np.quantile(values.astype(np.float32), quantile))
 
 
-def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray | None:
+def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator, by_region: bool = False) -> np.ndarray | None:
     """A voxel of a lesion chosen uniformly among the case's lesions, so a small or faint lesion is a patch centre
-    as often as a large one. Lesions are the case's ``instances`` or, where those are not known (binary labels of
-    the nnU-Net layout), the connected components of its edema (:func:`models.lesions.components`)."""
+    as often as a large one; with ``by_region``, of a lesion chosen uniformly within a body region (sites.tsv's
+    ``region`` of the lesion's majority site) chosen uniformly among the regions that hold the case's lesions, so a
+    pelvic or foot lesion is a centre as often as the knee lesions beside it (where the case has no site reference,
+    every lesion is one region). Lesions are the case's ``instances`` or, where those are not known (binary labels
+    of the nnU-Net layout), the connected components of its edema (:func:`models.lesions.components`)."""
     edema = case["edema"] == 1
-    labels, lo = case.get("instances"), np.zeros(3, int)
+    labels, box = case.get("instances"), tuple(slice(0, s) for s in edema.shape)
     flat = np.flatnonzero((labels > 0) & edema) if labels is not None else np.empty(0, np.int64)
     ids = labels.ravel()[flat] if labels is not None else flat
     if len(np.unique(ids)) < 2:  # one id may be a binary label holding several lesions: label the edema's box
         where = np.argwhere(edema)
         if len(where) == 0:
             return None
-        lo, hi = where.min(axis=0), where.max(axis=0) + 1
-        labels = components(edema[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).labels
+        box = tuple(slice(a, b + 1) for a, b in zip(where.min(axis=0), where.max(axis=0)))
+        labels = components(edema[box]).labels
         flat = np.flatnonzero(labels)
         ids = labels.ravel()[flat]
-    chosen = rng.choice(np.unique(ids))
+    lesions = np.unique(ids)
+    if by_region and "sites" in case:
+        regions = lesion_regions(case["sites"][box].ravel()[flat], ids, lesions)
+        region = rng.choice(np.unique(regions))
+        lesions = lesions[regions == region]
+    chosen = rng.choice(lesions)
+    lo = np.array([sl.start for sl in box])
     return lo + np.array(np.unravel_index(rng.choice(flat[ids == chosen]), labels.shape))
+
+
+def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> np.ndarray:
+    """Per lesion id of ``lesions``, the body region of its majority site among its voxels' ``sites`` (``ids``: each
+    voxel's lesion id); "none" for a lesion outside bone or without a site reference."""
+    from models.sites import by_id
+    table = by_id()
+    out = []
+    for lid in lesions:
+        counts = np.bincount(sites[ids == lid].astype(np.int64))
+        counts[0] = 0
+        if UNKNOWN < len(counts):
+            counts[UNKNOWN] = 0
+        sid = int(counts.argmax()) if counts.any() else 0
+        out.append(table[sid].region if sid in table else "none")
+    return np.array(out)
 
 
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: SamplingConfig) -> np.ndarray:
     """Patch centre, with the shares of ``sp``: on a lesion (a random edema voxel, or with ``lesion_pick: lesion``
-    a voxel of a uniformly chosen lesion), on a uniformly chosen bone site (rare sites get their share), on bright
+    a voxel of a uniformly chosen lesion, ``region`` one of a uniformly chosen body region first), on a uniformly chosen bone site (rare sites get their share), on bright
     lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
     u = rng.random()
     centre = None
     if u < sp.lesion_p:
-        centre = pick_lesion_voxel(case, rng) if sp.lesion_pick == "lesion" else _pick(rng, case["edema"] == 1, 2)
+        if sp.lesion_pick == "voxel":
+            centre = _pick(rng, case["edema"] == 1, 2)
+        else:
+            centre = pick_lesion_voxel(case, rng, by_region=sp.lesion_pick == "region")
     elif u < sp.lesion_p + sp.rare_site_p:
         sites = case["sites"]
         present = np.unique(sites[::3, ::3, ::3])
