@@ -169,8 +169,11 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         typer.echo("give --pred and --ref, or --model and --data", err=True)
         raise typer.Exit(2)
     summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
-    typer.echo(_json.dumps({k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
-                                                    "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}, indent=2))
+    shown = {k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
+                                     "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}
+    shown["by_region"] = {region: f"{r['detected']} of {r['n_ref']} found, {r['fp']} false positive(s)"
+                          for region, r in summary["by_region"].items()}
+    typer.echo(_json.dumps(shown, indent=2))
 
 
 @app.command()

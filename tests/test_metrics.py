@@ -264,6 +264,10 @@ def test_evaluate_folders_numbers(tmp_path):
     assert les["all"]["fp_per_scan"] == 0.5
     assert s["sensitivity_ge_0p5ml"] == pytest.approx(1 / 3)
     assert s["fp_per_scan_no_reference_lesions"] == {"value": 1.0, "n_cases": 1}
+    # femur lesions >= 0.5 mL of cases a (found), c and d (failed); false positives named femur and humerus
+    assert s["by_region"] == {
+        "lower_limb": {"n_ref": 3, "detected": 1, "fp": 1, "sensitivity": pytest.approx(1 / 3), "fp_per_scan": 0.25},
+        "upper_limb": {"n_ref": 0, "detected": 0, "fp": 1, "sensitivity": None, "fp_per_scan": 0.25}}
     case_a_dice = 2 * 143 / (177 + 151)
     assert s["edema_dice"]["mean"] == pytest.approx(case_a_dice / 4)
     assert s["edema_dice"]["median"] == 0.0

@@ -15,7 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from models.sites import SOFT_TISSUE, by_id
+from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
                               SubregionAgreement, bootstrap_ci, detection_counts, dice, froc, froc_case,
                               majority_labels, match_lesions, matched_site_pairs, per_site_dice, sensitivity_at_fp,
@@ -200,6 +200,30 @@ def _lesion_rows(m: Matching, pred: LabelCase, ref: LabelCase) -> list[dict[str,
                          "pred_subregion": pred.lesion_subregion.get(p, ""), "pred_volume_ml": m.pred_volume_ml[p],
                          "confidence": pred.confidence.get(p)})
     return rows
+
+
+def _region(code: str) -> str:
+    """The body region (sites.tsv) of a site code; ``soft_tissue`` for that code or an unknown one."""
+    site = by_code().get(code)
+    return site.region if site is not None else SOFT_TISSUE
+
+
+def by_region(lesion_rows: list[dict[str, Any]], min_ref_ml: float, n_scans: int) -> dict[str, dict[str, Any]]:
+    """Per body region of the reference site: reference lesions >= ``min_ref_ml``, how many were found and the
+    sensitivity; and false positives (by their predicted site's region) per scan. Where a model misses or
+    over-calls, not only how much."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in lesion_rows:
+        if r["kind"] == "reference" and r["volume_ml"] >= min_ref_ml:
+            row = out.setdefault(_region(r["site"]), {"n_ref": 0, "detected": 0, "fp": 0})
+            row["n_ref"] += 1
+            row["detected"] += int(bool(r["detected"]))
+        elif r["kind"] == "false_positive":
+            out.setdefault(_region(r["site"]), {"n_ref": 0, "detected": 0, "fp": 0})["fp"] += 1
+    for row in out.values():
+        row["sensitivity"] = row["detected"] / row["n_ref"] if row["n_ref"] else None
+        row["fp_per_scan"] = row["fp"] / n_scans if n_scans else None
+    return dict(sorted(out.items()))
 
 
 def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref_ml: float) -> CaseScore:
@@ -458,6 +482,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
         "lesions": {k: c.scores() for k, c in bins_total.items()},
         f"sensitivity_ge_{tag}": ge.sensitivity,
         "fp_per_scan_no_reference_lesions": {"value": no_ref_counts.fp_per_scan, "n_cases": no_ref_counts.n_scans},
+        "by_region": by_region(lesion_rows, min_ref_ml, len(scored)),
         "site_accuracy": {"n_matched": agree_total.n, "site": agree_total.site_accuracy,
                           "side": agree_total.side_accuracy},
         "subregion_accuracy": {"n_scored": parts_total.n, "value": parts_total.accuracy,
