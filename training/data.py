@@ -330,17 +330,17 @@ def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> n
     for lid in lesions:
         counts = np.bincount(sites[ids == lid].astype(np.int64))
         counts[0] = 0
-        if UNKNOWN < len(counts):
-            counts[UNKNOWN] = 0
+        counts[UNKNOWN:] = 0
         sid = int(counts.argmax()) if counts.any() else 0
         out.append(table[sid].region if sid in table else "none")
     return np.array(out)
 
 
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: SamplingConfig) -> np.ndarray:
-    """Patch centre, with the shares of ``sp``: on a lesion (a random edema voxel, or with ``lesion_pick: lesion``
-    a voxel of a uniformly chosen lesion, ``region`` one of a uniformly chosen body region first), on a uniformly chosen bone site (rare sites get their share), on bright
-    lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
+    """Patch centre, with the shares of ``sp``: on a lesion (a random edema voxel; with ``lesion_pick: lesion`` a
+    voxel of a uniformly chosen lesion, with ``region`` of a lesion of a uniformly chosen body region), on a
+    uniformly chosen bone site (rare sites get their share), on bright lesion-free marrow (:func:`mimic_mask`), or
+    anywhere in the body."""
     u = rng.random()
     centre = None
     if u < sp.lesion_p:
