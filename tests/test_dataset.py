@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -204,6 +205,16 @@ def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_
     rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
     assert rows["PAT01"]["status"] == "ok" and rows["PAT02"]["status"] == "failed"
     assert "NaN" in rows["PAT02"]["error"] and rows["PAT02"]["detected"] == "0"
+    # a result of other weights left in the folder is redone; when that fails, the old result is not scored
+    stale = out / "predictions" / "PAT02"
+    shutil.copytree(out / "predictions" / "PAT01", stale)
+    report = json.loads((stale / "report.json").read_text())
+    report["model"]["sha256"] = "0" * 64
+    (stale / "report.json").write_text(json.dumps(report))
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--device", "cpu"])
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
+    assert res.exit_code == 0 and rows["PAT02"]["status"] == "failed" and "NaN" in rows["PAT02"]["error"]
 
 
 def test_an_image_grid_is_read_from_its_header_alone(tmp_path):

@@ -433,9 +433,11 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             warnings += [{"case": name, "warning": f"reference: {w}"} for w in ref.warnings]
             pred: LabelCase | None = None
             error = ""
-            if name not in preds:
-                why = (prediction_errors or {}).get(name)
-                error = f"prediction failed: {why}" if why else "prediction missing"
+            why = (prediction_errors or {}).get(name)
+            if why:  # a folder left by an earlier run of other weights or rules is not this prediction
+                error = f"prediction failed: {why}"
+            elif name not in preds:
+                error = "prediction missing"
             else:
                 try:
                     pred = load_case(preds[name])
