@@ -170,24 +170,31 @@ def test_train_cli_reports_data_and_config_problems_without_a_traceback(tmp_path
     assert res.exit_code == 2 and "--init:" in res.output and "not a model bundle" in res.output
 
 
+def _evaluate(root: Path, out: Path):
+    """``wbmri evaluate`` of the shipped model on a dataset: the CLI result and, when it succeeded, per_case.csv's
+    rows by case."""
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--device", "cpu"])
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))} if res.exit_code == 0 else {}
+    return res, rows
+
+
 def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     root = make_dataset(tmp_path / "ds")
     two = _label()
     two[14:20, 12:18, 5:11] = 1  # a second, separate lesion
     _save(root / "labelsTr" / "PAT02.nii.gz", two)
     out = tmp_path / "eval"
-    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
-                                   "--device", "cpu"])
+    res, rows = _evaluate(root, out)
     assert res.exit_code == 0, res.output
-    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
     assert {k: int(v["n_ref"]) for k, v in rows.items()} == {"PAT01": 1, "PAT02": 2}
     assert all(v["status"] == "ok" for v in rows.values())
     assert json.loads((out / "summary.json").read_text())["n_cases"] == 2
     _save(out / "reference" / "GHOST" / "lesions.nii.gz", _label())  # left by an earlier run: not scored again
-    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
+    res, _ = _evaluate(root, out)
     assert res.exit_code == 0 and json.loads((out / "summary.json").read_text())["n_cases"] == 2
     (root / "labelsTr" / "PAT01.nii.gz").unlink()
-    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out)])
+    res, _ = _evaluate(root, out)
     assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output
 
 
@@ -199,10 +206,8 @@ def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_
     bad[0, 0, 0] = np.nan
     _save(root / "imagesTr" / "PAT02_0000.nii.gz", bad)
     out = tmp_path / "eval"
-    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
-                                   "--device", "cpu"])
+    res, rows = _evaluate(root, out)
     assert res.exit_code == 0, res.output
-    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
     assert rows["PAT01"]["status"] == "ok" and rows["PAT02"]["status"] == "failed"
     assert "NaN" in rows["PAT02"]["error"] and rows["PAT02"]["detected"] == "0"
     # a result of other weights left in the folder is redone; when that fails, the old result is not scored
@@ -211,9 +216,7 @@ def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_
     report = json.loads((stale / "report.json").read_text())
     report["model"]["sha256"] = "0" * 64
     (stale / "report.json").write_text(json.dumps(report))
-    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
-                                   "--device", "cpu"])
-    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
+    res, rows = _evaluate(root, out)
     assert res.exit_code == 0 and rows["PAT02"]["status"] == "failed" and "NaN" in rows["PAT02"]["error"]
 
 

@@ -21,6 +21,7 @@ import torch
 from models.lesions import components
 from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
+from models.sites import by_id
 from training.config import AugmentConfig, SamplingConfig, SynthConfig, TrainConfig
 from training.nnunet import dataset_files, raise_problems, read_case
 
@@ -324,7 +325,6 @@ def pick_lesion_voxel(case: dict[str, np.ndarray], rng: np.random.Generator, by_
 def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> np.ndarray:
     """Per lesion id of ``lesions``, the body region of its majority site among its voxels' ``sites`` (``ids``: each
     voxel's lesion id); "none" for a lesion outside bone or without a site reference."""
-    from models.sites import by_id
     table = by_id()
     out = []
     for lid in lesions:
