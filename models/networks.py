@@ -74,6 +74,7 @@ class WbmriNet(nn.Module):
             self.body = BasicUNet(3, cfg.in_channels, cfg.features, features=cfg.channels, dropout=cfg.dropout,
                                   norm=cfg.norm if cfg.norm == "batch" else ("instance", {"affine": True}))
         self.log_channel = cfg.log_channel
+        self.size_divisor = size_divisor(cfg)  # spatial input sizes must be multiples of this
         self.act = nn.PReLU(cfg.features)
         self.voxel = nn.Conv3d(cfg.features, len(VOXEL_CHANNELS), 1)
         self.sites_from = cfg.sites_from
@@ -187,16 +188,16 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
 
 def shifted_edema(net: nn.Module, x: torch.Tensor, edema: torch.Tensor, n: int) -> torch.Tensor:
     """Edema logits of the mean probability over the first ``n`` input shifts of :data:`SHIFTS` (``edema``: the
-    unshifted pass's logits). Each shift pads the input at its start (and its end, to keep sizes divisible by the
-    strides), so every lesion is seen at several phases of the strided convolutions."""
+    unshifted pass's logits). Each shift pads the input at its start (and its end, to keep sizes multiples of the
+    network's ``size_divisor``), so every lesion is seen at several phases of the strided convolutions."""
     prob = torch.sigmoid(edema.float())
+    X, Y, Z = x.shape[2:]
     for shift in SHIFTS[1:n]:
         pad = []
-        for s in reversed(shift):  # F.pad takes the last axis first; 32 keeps the input's size divisor
-            pad += [s, (32 - s) % 32]
+        for s, size in zip(reversed(shift), (Z, Y, X)):  # F.pad takes the last axis first
+            pad += [s, -(size + s) % net.size_divisor]
         v, _ = net(nn.functional.pad(x, pad).contiguous(memory_format=memory_format_of(x)))
         sx, sy, sz = shift
-        X, Y, Z = x.shape[2:]
         prob = prob + torch.sigmoid(v[:, EDEMA, sx:sx + X, sy:sy + Y, sz:sz + Z].float())
     return torch.logit((prob / n).clamp(1e-6, 1 - 1e-6))
 

@@ -166,6 +166,8 @@ def test_flip_tta_gives_mirror_symmetric_outputs_for_a_mirror_symmetric_input():
 
 class _Pointwise(torch.nn.Module):
     """A translation-equivariant stand-in for the network: logits are a voxel-wise function of the input."""
+    size_divisor = 1
+
     def forward(self, x):
         return torch.cat([6 * x - 3] * 3, 1), torch.zeros(x.shape[0], 2, *(n // 2 for n in x.shape[2:]))
 
@@ -184,6 +186,17 @@ def test_shift_tta_averages_each_voxel_with_itself_seen_at_other_stride_phases()
     assert torch.equal(shift_v[:, BONE:], anatomy_v[:, BONE:]) and torch.equal(shift_s, anatomy_s)
     edge = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))   # a strided net is not shift-equivariant
     assert not torch.allclose(shift_v[:, EDEMA][edge], anatomy_v[:, EDEMA][edge], atol=1e-3)
+
+
+def test_shift_tta_keeps_input_sizes_a_multiple_of_a_deep_networks_strides():
+    """Six stride-2 levels need sizes that are multiples of 64: each shifted pass is padded to one."""
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(channels=(4,) * 7, strides=(2,) * 6, features=4, patch=(64, 64, 64))).eval()
+    assert net.size_divisor == 64
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        v, s = forward_tta(net, x, "flip_lr_anatomy_shift4")
+    assert v.shape[2:] == x.shape[2:] and torch.isfinite(v).all()
 
 
 def test_fill_edema_paints_a_lesion_over_with_its_own_bones_marrow():
