@@ -232,3 +232,20 @@ def test_thin_bones_grow_from_a_confident_core_down_to_the_thin_threshold():
     assert sites_in_bone(ids, prob, 0.5, 0.2).tolist() == [[[rib, rib, rib, 0, 0, femur, 0]]]
     assert sites_in_bone(ids, prob, 0.5, 0.28).tolist() == [[[rib, rib, 0, 0, 0, femur, 0]]]
     assert sites_in_bone(ids, prob, 0.5, 0.5).tolist() == sites_in_bone(ids, prob).tolist()
+
+
+def test_one_large_piece_out_of_order_does_not_outvote_the_bones_it_contradicts(sites):
+    """A whole humerus named "femur" hangs beside the trunk, above the lumbar spine: it contradicts each lumbar
+    vertebra (and the lowest ribs), every one of them smaller than it but together larger. The vertebrae keep their
+    names and the arm loses its wrong one (on a validation phantom the network named a humerus "femur" and the
+    largest-piece-first order rule took L2-L5 off the map)."""
+    from models.site_rules import drop_out_of_order_pieces
+    femur, arm = site_id("femur_left"), sites == site_id("humerus_left")
+    noisy = sites.copy()
+    noisy[arm] = femur
+    lumbar = np.isin(sites, [site_id(f"vertebra_L{i}") for i in range(1, 6)])
+    assert np.count_nonzero(arm) > max(np.count_nonzero(sites == site_id(f"vertebra_L{i}")) for i in range(1, 6))
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert np.array_equal(out[lumbar], sites[lumbar])
+    assert not (out[arm] == femur).any()
+    assert np.array_equal(out[~arm], sites[~arm])
