@@ -251,10 +251,31 @@ def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
     from training.data import phantom_cache_name, synth_digest
     cfg = SynthConfig()
     before = json.loads(cfg.model_dump_json())
-    del before["lesions"]["muscle_floor"]  # the config as written before the setting existed
+    del before["lesions"]["muscle_floor"]  # the config as written before the settings existed
+    del before["acquisition"]["plane_p"]
     assert synth_digest(cfg) == hashlib.sha256(json.dumps(before, separators=(",", ":")).encode()).hexdigest()[:8]
-    fainter = load_config(SynthConfig, None, ["lesions.muscle_floor=0"])
-    assert phantom_cache_name("pool", fainter, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))
+    for changed in ("lesions.muscle_floor=0", "acquisition.plane_p={coronal: 1, sagittal: 1}"):
+        other = load_config(SynthConfig, None, [changed])
+        assert phantom_cache_name("pool", other, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))
+
+
+def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_plane():
+    from training.phantom.generate import generate_case
+    thick_axis = {}
+    for plane in ("coronal", "sagittal", "axial"):
+        cfg = load_config(SynthConfig, None, ["anatomy_mm=4", f"acquisition.plane_p={{{plane}: 1}}",
+                                              "acquisition.oblique_p=0", "acquisition.orientation_p={RAS: 1}",
+                                              "acquisition.slice_mm=[6, 6]", "acquisition.inplane_mm=[2, 2]"])
+        case = generate_case(3, cfg, fov="knees")
+        assert case.meta["acquisition"]["plane"] == plane
+        spacing = np.linalg.norm(case.affine[:3, :3], axis=0)
+        assert sorted(np.round(spacing, 3)) == [2.0, 2.0, 6.0]
+        thick_axis[plane] = int(np.argmax(spacing))
+    assert thick_axis == {"sagittal": 0, "coronal": 1, "axial": 2}   # R-L, A-P, S-I on a RAS grid
+    with pytest.raises(ConfigError, match="plane_p"):
+        load_config(SynthConfig, None, ["acquisition.plane_p={oblique: 1}"])
+    with pytest.raises(ConfigError, match="plane_p needs"):
+        load_config(SynthConfig, None, ["acquisition.plane_p={coronal: 0}"])
 
 
 def test_synth_cli_with_workers_makes_the_serial_cases_and_exits_cleanly(tmp_path):

@@ -71,7 +71,7 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 
 # Settings added after generator 1.3 whose default reproduces its cases bit for bit: left out of the digest at that
 # default, so caches made before they existed stay valid.
-_DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0}
+_DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0}}
 
 
 def synth_digest(synth: SynthConfig) -> str:

@@ -1,4 +1,5 @@
-"""Acquisition: the anatomy-grid image is 'scanned' as a coronal multi-station STIR series.
+"""Acquisition: the anatomy-grid image is 'scanned' as a multi-station STIR series, coronal unless
+``acquisition.plane_p`` asks for sagittal or axial slices too.
 
 Field of view, anisotropic voxels with a slice profile, station intensity steps, bias field, patchy fat
 suppression failure, motion blur, Rician noise, arbitrary scale, and header orientation (RAS, LPS, coronal
@@ -58,10 +59,13 @@ def _orientation_matrix(kind: str, rng) -> np.ndarray:
 
 def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarray], rng: np.random.Generator,
             acq: AcquisitionConfig, fov_cfg: FovConfig, fov: str | None = None, muscle_mean: float = 0.2) -> Acquired:
-    """Resample anatomy onto a coronal acquisition grid and add the scanner's imperfections."""
+    """Resample anatomy onto an acquisition grid (thick slices across the drawn plane) and add the scanner's
+    imperfections."""
     name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
+    plane = _draw(acq.plane_p, rng)
+    across = SLICE_AXIS[plane]   # the canvas axis (x: R-L, y: A-P, z: S-I) the thick slices run along
     # body extent in x/y from the anatomy (non-air voxels) within the z range
     occ = cv.tissue != 0
     zi = np.clip(((np.array([z_lo, z_hi]) - cv.origin[2]) / cv.spacing).astype(int), 0, cv.shape[2] - 1)
@@ -72,7 +76,8 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     y_lo, y_hi = cv.origin[1] + cv.spacing * (ys[0] - 2), cv.origin[1] + cv.spacing * (ys[-1] + 2)
     if name == "spine":  # a narrower coronal block around the spine
         x_lo, x_hi = max(x_lo, -0.16 * body.H), min(x_hi, 0.16 * body.H)
-    spacing = np.array([inplane, thick, inplane])
+    spacing = np.full(3, inplane)
+    spacing[across] = thick
     shape = np.ceil(np.array([x_hi - x_lo, y_hi - y_lo, z_hi - z_lo]) / spacing).astype(int)
     shape = np.maximum(shape, 8)
     # oblique: rotate the grid about its centre
@@ -85,8 +90,8 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     A = np.eye(4)
     A[:3, :3] = R @ np.diag(spacing)
     A[:3, 3] = centre - A[:3, :3] @ ((shape - 1) / 2)
-    # slice profile: blur along y before sampling
-    sigma_y = thick / 2.355 / cv.spacing
+    # slice profile: blur across the slices before sampling
+    sigma_slice = thick / 2.355 / cv.spacing
     y0 = max(0, int((y_lo - cv.origin[1]) / cv.spacing) - 8)
     x0 = max(0, int((x_lo - cv.origin[0]) / cv.spacing) - 8)
     z0 = max(0, int((z_lo - cv.origin[2]) / cv.spacing) - 8)
@@ -101,7 +106,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
         fatty = tissue_in(cv.tissue[crop], (FAT, YELLOW))
         src = src.copy()
         src[fatty] *= 1.0 + 3.0 * np.clip(field_at(fatty, rng, cells=6, lo=-2.0, hi=1.0), 0, 1)
-    src = gaussian_filter1d(src, sigma_y, axis=1, mode="nearest", truncate=2.5)
+    src = gaussian_filter1d(src, sigma_slice, axis=across, mode="nearest", truncate=2.5)
     off = np.array([s.start or 0 for s in crop], float)
     M = np.linalg.inv(cv.affine) @ A
     matrix, offset = M[:3, :3], M[:3, 3] - off
@@ -135,11 +140,23 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     integer = rng.random() < acq.integer_p
     if integer:
         out = np.clip(np.round(out * min(1.0, 30000.0 / max(1.0, float(out.max())))), 0, 32767).astype(np.int16)
-    params = dict(fov=name, inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
+    params = dict(fov=name, plane=plane, inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
                   oblique=bool(oblique), orientation=orient, snr=round(snr, 2), fat_sat_failure=bool(fs_fail),
                   motion_blur=bool(motion), intensity_scale=round(scale, 2), integer=bool(integer),
                   shape=[int(s) for s in out.shape])
     return Acquired(out, lab_out, A, params)
+
+
+SLICE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _draw(weights: dict[str, float], rng) -> str:
+    """One key of ``weights`` at random in proportion to its weight; a single key is taken without a draw."""
+    keys = list(weights)
+    if len(keys) == 1:
+        return keys[0]
+    w = np.array([weights[k] for k in keys], float)
+    return keys[int(rng.choice(len(keys), p=w / w.sum()))]
 
 
 def _reorient(img, labels, A, kind, rng):
