@@ -143,7 +143,7 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
     def contradicted_by(i: int) -> np.ndarray:
         far = np.abs(t - t[i]) >= 2                                 # tiers that never share a height
         return far & (((t[i] < t) & (z[i] < z - ORDER_MARGIN_MM))   # i ranks above a piece it lies below
-                      | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or below a piece that lies below it
+                      | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or ranks below one below it
 
     mass = np.array([w[contradicted_by(i)].sum() for i in range(len(w))])
     drop = np.zeros(len(w), bool)
