@@ -23,6 +23,7 @@ from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
 from models.sites import by_id
 from training.config import AugmentConfig, SamplingConfig, SynthConfig, TrainConfig
+from training.metrics import majority_labels
 from training.nnunet import dataset_files, raise_problems, read_case
 
 UNKNOWN = 255
@@ -326,14 +327,8 @@ def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> n
     """Per lesion id of ``lesions``, the body region of its majority site among its voxels' ``sites`` (``ids``: each
     voxel's lesion id); "none" for a lesion outside bone or without a site reference."""
     table = by_id()
-    out = []
-    for lid in lesions:
-        counts = np.bincount(sites[ids == lid].astype(np.int64))
-        counts[0] = 0
-        counts[UNKNOWN:] = 0
-        sid = int(counts.argmax()) if counts.any() else 0
-        out.append(table[sid].region if sid in table else "none")
-    return np.array(out)
+    majority = majority_labels(ids, np.where(sites == UNKNOWN, 0, sites))
+    return np.array([table[majority[lid]].region if majority[lid] in table else "none" for lid in lesions])
 
 
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: SamplingConfig) -> np.ndarray:

@@ -15,7 +15,7 @@ from scipy.ndimage import affine_transform, gaussian_filter, gaussian_filter1d
 from training.config import AcquisitionConfig, FovConfig
 
 from .body import Body
-from .render import FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in
+from .render import FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in, weighted_choice
 
 
 @dataclass
@@ -28,9 +28,7 @@ class Acquired:
 
 def choose_fov(body: Body, rng: np.random.Generator, cfg: FovConfig, force: str | None = None) -> tuple[str, float, float]:
     """(name, z_lo, z_hi) world range of the field of view."""
-    keys = list(cfg.p)
-    p = np.array([cfg.p[k] for k in keys], float)
-    name = force or keys[int(rng.choice(len(keys), p=p / p.sum()))]
+    name = force or weighted_choice(rng, cfg.p)
     Lm, H = body.landmarks, body.H
     zk = float(np.mean([body.landmarks["knee_left"][2], body.landmarks["knee_right"][2]]))
     ranges = {
@@ -64,7 +62,8 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
-    plane = _draw(acq.plane_p, rng)
+    # one plane (the default) takes no draw, so generator 1.3 cases are made bit for bit
+    plane = next(iter(acq.plane_p)) if len(acq.plane_p) == 1 else weighted_choice(rng, acq.plane_p)
     across = SLICE_AXIS[plane]   # the canvas axis (x: R-L, y: A-P, z: S-I) the thick slices run along
     # body extent in x/y from the anatomy (non-air voxels) within the z range
     occ = cv.tissue != 0
@@ -133,9 +132,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     scale = float(np.exp(rng.uniform(np.log(acq.intensity_scale[0]), np.log(acq.intensity_scale[1]))))
     out *= scale
     # header orientation: reorder/flip the array axes and the affine to match (exact, no resampling)
-    okeys = list(acq.orientation_p)
-    op = np.array([acq.orientation_p[k] for k in okeys], float)
-    orient = okeys[int(rng.choice(len(okeys), p=op / op.sum()))]
+    orient = weighted_choice(rng, acq.orientation_p)
     out, lab_out, A = _reorient(out, lab_out, A, orient, rng)
     integer = rng.random() < acq.integer_p
     if integer:
@@ -148,15 +145,6 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
 
 
 SLICE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
-
-
-def _draw(weights: dict[str, float], rng) -> str:
-    """One key of ``weights`` at random in proportion to its weight; a single key is taken without a draw."""
-    keys = list(weights)
-    if len(keys) == 1:
-        return keys[0]
-    w = np.array([weights[k] for k in keys], float)
-    return keys[int(rng.choice(len(keys), p=w / w.sum()))]
 
 
 def _reorient(img, labels, A, kind, rng):

@@ -13,7 +13,7 @@ from models.sites import by_code, site_id
 from training.config import LesionConfig
 
 from .body import Body, LongBone
-from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, RED, SKIN, YELLOW, Canvas, smooth_field
+from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, RED, SKIN, YELLOW, Canvas, smooth_field, weighted_choice
 
 PAIRED = {"tibia", "femur", "fibula", "humerus", "radius", "ulna", "clavicle", "talus", "calcaneus", "metatarsals",
           "ilium", "ischium", "pubis", "ribs", "scapula", "midfoot"}
@@ -40,14 +40,8 @@ class LesionPlan:
         return asdict(self)
 
 
-def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
-    keys = list(weights)
-    p = np.array([weights[k] for k in keys], float)
-    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
-
-
 def _vertebra(rng: np.random.Generator) -> str:
-    region = _choice(rng, VERT_WEIGHTS)
+    region = weighted_choice(rng, VERT_WEIGHTS)
     n = {"C": 7, "T": 12, "L": 5}[region]
     return f"vertebra_{region}{int(rng.integers(1, n + 1))}"
 
@@ -60,7 +54,7 @@ def _site_code(bone: str, side: str) -> str:
 
 def _subregion(rng, cfg: LesionConfig, bone: str) -> tuple[str | None, bool | None]:
     if bone in LONG:
-        kind = _choice(rng, cfg.long_subregion_p)
+        kind = weighted_choice(rng, cfg.long_subregion_p)
         if bone == "clavicle":  # medial clavicle: the classic site
             kind = "metaphysis" if kind == "diaphysis" and rng.random() < 0.5 else kind
         end = "distal" if rng.random() < cfg.distal_p.get(bone, 0.5) else "proximal"
@@ -85,7 +79,7 @@ def plan_lesions(rng: np.random.Generator, cfg: LesionConfig) -> tuple[str | Non
     """Draw the disease pattern and the lesion list of one case (no rendering)."""
     if rng.random() < cfg.none_p:
         return None, []
-    pattern = _choice(rng, cfg.pattern_p)
+    pattern = weighted_choice(rng, cfg.pattern_p)
     n = int(np.clip(rng.poisson(cfg.count_mean if pattern != "claviculo_spinal" else cfg.count_mean * 0.5), 1,
                     cfg.count_max))
     plans: list[LesionPlan] = []
@@ -93,7 +87,7 @@ def plan_lesions(rng: np.random.Generator, cfg: LesionConfig) -> tuple[str | Non
     tries = 0
     while len(plans) < n and tries < 20 * n:
         tries += 1
-        bone = _choice(rng, cfg.site_weights[pattern])
+        bone = weighted_choice(rng, cfg.site_weights[pattern])
         side = "right" if rng.random() < 0.5 else "left"
         site = _vertebra(rng) if bone == "vertebra" else _site_code(bone, side)
         sub, juxta = _subregion(rng, cfg, bone)

@@ -108,6 +108,13 @@ def paint(cv: Canvas, b: Box, mask: np.ndarray, tissue: int | None = None, site:
         cv.marrow_w[b.sl][m] = w[m]
 
 
+def weighted_choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """One key of ``weights`` drawn in proportion to its weight (one draw from ``rng``, whatever the number of keys)."""
+    keys = list(weights)
+    p = np.array([weights[k] for k in keys], float)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
 def rotation(axis, angle_rad: float) -> np.ndarray:
     """Rodrigues rotation matrix."""
     a = np.asarray(axis, float)
