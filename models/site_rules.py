@@ -81,16 +81,6 @@ def head_to_feet_tier(site: Site) -> int | None:
     return None
 
 
-def _out_of_order(upper: int, lower: int, z_upper: float, z_lower: float) -> bool:
-    """Whether a piece of tier ``upper`` at height ``z_upper`` (mm, superior +) and one of tier ``lower`` break
-    the head-to-feet order (tiers equal or sharing a height never do)."""
-    if upper > lower:
-        upper, lower, z_upper, z_lower = lower, upper, z_lower, z_upper
-    if upper == lower or (upper, lower) in _MAY_OVERLAP:
-        return False
-    return z_upper < z_lower - ORDER_MARGIN_MM
-
-
 def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """``sites`` (site ids on a RAS grid, +z superior) with the pieces that break the head-to-feet order renamed or
     made no bone (see the module docstring); the input itself when nothing breaks it."""
@@ -139,11 +129,13 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
     contradicts the most voxels of the others goes first (ties: the earlier piece). Memory grows with the number of
     pieces, not its square (a noisy map can hold thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
+    share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
+    for a, b in _MAY_OVERLAP:
+        share[a, b] = share[b, a] = True
 
     def contradicted_by(i: int) -> np.ndarray:
-        far = np.abs(t - t[i]) >= 2                                 # tiers that never share a height
-        return far & (((t[i] < t) & (z[i] < z - ORDER_MARGIN_MM))   # i ranks above a piece it lies below
-                      | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or ranks below one below it
+        return ~share[t[i], t] & (((t[i] < t) & (z[i] < z - ORDER_MARGIN_MM))   # i ranks above a piece below it
+                                  | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or below one below it
 
     mass = np.array([w[contradicted_by(i)].sum() for i in range(len(w))])
     drop = np.zeros(len(w), bool)
