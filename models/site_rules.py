@@ -1,7 +1,7 @@
 """The anatomical rules applied to the network's site map, in order (:func:`apply_site_rules`), shared by
 validation and inference: pieces out of head-to-feet order dropped (below), vertebral levels fitted along the spine
-(:mod:`models.spine`), sides by position (:mod:`models.sides`), then stray labels handed to the bone they sit in
-(below).
+(:mod:`models.spine`), sides by position (:mod:`models.sides`), "tibia" above the patella's middle renamed femur
+(:func:`leg_bones_by_patella`), then stray labels handed to the bone they sit in (below).
 
 Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
 lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.sides import body_mask, sides_by_position
-from models.sites import Site, by_id, thin_bone_ids
+from models.sites import Site, by_id, site_id, thin_bone_ids
 from models.spine import renumber_vertebrae
 
 BONE_THRESHOLD = 0.5   # bone probability above which a voxel is bone, unless the model card says otherwise
@@ -181,6 +181,45 @@ def relabel_stray_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
     return out
 
 
+PATELLA_MARGIN_MM = 5.0
+MIN_PATELLA_ML = 0.2
+
+
+def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``sites`` with each side's "tibia" and "fibula" voxels more than ``PATELLA_MARGIN_MM`` above the centroid of
+    that side's patella renamed femur (the input itself when none are).
+
+    With the knee extended, as a child lies for whole-body MRI, the patella lies in front of the distal femur, its
+    lower pole at or above the joint line, so no part of the tibia or fibula reaches the patella's middle. Bright
+    edema in a distal femoral metaphysis can make the network name that metaphysis "tibia"; the patella beside it
+    is usually still named right. The patella used is the side's largest 26-connected piece, when it holds at least
+    ``MIN_PATELLA_ML`` and touches that side's femur or tibia; without one (an unossified patella in a young child,
+    or none found) nothing changes. The reverse (femur below the patella) is not renamed: the femoral condyles reach
+    below the patella's lower pole."""
+    sites = np.asarray(sites)
+    spacing = np.asarray(spacing, float)
+    min_voxels = MIN_PATELLA_ML * 1000.0 / float(np.prod(spacing))
+    out = sites
+    for side in ("left", "right"):
+        femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("femur", "tibia", "fibula"))
+        pieces, n = ndimage.label(sites == site_id(f"patella_{side}"), _NEIGHBOURS)
+        if n == 0:
+            continue
+        sizes = np.bincount(pieces.ravel())[1:]
+        patella = pieces == int(np.argmax(sizes)) + 1
+        if sizes.max() < min_voxels or not np.isin(sites[ndimage.binary_dilation(patella, _NEIGHBOURS)],
+                                                   (femur, tibia)).any():
+            continue
+        centre_mm = float(np.nonzero(patella)[2].mean()) * spacing[2]
+        first_row = int(np.floor((centre_mm + PATELLA_MARGIN_MM) / spacing[2])) + 1
+        above = out[:, :, first_row:]
+        wrong = (above == tibia) | (above == fibula)
+        if wrong.any():
+            out = out.copy() if out is sites else out
+            out[:, :, first_row:][wrong] = femur
+    return out
+
+
 def bone_thresholds(thresholds: Mapping[str, float]) -> tuple[float, float]:
     """The site map's (``bone``, ``bone_thin``) from a model card's ``thresholds``: :data:`BONE_THRESHOLD` where the
     card has none, and ``bone_thin`` equal to ``bone`` (no growth) where it has no thin one."""
@@ -217,4 +256,5 @@ def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[fl
     site_map = drop_out_of_order_pieces(np.asarray(site_map, np.uint8), spacing)
     site_map = renumber_vertebrae(site_map, spacing)
     site_map = sides_by_position(site_map, body_mask(img), spacing)
+    site_map = leg_bones_by_patella(site_map, spacing)
     return relabel_stray_pieces(site_map, spacing)

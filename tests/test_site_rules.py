@@ -249,3 +249,36 @@ def test_one_large_piece_out_of_order_does_not_outvote_the_bones_it_contradicts(
     assert np.array_equal(out[lumbar], sites[lumbar])
     assert not (out[arm] == femur).any()
     assert np.array_equal(out[~arm], sites[~arm])
+
+
+@pytest.mark.parametrize("view", [(0.0, 1.0), (0.2, 0.45)])
+def test_true_sites_keep_every_voxel_through_the_patella_rule(sites, view):
+    """Whole body and a knees-and-thighs window: no true tibia or fibula reaches above the patella's middle."""
+    from models.site_rules import leg_bones_by_patella
+    lo, hi = (int(f * sites.shape[2]) for f in view)
+    part = np.ascontiguousarray(sites[:, :, lo:hi])
+    assert np.isin(part, [site_id("patella_left"), site_id("patella_right")]).any()
+    assert np.array_equal(leg_bones_by_patella(part, GRID), part)
+
+
+def test_a_distal_femur_named_tibia_beside_the_patella_is_named_femur_again(sites):
+    """The network's error on knees with distal femoral edema: the metaphysis above the joint named "tibia"."""
+    from models.site_rules import PATELLA_MARGIN_MM, leg_bones_by_patella
+    femur, tibia, patella = site_id("femur_right"), site_id("tibia_right"), site_id("patella_right")
+    rows = np.nonzero((sites == patella).any(axis=(0, 1)))[0]
+    centre = np.nonzero(sites == patella)[2].mean()
+    first = int(np.floor(centre + PATELLA_MARGIN_MM / GRID[2])) + 1
+    noisy = sites.copy()
+    band = noisy[:, :, first:rows[-1] + 8]
+    band[band == femur] = tibia                            # 2-3 cm of distal femur named "tibia"
+    assert np.count_nonzero(noisy != sites) > 100
+    out = leg_bones_by_patella(noisy, GRID)
+    assert np.array_equal(out, sites)
+    # the rule stands on the patella: without it, or with too small a one, nothing changes
+    no_patella = np.where(noisy == patella, femur, noisy).astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_patella(no_patella, GRID), no_patella)
+    speck = no_patella.copy()
+    speck[tuple(np.argwhere(noisy == patella)[0])] = patella
+    assert np.array_equal(leg_bones_by_patella(speck, GRID), speck)
+    # and the left leg is left alone
+    assert np.array_equal(out == site_id("tibia_left"), sites == site_id("tibia_left"))

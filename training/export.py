@@ -84,7 +84,7 @@ LIMITATIONS = [
     "holds almost none): sternal lesions are named by their position in front of the thoracic spine, without a "
     "bone share. Growth plates are 2-3 mm thick: the default model's physis channel finds few of them (on 13 faint "
     "test phantoms its mask held 5% of the physis voxels), so epiphysis against metaphysis next to a growth plate "
-    "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.67 of the found whole-body "
+    "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.70 of the found whole-body "
     "test lesions named with the right bone.",
     "The soft-tissue-extension flag is insensitive: the default model's bone channel labels edema just outside "
     "the cortex as bone, so on the 50 + 50 test sets the flag was set for none of the 25 predicted lesions "
