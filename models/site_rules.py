@@ -199,24 +199,31 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
     sites = np.asarray(sites)
     spacing = np.asarray(spacing, float)
     min_voxels = MIN_PATELLA_ML * 1000.0 / float(np.prod(spacing))
+    boxes = ndimage.find_objects(sites)
     out = sites
     for side in ("left", "right"):
-        femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("femur", "tibia", "fibula"))
-        pieces, n = ndimage.label(sites == site_id(f"patella_{side}"), _NEIGHBOURS)
-        if n == 0:
+        patella_id, femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("patella", "femur", "tibia", "fibula"))
+        if patella_id > len(boxes) or boxes[patella_id - 1] is None:
             continue
+        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[patella_id - 1])  # room for its neighbours
+        crop = sites[grown]
+        pieces, _ = ndimage.label(crop == patella_id, _NEIGHBOURS)
         sizes = np.bincount(pieces.ravel())[1:]
         patella = pieces == int(np.argmax(sizes)) + 1
-        if sizes.max() < min_voxels or not np.isin(sites[ndimage.binary_dilation(patella, _NEIGHBOURS)],
+        if sizes.max() < min_voxels or not np.isin(crop[ndimage.binary_dilation(patella, _NEIGHBOURS)],
                                                    (femur, tibia)).any():
             continue
-        centre_mm = float(np.nonzero(patella)[2].mean()) * spacing[2]
+        centre_mm = (float(np.nonzero(patella)[2].mean()) + grown[2].start) * spacing[2]
         first_row = int(np.floor((centre_mm + PATELLA_MARGIN_MM) / spacing[2])) + 1
-        above = out[:, :, first_row:]
-        wrong = (above == tibia) | (above == fibula)
-        if wrong.any():
-            out = out.copy() if out is sites else out
-            out[:, :, first_row:][wrong] = femur
+        for sid in (tibia, fibula):
+            box = boxes[sid - 1] if sid <= len(boxes) else None
+            if box is None or box[2].stop <= first_row:
+                continue
+            above = out[box[0], box[1], max(box[2].start, first_row):box[2].stop]
+            wrong = above == sid
+            if wrong.any():
+                out = out.copy() if out is sites else out
+                out[box[0], box[1], max(box[2].start, first_row):box[2].stop][wrong] = femur
     return out
 
 
