@@ -193,27 +193,20 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
     lower pole at or above the joint line, so no part of the tibia or fibula reaches the patella's middle. Bright
     edema in a distal femoral metaphysis can make the network name that metaphysis "tibia"; the patella beside it
     is usually still named right. The patella used is the side's largest 26-connected piece, when it holds at least
-    ``MIN_PATELLA_ML`` and touches that side's femur or tibia; without one (an unossified patella in a young child,
-    or none found) nothing changes. The reverse (femur below the patella) is not renamed: the femoral condyles reach
-    below the patella's lower pole."""
+    ``MIN_PATELLA_ML`` and touches that side's femur or tibia; a side without one (edema can take the patella off
+    the map too) uses the other side's, since a child lies with both knees extended and level; without either (an
+    unossified patella in a young child, or none found) nothing changes. The reverse (femur below the patella) is
+    not renamed: the femoral condyles reach below the patella's lower pole."""
     sites = np.asarray(sites)
     spacing = np.asarray(spacing, float)
-    min_voxels = MIN_PATELLA_ML * 1000.0 / float(np.prod(spacing))
     boxes = ndimage.find_objects(sites)
+    centres = {side: _patella_centre_mm(sites, boxes, side, spacing) for side in ("left", "right")}
     out = sites
-    for side in ("left", "right"):
-        patella_id, femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("patella", "femur", "tibia", "fibula"))
-        if patella_id > len(boxes) or boxes[patella_id - 1] is None:
+    for side, other in (("left", "right"), ("right", "left")):
+        centre_mm = centres[side] if centres[side] is not None else centres[other]   # knees lie level
+        if centre_mm is None:
             continue
-        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[patella_id - 1])  # room for its neighbours
-        crop = sites[grown]
-        pieces, _ = ndimage.label(crop == patella_id, _NEIGHBOURS)
-        sizes = np.bincount(pieces.ravel())[1:]
-        patella = pieces == int(np.argmax(sizes)) + 1
-        if sizes.max() < min_voxels or not np.isin(crop[ndimage.binary_dilation(patella, _NEIGHBOURS)],
-                                                   (femur, tibia)).any():
-            continue
-        centre_mm = (float(np.nonzero(patella)[2].mean()) + grown[2].start) * spacing[2]
+        femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("femur", "tibia", "fibula"))
         first_row = int(np.floor((centre_mm + PATELLA_MARGIN_MM) / spacing[2])) + 1
         for sid in (tibia, fibula):
             box = boxes[sid - 1] if sid <= len(boxes) else None
@@ -225,6 +218,23 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
                 out = out.copy() if out is sites else out
                 out[box[0], box[1], max(box[2].start, first_row):box[2].stop][wrong] = femur
     return out
+
+
+def _patella_centre_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray) -> float | None:
+    """Height (mm along the grid's third axis) of the centroid of the side's patella: its largest 26-connected piece,
+    when that holds at least ``MIN_PATELLA_ML`` and touches the side's femur or tibia; None without one."""
+    patella_id, femur, tibia = (site_id(f"{bone}_{side}") for bone in ("patella", "femur", "tibia"))
+    if patella_id > len(boxes) or boxes[patella_id - 1] is None:
+        return None
+    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[patella_id - 1])  # room for its neighbours
+    crop = sites[grown]
+    pieces, _ = ndimage.label(crop == patella_id, _NEIGHBOURS)
+    sizes = np.bincount(pieces.ravel())[1:]
+    patella = pieces == int(np.argmax(sizes)) + 1
+    if sizes.max() < MIN_PATELLA_ML * 1000.0 / float(np.prod(spacing)) or not np.isin(
+            crop[ndimage.binary_dilation(patella, _NEIGHBOURS)], (femur, tibia)).any():
+        return None
+    return (float(np.nonzero(patella)[2].mean()) + grown[2].start) * float(spacing[2])
 
 
 def bone_thresholds(thresholds: Mapping[str, float]) -> tuple[float, float]:

@@ -274,11 +274,15 @@ def test_a_distal_femur_named_tibia_beside_the_patella_is_named_femur_again(site
     assert np.count_nonzero(noisy != sites) > 100
     out = leg_bones_by_patella(noisy, GRID)
     assert np.array_equal(out, sites)
-    # the rule stands on the patella: without it, or with too small a one, nothing changes
-    no_patella = np.where(noisy == patella, femur, noisy).astype(noisy.dtype)
-    assert np.array_equal(leg_bones_by_patella(no_patella, GRID), no_patella)
-    speck = no_patella.copy()
-    speck[tuple(np.argwhere(noisy == patella)[0])] = patella
-    assert np.array_equal(leg_bones_by_patella(speck, GRID), speck)
     # and the left leg is left alone
     assert np.array_equal(out == site_id("tibia_left"), sites == site_id("tibia_left"))
+    # without its own patella (or with too small a one) a knee uses the other knee's, which lies level with it
+    no_patella = np.where(noisy == patella, femur, noisy).astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_patella(no_patella, GRID), np.where(sites == patella, femur, sites))
+    speck = no_patella.copy()
+    speck[tuple(np.argwhere(noisy == patella)[0])] = patella
+    assert np.count_nonzero(leg_bones_by_patella(speck, GRID) != speck) == np.count_nonzero(noisy != sites)
+    # with neither patella nothing changes
+    neither = np.where(np.isin(no_patella, [site_id("patella_left")]), site_id("femur_left"), no_patella)
+    neither = neither.astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_patella(neither, GRID), neither)
