@@ -209,24 +209,30 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
         femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("femur", "tibia", "fibula"))
         first_row = int(np.floor((centre_mm + PATELLA_MARGIN_MM) / spacing[2])) + 1
         for sid in (tibia, fibula):
-            box = boxes[sid - 1] if sid <= len(boxes) else None
+            box = _label_box(boxes, sid)
             if box is None or box[2].stop <= first_row:
                 continue
-            above = out[box[0], box[1], max(box[2].start, first_row):box[2].stop]
-            wrong = above == sid
+            above = (box[0], box[1], slice(max(box[2].start, first_row), box[2].stop))
+            wrong = out[above] == sid
             if wrong.any():
                 out = out.copy() if out is sites else out
-                out[box[0], box[1], max(box[2].start, first_row):box[2].stop][wrong] = femur
+                out[above][wrong] = femur
     return out
+
+
+def _label_box(boxes: list, sid: int) -> tuple[slice, ...] | None:
+    """The bounding box of label ``sid`` from ``ndimage.find_objects`` of a label map; None when it is absent."""
+    return boxes[sid - 1] if sid <= len(boxes) else None
 
 
 def _patella_centre_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray) -> float | None:
     """Height (mm along the grid's third axis) of the centroid of the side's patella: its largest 26-connected piece,
     when that holds at least ``MIN_PATELLA_ML`` and touches the side's femur or tibia; None without one."""
     patella_id, femur, tibia = (site_id(f"{bone}_{side}") for bone in ("patella", "femur", "tibia"))
-    if patella_id > len(boxes) or boxes[patella_id - 1] is None:
+    box = _label_box(boxes, patella_id)
+    if box is None:
         return None
-    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[patella_id - 1])  # room for its neighbours
+    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)  # room for its neighbours
     crop = sites[grown]
     pieces, _ = ndimage.label(crop == patella_id, _NEIGHBOURS)
     sizes = np.bincount(pieces.ravel())[1:]
