@@ -292,3 +292,43 @@ def test_synth_cli_with_workers_makes_the_serial_cases_and_exits_cleanly(tmp_pat
     for name in ("case_000003", "case_000004"):
         par, ser = (nib.load(str(tmp_path / d / "cases" / name / "image.nii.gz")) for d in ("par", "ser"))
         assert np.array_equal(np.asarray(par.dataobj), np.asarray(ser.dataobj))
+
+
+@pytest.mark.parametrize("seed", [3, 500013])
+def test_knee_and_elbow_bones_meet_at_a_joint_line_and_the_patella_sits_above_it(seed):
+    """Generator 1.4: femur and tibia, humerus and radius do not overlap along the limb (a joint space between
+    them), the patella's lower pole lies above the knee joint, and the olecranon rises behind the humerus."""
+    from models.sites import site_id
+    from training.config import BodyConfig
+    from training.phantom.body import build_skeleton, sample_body
+    from training.phantom.generate import canvas_for
+    rng = np.random.default_rng(seed)
+    body = sample_body(rng, BodyConfig())
+    cv = canvas_for(body, 2.0)
+    build_skeleton(cv, body, rng, BodyConfig())
+
+    def voxels_mm(code: str) -> np.ndarray:
+        return cv.origin + cv.spacing * np.argwhere(cv.sites == site_id(code))
+
+    for side in ("left", "right"):
+        femur, tibia, patella = (voxels_mm(f"{b}_{side}") for b in ("femur", "tibia", "patella"))
+        joint = body.landmarks[f"knee_{side}"][2]
+        assert femur[:, 2].min() > tibia[:, 2].max() + 2.0  # a joint space of at least one voxel
+        assert tibia[:, 2].max() < joint < femur[:, 2].min()
+        assert patella[:, 2].min() > joint + 5.0 and patella[:, 1].mean() > femur[femur[:, 2] < joint + 40, 1].max()
+        humerus, radius, ulna = (voxels_mm(f"{b}_{side}") for b in ("humerus", "radius", "ulna"))
+        elbow = np.array(body.landmarks[f"elbow_{side}"])
+        assert humerus[:, 2].min() > radius[:, 2].max() + 2.0
+        olecranon = ulna[ulna[:, 2] > humerus[:, 2].min()]
+        assert len(olecranon) and olecranon[:, 1].mean() < elbow[1] - 5.0  # behind the distal humerus
+
+
+def test_a_change_to_the_lesions_leaves_the_childs_acquisition_as_it_was():
+    """Each stage draws from its own stream of the seed (generator 1.4): other lesions, same child and scan."""
+    few = generate_case(21, load_config(SynthConfig, None, ["anatomy_mm=3", "lesions.none_p=0", "lesions.count_mean=2"]))
+    many = generate_case(21, load_config(SynthConfig, None, ["anatomy_mm=3", "lesions.none_p=0",
+                                                             "lesions.count_mean=12"]))
+    assert len(many.meta["lesions"]) > len(few.meta["lesions"])
+    for key in ("age_years", "sex", "height_cm", "acquisition"):
+        assert few.meta[key] == many.meta[key], key
+    assert np.array_equal(few.sites, many.sites)

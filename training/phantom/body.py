@@ -25,6 +25,11 @@ _HEIGHT_GIRLS = np.array([94.1, 101.6, 108.4, 115.1, 121.1, 127.2, 132.6, 138.2,
                           162.5, 162.9])
 
 
+KNEE_GAP = 0.004       # of body height: femoral condyles to tibial plateau (cartilage and joint space), ~5 mm at 10 y
+PATELLA_POLE = 0.008   # of body height: the patella's lower pole above the knee joint line, ~11 mm at 10 y
+ELBOW_GAP = 0.003      # of body height: distal humerus to radial head, ~4 mm at 10 y
+
+
 def median_height_mm(age: float, sex: str) -> float:
     table = _HEIGHT_GIRLS if sex == "F" else _HEIGHT_BOYS
     return float(np.interp(age, _AGES, table)) * 10.0
@@ -40,6 +45,7 @@ class LongBone:
     r_prox: float
     r_dist: float
     t_phys: tuple[float | None, float | None]
+    end_scale: tuple[float, float] = (1.0, 1.0)  # axial depth of the end caps over their radius (1: hemispheres)
 
     @property
     def length(self) -> float:
@@ -126,13 +132,14 @@ def render_long_bone(cv: Canvas, body: Body, bone: LongBone, rng: np.random.Gene
     b, _, t_raw, rho, _ = res
     t = np.clip(t_raw, 0, 1)
     r = bone.radius(t)
-    inside = rho <= r
+    flat = bone.end_scale != (1.0, 1.0)
+    inside = _within_caps(t_raw, rho, bone, r, 0.0) if flat else rho <= r
     if not inside.any():
         return
     cortex = cortex_mm if cortex_mm is not None else max(1.6, 0.28 * bone.r_shaft)
     ends = np.minimum(t, 1 - t) * bone.length
     c = np.where(ends < 0.18 * bone.length, np.maximum(1.2, 0.35 * cortex), cortex)
-    marrow = inside & (rho <= r - c)
+    marrow = inside & (_within_caps(t_raw, rho, bone, r, c) if flat else rho <= r - c)
     paint(cv, b, inside, CORTEX, sid)
     w = _marrow_weight(body, t, bone, rng)
     paint(cv, b, marrow & (w >= 0.5), RED, None, marrow_w=w)
@@ -152,6 +159,28 @@ def render_long_bone(cv: Canvas, body: Body, bone: LongBone, rng: np.random.Gene
             epi = (t_raw < tp) if end == 0.0 else (t_raw > tp)
             core = rho <= (r - c) * (0.45 + 0.09 * body.age)
             paint(cv, b, inside & epi & ~core, CARTILAGE, sid)
+
+
+def _within_caps(t_raw: np.ndarray, rho: np.ndarray, bone: LongBone, r: np.ndarray, shrink) -> np.ndarray:
+    """Inside the bone's surface moved in by ``shrink`` mm, its end caps squashed along the axis to
+    ``bone.end_scale`` of their radius (a flat tibial plateau or radial head, broad femoral condyles) instead of
+    the hemispheres of ``rho <= r - shrink``."""
+    beyond = np.where(t_raw < 0, -t_raw, np.maximum(t_raw - 1, 0)) * bone.length
+    depth = np.where(t_raw < 0, bone.end_scale[0], bone.end_scale[1]) * r - shrink
+    radial2 = np.maximum(rho ** 2 - beyond ** 2, 0)
+    across = np.maximum(r - shrink, 1e-3)
+    return radial2 / across ** 2 + beyond ** 2 / np.maximum(depth, 1e-3) ** 2 <= 1.0
+
+
+def _joint_space(cv: Canvas, centre, radii) -> None:
+    """Articular cartilage (intermediate on STIR) across a joint, with a thin film of fluid in its middle; the bones
+    painted afterwards keep their own voxels."""
+    res = ellipsoid(cv, centre, radii)
+    if res:
+        paint(cv, res[0], res[1], CARTILAGE, 0)
+    res = ellipsoid(cv, centre, [radii[0] * 0.7, radii[1] * 0.7, 0.8])
+    if res:
+        paint(cv, res[0], res[1], JOINT_FLUID, 0)
 
 
 def _add_long_bones(cv: Canvas, body: Body, rng: np.random.Generator, *bones: LongBone) -> None:
@@ -565,7 +594,11 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     r_head = 0.0115 * H
     # femur: head, neck, shaft with distal condyles
     top = hip + np.array([s * 0.032 * H, -0.004 * H, -0.012 * H])
-    fem = LongBone(f"femur_{side}", top, knee + [0, 0, 0.004 * H], 0.0075 * H, 0.0115 * H, 0.0155 * H, (0.035, 0.915))
+    # the knee joint line is the knee landmark: femoral condyles (caps at 0.45 of their radius) end JOINT_GAP / 2
+    # above it, the flat tibial plateau (0.25) JOINT_GAP / 2 below; generators before 1.4 drew hemispheres whose
+    # tibial dome reached 0.011 H into the femur
+    fem = LongBone(f"femur_{side}", top, knee + [0, 0, (KNEE_GAP / 2 + 0.45 * 0.0155) * H], 0.0075 * H, 0.0115 * H,
+                   0.0155 * H, (0.035, 0.93), end_scale=(1.0, 0.45))
     _add_long_bones(cv, body, rng, fem)
     fid = site_id(fem.code)
     neck_end = fem.point(0.09)
@@ -583,17 +616,16 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
             n = (neck_end - hip) / np.linalg.norm(neck_end - hip)
             d = (b.x - hip[0]) * n[0] + (b.y - hip[1]) * n[1] + (b.z - hip[2]) * n[2]
             paint(cv, b, m & (np.abs(d - 0.55 * r_head) <= 1.6), PHYSIS, fid)
-    # joint fluid in the knee (and an effusion sometimes, see contrast)
-    res = ellipsoid(cv, knee + [0, 0, -0.002 * H], [0.016 * H, 0.014 * H, 0.0025 * H])
-    if res:
-        paint(cv, res[0], res[1], JOINT_FLUID, 0)
+    # articular cartilage and a film of joint fluid between the bones (and an effusion sometimes, see contrast)
+    _joint_space(cv, knee, [0.016 * H, 0.014 * H, KNEE_GAP / 2 * H + 1.0])
     # tibia and fibula
-    tib = LongBone(f"tibia_{side}", knee - [0, 0, 0.004 * H], ankle + [0, 0, 0.003 * H], 0.0062 * H, 0.0145 * H,
-                   0.0095 * H, (0.07, 0.955))
+    tib = LongBone(f"tibia_{side}", knee - [0, 0, (KNEE_GAP / 2 + 0.25 * 0.0145) * H], ankle + [0, 0, 0.003 * H],
+                   0.0062 * H, 0.0145 * H, 0.0095 * H, (0.055, 0.955), end_scale=(0.25, 1.0))
     fib = LongBone(f"fibula_{side}", knee + [s * 0.011 * H, -0.006 * H, -0.012 * H],
                    ankle + [s * 0.012 * H, -0.004 * H, -0.006 * H], 0.0026 * H, 0.0042 * H, 0.0042 * H, (0.05, 0.94))
-    # patella in front of the knee
-    _ell_plate(cv, knee + [0, 0.018 * H, 0.008 * H], [0.0085 * H, 0.0045 * H, 0.009 * H], None,
+    # patella in front of the distal femur, its lower pole PATELLA_POLE above the joint line (extended knee;
+    # generators before 1.4 put the lower pole on the joint line)
+    _ell_plate(cv, knee + [0, 0.0195 * H, (PATELLA_POLE + 0.009) * H], [0.0085 * H, 0.0045 * H, 0.009 * H], None,
                site_id(f"patella_{side}"), 0.0 if body.age > 5 else 0.3)
     _add_long_bones(cv, body, rng, tib, fib)
     _foot(cv, body, ankle, side, rng)
@@ -632,14 +664,19 @@ def _arm(cv: Canvas, body: Body, L, side: str, rng) -> None:
     sh = np.array(body.landmarks[f"shoulder_{side}"])
     el = np.array(body.landmarks[f"elbow_{side}"])
     wr = np.array(body.landmarks[f"wrist_{side}"])
-    hum = LongBone(f"humerus_{side}", sh + [0, 0, 0.008 * H], el - [0, 0, 0.002 * H], 0.0055 * H, 0.0118 * H,
-                   0.0105 * H, (0.09, 0.93))
     ax = (wr - el) / np.linalg.norm(wr - el)
     lat = np.array([s, 0.0, 0.0])
-    rad = LongBone(f"radius_{side}", el + lat * 0.006 * H - ax * 0.004 * H, wr + lat * 0.008 * H, 0.0033 * H,
-                   0.0045 * H, 0.0062 * H, (0.05, 0.95))
-    uln = LongBone(f"ulna_{side}", el - lat * 0.005 * H - ax * 0.012 * H, wr - lat * 0.006 * H, 0.0033 * H,
-                   0.0062 * H, 0.0038 * H, (0.06, 0.96))
+    back = np.array([0.0, -1.0, 0.0])
+    # the elbow joint line is the elbow landmark: the distal humerus (caps at 0.4 of their radius) ends ELBOW_GAP / 2
+    # above it, the flat radial head (0.3) ELBOW_GAP / 2 below, under the capitellum; the olecranon rises behind
+    # the distal humerus. Before generator 1.4 the radial head reached 0.0085 H above the joint line, into the humerus
+    hum = LongBone(f"humerus_{side}", sh + [0, 0, 0.008 * H], el + [0, 0, (ELBOW_GAP / 2 + 0.4 * 0.0105) * H],
+                   0.0055 * H, 0.0118 * H, 0.0105 * H, (0.09, 0.93), end_scale=(1.0, 0.4))
+    rad = LongBone(f"radius_{side}", el + lat * 0.006 * H + ax * (ELBOW_GAP / 2 + 0.3 * 0.0045) * H,
+                   wr + lat * 0.008 * H, 0.0033 * H, 0.0045 * H, 0.0062 * H, (0.05, 0.95), end_scale=(0.3, 1.0))
+    uln = LongBone(f"ulna_{side}", el - lat * 0.005 * H + back * 0.008 * H - ax * 0.006 * H, wr - lat * 0.006 * H,
+                   0.0033 * H, 0.0062 * H, 0.0038 * H, (0.06, 0.96))
+    _joint_space(cv, el, [0.012 * H, 0.008 * H, ELBOW_GAP / 2 * H + 1.0])
     _add_long_bones(cv, body, rng, hum, rad, uln)
     hid = site_id(f"hand_{side}")
     red = 0.15 if body.age < 8 else 0.03

@@ -22,9 +22,14 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas
 
-GENERATOR_VERSION = "1.3"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.4"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
+# 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
+# space, the patella's lower pole above the knee joint line, the olecranon behind the humerus (1.3's tibial
+# dome reached 0.011 H into the femur and its radial head 0.0085 H into the humerus); each stage after the skeleton
+# draws from its own random stream (STREAMS), so the same seed keeps its child and lesion plan but not 1.3's
+# texture, noise or acquisition
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
@@ -47,23 +52,35 @@ def canvas_for(body, spacing: float) -> Canvas:
     return Canvas(shape, lo, spacing)
 
 
+# the random stream of each stage of a case after the body and skeleton (which draw from the seed alone); since
+# generator 1.4 (1.0-1.3 drew everything but the lesion plan from the seed's stream, one stage after another)
+STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5}
+
+
+def _stream(seed: int, stage: str) -> np.random.Generator:
+    return np.random.default_rng([seed, STREAMS[stage]])
+
+
 def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str | None = None) -> Case:
-    """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case."""
-    rng = np.random.default_rng(seed)
+    """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case.
+    Each stage draws from its own random stream of the seed (``STREAMS``), so a change to one stage (a bone's
+    shape, say) leaves the other stages' draws (the lesion plan, texture, noise and acquisition) as they were."""
+    rng = np.random.default_rng(seed)  # the body and skeleton
     t0 = time.perf_counter()
     body = sample_body(rng, cfg.body)
     cv = canvas_for(body, cfg.anatomy_mm)
     build_skeleton(cv, body, rng, cfg.body)
     t_anat = time.perf_counter()
-    pattern, plans = plan_lesions(np.random.default_rng([seed, 1]), cfg.lesions)
+    pattern, plans = plan_lesions(_stream(seed, "lesion_plan"), cfg.lesions)
     label = np.zeros(cv.shape, np.uint16)
     edema = np.zeros(cv.shape, np.float32)
-    mimics = mimic_masks(cv, body, rng, cfg.mimics)
+    mimics = mimic_masks(cv, body, _stream(seed, "mimics"), cfg.mimics)
+    draw = _stream(seed, "lesions")
     kept = []
     for plan in plans:
         if plan.collapse:
             apply_collapse(cv, body, plan)
-        n = render_lesion(cv, body, plan, label, edema, rng)
+        n = render_lesion(cv, body, plan, label, edema, draw)
         if n > 0:
             kept.append(plan)
     # renumber lesions 1..K in plan order
@@ -73,15 +90,16 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
         plan.mirror_of = next((k for k, q in enumerate(kept, 1) if q.id == plan.mirror_of), None) if plan.mirror_of else None
     _measure_flags(cv, label, kept)
     ratios = {plan.id: plan.ratio_to_marrow for plan in kept}
-    lut = tissue_means(rng, cfg.stir, cfg.contrast)
-    img = synthesize(cv, body, lut, edema, ratios, label, mimics, rng, cfg.stir, cfg.mimics,
+    contrast = _stream(seed, "contrast")
+    lut = tissue_means(contrast, cfg.stir, cfg.contrast)
+    img = synthesize(cv, body, lut, edema, ratios, label, mimics, contrast, cfg.stir, cfg.mimics,
                      muscle_floor=cfg.lesions.muscle_floor)
     label = lut_ids[label]
     for new, plan in enumerate(kept, start=1):
         plan.id = new
     t_con = time.perf_counter()
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
-                  rng, cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]))
+                  _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]))
     lesions = acq.labels["lesions"].astype(np.uint16)
     vox_ml = float(abs(np.linalg.det(acq.affine[:3, :3]))) / 1000.0
     counts = np.bincount(lesions.ravel(), minlength=len(kept) + 1)
