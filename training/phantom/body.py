@@ -594,8 +594,8 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     r_head = 0.0115 * H
     # femur: head, neck, shaft with distal condyles
     top = hip + np.array([s * 0.032 * H, -0.004 * H, -0.012 * H])
-    # the knee joint line is the knee landmark: femoral condyles (caps at 0.45 of their radius) end JOINT_GAP / 2
-    # above it, the flat tibial plateau (0.25) JOINT_GAP / 2 below; generators before 1.4 drew hemispheres whose
+    # the knee joint line is the knee landmark: femoral condyles (caps at 0.45 of their radius) end KNEE_GAP / 2
+    # above it, the flat tibial plateau (0.25) KNEE_GAP / 2 below; generators before 1.4 drew hemispheres whose
     # tibial dome reached 0.011 H into the femur
     fem = LongBone(f"femur_{side}", top, knee + [0, 0, (KNEE_GAP / 2 + 0.45 * 0.0155) * H], 0.0075 * H, 0.0115 * H,
                    0.0155 * H, (0.035, 0.93), end_scale=(1.0, 0.45))
