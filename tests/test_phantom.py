@@ -220,14 +220,10 @@ def test_muscle_floor_lifts_faint_edema_in_fatty_marrow_only_when_set():
 def test_normal_foot_foci_are_symmetric_left_right():
     from models.sites import site_id
     from training.config import BodyConfig
-    from training.phantom.body import build_skeleton, sample_body
     from training.phantom.contrast import FOOT_FOCUS_BONES, foot_foci_gain, foot_marrow
-    from training.phantom.generate import canvas_for
+    from training.phantom.generate import draw_skeleton
     from training.phantom.render import tissue_in
-    rng = np.random.default_rng(4)
-    body = sample_body(rng, BodyConfig())
-    cv = canvas_for(body, 3.0)
-    build_skeleton(cv, body, rng, BodyConfig())
+    body, cv = draw_skeleton(4, BodyConfig(), 3.0)
     ids = {side: [site_id(f"{b}_{side}") for b in FOOT_FOCUS_BONES] for side in ("left", "right")}
     foot = foot_marrow(cv)
     gain = np.ones(cv.shape, np.float32)
@@ -300,12 +296,8 @@ def test_knee_and_elbow_bones_meet_at_a_joint_line_and_the_patella_sits_above_it
     them), the patella's lower pole lies above the knee joint, and the olecranon rises behind the humerus."""
     from models.sites import site_id
     from training.config import BodyConfig
-    from training.phantom.body import build_skeleton, sample_body
-    from training.phantom.generate import canvas_for
-    rng = np.random.default_rng(seed)
-    body = sample_body(rng, BodyConfig())
-    cv = canvas_for(body, 2.0)
-    build_skeleton(cv, body, rng, BodyConfig())
+    from training.phantom.generate import draw_skeleton
+    body, cv = draw_skeleton(seed, BodyConfig(), 2.0)
 
     def voxels_mm(code: str) -> np.ndarray:
         return cv.origin + cv.spacing * np.argwhere(cv.sites == site_id(code))

@@ -19,19 +19,9 @@ import numpy as np
 
 from models.sites import site_id
 from training.config import BodyConfig
-from training.phantom.body import build_skeleton, sample_body
-from training.phantom.generate import GENERATOR_VERSION, canvas_for
+from training.phantom.generate import GENERATOR_VERSION, draw_skeleton
 
 SIDE = "right"
-
-
-def skeleton(seed: int):
-    """The body and its 2 mm anatomy canvas, drawn as generate_case draws them."""
-    rng = np.random.default_rng(seed)
-    body = sample_body(rng, BodyConfig())
-    cv = canvas_for(body, 2.0)
-    build_skeleton(cv, body, rng, BodyConfig())
-    return body, cv
 
 
 def voxels_mm(cv, bone: str) -> np.ndarray:
@@ -96,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"generator {GENERATOR_VERSION}; mm from the joint landmark (+: towards the head), right side")
     for k, seed in enumerate(args.seeds):
-        body, cv = skeleton(seed)
+        body, cv = draw_skeleton(seed, BodyConfig(), 2.0)
         ext = joint_extents(body, cv)
         print(f"seed {seed} ({body.age:.1f} y, {body.H / 10:.0f} cm): " + ", ".join(f"{n} {v:+.0f}" for n, v in ext.items()))
         if k == 0 and args.png:

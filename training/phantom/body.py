@@ -597,8 +597,9 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     # the knee joint line is the knee landmark: femoral condyles (caps at 0.45 of their radius) end KNEE_GAP / 2
     # above it, the flat tibial plateau (0.25) KNEE_GAP / 2 below; generators before 1.4 drew hemispheres whose
     # tibial dome reached 0.011 H into the femur
-    fem = LongBone(f"femur_{side}", top, knee + [0, 0, (KNEE_GAP / 2 + 0.45 * 0.0155) * H], 0.0075 * H, 0.0115 * H,
-                   0.0155 * H, (0.035, 0.93), end_scale=(1.0, 0.45))
+    condyles, depth = 0.0155 * H, 0.45  # radius and relative depth of the distal cap
+    fem = LongBone(f"femur_{side}", top, knee + [0, 0, KNEE_GAP / 2 * H + depth * condyles], 0.0075 * H, 0.0115 * H,
+                   condyles, (0.035, 0.93), end_scale=(1.0, depth))
     _add_long_bones(cv, body, rng, fem)
     fid = site_id(fem.code)
     neck_end = fem.point(0.09)
@@ -619,8 +620,9 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     # articular cartilage and a film of joint fluid between the bones (and an effusion sometimes, see contrast)
     _joint_space(cv, knee, [0.016 * H, 0.014 * H, KNEE_GAP / 2 * H + 1.0])
     # tibia and fibula
-    tib = LongBone(f"tibia_{side}", knee - [0, 0, (KNEE_GAP / 2 + 0.25 * 0.0145) * H], ankle + [0, 0, 0.003 * H],
-                   0.0062 * H, 0.0145 * H, 0.0095 * H, (0.055, 0.955), end_scale=(0.25, 1.0))
+    plateau, depth = 0.0145 * H, 0.25
+    tib = LongBone(f"tibia_{side}", knee - [0, 0, KNEE_GAP / 2 * H + depth * plateau], ankle + [0, 0, 0.003 * H],
+                   0.0062 * H, plateau, 0.0095 * H, (0.055, 0.955), end_scale=(depth, 1.0))
     fib = LongBone(f"fibula_{side}", knee + [s * 0.011 * H, -0.006 * H, -0.012 * H],
                    ankle + [s * 0.012 * H, -0.004 * H, -0.006 * H], 0.0026 * H, 0.0042 * H, 0.0042 * H, (0.05, 0.94))
     # patella in front of the distal femur, its lower pole PATELLA_POLE above the joint line (extended knee;
@@ -670,10 +672,12 @@ def _arm(cv: Canvas, body: Body, L, side: str, rng) -> None:
     # the elbow joint line is the elbow landmark: the distal humerus (caps at 0.4 of their radius) ends ELBOW_GAP / 2
     # above it, the flat radial head (0.3) ELBOW_GAP / 2 below, under the capitellum; the olecranon rises behind
     # the distal humerus. Before generator 1.4 the radial head reached 0.0085 H above the joint line, into the humerus
-    hum = LongBone(f"humerus_{side}", sh + [0, 0, 0.008 * H], el + [0, 0, (ELBOW_GAP / 2 + 0.4 * 0.0105) * H],
-                   0.0055 * H, 0.0118 * H, 0.0105 * H, (0.09, 0.93), end_scale=(1.0, 0.4))
-    rad = LongBone(f"radius_{side}", el + lat * 0.006 * H + ax * (ELBOW_GAP / 2 + 0.3 * 0.0045) * H,
-                   wr + lat * 0.008 * H, 0.0033 * H, 0.0045 * H, 0.0062 * H, (0.05, 0.95), end_scale=(0.3, 1.0))
+    condyles, depth = 0.0105 * H, 0.4
+    hum = LongBone(f"humerus_{side}", sh + [0, 0, 0.008 * H], el + [0, 0, ELBOW_GAP / 2 * H + depth * condyles],
+                   0.0055 * H, 0.0118 * H, condyles, (0.09, 0.93), end_scale=(1.0, depth))
+    head, depth = 0.0045 * H, 0.3
+    rad = LongBone(f"radius_{side}", el + lat * 0.006 * H + ax * (ELBOW_GAP / 2 * H + depth * head),
+                   wr + lat * 0.008 * H, 0.0033 * H, head, 0.0062 * H, (0.05, 0.95), end_scale=(depth, 1.0))
     uln = LongBone(f"ulna_{side}", el - lat * 0.005 * H + back * 0.008 * H - ax * 0.006 * H, wr - lat * 0.006 * H,
                    0.0033 * H, 0.0062 * H, 0.0038 * H, (0.06, 0.96))
     _joint_space(cv, el, [0.012 * H, 0.008 * H, ELBOW_GAP / 2 * H + 1.0])

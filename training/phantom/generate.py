@@ -14,10 +14,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from models.nifti import atomic_dir, save_nifti
-from training.config import SynthConfig, load_config
+from training.config import BodyConfig, SynthConfig, load_config
 
 from .acquire import acquire
-from .body import build_skeleton, sample_body
+from .body import Body, build_skeleton, sample_body
 from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas
@@ -52,6 +52,16 @@ def canvas_for(body, spacing: float) -> Canvas:
     return Canvas(shape, lo, spacing)
 
 
+def draw_skeleton(seed: int, body_cfg: BodyConfig, spacing_mm: float) -> tuple[Body, Canvas]:
+    """The child of a seed and its skeleton on an anatomy canvas of ``spacing_mm``, drawn from the seed's own stream
+    as :func:`generate_case` draws them."""
+    rng = np.random.default_rng(seed)
+    body = sample_body(rng, body_cfg)
+    cv = canvas_for(body, spacing_mm)
+    build_skeleton(cv, body, rng, body_cfg)
+    return body, cv
+
+
 # the random stream of each stage of a case after the body and skeleton (which draw from the seed alone); since
 # generator 1.4 (1.0-1.3 drew everything but the lesion plan from the seed's stream, one stage after another)
 STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5}
@@ -65,11 +75,8 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case.
     Each stage draws from its own random stream of the seed (``STREAMS``), so a change to one stage (a bone's
     shape, say) leaves the other stages' draws (the lesion plan, texture, noise and acquisition) as they were."""
-    rng = np.random.default_rng(seed)  # the body and skeleton
     t0 = time.perf_counter()
-    body = sample_body(rng, cfg.body)
-    cv = canvas_for(body, cfg.anatomy_mm)
-    build_skeleton(cv, body, rng, cfg.body)
+    body, cv = draw_skeleton(seed, cfg.body, cfg.anatomy_mm)
     t_anat = time.perf_counter()
     pattern, plans = plan_lesions(_stream(seed, "lesion_plan"), cfg.lesions)
     label = np.zeros(cv.shape, np.uint16)
