@@ -649,6 +649,18 @@ def measure_lesions(lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, a
     return [_measure_one(scene, lid, boxes[lid - 1], float(confidence[lid])) for lid in present]
 
 
+def not_hyperintense(lesions: Sequence[Mapping], min_ratio: float) -> list[int]:
+    """Ids of lesions whose median signal is below ``min_ratio`` times both references: the normal marrow of
+    their bone and the nearby soft tissue. Edema is bright on STIR; a candidate darker than the marrow around
+    it and than the soft tissue beside it is not marrow hyperintensity (the shipped network's false positives
+    in failed fat suppression, for example). A lesion with a reference that could not be measured is kept."""
+    if min_ratio <= 0:
+        return []
+    return [int(les["id"]) for les in lesions
+            if all(r is not None and r < min_ratio
+                   for r in (les.get("signal_ratio_marrow"), les.get("signal_ratio_muscle")))]
+
+
 # ------------------------------------------------------------------ study-level summaries
 
 def _site_sort_key(code: str) -> tuple[int, str]:

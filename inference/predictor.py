@@ -82,6 +82,7 @@ class Predictor:
         self.min_lesion_ml = float(th.get("min_lesion_ml", 0.1))
         self.min_bone_fraction = float(th.get("min_bone_fraction", 0.0))
         self.min_confidence = float(th.get("min_confidence", 0.0))  # older bundles have none: keep every lesion
+        self.min_signal_ratio = float(th.get("min_signal_ratio", 0.0))  # 0: keep lesions that are not bright too
         self.bone_threshold, self.bone_thin_threshold = bone_thresholds(th)
         # test-time augmentation: the card's (its thresholds were chosen with it) unless the caller overrides
         self.tta = tta or bundle.tta
@@ -107,7 +108,7 @@ class Predictor:
                 "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta,
                 "thresholds": {"edema": self.threshold, "min_lesion_ml": self.min_lesion_ml,
                                "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence,
-                               "bone": self.bone_threshold, "bone_thin": self.bone_thin_threshold},
+                               "min_signal_ratio": self.min_signal_ratio, "bone": self.bone_threshold, "bone_thin": self.bone_thin_threshold},
                 "software": SOFTWARE}
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -163,7 +164,8 @@ class Predictor:
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:
         """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
-        from inference.postprocess import measure_lesions, site_table, sites_in_view, study_warnings, summarise
+        from inference.postprocess import (measure_lesions, not_hyperintense, site_table, sites_in_view, study_warnings,
+                                           summarise)
         from inference.report import build_report, validate_report
         tick = progress or (lambda stage, frac: None)
         t = {"start": time.perf_counter()}
@@ -201,6 +203,10 @@ class Predictor:
         physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)
         lesions, conf = _renumber(lesions, conf)
         items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
+        dark = not_hyperintense(items, self.min_signal_ratio)
+        if dark:  # dropped, then the rest measured again: their normal-marrow references may now use those voxels
+            lesions, conf = _renumber(np.where(np.isin(lesions, dark), 0, lesions).astype(np.uint16), conf)
+            items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
         spacing = vol.spacing
         vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
         warnings = study_warnings(vol.data, sites, lesions, spacing)

@@ -128,3 +128,26 @@ def test_partial_field_of_view_gives_the_same_lesions(sensitive_predictor, knee_
     # generator-1.4 knee), a known weakness of partial views (models/default/HISTORY.md, "why partial views flag
     # normal marrow"); 0.62 here, against more than 0.7 on the generator-1.3 case
     assert _same_lesions(res.lesions[:, :, inner], base.lesions[:, :, crop][:, :, inner]) > 0.55
+
+
+def test_lesions_darker_than_both_references_are_dropped_and_the_rest_kept(knee_case):
+    """The hyperintensity rule on the shipped network's own lesions: with a cut between the lesions' weaker signal
+    ratios, exactly those below it in both ratios vanish from the report and the mask; the others keep their voxels."""
+    _, path = knee_case
+    pred = Predictor.load(device="cpu")
+    pred.threshold, pred.min_confidence, pred.min_signal_ratio = 0.1, 0.0, 0.0
+    before = pred.predict(path)
+    ratios = {les["id"]: (les["signal_ratio_marrow"], les["signal_ratio_muscle"]) for les in before.report["lesions"]}
+    measurable = {i: max(r) for i, r in ratios.items() if None not in r}
+    assert len(set(measurable.values())) >= 2, "the case needs lesions with different signal ratios"
+    cut = float(np.median(sorted(set(measurable.values()))))
+    dark = {i for i, v in measurable.items() if v < cut}
+    assert dark and len(dark) < len(ratios)
+    pred.min_signal_ratio = cut
+    after = pred.predict(path)
+    assert after.report["summary"]["lesion_count"] == len(ratios) - len(dark)
+    assert after.report["model"]["thresholds"]["min_signal_ratio"] == cut
+    kept_mask = (before.lesions > 0) & ~np.isin(before.lesions, list(dark))
+    assert np.array_equal(after.lesions > 0, kept_mask)
+    assert all(max(les["signal_ratio_marrow"] or np.inf, les["signal_ratio_muscle"] or np.inf) >= cut
+               for les in after.report["lesions"])

@@ -76,8 +76,11 @@ LIMITATIONS = [
     "fat-suppression failure) can be flagged as lesions, and faint edema (under about 2x the surrounding marrow, "
     "as real edema often is) is easily missed: the phantom-trained default model found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
-    "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.22, against 0.51 on the "
-    "test set: expect real-scan sensitivity well below the test-set figures.",
+    "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.27 (generator 1.4), "
+    "against 0.51 on the test set: expect real-scan sensitivity well below the test-set figures.",
+    "A lesion whose median signal is below both its bone's normal marrow and the nearby soft tissue is not "
+    "reported (card threshold min_signal_ratio, since wbmri 0.2.8): edema no brighter than the marrow around it "
+    "is dropped with the false positives (1 of the 71 partial-view test lesions >= 0.5 mL).",
     "Works at 3 mm: lesions below about 0.5 mL, thin cortical or periosteal changes and small bones (toes, "
     "carpals, ribs) are at the edge of what it resolves. Vertebral level naming is less reliable in partial "
     "fields of view that show few vertebrae. The default model's bone channel misses the sternum (its site map "
@@ -397,7 +400,9 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",
                   "post_processing": "26-connected lesions >= min_lesion_ml with mean probability >= min_confidence "
                                      "and at least min_bone_fraction of their voxels in or touching predicted bone "
-                                     "(thresholds chosen on the validation set); the site map: bone where the bone "
+                                     "(thresholds chosen on the validation set), dropping those whose median signal is "
+                                     "below min_signal_ratio x both their bone's normal marrow and the nearby soft "
+                                     "tissue (not hyperintense; models.lesions.MIN_SIGNAL_RATIO); the site map: bone where the bone "
                                      "probability > bone, and thin bones (models.sites.THIN_BONES) grown from there "
                                      "down to bone_thin (hysteresis; chosen on development phantoms with "
                                      "tests/benchmarks/bone_thresholds.py)",

@@ -16,7 +16,7 @@ import yaml
 from scipy import ndimage
 
 from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
-from models.lesions import components, near_bone
+from models.lesions import MIN_SIGNAL_RATIO, components, near_bone
 from models.site_rules import BONE_THRESHOLD, bone_thresholds, sites_in_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
@@ -421,6 +421,8 @@ class Trainer:
                                "min_confidence": getattr(self, "val_min_confidence", fallback["min_confidence"])}}
         # the site map's bone thresholds are not chosen by validation: a fine-tuned model keeps its --init model's
         card["thresholds"].update({k: v for k, v in inherited.get("thresholds", {}).items() if k in ("bone", "bone_thin")})
+        # nor is the hyperintensity rule, which a new model takes from models.lesions
+        card["thresholds"]["min_signal_ratio"] = inherited.get("thresholds", {}).get("min_signal_ratio", MIN_SIGNAL_RATIO)
         if "inference" in inherited:
             card["inference"] = inherited["inference"]
         if metrics:
