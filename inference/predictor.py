@@ -108,7 +108,8 @@ class Predictor:
                 "device": f"{self.device.type}{' bf16' if self.bf16 else ' fp32'}", "tta": self.tta,
                 "thresholds": {"edema": self.threshold, "min_lesion_ml": self.min_lesion_ml,
                                "min_bone_fraction": self.min_bone_fraction, "min_confidence": self.min_confidence,
-                               "min_signal_ratio": self.min_signal_ratio, "bone": self.bone_threshold, "bone_thin": self.bone_thin_threshold},
+                               "min_signal_ratio": self.min_signal_ratio, "bone": self.bone_threshold,
+                               "bone_thin": self.bone_thin_threshold},
                 "software": SOFTWARE}
 
     # ------------------------------------------------------------------------------------------------ steps

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from models.card import load_bundle, save_bundle
+from models.lesions import MIN_SIGNAL_RATIO
 from models.networks import build_network
 from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
 from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
@@ -315,13 +316,15 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
     assert card4["training"]["total_steps"] == card3["training"]["total_steps"]
 
 
-def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_from(tmp_path):
+@pytest.mark.parametrize("signal_rule", [{"min_signal_ratio": 0.8}, {}], ids=["with", "from-before-the-rule"])
+def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_from(tmp_path, signal_rule):
     first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["val_every=1000"])
     Trainer(first, quiet=True).train(progress=False)
     start = tmp_path / "run" / "final"
     card = json.loads((start / "card.json").read_text())
+    assert card["thresholds"]["min_signal_ratio"] == MIN_SIGNAL_RATIO  # a new model's hyperintensity rule
     card["thresholds"] = {"edema": 0.3, "min_lesion_ml": 0.1, "min_bone_fraction": 0.0, "min_confidence": 0.9,
-                          "bone": 0.6, "bone_thin": 0.2}
+                          **signal_rule, "bone": 0.6, "bone_thin": 0.2}
     card["inference"] = {"tta": "flip_lr_anatomy"}
     (start / "card.json").write_text(json.dumps(card))
     second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [

@@ -420,9 +420,11 @@ class Trainer:
                                "min_bone_fraction": getattr(self, "val_bone_fraction", fallback["min_bone_fraction"]),
                                "min_confidence": getattr(self, "val_min_confidence", fallback["min_confidence"])}}
         # the site map's bone thresholds are not chosen by validation: a fine-tuned model keeps its --init model's
-        card["thresholds"].update({k: v for k, v in inherited.get("thresholds", {}).items() if k in ("bone", "bone_thin")})
-        # nor is the hyperintensity rule, which a new model takes from models.lesions
-        card["thresholds"]["min_signal_ratio"] = inherited.get("thresholds", {}).get("min_signal_ratio", MIN_SIGNAL_RATIO)
+        # nor is the hyperintensity rule: a new model takes models.lesions' (a model from before it, none)
+        kept = ("bone", "bone_thin", "min_signal_ratio")
+        card["thresholds"].update({k: v for k, v in inherited.get("thresholds", {}).items() if k in kept})
+        if not inherited:
+            card["thresholds"]["min_signal_ratio"] = MIN_SIGNAL_RATIO
         if "inference" in inherited:
             card["inference"] = inherited["inference"]
         if metrics:
