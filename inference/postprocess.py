@@ -653,7 +653,8 @@ def not_hyperintense(lesions: Sequence[Mapping], min_ratio: float) -> list[int]:
     """Ids of lesions whose median signal is below ``min_ratio`` times both references: the normal marrow of
     their bone and the nearby soft tissue. Edema is bright on STIR; a candidate darker than the marrow around
     it and than the soft tissue beside it is not marrow hyperintensity (the shipped network's false positives
-    in failed fat suppression, for example). A lesion with a reference that could not be measured is kept."""
+    in failed fat suppression, for example). The ratios are compared as reported (3 decimals); a lesion with a
+    reference that could not be measured is kept."""
     if min_ratio <= 0:
         return []
     return [int(les["id"]) for les in lesions

@@ -204,8 +204,8 @@ class Predictor:
         physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)
         lesions, conf = _renumber(lesions, conf)
         items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
-        dark = not_hyperintense(items, self.min_signal_ratio)
-        if dark:  # dropped, then the rest measured again: their normal-marrow references may now use those voxels
+        # dropped, then the rest measured again (their references may now use those voxels), until none is left to drop
+        while dark := not_hyperintense(items, self.min_signal_ratio):
             lesions, conf = _renumber(np.where(np.isin(lesions, dark), 0, lesions).astype(np.uint16), conf)
             items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
         spacing = vol.spacing

@@ -149,5 +149,11 @@ def test_lesions_darker_than_both_references_are_dropped_and_the_rest_kept(knee_
     assert after.report["model"]["thresholds"]["min_signal_ratio"] == cut
     kept_mask = (before.lesions > 0) & ~np.isin(before.lesions, list(dark))
     assert np.array_equal(after.lesions > 0, kept_mask)
+    # the survivors keep their order, voxels and confidence under ids 1..K
+    kept = [les for les in before.report["lesions"] if les["id"] not in dark]
+    assert [les["id"] for les in after.report["lesions"]] == list(range(1, len(kept) + 1))
+    for new, old in zip(after.report["lesions"], kept):
+        assert np.array_equal(after.lesions == new["id"], before.lesions == old["id"])
+        assert (new["confidence"], new["volume_ml"]) == (old["confidence"], old["volume_ml"])
     assert all(max(les["signal_ratio_marrow"] or np.inf, les["signal_ratio_muscle"] or np.inf) >= cut
                for les in after.report["lesions"])

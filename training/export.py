@@ -78,9 +78,9 @@ LIMITATIONS = [
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
     "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.27 (generator 1.4), "
     "against 0.51 on the test set: expect real-scan sensitivity well below the test-set figures.",
-    "A lesion whose median signal is below both its bone's normal marrow and the nearby soft tissue is not "
-    "reported (card threshold min_signal_ratio, since wbmri 0.2.8): edema no brighter than the marrow around it "
-    "is dropped with the false positives (1 of the 71 partial-view test lesions >= 0.5 mL).",
+    "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
+    "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
+    "around it would be dropped with the false positives.",
     "Works at 3 mm: lesions below about 0.5 mL, thin cortical or periosteal changes and small bones (toes, "
     "carpals, ribs) are at the edge of what it resolves. Vertebral level naming is less reliable in partial "
     "fields of view that show few vertebrae. The default model's bone channel misses the sternum (its site map "
@@ -92,7 +92,7 @@ LIMITATIONS = [
     "test lesions named with the right bone (66 of 84, generator-1.4 test set).",
     "The default model was trained on phantoms of generators before 1.4, whose knees were drawn wrongly (the tibia "
     "domed into the femur, the patella on the joint line). On knees drawn like real extended knees (generator 1.4) "
-    "the same partial views drew 0.82 false positives per view against 0.46, most of them over normal distal "
+    "the same partial views drew 0.82 false positives per view against 0.46 (wbmri 0.2.7), most of them over normal distal "
     "femoral and proximal tibial metaphyses, and proximal ulna lesions were named humerus: read knee and elbow "
     "findings with particular care.",
     "The soft-tissue-extension flag is insensitive: the default model's bone channel labels edema just outside "
@@ -403,7 +403,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                                      "and at least min_bone_fraction of their voxels in or touching predicted bone "
                                      "(thresholds chosen on the validation set), dropping those whose median signal is "
                                      "below min_signal_ratio x both their bone's normal marrow and the nearby soft "
-                                     "tissue (not hyperintense; models.lesions.MIN_SIGNAL_RATIO); the site map: bone where the bone "
+                                     "tissue (not hyperintense; models.lesions.MIN_SIGNAL_RATIO; none when 0 or "
+                                     "absent); the site map: bone where the bone "
                                      "probability > bone, and thin bones (models.sites.THIN_BONES) grown from there "
                                      "down to bone_thin (hysteresis; chosen on development phantoms with "
                                      "tests/benchmarks/bone_thresholds.py)",
