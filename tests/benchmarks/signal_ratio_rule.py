@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from training.metrics import DetectionCounts  # noqa: E402
+
 Key = tuple[str, str, int]  # evaluation, case, predicted lesion id
 
 
@@ -65,10 +67,11 @@ def main() -> None:
         found = [any(k not in gone for k in ids) for _, ids in refs]
         big = [f for f, (ml, _) in zip(found, refs) if ml >= 0.5]
         lost = sum(bool(ids) and not f for f, (_, ids) in zip(found, refs))
-        sens, prec = sum(found) / max(1, len(refs)), tp / max(1, tp + fp)
-        f1 = 2 * sens * prec / (sens + prec) if sens + prec else 0.0
+        pooled = DetectionCounts(n_scans=scans, n_ref=len(refs), n_detected=sum(found), n_tp=tp, n_fp=fp)
+        large = DetectionCounts(n_scans=scans, n_ref=len(big), n_detected=sum(big))
         print(f"{t:<6} {sum(preds[k]['hit'] for k in gone):>11} {sum(not preds[k]['hit'] for k in gone):>11} "
-              f"{lost:>10} {sens:>12.3f} {sum(big) / max(1, len(big)):>12.3f} {prec:>10.3f} {f1:>7.4f} {fp / scans:>8.3f}")
+              f"{lost:>10} {pooled.sensitivity or 0.0:>12.3f} {large.sensitivity or 0.0:>12.3f} "
+              f"{pooled.precision or 0.0:>10.3f} {pooled.f1 or 0.0:>7.4f} {pooled.fp_per_scan or 0.0:>8.3f}")
 
 
 if __name__ == "__main__":
