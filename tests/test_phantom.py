@@ -248,9 +248,11 @@ def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
     cfg = SynthConfig()
     before = json.loads(cfg.model_dump_json())
     del before["lesions"]["muscle_floor"]  # the config as written before the settings existed
-    del before["acquisition"]["plane_p"]
+    for key in ("plane_p", "sequence_p", "dixon"):
+        del before["acquisition"][key]
     assert synth_digest(cfg) == hashlib.sha256(json.dumps(before, separators=(",", ":")).encode()).hexdigest()[:8]
-    for changed in ("lesions.muscle_floor=0", "acquisition.plane_p={coronal: 1, sagittal: 1}"):
+    for changed in ("lesions.muscle_floor=0", "acquisition.plane_p={coronal: 1, sagittal: 1}",
+                    "acquisition.sequence_p={dixon_water: 1}", "acquisition.dixon.swap_p=0.5"):
         other = load_config(SynthConfig, None, [changed])
         assert phantom_cache_name("pool", other, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))
 
@@ -272,6 +274,29 @@ def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_pla
         load_config(SynthConfig, None, ["acquisition.plane_p={oblique: 1}"])
     with pytest.raises(ConfigError, match="plane_p needs"):
         load_config(SynthConfig, None, ["acquisition.plane_p={coronal: 0}"])
+
+
+def test_a_dixon_case_is_its_stir_twin_without_patchy_fat_suppression_and_with_a_fat_water_swap():
+    """The sequence draws from its own stream: a seed's Dixon case keeps its STIR twin's child, lesions and
+    acquisition grid; without a swap it differs only by noise level and even fat suppression, and a swap makes
+    fat bright (above fluid-free muscle and the STIR image) inside the swapped region only."""
+    from training.phantom.generate import generate_case
+    base = ["anatomy_mm=4", "acquisition.fat_sat_failure_p=1", "acquisition.integer_p=0"]
+    stir = generate_case(5, load_config(SynthConfig, None, base), fov="knees")
+    plain = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={dixon_water: 1}",
+                                                                    "acquisition.dixon.swap_p=0"]), fov="knees")
+    swap = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={dixon_water: 1}",
+                                                                   "acquisition.dixon.swap_p=1"]), fov="knees")
+    assert stir.meta["acquisition"]["sequence"] == "stir" and stir.meta["acquisition"]["fat_sat_failure"]
+    for case in (plain, swap):
+        acq = case.meta["acquisition"]
+        assert acq["sequence"] == "dixon_water" and not acq["fat_sat_failure"]
+        assert acq["snr"] == pytest.approx(1.5 * stir.meta["acquisition"]["snr"], abs=0.02)
+        assert np.array_equal(case.lesions, stir.lesions) and np.array_equal(case.affine, stir.affine)
+    assert plain.meta["acquisition"]["fat_water_swap_ml"] == 0 and swap.meta["acquisition"]["fat_water_swap_ml"] > 50
+    brighter = swap.image > 2.0 * plain.image + 0.2 * np.percentile(plain.image, 99)
+    assert brighter.sum() * np.prod(np.linalg.norm(swap.affine[:3, :3], axis=0)) / 1000 > 20   # mL of bright fat
+    assert 0.3 < np.mean(swap.image == plain.image) < 1.0   # the same image, noise included, away from the swap
 
 
 def test_synth_cli_with_workers_makes_the_serial_cases_and_exits_cleanly(tmp_path):

@@ -98,6 +98,21 @@ class FovConfig(Strict):
     p: dict[str, float] = {"whole_body": 0.6, "pelvis": 0.08, "knees": 0.1, "legs": 0.08, "spine": 0.07, "feet": 0.07}
 
 
+class DixonConfig(Strict):
+    """T2 Dixon water-only images, which some centres use instead of STIR (clinical notes). Fat is removed by
+    fat-water separation rather than an inversion pulse: evenly (no patchy failure), at a higher signal-to-noise
+    ratio, but where the separation fails the water image shows fat (a fat-water swap: subcutaneous fat and fatty
+    marrow bright, edema darker than the marrow around it). The tissue contrast stays STIR's (the notes: the two
+    agreed on 89.9% of bright areas in 77 healthy children). The SNR gain and the swap rate and size are
+    assumptions, not figures from the notes."""
+    snr_gain: float = Field(1.5, ge=1, le=4, description="x the STIR SNR drawn for the case")
+    swap_p: float = Field(0.2, ge=0, le=1, description="share of Dixon scans with one fat-water swap region")
+    swap_radius_mm: Range = Field((40.0, 120.0), description="radius of the swapped region (irregular, centred "
+                                  "toward the edge of the field of view, where the field is least even)")
+    fat_signal: Range = Field((0.6, 0.9), description="pure fat's signal where water and fat are swapped (fluid "
+                              "about 0.85-1.0 on the STIR scale; fat is bright on T2 turbo spin echo)")
+
+
 class AcquisitionConfig(Strict):
     inplane_mm: Range = (1.0, 1.9)
     slice_mm: Range = (3.0, 6.0)
@@ -116,11 +131,17 @@ class AcquisitionConfig(Strict):
         "draw is made, so the default reproduces generator 1.3 cases bit for bit")
     intensity_scale: Range = (50.0, 4000.0)
     integer_p: float = Field(0.4, ge=0, le=1)
+    sequence_p: dict[Literal["stir", "dixon_water"], float] = Field(
+        {"stir": 1.0}, description="the fluid-sensitive fat-suppressed sequence: STIR or T2 Dixon water-only "
+        "(``dixon``). The sequence is drawn from its own random stream, and a Dixon case keeps every other draw of "
+        "the STIR case of its seed, so the two form a pair")
+    dixon: DixonConfig = DixonConfig()
 
     @model_validator(mode="after")
     def _planes_drawable(self) -> "AcquisitionConfig":
-        if not self.plane_p or min(self.plane_p.values()) < 0 or sum(self.plane_p.values()) <= 0:
-            raise ValueError(f"plane_p needs non-negative weights with a positive sum, got {self.plane_p}")
+        for name, p in (("plane_p", self.plane_p), ("sequence_p", self.sequence_p)):
+            if not p or min(p.values()) < 0 or sum(p.values()) <= 0:
+                raise ValueError(f"{name} needs non-negative weights with a positive sum, got {p}")
         return self
 
 

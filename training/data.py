@@ -22,7 +22,7 @@ from models.lesions import components
 from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
 from models.sites import by_id
-from training.config import AugmentConfig, SamplingConfig, SynthConfig, TrainConfig
+from training.config import AugmentConfig, DixonConfig, SamplingConfig, SynthConfig, TrainConfig
 from training.metrics import majority_labels
 from training.nnunet import dataset_files, raise_problems, read_case
 
@@ -72,7 +72,9 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 
 # Settings added after generator 1.3 whose default reproduces its cases bit for bit: left out of the digest at that
 # default, so caches made before they existed stay valid.
-_DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0}}
+_DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0},
+                           ("acquisition", "sequence_p"): {"stir": 1.0},
+                           ("acquisition", "dixon"): DixonConfig().model_dump(mode="json")}
 
 
 def synth_digest(synth: SynthConfig) -> str:

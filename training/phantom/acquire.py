@@ -1,9 +1,10 @@
 """Acquisition: the anatomy-grid image is 'scanned' as a multi-station STIR series, coronal unless
-``acquisition.plane_p`` asks for sagittal or axial slices too.
+``acquisition.plane_p`` asks for sagittal or axial slices too, or as a T2 Dixon water-only series
+(``acquisition.sequence_p``).
 
 Field of view, anisotropic voxels with a slice profile, station intensity steps, bias field, patchy fat
-suppression failure, motion blur, Rician noise, arbitrary scale, and header orientation (RAS, LPS, coronal
-slice stacks, oblique) — so a model never assumes a whole body in RAS.
+suppression failure (STIR) or a fat-water swap (Dixon), motion blur, Rician noise, arbitrary scale, and header
+orientation (RAS, LPS, coronal slice stacks, oblique) — so a model never assumes a whole body in RAS.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import affine_transform, gaussian_filter, gaussian_filter1d
 
-from training.config import AcquisitionConfig, FovConfig
+from training.config import AcquisitionConfig, DixonConfig, FovConfig
 
 from .body import Body
-from .render import FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in, weighted_choice
+from .render import AIR, FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in, weighted_choice
 
 
 @dataclass
@@ -55,10 +56,42 @@ def _orientation_matrix(kind: str, rng) -> np.ndarray:
     return np.array([[sx, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
 
 
+@dataclass
+class Dixon:
+    """What a Dixon acquisition needs beyond STIR's: the fat fraction of every anatomy voxel and the random
+    stream of the Dixon-only draws (the swap), kept apart from the acquisition stream."""
+    fat_fraction: np.ndarray
+    rng: np.random.Generator
+
+
+def swap_region(tissue: np.ndarray, spacing: float, rng: np.random.Generator, cfg: DixonConfig) -> np.ndarray:
+    """An irregular ball of body voxels where fat-water separation failed, centred toward the edge of the
+    field of view (a body voxel drawn with weight ~ its distance from the block's centre to the fourth power)."""
+    body = tissue != AIR
+    idx = np.flatnonzero(body)
+    pick = idx[rng.integers(0, idx.size, min(idx.size, 20000))]
+    coords = np.stack(np.unravel_index(pick, tissue.shape), axis=1).astype(np.float64)
+    rel = (coords - (np.array(tissue.shape) - 1) / 2) / (np.array(tissue.shape) / 2)
+    w = np.sum(rel ** 2, axis=1) ** 2 + 1e-6
+    centre = coords[rng.choice(len(coords), p=w / w.sum())]
+    radius = float(rng.uniform(*cfg.swap_radius_mm)) / spacing
+    lo = np.maximum(0, np.floor(centre - 1.3 * radius)).astype(int)
+    hi = np.minimum(tissue.shape, np.ceil(centre + 1.3 * radius) + 1).astype(int)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.ogrid[sl]
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) / radius
+    out = np.zeros(tissue.shape, bool)
+    out[sl] = (dist + 0.25 * smooth_field(tuple(hi - lo), rng, cells=4) < 1.0) & body[sl]
+    return out
+
+
 def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarray], rng: np.random.Generator,
-            acq: AcquisitionConfig, fov_cfg: FovConfig, fov: str | None = None, muscle_mean: float = 0.2) -> Acquired:
+            acq: AcquisitionConfig, fov_cfg: FovConfig, fov: str | None = None, muscle_mean: float = 0.2,
+            dixon: Dixon | None = None) -> Acquired:
     """Resample anatomy onto an acquisition grid (thick slices across the drawn plane) and add the scanner's
-    imperfections."""
+    imperfections. With ``dixon`` the series is a T2 Dixon water-only one: the same draws from ``rng`` as STIR
+    (so a seed's Dixon case pairs with its STIR case), no patchy fat-suppression failure, a higher SNR and,
+    now and then, a fat-water swap."""
     name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
@@ -99,12 +132,23 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     if oblique:  # rotated grids can reach a little further: use the whole canvas
         crop = (slice(0, None),) * 3
     src = img[crop]
-    # patchy fat-suppression failure (a field-inhomogeneity effect on fat and fatty marrow)
+    # patchy fat-suppression failure (a field-inhomogeneity effect on fat and fatty marrow); a Dixon case makes
+    # the same draws and drops the effect, so its later draws (stations, bias, noise) stay its STIR twin's
     fs_fail = rng.random() < acq.fat_sat_failure_p
     if fs_fail:
         fatty = tissue_in(cv.tissue[crop], (FAT, YELLOW))
-        src = src.copy()
-        src[fatty] *= 1.0 + 3.0 * np.clip(field_at(fatty, rng, cells=6, lo=-2.0, hi=1.0), 0, 1)
+        gain = 1.0 + 3.0 * np.clip(field_at(fatty, rng, cells=6, lo=-2.0, hi=1.0), 0, 1)
+        if dixon is None:
+            src = src.copy()
+            src[fatty] *= gain
+    swapped = 0.0
+    if dixon is not None:
+        fs_fail = False
+        if dixon.rng.random() < acq.dixon.swap_p:
+            swap = swap_region(cv.tissue[crop], cv.spacing, dixon.rng, acq.dixon)
+            fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
+            src = np.where(swap, fat * dixon.fat_fraction[crop], src).astype(np.float32)
+            swapped = float(swap.sum()) * cv.spacing ** 3 / 1000.0
     src = gaussian_filter1d(src, sigma_slice, axis=across, mode="nearest", truncate=2.5)
     off = np.array([s.start or 0 for s in crop], float)
     M = np.linalg.inv(cv.affine) @ A
@@ -125,7 +169,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     motion = rng.random() < acq.motion_blur_p
     if motion:
         out = gaussian_filter(out, sigma=(rng.uniform(0.4, 1.2), 0, rng.uniform(0.4, 1.2)))
-    snr = float(rng.uniform(*acq.snr))
+    snr = float(rng.uniform(*acq.snr)) * (acq.dixon.snr_gain if dixon is not None else 1.0)
     sigma = 2.0 * muscle_mean / snr
     noise = rng.standard_normal((2,) + tuple(shape), dtype=np.float32) * sigma
     out = np.sqrt((out + noise[0]) ** 2 + noise[1] ** 2)
@@ -137,9 +181,11 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     integer = rng.random() < acq.integer_p
     if integer:
         out = np.clip(np.round(out * min(1.0, 30000.0 / max(1.0, float(out.max())))), 0, 32767).astype(np.int16)
-    params = dict(fov=name, plane=plane, inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
+    params = dict(fov=name, plane=plane, sequence="dixon_water" if dixon is not None else "stir",
+                  inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
                   oblique=bool(oblique), orientation=orient, snr=round(snr, 2), fat_sat_failure=bool(fs_fail),
-                  motion_blur=bool(motion), intensity_scale=round(scale, 2), integer=bool(integer),
+                  fat_water_swap_ml=round(swapped, 1), motion_blur=bool(motion), intensity_scale=round(scale, 2),
+                  integer=bool(integer),
                   shape=[int(s) for s in out.shape])
     return Acquired(out, lab_out, A, params)
 

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from models.nifti import atomic_dir, save_nifti
 from training.config import BodyConfig, SynthConfig, load_config
 
-from .acquire import acquire
+from .acquire import Dixon, acquire
 from .body import Body, build_skeleton, sample_body
 from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
-from .render import MUSCLE, PHYSIS, Canvas
+from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, tissue_in, weighted_choice
 
 GENERATOR_VERSION = "1.4"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
@@ -64,7 +64,7 @@ def draw_skeleton(seed: int, body_cfg: BodyConfig, spacing_mm: float) -> tuple[B
 
 # the random stream of each stage of a case after the body and skeleton (which draw from the seed alone); since
 # generator 1.4 (1.0-1.3 drew everything but the lesion plan from the seed's stream, one stage after another)
-STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5}
+STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5, "sequence": 6}
 
 
 def _stream(seed: int, stage: str) -> np.random.Generator:
@@ -105,8 +105,13 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     for new, plan in enumerate(kept, start=1):
         plan.id = new
     t_con = time.perf_counter()
+    seq_rng = _stream(seed, "sequence")
+    seq_p = cfg.acquisition.sequence_p  # one sequence (the default: STIR) takes no draw
+    sequence = next(iter(seq_p)) if len(seq_p) == 1 else weighted_choice(seq_rng, seq_p)
+    dixon = Dixon(fat_fraction(cv, edema), seq_rng) if sequence == "dixon_water" else None
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
-                  _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]))
+                  _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]),
+                  dixon=dixon)
     lesions = acq.labels["lesions"].astype(np.uint16)
     vox_ml = float(abs(np.linalg.det(acq.affine[:3, :3]))) / 1000.0
     counts = np.bincount(lesions.ravel(), minlength=len(kept) + 1)
@@ -128,6 +133,21 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     }
     return Case(name or f"case_{seed:06d}", acq.image, acq.labels["sites"].astype(np.uint8), lesions,
                 acq.labels["physis"].astype(np.uint8), acq.affine, meta)
+
+
+# fat fraction by tissue (marrow: yellow 0.8 to red 0.4 by the red-marrow weight; edema displaces fat)
+_FAT_FRACTION = {FAT: 0.9, MUSCLE: 0.04, SKIN: 0.1, CORTEX: 0.0, PHYSIS: 0.05}
+
+
+def fat_fraction(cv: Canvas, edema: np.ndarray) -> np.ndarray:
+    """Share of each anatomy voxel's signal that is fat, for Dixon's fat-water swap."""
+    lut = np.zeros(256, np.float32)
+    for tissue, share in _FAT_FRACTION.items():
+        lut[tissue] = share
+    out = lut[cv.tissue]
+    marrow = tissue_in(cv.tissue, MARROW)
+    out[marrow] = 0.8 - 0.4 * cv.marrow_w[marrow]
+    return out * (1.0 - 0.7 * np.clip(edema, 0.0, 1.0))
 
 
 def _measure_flags(cv: Canvas, label: np.ndarray, plans) -> None:
