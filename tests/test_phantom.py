@@ -245,7 +245,7 @@ def test_normal_foot_foci_are_symmetric_left_right():
 def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
     import hashlib
     from training.data import phantom_cache_name, synth_digest
-    cfg = SynthConfig()
+    cfg = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}"])  # generator 1.4's acquisitions
     before = json.loads(cfg.model_dump_json())
     del before["lesions"]["muscle_floor"]  # the config as written before the settings existed
     for key in ("plane_p", "sequence_p", "dixon"):
@@ -276,18 +276,34 @@ def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_pla
         load_config(SynthConfig, None, ["acquisition.plane_p={coronal: 0}"])
 
 
-def test_a_dixon_case_is_its_stir_twin_without_patchy_fat_suppression_and_with_a_fat_water_swap():
-    """The sequence draws from its own stream: a seed's Dixon case keeps its STIR twin's child, lesions and
-    acquisition grid; without a swap it differs only by noise level and even fat suppression, and a swap makes
-    fat bright (above fluid-free muscle and the STIR image) inside the swapped region only."""
+def test_the_default_sequences_are_mostly_stir_with_some_t2_fs_and_dixon():
+    from training.phantom.generate import _stream, draw_sequence
+    p = SynthConfig().acquisition.sequence_p
+    drawn = [draw_sequence(_stream(seed, "sequence"), p) for seed in range(2000)]
+    share = {k: drawn.count(k) / len(drawn) for k in p}
+    assert share == pytest.approx(p, abs=0.03)
+    assert draw_sequence(np.random.default_rng(0), {"t2_fs": 1.0}) == "t2_fs"
+
+
+def test_stir_dixon_and_t2_fs_versions_of_a_seed_differ_only_in_fat_suppression_noise_and_swaps():
+    """The sequence draws from its own stream: a seed's STIR, T2 FS and Dixon cases share child, lesions,
+    acquisition grid and noise field. T2 FS fails to suppress fat in patches (here always); STIR does not and so
+    is darker; Dixon has STIR's even suppression and a higher SNR, and a swap makes fat bright in one region."""
     from training.phantom.generate import generate_case
     base = ["anatomy_mm=4", "acquisition.fat_sat_failure_p=1", "acquisition.integer_p=0"]
-    stir = generate_case(5, load_config(SynthConfig, None, base), fov="knees")
+    fs = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={t2_fs: 1}"]), fov="knees")
+    stir = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={stir: 1}"]), fov="knees")
+    assert fs.meta["acquisition"]["fat_sat_failure"] and not stir.meta["acquisition"]["fat_sat_failure"]
+    assert np.array_equal(fs.lesions, stir.lesions) and np.array_equal(fs.affine, stir.affine)
+    assert fs.meta["acquisition"]["snr"] == stir.meta["acquisition"]["snr"]
+    brighter = fs.image > stir.image * 1.5 + 0.05 * np.percentile(stir.image, 99)   # the failed patches
+    darker = stir.image > fs.image * 1.5 + 0.05 * np.percentile(fs.image, 99)   # Rician noise at low signal only
+    assert 0.001 < brighter.mean() < 0.5 and darker.sum() < 0.01 * brighter.sum()
     plain = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={dixon_water: 1}",
                                                                     "acquisition.dixon.swap_p=0"]), fov="knees")
     swap = generate_case(5, load_config(SynthConfig, None, base + ["acquisition.sequence_p={dixon_water: 1}",
                                                                    "acquisition.dixon.swap_p=1"]), fov="knees")
-    assert stir.meta["acquisition"]["sequence"] == "stir" and stir.meta["acquisition"]["fat_sat_failure"]
+    assert stir.meta["acquisition"]["sequence"] == "stir"
     for case in (plain, swap):
         acq = case.meta["acquisition"]
         assert acq["sequence"] == "dixon_water" and not acq["fat_sat_failure"]

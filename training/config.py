@@ -120,7 +120,8 @@ class AcquisitionConfig(Strict):
     station_gain: Range = (0.85, 1.15)
     bias_amplitude: Range = (0.05, 0.3)
     snr: Range = (12.0, 40.0)
-    fat_sat_failure_p: float = Field(0.35, ge=0, le=1)
+    fat_sat_failure_p: float = Field(0.35, ge=0, le=1, description="share of T2 FS (spectral fat saturation) scans "
+                                     "with patchy failure on fat and fatty marrow; STIR and Dixon do not fail so")
     motion_blur_p: float = Field(0.3, ge=0, le=1)
     oblique_p: float = Field(0.2, ge=0, le=1)
     oblique_max_deg: float = Field(12.0, ge=0, le=45)
@@ -131,10 +132,14 @@ class AcquisitionConfig(Strict):
         "draw is made, so the default reproduces generator 1.3 cases bit for bit")
     intensity_scale: Range = (50.0, 4000.0)
     integer_p: float = Field(0.4, ge=0, le=1)
-    sequence_p: dict[Literal["stir", "dixon_water"], float] = Field(
-        {"stir": 1.0}, description="the fluid-sensitive fat-suppressed sequence: STIR or T2 Dixon water-only "
-        "(``dixon``). The sequence is drawn from its own random stream, and a Dixon case keeps every other draw of "
-        "the STIR case of its seed, so the two form a pair")
+    sequence_p: dict[Literal["stir", "t2_fs", "dixon_water"], float] = Field(
+        {"stir": 0.7, "t2_fs": 0.15, "dixon_water": 0.15},
+        description="the fluid-sensitive fat-suppressed sequence. STIR nulls fat by its T1, which is insensitive to "
+        "field inhomogeneity, so its fat suppression is even; T2 FS (spectral fat saturation) is sensitive to it and "
+        "fails in patches in fat_sat_failure_p of scans; T2 Dixon water-only (``dixon``) is even but can swap fat "
+        "and water. The sequence is drawn from its own random stream, and each sequence makes every other draw of "
+        "its seed alike, so the three versions of a seed form pairs. ``{t2_fs: 1}`` makes generator 1.4's cases "
+        "bit for bit (1.4 called them STIR)")
     dixon: DixonConfig = DixonConfig()
 
     @model_validator(mode="after")

@@ -73,7 +73,7 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 # Settings added after generator 1.3 whose default reproduces its cases bit for bit: left out of the digest at that
 # default, so caches made before they existed stay valid.
 _DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0},
-                           ("acquisition", "sequence_p"): {"stir": 1.0},
+                           ("acquisition", "sequence_p"): {"t2_fs": 1.0},
                            ("acquisition", "dixon"): DixonConfig().model_dump(mode="json")}
 
 

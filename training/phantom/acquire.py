@@ -1,9 +1,9 @@
-"""Acquisition: the anatomy-grid image is 'scanned' as a multi-station STIR series, coronal unless
-``acquisition.plane_p`` asks for sagittal or axial slices too, or as a T2 Dixon water-only series
-(``acquisition.sequence_p``).
+"""Acquisition: the anatomy-grid image is 'scanned' as a multi-station series, coronal unless
+``acquisition.plane_p`` asks for sagittal or axial slices too: STIR, T2 with spectral fat saturation or T2 Dixon
+water-only (``acquisition.sequence_p``).
 
 Field of view, anisotropic voxels with a slice profile, station intensity steps, bias field, patchy fat
-suppression failure (STIR) or a fat-water swap (Dixon), motion blur, Rician noise, arbitrary scale, and header
+suppression failure (T2 FS) or a fat-water swap (Dixon), motion blur, Rician noise, arbitrary scale, and header
 orientation (RAS, LPS, coronal slice stacks, oblique) — so a model never assumes a whole body in RAS.
 """
 from __future__ import annotations
@@ -87,11 +87,13 @@ def swap_region(tissue: np.ndarray, spacing: float, rng: np.random.Generator, cf
 
 def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarray], rng: np.random.Generator,
             acq: AcquisitionConfig, fov_cfg: FovConfig, fov: str | None = None, muscle_mean: float = 0.2,
-            dixon: Dixon | None = None) -> Acquired:
+            sequence: str = "t2_fs", dixon: Dixon | None = None) -> Acquired:
     """Resample anatomy onto an acquisition grid (thick slices across the drawn plane) and add the scanner's
-    imperfections. With ``dixon`` the series is a T2 Dixon water-only one: the same draws from ``rng`` as STIR
-    (so a seed's Dixon case pairs with its STIR case), no patchy fat-suppression failure, a higher SNR and,
-    now and then, a fat-water swap."""
+    imperfections. Every ``sequence`` makes the same draws from ``rng``, so a seed's three versions pair up:
+    ``t2_fs`` fails to suppress fat in patches now and then (generator 1.4's acquisition), ``stir`` does not, and
+    ``dixon_water`` (with ``dixon``) does not either, has a higher SNR and, now and then, a fat-water swap."""
+    if (sequence == "dixon_water") != (dixon is not None):
+        raise ValueError("a Dixon acquisition needs its fat fraction and stream (dixon=...), and only it")
     name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
@@ -132,18 +134,18 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     if oblique:  # rotated grids can reach a little further: use the whole canvas
         crop = (slice(0, None),) * 3
     src = img[crop]
-    # patchy fat-suppression failure (a field-inhomogeneity effect on fat and fatty marrow); a Dixon case makes
-    # the same draws and drops the effect, so its later draws (stations, bias, noise) stay its STIR twin's
+    # patchy failure of spectral fat saturation (a field-inhomogeneity effect on fat and fatty marrow); STIR and
+    # Dixon make the same draws and drop the effect, so their later draws (stations, bias, noise) stay alike
     fs_fail = rng.random() < acq.fat_sat_failure_p
     if fs_fail:
         fatty = tissue_in(cv.tissue[crop], (FAT, YELLOW))
         gain = 1.0 + 3.0 * np.clip(field_at(fatty, rng, cells=6, lo=-2.0, hi=1.0), 0, 1)
-        if dixon is None:
+        if sequence == "t2_fs":
             src = src.copy()
             src[fatty] *= gain
+    fs_fail = fs_fail and sequence == "t2_fs"
     swapped = 0.0
     if dixon is not None:
-        fs_fail = False
         if dixon.rng.random() < acq.dixon.swap_p:
             swap = swap_region(cv.tissue[crop], cv.spacing, dixon.rng, acq.dixon)
             fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
@@ -181,7 +183,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     integer = rng.random() < acq.integer_p
     if integer:
         out = np.clip(np.round(out * min(1.0, 30000.0 / max(1.0, float(out.max())))), 0, 32767).astype(np.int16)
-    params = dict(fov=name, plane=plane, sequence="dixon_water" if dixon is not None else "stir",
+    params = dict(fov=name, plane=plane, sequence=sequence,
                   inplane_mm=round(inplane, 3), slice_mm=round(thick, 3), stations=n_st,
                   oblique=bool(oblique), orientation=orient, snr=round(snr, 2), fat_sat_failure=bool(fs_fail),
                   fat_water_swap_ml=round(swapped, 1), motion_blur=bool(motion), intensity_scale=round(scale, 2),

@@ -22,7 +22,7 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, tissue_in, weighted_choice
 
-GENERATOR_VERSION = "1.4"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.5"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -30,6 +30,9 @@ GENERATOR_VERSION = "1.4"  # 1.1: skull base/face inside the head (1.0 put it in
 # dome reached 0.011 H into the femur and its radial head 0.0085 H into the humerus); each stage after the skeleton
 # draws from its own random stream (STREAMS), so the same seed keeps its child and lesion plan but not 1.3's
 # texture, noise or acquisition
+# 1.5: the sequence (acquisition.sequence_p, its own stream): STIR 70% with even fat suppression, T2 FS 15% with 1.4's
+# patchy fat-suppression failure, T2 Dixon water-only 15% with fat-water swaps; 1.4 drew patchy failure in 35% of
+# every scan it called STIR. With sequence_p {t2_fs: 1} a 1.5 case is 1.4's bit for bit (images and labels)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
@@ -71,6 +74,11 @@ def _stream(seed: int, stage: str) -> np.random.Generator:
     return np.random.default_rng([seed, STREAMS[stage]])
 
 
+def draw_sequence(rng: np.random.Generator, sequence_p: dict[str, float]) -> str:
+    """The case's sequence from its ``sequence`` stream; one sequence takes no draw."""
+    return next(iter(sequence_p)) if len(sequence_p) == 1 else weighted_choice(rng, sequence_p)
+
+
 def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str | None = None) -> Case:
     """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case.
     Each stage draws from its own random stream of the seed (``STREAMS``), so a change to one stage (a bone's
@@ -106,12 +114,11 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
         plan.id = new
     t_con = time.perf_counter()
     seq_rng = _stream(seed, "sequence")
-    seq_p = cfg.acquisition.sequence_p  # one sequence (the default: STIR) takes no draw
-    sequence = next(iter(seq_p)) if len(seq_p) == 1 else weighted_choice(seq_rng, seq_p)
+    sequence = draw_sequence(seq_rng, cfg.acquisition.sequence_p)
     dixon = Dixon(fat_fraction(cv, edema), seq_rng) if sequence == "dixon_water" else None
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
                   _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]),
-                  dixon=dixon)
+                  sequence=sequence, dixon=dixon)
     lesions = acq.labels["lesions"].astype(np.uint16)
     vox_ml = float(abs(np.linalg.det(acq.affine[:3, :3]))) / 1000.0
     counts = np.bincount(lesions.ravel(), minlength=len(kept) + 1)
