@@ -253,7 +253,7 @@ def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
     assert synth_digest(cfg) == hashlib.sha256(json.dumps(before, separators=(",", ":")).encode()).hexdigest()[:8]
     for changed in ("lesions.muscle_floor=0", "acquisition.plane_p={coronal: 1, sagittal: 1}",
                     "acquisition.sequence_p={dixon_water: 1}", "acquisition.dixon.swap_p=0.5"):
-        other = load_config(SynthConfig, None, [changed])
+        other = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}", changed])
         assert phantom_cache_name("pool", other, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))
 
 
@@ -274,6 +274,37 @@ def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_pla
         load_config(SynthConfig, None, ["acquisition.plane_p={oblique: 1}"])
     with pytest.raises(ConfigError, match="plane_p needs"):
         load_config(SynthConfig, None, ["acquisition.plane_p={coronal: 0}"])
+
+
+def test_t2_fs_alone_makes_generator_1_4_cases():
+    """Generator 1.5 with sequence_p {t2_fs: 1} draws what 1.4 drew: twelve voxels, the image sum and the label
+    sizes of an oblique knee view with patchy fat-suppression failure, as commit bff2f72 (generator 1.4) made it.
+    A draw added to or taken from the acquisition stream changes the noise of every voxel by far more than the
+    tolerance."""
+    cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "acquisition.oblique_p=0.5", "acquisition.fat_sat_failure_p=1",
+                                          "acquisition.sequence_p={t2_fs: 1}"])
+    case = generate_case(7, cfg, fov="knees")
+    assert case.meta["acquisition"]["oblique"] and case.meta["acquisition"]["fat_sat_failure"]
+    rng = np.random.default_rng(0)
+    idx = tuple(rng.integers(0, n, 12) for n in case.image.shape)
+    assert case.image[idx] == pytest.approx([45.715355, 51.591232, 1.55093, 1.998182, 44.438335, 2.978394, 2.52263,
+                                             6.169925, 32.118122, 50.446243, 2.175118, 3.004078], rel=1e-3)
+    assert float(np.asarray(case.image, np.float64).sum()) == pytest.approx(44021328.8, rel=1e-4)
+    assert np.count_nonzero(case.lesions) == pytest.approx(5757, rel=0.005)
+    assert np.count_nonzero(case.sites) == pytest.approx(41033, rel=0.005)
+
+
+def test_a_fat_water_swap_lies_in_the_image_and_is_measured_there():
+    """The swap is centred in the field of view's block, oblique scans too (their canvas crop is the whole
+    body), and case.json gives its volume on the acquired grid."""
+    base = ["anatomy_mm=4", "acquisition.oblique_p=1", "acquisition.integer_p=0", "acquisition.sequence_p={dixon_water: 1}"]
+    for seed, fov in ((11, "feet"), (12, "spine")):
+        plain = generate_case(seed, load_config(SynthConfig, None, base + ["acquisition.dixon.swap_p=0"]), fov=fov)
+        swap = generate_case(seed, load_config(SynthConfig, None, base + ["acquisition.dixon.swap_p=1"]), fov=fov)
+        voxel_ml = float(np.prod(np.linalg.norm(swap.affine[:3, :3], axis=0))) / 1000
+        changed_ml = np.count_nonzero(swap.image != plain.image) * voxel_ml
+        reported = swap.meta["acquisition"]["fat_water_swap_ml"]
+        assert reported > 20 and 0.5 * reported < changed_ml < 3 * reported + 20, (seed, reported, changed_ml)
 
 
 def test_the_default_sequences_are_mostly_stir_with_some_t2_fs_and_dixon():

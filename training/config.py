@@ -143,7 +143,7 @@ class AcquisitionConfig(Strict):
     dixon: DixonConfig = DixonConfig()
 
     @model_validator(mode="after")
-    def _planes_drawable(self) -> "AcquisitionConfig":
+    def _choices_drawable(self) -> "AcquisitionConfig":
         for name, p in (("plane_p", self.plane_p), ("sequence_p", self.sequence_p)):
             if not p or min(p.values()) < 0 or sum(p.values()) <= 0:
                 raise ValueError(f"{name} needs non-negative weights with a positive sum, got {p}")

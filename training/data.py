@@ -22,7 +22,7 @@ from models.lesions import components
 from models.nifti import InputError
 from models.preprocessing import normalise, plan_grid, rereference, to_model_grid
 from models.sites import by_id
-from training.config import AugmentConfig, DixonConfig, SamplingConfig, SynthConfig, TrainConfig
+from training.config import AugmentConfig, SamplingConfig, SynthConfig, TrainConfig
 from training.metrics import majority_labels
 from training.nnunet import dataset_files, raise_problems, read_case
 
@@ -74,7 +74,8 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 # default, so caches made before they existed stay valid.
 _DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0},
                            ("acquisition", "sequence_p"): {"t2_fs": 1.0},
-                           ("acquisition", "dixon"): DixonConfig().model_dump(mode="json")}
+                           ("acquisition", "dixon"): {"snr_gain": 1.5, "swap_p": 0.2, "swap_radius_mm": [40.0, 120.0],
+                                                      "fat_signal": [0.6, 0.9]}}  # literals: a changed default must change the digest
 
 
 def synth_digest(synth: SynthConfig) -> str:

@@ -131,6 +131,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     z0 = max(0, int((z_lo - cv.origin[2]) / cv.spacing) - 8)
     crop = (slice(x0, int((x_hi - cv.origin[0]) / cv.spacing) + 9), slice(y0, int((y_hi - cv.origin[1]) / cv.spacing) + 9),
             slice(z0, int((z_hi - cv.origin[2]) / cv.spacing) + 9))
+    view = crop   # the block the field of view covers
     if oblique:  # rotated grids can reach a little further: use the whole canvas
         crop = (slice(0, None),) * 3
     src = img[crop]
@@ -144,18 +145,24 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
             src = src.copy()
             src[fatty] *= gain
     fs_fail = fs_fail and sequence == "t2_fs"
-    swapped = 0.0
-    if dixon is not None:
-        if dixon.rng.random() < acq.dixon.swap_p:
-            swap = swap_region(cv.tissue[crop], cv.spacing, dixon.rng, acq.dixon)
-            fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
-            src = np.where(swap, fat * dixon.fat_fraction[crop], src).astype(np.float32)
-            swapped = float(swap.sum()) * cv.spacing ** 3 / 1000.0
+    swap = None
+    if dixon is not None and dixon.rng.random() < acq.dixon.swap_p:
+        # centred inside the field of view's block (the whole canvas of an oblique scan reaches beyond it)
+        part = swap_region(cv.tissue[view], cv.spacing, dixon.rng, acq.dixon)
+        at = tuple(slice(v.start - (c.start or 0), v.start - (c.start or 0) + n) for v, c, n in zip(view, crop, part.shape))
+        swap = np.zeros(src.shape, bool)
+        swap[at] = part
+        fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
+        src = np.where(swap, fat * dixon.fat_fraction[crop], src).astype(np.float32)
     src = gaussian_filter1d(src, sigma_slice, axis=across, mode="nearest", truncate=2.5)
     off = np.array([s.start or 0 for s in crop], float)
     M = np.linalg.inv(cv.affine) @ A
     matrix, offset = M[:3, :3], M[:3, 3] - off
     out = affine_transform(src, matrix, offset, output_shape=tuple(shape), order=1, mode="constant", cval=0.0)
+    swapped = 0.0   # mL of the acquired volume
+    if swap is not None:
+        swap_out = affine_transform(swap.astype(np.uint8), matrix, offset, output_shape=tuple(shape), order=0)
+        swapped = float(np.count_nonzero(swap_out)) * float(np.prod(spacing)) / 1000.0
     lab_out = {k: affine_transform(v[crop], matrix, offset, output_shape=tuple(shape), order=0, mode="constant", cval=0)
                for k, v in labels.items()}
     # stations along z with intensity steps, bias field, motion blur

@@ -67,7 +67,7 @@ def draw_skeleton(seed: int, body_cfg: BodyConfig, spacing_mm: float) -> tuple[B
 
 # the random stream of each stage of a case after the body and skeleton (which draw from the seed alone); since
 # generator 1.4 (1.0-1.3 drew everything but the lesion plan from the seed's stream, one stage after another)
-STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5, "sequence": 6}
+STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5, "sequence": 6, "dixon": 7}
 
 
 def _stream(seed: int, stage: str) -> np.random.Generator:
@@ -113,9 +113,9 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     for new, plan in enumerate(kept, start=1):
         plan.id = new
     t_con = time.perf_counter()
-    seq_rng = _stream(seed, "sequence")
-    sequence = draw_sequence(seq_rng, cfg.acquisition.sequence_p)
-    dixon = Dixon(fat_fraction(cv, edema), seq_rng) if sequence == "dixon_water" else None
+    sequence = draw_sequence(_stream(seed, "sequence"), cfg.acquisition.sequence_p)
+    # the swap draws from a stream of its own, so a seed's swap is the same whatever the mix of sequences
+    dixon = Dixon(fat_fraction(cv, edema), _stream(seed, "dixon")) if sequence == "dixon_water" else None
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
                   _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]),
                   sequence=sequence, dixon=dixon)
