@@ -308,12 +308,14 @@ def test_a_fat_water_swap_lies_in_the_image_and_is_measured_there():
 
 
 def test_the_default_sequences_are_mostly_stir_with_some_t2_fs_and_dixon():
-    from training.phantom.generate import _stream, draw_sequence
+    from training.phantom.generate import _stream
+    from training.phantom.render import drawn_or_only
     p = SynthConfig().acquisition.sequence_p
-    drawn = [draw_sequence(_stream(seed, "sequence"), p) for seed in range(2000)]
+    drawn = [drawn_or_only(_stream(seed, "sequence"), p) for seed in range(2000)]
     share = {k: drawn.count(k) / len(drawn) for k in p}
     assert share == pytest.approx(p, abs=0.03)
-    assert draw_sequence(np.random.default_rng(0), {"t2_fs": 1.0}) == "t2_fs"
+    rng = np.random.default_rng(0)
+    assert drawn_or_only(rng, {"t2_fs": 1.0}) == "t2_fs" and rng.random() == np.random.default_rng(0).random()
 
 
 def test_stir_dixon_and_t2_fs_versions_of_a_seed_differ_only_in_fat_suppression_noise_and_swaps():

@@ -76,8 +76,8 @@ LIMITATIONS = [
     "fat-suppression failure) can be flagged as lesions, and faint edema (under about 2x the surrounding marrow, "
     "as real edema often is) is easily missed: the phantom-trained default model found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
-    "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.27 (generator 1.4), "
-    "against 0.51 on the test set: expect real-scan sensitivity well below the test-set figures.",
+    "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
+    "with 1.4), against 0.51 on the test set: expect real-scan sensitivity well below the test-set figures.",
     "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
     "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
     "around it would be dropped with the false positives.",
@@ -106,12 +106,13 @@ LIMITATIONS = [
     "Input must be a fat-suppressed fluid-sensitive sequence (STIR, T2 FS, Dixon water); T1 or contrast-enhanced "
     "images are out of scope.",
     "Where fat suppression fails, fat and fatty marrow are bright: patches of failed spectral fat saturation on "
-    "T2 FS, or a fat-water swap on Dixon water images (there, edema turns dark too). Such regions draw false "
-    "positives and hide lesions: on the generator-1.4 phantom test sets the default model drew 1.00 false "
-    "positives per whole-body scan with patchy failure against 0.41 without, and with a fat-water swap in every "
-    "Dixon scan its sensitivity for lesions >= 0.5 mL fell from 0.47 to 0.33 (20 partial views) and its false "
-    "positives rose from 0.20 to 0.50 per whole-body scan, half of them inside the swap. STIR suppresses fat "
-    "evenly; on T2 FS and Dixon images look for failed suppression or swaps before trusting findings there.",
+    "T2 FS, or a fat-water swap on Dixon water images (there edema turns dark too). On the phantoms such regions "
+    "drew false positives and hid lesions: on the generator-1.4 test sets the default model drew 1.00 false "
+    "positives per whole-body scan in the scans with patchy failure against 0.41 in the others; on 20 + 20 Dixon "
+    "phantoms, a fat-water swap in every scan raised whole-body false positives from 0.20 to 0.40 per scan (half of "
+    "them inside the swap) and lowered partial-view sensitivity for lesions >= 0.5 mL from 0.47 to 0.40 and mean "
+    "bone-site Dice from 0.54 to 0.42. STIR suppresses fat evenly; on T2 FS and Dixon images look for failed "
+    "suppression or swaps before trusting findings there.",
 ]
 
 

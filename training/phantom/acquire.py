@@ -16,7 +16,7 @@ from scipy.ndimage import affine_transform, gaussian_filter, gaussian_filter1d
 from training.config import AcquisitionConfig, DixonConfig, FovConfig
 
 from .body import Body
-from .render import AIR, FAT, YELLOW, Canvas, field_at, rotation, smooth_field, tissue_in, weighted_choice
+from .render import AIR, FAT, YELLOW, Canvas, drawn_or_only, field_at, rotation, smooth_field, tissue_in, weighted_choice
 
 
 @dataclass
@@ -98,7 +98,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
     # one plane (the default) takes no draw, so generator 1.3 cases are made bit for bit
-    plane = next(iter(acq.plane_p)) if len(acq.plane_p) == 1 else weighted_choice(rng, acq.plane_p)
+    plane = drawn_or_only(rng, acq.plane_p)
     across = SLICE_AXIS[plane]   # the canvas axis (x: R-L, y: A-P, z: S-I) the thick slices run along
     # body extent in x/y from the anatomy (non-air voxels) within the z range
     occ = cv.tissue != 0

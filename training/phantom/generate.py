@@ -20,7 +20,7 @@ from .acquire import Dixon, acquire
 from .body import Body, build_skeleton, sample_body
 from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
-from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, tissue_in, weighted_choice
+from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, drawn_or_only, tissue_in
 
 GENERATOR_VERSION = "1.5"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
@@ -74,11 +74,6 @@ def _stream(seed: int, stage: str) -> np.random.Generator:
     return np.random.default_rng([seed, STREAMS[stage]])
 
 
-def draw_sequence(rng: np.random.Generator, sequence_p: dict[str, float]) -> str:
-    """The case's sequence from its ``sequence`` stream; one sequence takes no draw."""
-    return next(iter(sequence_p)) if len(sequence_p) == 1 else weighted_choice(rng, sequence_p)
-
-
 def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str | None = None) -> Case:
     """Render one child, plan and draw lesions, synthesise STIR contrast and acquire it. Same seed, same case.
     Each stage draws from its own random stream of the seed (``STREAMS``), so a change to one stage (a bone's
@@ -113,7 +108,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     for new, plan in enumerate(kept, start=1):
         plan.id = new
     t_con = time.perf_counter()
-    sequence = draw_sequence(_stream(seed, "sequence"), cfg.acquisition.sequence_p)
+    sequence = drawn_or_only(_stream(seed, "sequence"), cfg.acquisition.sequence_p)
     # the swap draws from a stream of its own, so a seed's swap is the same whatever the mix of sequences
     dixon = Dixon(fat_fraction(cv, edema), _stream(seed, "dixon")) if sequence == "dixon_water" else None
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},

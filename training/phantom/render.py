@@ -115,6 +115,12 @@ def weighted_choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return keys[int(rng.choice(len(keys), p=p / p.sum()))]
 
 
+def drawn_or_only(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """The only key of ``weights`` without a random draw, else ``weighted_choice``: a setting given one value
+    leaves the stream as it was before the setting existed."""
+    return next(iter(weights)) if len(weights) == 1 else weighted_choice(rng, weights)
+
+
 def rotation(axis, angle_rad: float) -> np.ndarray:
     """Rodrigues rotation matrix."""
     a = np.asarray(axis, float)
