@@ -88,8 +88,8 @@ LIMITATIONS = [
     "the 4 sternal lesions): sternal lesions are named by their position in front of the thoracic spine, without a "
     "bone share. Growth plates are 2-3 mm thick: the default model's physis channel finds few of them (on 13 faint "
     "test phantoms its mask held 5% of the physis voxels), so epiphysis against metaphysis next to a growth plate "
-    "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.79 of the found whole-body "
-    "test lesions named with the right bone (66 of 84, generator-1.4 test set).",
+    "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.80 of the found whole-body "
+    "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
     "The default model was trained on phantoms of generators before 1.4, whose knees were drawn wrongly (the tibia "
     "domed into the femur, the patella on the joint line). On knees drawn like real extended knees (generator 1.4) "
     "the same partial views drew 0.82 false positives per view against 0.46 (wbmri 0.2.7), most of them over normal distal "
