@@ -307,6 +307,22 @@ def test_a_fat_water_swap_lies_in_the_image_and_is_measured_there():
         assert reported > 20 and 0.5 * reported < changed_ml < 3 * reported + 20, (seed, reported, changed_ml)
 
 
+@pytest.mark.parametrize("mix, single", [("{t2_fs: 0.5, stir: 0.5}", "t2_fs"), ("{stir: 0.5, dixon_water: 0.5}", "dixon_water")])
+def test_a_case_drawn_from_a_mix_is_the_case_of_its_sequence_alone(mix, single):
+    """The sequence draw and the swap come from streams of their own: a case whose mix drew T2 FS (or Dixon, swap
+    included) is the case made with that sequence alone, bit for bit."""
+    from training.phantom.generate import _stream
+    from training.phantom.render import drawn_or_only
+    base = ["anatomy_mm=4", "acquisition.fat_sat_failure_p=1", "acquisition.dixon.swap_p=1", "acquisition.integer_p=0"]
+    mixed_cfg = load_config(SynthConfig, None, base + [f"acquisition.sequence_p={mix}"])
+    seed = next(s for s in range(100) if drawn_or_only(_stream(s, "sequence"), mixed_cfg.acquisition.sequence_p) == single)
+    mixed = generate_case(seed, mixed_cfg, fov="knees")
+    alone = generate_case(seed, load_config(SynthConfig, None, base + [f"acquisition.sequence_p={{{single}: 1}}"]), fov="knees")
+    assert mixed.meta["acquisition"]["sequence"] == single
+    assert np.array_equal(mixed.image, alone.image) and np.array_equal(mixed.lesions, alone.lesions)
+    assert mixed.meta["acquisition"] == alone.meta["acquisition"]
+
+
 def test_the_default_sequences_are_mostly_stir_with_some_t2_fs_and_dixon():
     from training.phantom.generate import _stream
     from training.phantom.render import drawn_or_only

@@ -70,8 +70,9 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
     return f"{kind}_g{GENERATOR_VERSION}_{synth_digest(synth)}_{first_seed}_{grid_tag(spacing)}"
 
 
-# Settings added after generator 1.3 whose default reproduces its cases bit for bit: left out of the digest at that
-# default, so caches made before they existed stay valid.
+# Settings added after generator 1.3, each with the value that reproduces the cases made before it existed (the
+# default, except sequence_p, whose {t2_fs: 1} is generator 1.4): left out of the digest at that value, so caches
+# made before the setting existed stay valid.
 _DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0},
                            ("acquisition", "sequence_p"): {"t2_fs": 1.0},
                            ("acquisition", "dixon"): {"snr_gain": 1.5, "swap_p": 0.2, "swap_radius_mm": [40.0, 120.0],
