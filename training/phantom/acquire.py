@@ -16,7 +16,8 @@ from scipy.ndimage import affine_transform, gaussian_filter, gaussian_filter1d
 from training.config import AcquisitionConfig, DixonConfig, FovConfig
 
 from .body import Body
-from .render import AIR, FAT, YELLOW, Canvas, drawn_or_only, field_at, rotation, smooth_field, tissue_in, weighted_choice
+from .render import (AIR, CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, YELLOW, Canvas, drawn_or_only, field_at, rotation,
+                     smooth_field, tissue_in, weighted_choice)
 
 
 @dataclass
@@ -58,10 +59,27 @@ def _orientation_matrix(kind: str, rng) -> np.ndarray:
 
 @dataclass
 class Dixon:
-    """What a Dixon acquisition needs beyond STIR's: the fat fraction of every anatomy voxel and the random
-    stream of the Dixon-only draws (the swap), kept apart from the acquisition stream."""
-    fat_fraction: np.ndarray
+    """What a Dixon acquisition needs beyond STIR's: the anatomy grid's edema strength (edema displaces fat) and
+    the random stream of the Dixon-only draws (the swap), kept apart from the acquisition stream."""
+    edema: np.ndarray
     rng: np.random.Generator
+
+
+# fat fraction by tissue (marrow: yellow 0.8 to red 0.4 by the red-marrow weight; edema displaces fat)
+_FAT_FRACTION = {FAT: 0.9, MUSCLE: 0.04, SKIN: 0.1, CORTEX: 0.0, PHYSIS: 0.05}
+
+
+def fat_fraction(cv: Canvas, edema: np.ndarray, block: tuple[slice, ...]) -> np.ndarray:
+    """Share of each anatomy voxel's signal that is fat in ``block`` of the canvas, for Dixon's fat-water swap
+    (computed only where a swap is drawn)."""
+    lut = np.zeros(256, np.float32)
+    for tissue, share in _FAT_FRACTION.items():
+        lut[tissue] = share
+    tissue = cv.tissue[block]
+    out = lut[tissue]
+    marrow = tissue_in(tissue, MARROW)
+    out[marrow] = 0.8 - 0.4 * cv.marrow_w[block][marrow]
+    return out * (1.0 - 0.7 * np.clip(edema[block], 0.0, 1.0))
 
 
 def swap_region(tissue: np.ndarray, spacing: float, rng: np.random.Generator, cfg: DixonConfig) -> np.ndarray:
@@ -153,7 +171,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
         swap = np.zeros(src.shape, bool)
         swap[at] = part
         fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
-        src = np.where(swap, fat * dixon.fat_fraction[crop], src).astype(np.float32)
+        src = np.where(swap, fat * fat_fraction(cv, dixon.edema, crop), src).astype(np.float32)
     src = gaussian_filter1d(src, sigma_slice, axis=across, mode="nearest", truncate=2.5)
     off = np.array([s.start or 0 for s in crop], float)
     M = np.linalg.inv(cv.affine) @ A

@@ -20,7 +20,7 @@ from .acquire import Dixon, acquire
 from .body import Body, build_skeleton, sample_body
 from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
-from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, drawn_or_only, tissue_in
+from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
 GENERATOR_VERSION = "1.5"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
@@ -110,7 +110,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     t_con = time.perf_counter()
     sequence = drawn_or_only(_stream(seed, "sequence"), cfg.acquisition.sequence_p)
     # the swap draws from a stream of its own, so a seed's swap is the same whatever the mix of sequences
-    dixon = Dixon(fat_fraction(cv, edema), _stream(seed, "dixon")) if sequence == "dixon_water" else None
+    dixon = Dixon(edema, _stream(seed, "dixon")) if sequence == "dixon_water" else None
     acq = acquire(cv, body, img, {"sites": cv.sites, "lesions": label, "physis": (cv.tissue == PHYSIS).astype(np.uint8)},
                   _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]),
                   sequence=sequence, dixon=dixon)
@@ -135,21 +135,6 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     }
     return Case(name or f"case_{seed:06d}", acq.image, acq.labels["sites"].astype(np.uint8), lesions,
                 acq.labels["physis"].astype(np.uint8), acq.affine, meta)
-
-
-# fat fraction by tissue (marrow: yellow 0.8 to red 0.4 by the red-marrow weight; edema displaces fat)
-_FAT_FRACTION = {FAT: 0.9, MUSCLE: 0.04, SKIN: 0.1, CORTEX: 0.0, PHYSIS: 0.05}
-
-
-def fat_fraction(cv: Canvas, edema: np.ndarray) -> np.ndarray:
-    """Share of each anatomy voxel's signal that is fat, for Dixon's fat-water swap."""
-    lut = np.zeros(256, np.float32)
-    for tissue, share in _FAT_FRACTION.items():
-        lut[tissue] = share
-    out = lut[cv.tissue]
-    marrow = tissue_in(cv.tissue, MARROW)
-    out[marrow] = 0.8 - 0.4 * cv.marrow_w[marrow]
-    return out * (1.0 - 0.7 * np.clip(edema, 0.0, 1.0))
 
 
 def _measure_flags(cv: Canvas, label: np.ndarray, plans) -> None:
