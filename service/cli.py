@@ -242,6 +242,8 @@ def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. mo
         raise typer.Exit(2)
     for row in written["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
+        if row.get("fp_per_scan") is not None:  # the detection target: sensitivity at a false-positive rate
+            value += f" at {row['fp_per_scan']:.2f}"
         mark = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
         typer.echo(f"{row['test_set']:<12} {row['metric']:<40} {value} (target {row['target']}): {mark}")
 

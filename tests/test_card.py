@@ -51,8 +51,9 @@ def test_card_takes_the_figures_of_an_evaluation_of_the_bundle(evaluated):
     summary = json.loads((evaluation / "summary.json").read_text())
     assert card["metrics"]["frozen_synthetic_test_set"] == {"partial_fov": summary}
     assert card["metrics"]["command"] == "wbmri evaluate ..."
-    assert [row["test_set"] for row in card["targets"]] == ["partial_fov"] * 6
-    assert card["targets"][2]["value"] == summary["edema_dice"]["mean"]
+    assert [row["test_set"] for row in card["targets"]] == ["partial_fov"] * 5
+    assert card["targets"][0]["fp_per_scan"] == summary["lesions"]["ge_0p5ml"]["fp_per_scan"]
+    assert card["targets"][1]["value"] == summary["edema_dice"]["mean"]
     assert "validation" not in card and card["training"]["validation_at_selection"]["val_cases"] == 3
     assert card["data"]["validation_seeds"] == "900000..900002"
     assert "edema Dice" in proc.stdout and ("MISSED" in proc.stdout or "met" in proc.stdout)

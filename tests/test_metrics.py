@@ -397,18 +397,32 @@ def test_grid_mismatch_is_a_clear_error():
 
 
 def test_target_check_flags_every_missed_target():
-    from training.export import _target_limitation, target_check
+    from training.export import DETECTION, _target_limitation, target_check
     good = {"sensitivity_ge_0p5ml": 0.95, "lesions": {"ge_0p5ml": {"fp_per_scan": 0.2}}, "edema_dice": {"mean": 0.8},
             "site_accuracy": {"site": 0.97}, "mean_site_dice": {"mean": 0.85},
             "fp_per_scan_no_reference_lesions": {"value": 0.1}}
     rows = target_check({"wb": good})
-    assert len(rows) == 6 and all(r["met"] for r in rows)
+    assert len(rows) == 5 and all(r["met"] for r in rows)
     assert _target_limitation(rows) == []
     bad = {**good, "edema_dice": {"mean": 0.5}, "lesions": {"ge_0p5ml": {"fp_per_scan": 2.0}}}
     rows = target_check({"wb": good, "partial": bad})
-    assert [r["metric"] for r in rows if r["met"] is False] == ["false positives per scan", "edema Dice"]
-    assert "2 of its 12 targets" in _target_limitation(rows)[0]
-    bad["ci95"] = {"edema_dice": [0.41, 0.58]}
+    assert [r["metric"] for r in rows if r["met"] is False] == [DETECTION, "edema Dice"]
+    assert "2 of its 10 targets" in _target_limitation(rows)[0]
+    bad["ci95"] = {"edema_dice": [0.41, 0.58], "sensitivity_ge_0p5ml": [0.9, 0.99], "fp_per_scan": [1.5, 2.5]}
     rows = target_check({"partial": bad})
     assert [r["ci95"] for r in rows if r["metric"] == "edema Dice"] == [[0.41, 0.58]]
-    assert "edema Dice 0.50 (target >= 0.75, 95% interval 0.41-0.58)" in _target_limitation(rows)[0]
+    text = _target_limitation(rows)[0]
+    assert "edema Dice 0.50 (target >= 0.75, 95% interval 0.41-0.58)" in text
+    assert ("sensitivity for lesions >= 0.5 mL 0.95 at 2.00 false positives per scan (target >= 0.9 at <= 0.5 "
+            "false positives per scan; 95% intervals 0.90-0.99 and 1.50-2.50)") in text
+
+
+def test_detection_target_needs_both_figures():
+    """Sensitivity and the false-positive rate are one target: each alone missing fails it, both met passes."""
+    from training.export import target_check
+    base = {"edema_dice": {"mean": 0.8}}
+    for sens, fp, met in [(0.95, 0.4, True), (0.95, 0.6, False), (0.5, 0.4, False), (0.9, 0.5, True)]:
+        row = target_check({"wb": {**base, "sensitivity_ge_0p5ml": sens,
+                                   "lesions": {"ge_0p5ml": {"fp_per_scan": fp}}}})[0]
+        assert (row["met"], row["value"], row["fp_per_scan"]) == (met, sens, fp)
+    assert target_check({"wb": base})[0]["met"] is None
