@@ -165,8 +165,8 @@ class Predictor:
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:
         """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
-        from inference.postprocess import (measure_lesions, not_hyperintense, site_table, sites_in_view, study_warnings,
-                                           summarise)
+        from inference.postprocess import site_table, sites_in_view, study_warnings, summarise
+        from models.measure import measure_hyperintense
         from inference.report import build_report, validate_report
         tick = progress or (lambda stage, frac: None)
         t = {"start": time.perf_counter()}
@@ -202,12 +202,8 @@ class Predictor:
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)
         physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)
-        lesions, conf = _renumber(lesions, conf)
-        items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
-        # dropped, then the rest measured again (their references may now use those voxels), until none is left to drop
-        while dark := not_hyperintense(items, self.min_signal_ratio):
-            lesions, conf = _renumber(np.where(np.isin(lesions, dark), 0, lesions).astype(np.uint16), conf)
-            items = measure_lesions(lesions, sites, vol.data, vol.affine, physis, conf)
+        lesions, conf, items = measure_hyperintense(lesions, sites, vol.data, vol.affine, physis, conf,
+                                                    self.min_signal_ratio)
         spacing = vol.spacing
         vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
         warnings = study_warnings(vol.data, sites, lesions, spacing)
@@ -221,16 +217,3 @@ class Predictor:
         tick("done", 1.0)
         return Result(name, report, lesions, sites, vol.affine, vol.data, timings)
 
-
-def _renumber(lesions: np.ndarray, conf: dict[int, float]) -> tuple[np.ndarray, dict[int, float]]:
-    """Ids 1..K in order, dropping lesions that vanished on the input grid."""
-    present = np.unique(lesions)
-    present = present[present > 0]
-    if len(present) == len(conf) and (len(present) == 0 or present[-1] == len(present)):
-        return lesions, conf
-    remap = np.zeros(int(lesions.max()) + 1, np.uint16)
-    new_conf = {}
-    for new, old in enumerate(present, start=1):
-        remap[old] = new
-        new_conf[new] = conf.get(int(old), 0.0)
-    return remap[lesions], new_conf

@@ -8,7 +8,7 @@ from scipy import ndimage
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected: voxels touching at an edge or a corner are one lesion
 # Edema is bright on STIR: a lesion whose median signal is below this share of both its bone's normal marrow and the
-# nearby soft tissue is dropped (card threshold ``min_signal_ratio``; inference.postprocess.not_hyperintense): 0.9 =
+# nearby soft tissue is dropped (card threshold ``min_signal_ratio``; models.measure.not_hyperintense): 0.9 =
 # clearly darker than either. Chosen on the generator-1.4 development phantoms (models/default/HISTORY.md). Bundles
 # exported before wbmri 0.2.8 have no such threshold and keep every lesion.
 MIN_SIGNAL_RATIO = 0.9

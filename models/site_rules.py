@@ -16,7 +16,7 @@ the pieces still kept first, until no two kept pieces contradict each other. A d
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
 largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
-(:mod:`inference.postprocess`). Without the extent check a "femur" in the neck became "skull" next to a clavicle
+(:mod:`models.measure`). Without the extent check a "femur" in the neck became "skull" next to a clavicle
 lesion; with every dropped voxel made no bone, lesions in real bone were flagged as extending into soft tissue.
 A few spurious millilitres never outvote a femur, and one large wrong piece never outvotes the several bones it
 contradicts: on a validation phantom the network named a whole humerus "femur", and the rule it replaced (the
@@ -49,7 +49,7 @@ from models.spine import renumber_vertebrae
 BONE_THRESHOLD = 0.5   # bone probability above which a voxel is bone, unless the model card says otherwise
 MIN_LABEL_ML = 0.5
 FAR_MM = 20.0
-# bones of several pieces: ribs, rays and segments (also for naming lesions, inference.postprocess)
+# bones of several pieces: ribs, rays and segments (also for naming lesions, models.measure)
 MULTI_PIECE_BONES = frozenset({"skull", "ribs", "sternum", "hand", "midfoot", "metatarsals", "toes"})
 # ... and, for the site map's stray pieces, the hip bones, whose acetabular parts lie beyond the triradiate
 # cartilage in a child (the lesion rule keeps them one-piece: merging the two would change lesion naming). Clavicles,

@@ -276,7 +276,8 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
                                                   "figures (per kind of scan) to this CSV"),
              set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
                                             "data.val_dataset_dirs (a YAML list of labelled folders) to add them")) -> None:
-    """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases; updates its card."""
+    """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases
+    (every candidate lesion passes the card's hyperintensity rule, as at inference); updates its card."""
     from training.export import revalidate
     _run_on_bundle("validate", bundle, config, lambda run_config: revalidate(bundle, run_config, val_cases, tta, table, set_))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.postprocess import (border_lesions, extension_grade, measure_lesions, not_hyperintense, site_table,
-                                   sites_in_view, study_warnings, summarise)
+from inference.postprocess import border_lesions, site_table, sites_in_view, study_warnings, summarise
+from models.measure import extension_grade, measure_hyperintense, measure_lesions, not_hyperintense
 from models.sites import by_code
 
 SPACING = {"x": 2.0, "y": 3.0, "z": 2.5}
@@ -311,25 +311,28 @@ def test_signal_ratios_ignore_cortex_and_air():
     assert les["signal_ratio_muscle"] == pytest.approx(4.0, rel=0.01)
 
 
-def test_lesions_darker_than_marrow_and_muscle_are_not_hyperintense():
+def test_lesions_darker_than_marrow_and_muscle_are_not_hyperintense(fibula):
     """Three lesions in a fibula (marrow 1.0, muscle 0.5): bright (2.0), between the references (0.7) and dark
     (0.4). Only the dark one is below both references; a lesion far out in air has no muscle reference and is kept."""
-    shape = (41, 41, 61)
-    X, Y, Z = np.indices(shape, dtype=float)
-    r2 = (X - 20) ** 2 + (Y - 20) ** 2
-    sites = np.where(r2 <= 36, by_code()["fibula_left"].id, 0).astype(np.uint8)
-    image = np.where((np.abs(X - 20) <= 12) & (np.abs(Y - 20) <= 12), 0.5, 0.0).astype(np.float32)
-    image[sites > 0] = 1.0
-    lesions = np.zeros(shape, np.uint16)
-    for lid, (z0, value) in enumerate(((5, 2.0), (25, 0.7), (45, 0.4)), start=1):
-        lesions[(r2 <= 6) & (Z >= z0) & (Z <= z0 + 8)] = lid
-        image[lesions == lid] = value
+    lesions, sites, image = fibula
     measured = measure_lesions(lesions, sites, image, np.eye(4), None, {1: 0.9, 2: 0.9, 3: 0.9})
     assert [round(les["signal_ratio_marrow"], 2) for les in measured] == [2.0, 0.7, 0.4]
     assert not_hyperintense(measured, 1.0) == [3]
     assert not_hyperintense(measured, 0.0) == []
     assert not_hyperintense(measured, 5.0) == [1, 2, 3]  # lesion 1: 2.0x marrow, 4.0x muscle
     assert not_hyperintense([{"id": 7, "signal_ratio_marrow": 0.2, "signal_ratio_muscle": None}], 1.0) == []
+
+
+def test_measure_hyperintense_drops_the_dark_lesion_and_renumbers_the_rest(fibula):
+    lesions, sites, image = fibula
+    lesions[lesions == 2] = 5  # ids need not be 1..K
+    kept, conf, items = measure_hyperintense(lesions, sites, image, np.eye(4), None, {1: 0.91, 3: 0.93, 5: 0.95},
+                                             1.0)
+    assert np.array_equal(kept > 0, (lesions == 1) | (lesions == 5))
+    assert [les["id"] for les in items] == [1, 2] and conf == {1: 0.91, 2: 0.95}
+    assert np.array_equal(kept[lesions == 5], np.full(np.count_nonzero(lesions == 5), 2))
+    every, _, items = measure_hyperintense(lesions, sites, image, np.eye(4), None, {1: 0.9, 3: 0.9, 5: 0.9}, 0.0)
+    assert len(items) == 3 and np.array_equal(np.unique(every), [0, 1, 2, 3])
 
 
 def test_lesion_across_two_bones_goes_to_the_majority(scene):

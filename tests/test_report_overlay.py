@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.postprocess import measure_lesions, site_table, sites_in_view, study_warnings, summarise
+from inference.postprocess import site_table, sites_in_view, study_warnings, summarise
+from models.measure import measure_lesions
 from inference.report import DISCLAIMER, build_report, validate_report
 from models.nifti import save_nifti
 from models.sites import REPORT_SCHEMA, by_code

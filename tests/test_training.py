@@ -334,6 +334,26 @@ def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_
     assert tuned["thresholds"] == card["thresholds"] and tuned["inference"] == {"tta": "flip_lr_anatomy"}
 
 
+def test_validation_scores_the_lesions_the_hyperintensity_rule_leaves(fibula):
+    """Validation's candidates pass the shipped hyperintensity rule through inference's measurement code: of a
+    fibula's bright, middling and dark candidates the dark one is dropped, only when the rule is on."""
+    from models.lesions import components
+    from training.loop import _SignalRule
+    lesions, sites, image = fibula
+    physis = np.zeros(lesions.shape, bool)
+    box = (slice(0, 41), slice(0, 41), slice(2, 58))
+    comp = components(lesions[box] > 0, None, (lesions[box] > 0).astype(np.float32))
+    keep = comp.keep(0.001, 0.0)
+    rule = _SignalRule(1.0, image, sites, physis, (1.0, 1.0, 1.0), box)
+    kept = rule.hyperintense(comp, keep)
+    assert np.array_equal(kept > 0, (lesions[box] == 1) | (lesions[box] == 2))
+    assert rule.hyperintense(comp, keep) is kept  # several rules keeping the same candidates: measured once
+    only_dark = keep & (np.arange(len(keep)) == 3)
+    assert not rule.hyperintense(comp, only_dark).any()
+    off = _SignalRule(0.0, image, sites, physis, (1.0, 1.0, 1.0), box)
+    assert np.array_equal(off.hyperintense(comp, keep) > 0, lesions[box] > 0)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]
 

@@ -16,7 +16,7 @@ import yaml
 from scipy import ndimage
 
 from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
-from models.lesions import MIN_SIGNAL_RATIO, components, near_bone
+from models.lesions import MIN_SIGNAL_RATIO, Components, components, near_bone
 from models.site_rules import BONE_THRESHOLD, bone_thresholds, sites_in_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
                              upsample_site_ids, widen_input_weights)
@@ -423,8 +423,8 @@ class Trainer:
         # nor is the hyperintensity rule: a new model takes models.lesions' (a model from before it, none)
         kept = ("bone", "bone_thin", "min_signal_ratio")
         card["thresholds"].update({k: v for k, v in inherited.get("thresholds", {}).items() if k in kept})
-        if not inherited:
-            card["thresholds"]["min_signal_ratio"] = MIN_SIGNAL_RATIO
+        if self.min_signal_ratio:
+            card["thresholds"]["min_signal_ratio"] = self.min_signal_ratio
         if "inference" in inherited:
             card["inference"] = inherited["inference"]
         if metrics:
@@ -591,8 +591,11 @@ class Trainer:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
         edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
         config's ``min_lesion_ml`` and ``min_sizes_ml``) and minimum lesion confidence (mean probability); the
-        rules chosen by ``operating_point`` are reported and shipped in the card (``thresholds``). ``tta`` as at
-        inference (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
+        rules chosen by ``operating_point`` are reported and shipped in the card (``thresholds``). Every rule's
+        lesions then pass the hyperintensity rule the model ships with (:attr:`min_signal_ratio`), measured on the
+        model grid by the code inference measures with (:func:`models.measure.measure_hyperintense`), so the figures
+        are those of the lesions inference would report. ``tta`` as at inference
+        (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
         from models.networks import forward_tta, size_divisor
         from training.metrics import dice, majority_labels
         self.net.eval()
@@ -625,15 +628,19 @@ class Trainer:
             near = near_bone(bone)
             # every threshold's lesions and every reference lesion lie in this box: score there (same results, ~10x less work)
             box = _bbox((prob > min(thresholds)) | ref | (case["instances"] > 0), margin=2)
+            physis = (voxel[0, PHYSIS].float() > 0).cpu().numpy()[sl]  # probability > 0.5, as at inference
+            signal = _SignalRule(self.min_signal_ratio, img, site_map, physis, self.cfg.network.spacing_mm, box)
             prob, ref, near, site_map = prob[box], ref[box], near[box], site_map[box]
             ref_inst, ref_site_map = case["instances"][box], case["sites"][box]
             ref_sites = majority_labels(ref_inst, ref_site_map)
             groups = validation_groups(case)
             for t in thresholds:
                 comp = components(prob > t, near, prob)  # labelled once per threshold, then every rule is a remap
+                signal.forget()
                 for f, m, c in rules:
-                    self._score_rules(per_thr[(t, f, m, c)], comp.select(vox_ml, m, f, c), ref, ref_inst, ref_sites,
-                                      site_map, vox_ml, groups)
+                    keep = comp.keep(vox_ml, m, f, c)
+                    self._score_rules(per_thr[(t, f, m, c)], signal.hyperintense(comp, keep), ref, ref_inst,
+                                      ref_sites, site_map, vox_ml, groups)
         results = {}
         for (t, f, m, c), acc in per_thr.items():
             s = acc["counts"].scores() if acc["counts"] else {}
@@ -644,12 +651,21 @@ class Trainer:
                                "sensitivity_by_group": {g: n.sensitivity for g, n in sorted(acc["by_group"].items())},
                                "site_acc": acc["site_ok"] / acc["site_n"] if acc["site_n"] else None,
                                "threshold": t, "min_bone_fraction": f, "min_lesion_ml": m, "min_confidence": c,
+                               "min_signal_ratio": self.min_signal_ratio,
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         self.val_table = list(results.values())
         best = operating_point(self.val_table)
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
+
+    @property
+    def min_signal_ratio(self) -> float:
+        """The hyperintensity rule the model ships with: its --init or validated bundle's card's (a bundle from
+        before the rule: none, 0), a new model's :data:`models.lesions.MIN_SIGNAL_RATIO`."""
+        if not self.init_card:
+            return MIN_SIGNAL_RATIO
+        return float(self.init_card.get("thresholds", {}).get("min_signal_ratio", 0.0))
 
     @property
     def site_bone_thresholds(self) -> tuple[float, float]:
@@ -679,3 +695,35 @@ class Trainer:
             if rid is not None and ref_sites[rid] != UNKNOWN:  # unknown: a case without a site reference
                 acc["site_ok"] += int(ref_sites[rid] == pred_sites[pid])
                 acc["site_n"] += 1
+
+
+class _SignalRule:
+    """The hyperintensity rule on one validation case: a selection of components (``keep``) becomes the instance
+    map, within the scoring ``box``, of the lesions left after :func:`models.measure.measure_hyperintense`. The
+    measurement sees the whole case; a selection already measured (several rules keep the same components) is
+    looked up until :meth:`forget`. ``min_ratio`` 0: no rule."""
+
+    def __init__(self, min_ratio: float, img: np.ndarray, site_map: np.ndarray, physis: np.ndarray,
+                 spacing_mm, box: tuple[slice, ...]) -> None:
+        self.min_ratio, self.img, self.site_map, self.physis, self.box = min_ratio, img, site_map, physis, box
+        self.affine = np.diag([*map(float, spacing_mm), 1.0])  # the model grid: RAS axes
+        self._seen: dict[bytes, np.ndarray] = {}
+
+    def forget(self) -> None:
+        """Call for each new set of components (a new threshold)."""
+        self._seen.clear()
+
+    def hyperintense(self, comp: Components, keep: np.ndarray) -> np.ndarray:
+        inst = comp.instances(keep)
+        if self.min_ratio <= 0 or not inst.any():
+            return inst
+        key = np.packbits(keep).tobytes()
+        if key not in self._seen:
+            from models.measure import measure_hyperintense
+            full = np.zeros(self.img.shape, np.uint16)
+            full[self.box] = inst
+            ids = range(1, int(inst.max()) + 1)
+            kept, _, _ = measure_hyperintense(full, self.site_map, self.img, self.affine, self.physis,
+                                              {i: 0.0 for i in ids}, self.min_ratio)
+            self._seen[key] = kept[self.box]
+        return self._seen[key]
