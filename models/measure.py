@@ -639,8 +639,8 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
 
 def measure_lesions(lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
                     physis: np.ndarray | None, confidence: Mapping[int, float]) -> list[dict]:
-    """Measure every lesion (instance labels 1..N) on the input grid; one dict per lesion in id order,
-    with exactly the report schema's lesion keys. ``confidence`` must hold every lesion id."""
+    """Measure every lesion (instance labels 1..N) on the grid of ``affine`` (the input's at inference, the model
+    grid in validation); one dict per lesion in id order, with exactly the report schema's lesion keys. ``confidence`` must hold every lesion id."""
     physis = None if physis is None else np.asarray(physis, bool)
     scene = _Scene(lesions, sites, np.asarray(image, np.float32), affine, physis)
     boxes = ndimage.find_objects(_labels(lesions))

@@ -240,12 +240,13 @@ def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. mo
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"card not changed: {exc}", err=True)
         raise typer.Exit(2)
+    width = max((len(row["metric"]) for row in written["targets"]), default=0)
     for row in written["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
         if row.get("fp_per_scan") is not None:  # the detection target: sensitivity at a false-positive rate
             value += f" at {row['fp_per_scan']:.2f}"
         mark = {True: "met", False: "MISSED", None: "not measured"}[row["met"]]
-        typer.echo(f"{row['test_set']:<12} {row['metric']:<40} {value} (target {row['target']}): {mark}")
+        typer.echo(f"{row['test_set']:<12} {row['metric']:<{width}} {value} (target {row['target']}): {mark}")
 
 
 def _run_on_bundle(verb: str, bundle: Path, config: Optional[Path], work: Callable[[Path], dict]) -> None:
@@ -277,7 +278,7 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
              set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
                                             "data.val_dataset_dirs (a YAML list of labelled folders) to add them")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases
-    (every candidate lesion passes the card's hyperintensity rule, as at inference); updates its card."""
+    (every candidate lesion passes the card's hyperintensity rule, measured on the model grid); updates its card."""
     from training.export import revalidate
     _run_on_bundle("validate", bundle, config, lambda run_config: revalidate(bundle, run_config, val_cases, tta, table, set_))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_card_takes_the_figures_of_an_evaluation_of_the_bundle(evaluated):
     assert "validation" not in card and card["training"]["validation_at_selection"]["val_cases"] == 3
     assert card["data"]["validation_seeds"] == "900000..900002"
     assert "edema Dice" in proc.stdout and ("MISSED" in proc.stdout or "met" in proc.stdout)
+    # the detection target prints its sensitivity at its false-positive rate
+    assert re.search(r"at <= 0\.5 false positives per scan +(\d\.\d{3}|n/a) at \d+\.\d{2} \(target >= 0\.9 at", proc.stdout)
 
 
 def test_card_refuses_evaluations_made_with_other_rules(evaluated, tmp_path):

@@ -335,17 +335,21 @@ def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_
 
 
 def test_validation_scores_the_lesions_the_hyperintensity_rule_leaves(fibula):
-    """Validation's candidates pass the shipped hyperintensity rule through inference's measurement code: of a
-    fibula's bright, middling and dark candidates the dark one is dropped, only when the rule is on."""
+    """Validation's candidates, labelled within a scoring box, pass the shipped hyperintensity rule measured on the
+    whole case, as measure_hyperintense measures them: of a fibula's bright, middling and dark candidates the dark
+    one is dropped, only when the rule is on."""
     from models.lesions import components
+    from models.measure import measure_hyperintense
     from training.loop import _SignalRule
     lesions, sites, image = fibula
     physis = np.zeros(lesions.shape, bool)
-    box = (slice(0, 41), slice(0, 41), slice(2, 58))
+    box = (slice(10, 31), slice(11, 30), slice(3, 56))  # offset on every axis by more than a lesion's width
     comp = components(lesions[box] > 0, None, (lesions[box] > 0).astype(np.float32))
     keep = comp.keep(0.001, 0.0)
     rule = _SignalRule(1.0, image, sites, physis, (1.0, 1.0, 1.0), box)
     kept = rule.hyperintense(comp, keep)
+    whole, _, _ = measure_hyperintense(lesions, sites, image, np.eye(4), physis, {1: 0.0, 2: 0.0, 3: 0.0}, 1.0)
+    assert np.array_equal(kept, whole[box]) and np.array_equal(np.unique(kept), [0, 1, 2])
     assert np.array_equal(kept > 0, (lesions[box] == 1) | (lesions[box] == 2))
     assert rule.hyperintense(comp, keep) is kept  # several rules keeping the same candidates: measured once
     only_dark = keep & (np.arange(len(keep)) == 3)

@@ -592,9 +592,10 @@ class Trainer:
         edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
         config's ``min_lesion_ml`` and ``min_sizes_ml``) and minimum lesion confidence (mean probability); the
         rules chosen by ``operating_point`` are reported and shipped in the card (``thresholds``). Every rule's
-        lesions then pass the hyperintensity rule the model ships with (:attr:`min_signal_ratio`), measured on the
-        model grid by the code inference measures with (:func:`models.measure.measure_hyperintense`), so the figures
-        are those of the lesions inference would report. ``tta`` as at inference
+        lesions then pass the hyperintensity rule the model ships with (:attr:`min_signal_ratio`) by the code
+        inference uses (:func:`models.measure.measure_hyperintense`), measured here on the model grid's normalised
+        image rather than the input grid's signal: close to, not always the same as, what inference drops
+        (models/default/HISTORY.md counts the agreement). ``tta`` as at inference
         (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
         from models.networks import forward_tta, size_divisor
         from training.metrics import dice, majority_labels
@@ -636,7 +637,6 @@ class Trainer:
             groups = validation_groups(case)
             for t in thresholds:
                 comp = components(prob > t, near, prob)  # labelled once per threshold, then every rule is a remap
-                signal.forget()
                 for f, m, c in rules:
                     keep = comp.keep(vox_ml, m, f, c)
                     self._score_rules(per_thr[(t, f, m, c)], signal.hyperintense(comp, keep), ref, ref_inst,
@@ -698,25 +698,24 @@ class Trainer:
 
 
 class _SignalRule:
-    """The hyperintensity rule on one validation case: a selection of components (``keep``) becomes the instance
-    map, within the scoring ``box``, of the lesions left after :func:`models.measure.measure_hyperintense`. The
-    measurement sees the whole case; a selection already measured (several rules keep the same components) is
-    looked up until :meth:`forget`. ``min_ratio`` 0: no rule."""
+    """The hyperintensity rule on one validation case: a selection (``keep``) of the components of one threshold,
+    labelled within the scoring ``box``, becomes the instance map there of the lesions left after
+    :func:`models.measure.measure_hyperintense`, which sees the whole case. A selection already measured (several
+    rules keep the same components) is looked up; new components start afresh. ``min_ratio`` 0: no rule."""
 
     def __init__(self, min_ratio: float, img: np.ndarray, site_map: np.ndarray, physis: np.ndarray,
                  spacing_mm, box: tuple[slice, ...]) -> None:
         self.min_ratio, self.img, self.site_map, self.physis, self.box = min_ratio, img, site_map, physis, box
         self.affine = np.diag([*map(float, spacing_mm), 1.0])  # the model grid: RAS axes
+        self._comp: Components | None = None  # held, so the cache below belongs to these components alone
         self._seen: dict[bytes, np.ndarray] = {}
-
-    def forget(self) -> None:
-        """Call for each new set of components (a new threshold)."""
-        self._seen.clear()
 
     def hyperintense(self, comp: Components, keep: np.ndarray) -> np.ndarray:
         inst = comp.instances(keep)
         if self.min_ratio <= 0 or not inst.any():
             return inst
+        if comp is not self._comp:
+            self._comp, self._seen = comp, {}
         key = np.packbits(keep).tobytes()
         if key not in self._seen:
             from models.measure import measure_hyperintense
