@@ -56,6 +56,7 @@ Rules (documented here because the report's meaning depends on them):
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -192,7 +193,8 @@ class _BoneAxis:
 
 
 class _Scene:
-    """The arrays of one study plus per-site caches (bounding boxes, axes, marrow medians)."""
+    """The arrays of one study plus per-site caches (bounding boxes, axes, marrow medians). Only the marrow medians
+    depend on the lesions (they leave lesion voxels out): :meth:`with_lesions` keeps the rest."""
 
     def __init__(self, lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
                  physis: np.ndarray | None):
@@ -213,6 +215,14 @@ class _Scene:
         self._pieces: dict[int, tuple[tuple[slice, ...], np.ndarray] | None] = {}
         self._spine: tuple[np.ndarray, np.ndarray] | None = None
         self._midline: float | None = None
+
+    def with_lesions(self, lesions: np.ndarray) -> _Scene:
+        """The same study with another lesion map; the site caches are shared, the marrow medians start afresh."""
+        if lesions.shape != self.lesions.shape:
+            raise ValueError(f"lesions must have the study's shape {self.lesions.shape}, got {lesions.shape}")
+        scene = copy.copy(self)
+        scene.lesions, scene._marrow = lesions, {}
+        return scene
 
     # geometry helpers
     def world(self, idx: np.ndarray) -> np.ndarray:
@@ -637,18 +647,45 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     return {k: out[k] for k in LESION_KEYS}
 
 
+class Study:
+    """One study's site map, image, affine and physis mask, measured with any number of lesion maps on that grid
+    (the input's at inference, the model grid in validation): the per-site work (bone axes, midline, spine) is
+    done once for all of them."""
+
+    def __init__(self, sites: np.ndarray, image: np.ndarray, affine: np.ndarray, physis: np.ndarray | None = None):
+        physis = None if physis is None else np.asarray(physis, bool)
+        self._scene = _Scene(np.zeros(np.shape(sites), np.uint16), sites, np.asarray(image, np.float32), affine,
+                             physis)
+
+    def measure(self, lesions: np.ndarray, confidence: Mapping[int, float]) -> list[dict]:
+        """Measure every lesion (instance labels 1..N); one dict per lesion in id order, with exactly the report
+        schema's lesion keys. ``confidence`` must hold every lesion id."""
+        scene = self._scene.with_lesions(lesions)
+        boxes = ndimage.find_objects(_labels(lesions))
+        present = [lid for lid, sl in enumerate(boxes, start=1) if sl is not None]
+        missing = [lid for lid in present if lid not in confidence]
+        if missing:
+            raise ValueError(f"no confidence given for lesion ids {missing}")
+        return [_measure_one(scene, lid, boxes[lid - 1], float(confidence[lid])) for lid in present]
+
+    def hyperintense(self, lesions: np.ndarray, confidence: Mapping[int, float],
+                     min_ratio: float) -> tuple[np.ndarray, dict[int, float], list[dict]]:
+        """:meth:`measure` after dropping the lesions that are not hyperintense (:func:`not_hyperintense`): those
+        are dropped, the rest measured again (their references may now use those voxels), until none is left to
+        drop. Returns the lesions renumbered 1..K, their confidences and their measurements."""
+        lesions, confidence = renumber(lesions, confidence)
+        items = self.measure(lesions, confidence)
+        while dark := not_hyperintense(items, min_ratio):
+            lesions, confidence = renumber(np.where(np.isin(lesions, dark), 0, lesions).astype(np.uint16),
+                                           confidence)
+            items = self.measure(lesions, confidence)
+        return lesions, confidence, items
+
+
 def measure_lesions(lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
                     physis: np.ndarray | None, confidence: Mapping[int, float]) -> list[dict]:
-    """Measure every lesion (instance labels 1..N) on the grid of ``affine`` (the input's at inference, the model
-    grid in validation); one dict per lesion in id order, with exactly the report schema's lesion keys. ``confidence`` must hold every lesion id."""
-    physis = None if physis is None else np.asarray(physis, bool)
-    scene = _Scene(lesions, sites, np.asarray(image, np.float32), affine, physis)
-    boxes = ndimage.find_objects(_labels(lesions))
-    present = [lid for lid, sl in enumerate(boxes, start=1) if sl is not None]
-    missing = [lid for lid in present if lid not in confidence]
-    if missing:
-        raise ValueError(f"no confidence given for lesion ids {missing}")
-    return [_measure_one(scene, lid, boxes[lid - 1], float(confidence[lid])) for lid in present]
+    """:meth:`Study.measure` of one lesion map."""
+    return Study(sites, image, affine, physis).measure(lesions, confidence)
 
 
 def not_hyperintense(lesions: Sequence[Mapping], min_ratio: float) -> list[int]:
@@ -682,12 +719,5 @@ def renumber(lesions: np.ndarray, confidence: Mapping[int, float]) -> tuple[np.n
 def measure_hyperintense(lesions: np.ndarray, sites: np.ndarray, image: np.ndarray, affine: np.ndarray,
                          physis: np.ndarray | None, confidence: Mapping[int, float],
                          min_ratio: float) -> tuple[np.ndarray, dict[int, float], list[dict]]:
-    """:func:`measure_lesions` after dropping the lesions that are not hyperintense (:func:`not_hyperintense`):
-    those are dropped, the rest measured again (their references may now use those voxels), until none is left
-    to drop. Returns the lesions renumbered 1..K, their confidences and their measurements."""
-    lesions, confidence = renumber(lesions, confidence)
-    items = measure_lesions(lesions, sites, image, affine, physis, confidence)
-    while dark := not_hyperintense(items, min_ratio):
-        lesions, confidence = renumber(np.where(np.isin(lesions, dark), 0, lesions).astype(np.uint16), confidence)
-        items = measure_lesions(lesions, sites, image, affine, physis, confidence)
-    return lesions, confidence, items
+    """:meth:`Study.hyperintense` of one lesion map."""
+    return Study(sites, image, affine, physis).hyperintense(lesions, confidence, min_ratio)

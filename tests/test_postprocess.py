@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from inference.postprocess import border_lesions, site_table, sites_in_view, study_warnings, summarise
-from models.measure import extension_grade, measure_hyperintense, measure_lesions, not_hyperintense
+from models.measure import Study, extension_grade, measure_hyperintense, measure_lesions, not_hyperintense
 from models.sites import by_code
 
 SPACING = {"x": 2.0, "y": 3.0, "z": 2.5}
@@ -333,6 +333,35 @@ def test_measure_hyperintense_drops_the_dark_lesion_and_renumbers_the_rest(fibul
     assert np.array_equal(kept[lesions == 5], np.full(np.count_nonzero(lesions == 5), 2))
     every, _, items = measure_hyperintense(lesions, sites, image, np.eye(4), None, {1: 0.9, 3: 0.9, 5: 0.9}, 0.0)
     assert len(items) == 3 and np.array_equal(np.unique(every), [0, 1, 2, 3])
+
+
+def test_a_study_measures_each_lesion_map_as_if_alone(scene, fibula):
+    """One Study serves several lesion maps (validation measures many selections of one case): each is measured as
+    measure_lesions measures it alone, whatever was measured before (marrow medians leave out that map's lesions)."""
+    args = scene["sites"], scene["image"], scene["affine"], scene["physis"]
+    few = np.where(scene["lesions"] <= 3, scene["lesions"], 0).astype(scene["lesions"].dtype)
+    study = Study(*args)
+    for lesions in (scene["lesions"], few, scene["lesions"]):
+        conf = {int(i): CONF[int(i)] for i in np.unique(lesions) if i}
+        assert study.measure(lesions, conf) == measure_lesions(lesions, *args[:3], args[3], conf)
+    # a lesion ringed by another has no local marrow, so its bone's whole clean marrow is the reference: the
+    # upper marrow (1.6) when the ring lesion covers the lower bone, the lower (1.0) when it covers the upper
+    lesions, sites, image = fibula
+    image = image.copy()
+    Z = np.indices(lesions.shape)[2]
+    image[(sites > 0) & (Z >= 30)] = 1.6
+    inner = lesions == 2
+    below, above = (sites > 0) & (Z < 56), (sites > 0) & (Z >= 3)  # beyond the 20 mm ring: no local marrow
+    maps = [np.where(inner, 2, np.where(ring, 1, 0)).astype(np.uint16) for ring in (below, above, below)]
+    study = Study(sites, image, np.eye(4), None)
+    ratios = []
+    for lesion_map in maps:
+        alone = measure_lesions(lesion_map, sites, image, np.eye(4), None, {1: 0.9, 2: 0.9})
+        assert study.measure(lesion_map, {1: 0.9, 2: 0.9}) == alone
+        ratios.append(alone[1]["signal_ratio_marrow"])
+    assert ratios == [pytest.approx(0.7 / 1.6, abs=1e-3), pytest.approx(0.7, abs=1e-3), ratios[0]]
+    with pytest.raises(ValueError, match="the study's shape"):
+        study.measure(lesions[:-1], {})
 
 
 def test_lesion_across_two_bones_goes_to_the_majority(scene):

@@ -700,13 +700,16 @@ class Trainer:
 class _SignalRule:
     """The hyperintensity rule on one validation case: a selection (``keep``) of the components of one threshold,
     labelled within the scoring ``box``, becomes the instance map there of the lesions left after
-    :func:`models.measure.measure_hyperintense`, which sees the whole case. A selection already measured (several
-    rules keep the same components) is looked up; new components start afresh. ``min_ratio`` 0: no rule."""
+    :meth:`models.measure.Study.hyperintense`, which sees the whole case (one study for all selections). A
+    selection already measured (several rules keep the same components) is looked up; new components start
+    afresh. ``min_ratio`` 0: no rule."""
 
     def __init__(self, min_ratio: float, img: np.ndarray, site_map: np.ndarray, physis: np.ndarray,
                  spacing_mm, box: tuple[slice, ...]) -> None:
-        self.min_ratio, self.img, self.site_map, self.physis, self.box = min_ratio, img, site_map, physis, box
-        self.affine = np.diag([*map(float, spacing_mm), 1.0])  # the model grid: RAS axes
+        from models.measure import Study
+        self.min_ratio, self.shape, self.box = min_ratio, img.shape, box
+        # the model grid: RAS axes
+        self.study = Study(site_map, img, np.diag([*map(float, spacing_mm), 1.0]), physis) if min_ratio > 0 else None
         self._comp: Components | None = None  # held, so the cache below belongs to these components alone
         self._seen: dict[bytes, np.ndarray] = {}
 
@@ -718,11 +721,8 @@ class _SignalRule:
             self._comp, self._seen = comp, {}
         key = np.packbits(keep).tobytes()
         if key not in self._seen:
-            from models.measure import measure_hyperintense
-            full = np.zeros(self.img.shape, np.uint16)
+            full = np.zeros(self.shape, np.uint16)
             full[self.box] = inst
-            ids = range(1, int(inst.max()) + 1)
-            kept, _, _ = measure_hyperintense(full, self.site_map, self.img, self.affine, self.physis,
-                                              {i: 0.0 for i in ids}, self.min_ratio)
+            kept, _, _ = self.study.hyperintense(full, {i: 0.0 for i in range(1, int(inst.max()) + 1)}, self.min_ratio)
             self._seen[key] = kept[self.box]
         return self._seen[key]
