@@ -654,8 +654,8 @@ class Study:
 
     def __init__(self, sites: np.ndarray, image: np.ndarray, affine: np.ndarray, physis: np.ndarray | None = None):
         physis = None if physis is None else np.asarray(physis, bool)
-        self._scene = _Scene(np.zeros(np.shape(sites), np.uint16), sites, np.asarray(image, np.float32), affine,
-                             physis)
+        no_lesions = np.broadcast_to(np.uint16(0), np.shape(sites))  # a placeholder of the study's shape, no memory
+        self._scene = _Scene(no_lesions, sites, np.asarray(image, np.float32), affine, physis)
 
     def measure(self, lesions: np.ndarray, confidence: Mapping[int, float]) -> list[dict]:
         """Measure every lesion (instance labels 1..N); one dict per lesion in id order, with exactly the report

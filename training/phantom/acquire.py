@@ -111,7 +111,7 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
     ``t2_fs`` fails to suppress fat in patches now and then (generator 1.4's acquisition), ``stir`` does not, and
     ``dixon_water`` (with ``dixon``) does not either, has a higher SNR and, now and then, a fat-water swap."""
     if (sequence == "dixon_water") != (dixon is not None):
-        raise ValueError("a Dixon acquisition needs its fat fraction and stream (dixon=...), and only it")
+        raise ValueError("a Dixon acquisition needs its edema map and swap stream (dixon=...), and only it")
     name, z_lo, z_hi = choose_fov(body, rng, fov_cfg, fov)
     inplane = float(rng.uniform(*acq.inplane_mm))
     thick = float(rng.uniform(*acq.slice_mm))
@@ -171,7 +171,8 @@ def acquire(cv: Canvas, body: Body, img: np.ndarray, labels: dict[str, np.ndarra
         swap = np.zeros(src.shape, bool)
         swap[at] = part
         fat = float(dixon.rng.uniform(*acq.dixon.fat_signal))
-        src = np.where(swap, fat * fat_fraction(cv, dixon.edema, crop), src).astype(np.float32)
+        src = src.astype(np.float32)  # a copy: img is the anatomy's
+        src[at] = np.where(part, fat * fat_fraction(cv, dixon.edema, view), src[at])
     src = gaussian_filter1d(src, sigma_slice, axis=across, mode="nearest", truncate=2.5)
     off = np.array([s.start or 0 for s in crop], float)
     M = np.linalg.inv(cv.affine) @ A
