@@ -268,8 +268,10 @@ def _run_on_bundle(verb: str, bundle: Path, config: Optional[Path], work: Callab
 
 @app.command()
 def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g. runs/default/best"),
-             val_cases: int = typer.Option(24, "--val-cases", min=0, help="validation phantoms (seeds from the run's val_seed); "
-                                           "0 with data.val_dataset_dirs: choose on those labelled scans alone"),
+             val_cases: int = typer.Option(96, "--val-cases", min=0, help="validation phantoms (seeds from the run's val_seed; "
+                                           "the first 32 alone put a rule's false positives per scan at about 0.6x "
+                                           "all 96's: models/default/HISTORY.md, stage 23); 0 with data.val_dataset_dirs: "
+                                           "choose on those labelled scans alone"),
              config: Optional[Path] = typer.Option(None, "--config", help="the run's config (default: BUNDLE/../config.yaml)"),
              tta: Optional[str] = typer.Option(None, "--tta", help=f"choose the rules with this {TTA_HELP}, "
                                                "and record it in the card"),
