@@ -22,6 +22,9 @@ from .sites import mirror_ids, n_sites
 EDEMA, BONE, PHYSIS = 0, 1, 2
 VOXEL_CHANNELS = ("edema", "bone", "physis")
 LOG_EPS = 0.03  # of the normalised image (body 99th percentile = 1): about background noise
+# The network's parts that training can hold fixed or train alone: part -> WbmriNet's child modules
+NETWORK_PARTS = {"body": ("body", "act"), "voxel": ("voxel",), "sites": ("sites",)}
+NetworkPart = Literal[tuple(NETWORK_PARTS)]  # type: ignore[valid-type]
 
 
 class NetworkConfig(BaseModel):
@@ -100,6 +103,19 @@ class WbmriNet(nn.Module):
         else:
             half = nn.functional.avg_pool3d(feat, 2, ceil_mode=True)
         return self.voxel(feat), self.sites(half)
+
+
+def fixed_modules(net: nn.Module, train_only) -> list[nn.Module]:
+    """Hold every part of ``net`` not named in ``train_only`` (:data:`NETWORK_PARTS`) fixed: its parameters stop
+    asking for gradients. Returns those modules, which training keeps in eval mode so that their batch-norm
+    statistics stay too; none when ``train_only`` is empty (the whole network trains)."""
+    if not train_only:
+        return []
+    keep = {child for part in train_only for child in NETWORK_PARTS[part]}
+    fixed = [m for name, m in net.named_children() if name not in keep]
+    for m in fixed:
+        m.requires_grad_(False)
+    return fixed
 
 
 def with_log_channel(x: torch.Tensor) -> torch.Tensor:

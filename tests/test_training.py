@@ -125,6 +125,25 @@ def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, 
                                                                            "network.spacing_mm=[6,6,6]"]))
 
 
+def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
+    torch.manual_seed(3)
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        f"init={tmp_path / 'base'}", "optim.train_only=[sites]", "optim.lr=0.01", "val_every=1000",
+        "precise_bn_batches=2"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train(progress=False)
+    was = load_bundle(tmp_path / "base").net.state_dict()
+    now = load_bundle(tmp_path / "run" / "final").net.state_dict()
+    held = [k for k in was if not k.startswith("sites.")]
+    assert any("running_mean" in k for k in held)  # batch-norm statistics are among what must not move
+    assert [k for k in held if not torch.equal(was[k], now[k])] == []
+    assert any(not torch.equal(was[k], now[k]) for k in was if k.startswith("sites."))
+    with pytest.raises(ConfigError, match="optim.train_only"):
+        load_config(TrainConfig, TINY, ["optim.train_only=[encoder]"])
+
+
 def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():
     def r(t, sens, fp, f1):
         return {"threshold": t, "lesion_sens": sens, "fp_per_scan": fp, "lesion_f1": f1, "edema_dice": 0.5}

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.networks import NetworkConfig
+from models.networks import NetworkConfig, NetworkPart
 
 Range = tuple[float, float]
 
@@ -279,6 +279,11 @@ class OptimConfig(Strict):
     warmup: int = Field(100, ge=0)
     schedule: Literal["cosine", "constant", "poly"] = "cosine"
     grad_clip: float = Field(12.0, gt=0)
+    train_only: list[NetworkPart] = Field(
+        [], description="train only these parts of the network (body: the U-Net; voxel: the edema, bone and physis "
+        "head; sites: the site head) and hold the rest fixed, batch-norm statistics included; e.g. [sites] with "
+        "--init teaches the site head anew while every edema, bone and physis output stays the --init model's "
+        "to the bit. Empty: the whole network")
     minutes: float = Field(0.0, ge=0, description="train for about this long instead (0: exactly `steps`): the step "
                            "count is set from the pace measured once the batch queue is full and re-set as the pace "
                            "changes, the schedule bending smoothly to end on time, and training stops, exporting as "

@@ -18,8 +18,8 @@ from scipy import ndimage
 from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
 from models.lesions import MIN_SIGNAL_RATIO, Components, components, near_bone
 from models.site_rules import BONE_THRESHOLD, bone_thresholds, sites_in_bone
-from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, resolve_device,
-                             upsample_site_ids, widen_input_weights)
+from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, fixed_modules,
+                             resolve_device, upsample_site_ids, widen_input_weights)
 from training.config import ConfigError, TrainConfig
 from training.data import (UNKNOWN, BatchStream, PhantomPool, augment_batch, build_augment, load_npz, nnunet_cases,
                            phantom_cache_name, ready_files, with_reference)
@@ -233,10 +233,12 @@ class Trainer:
         if cfg.init:
             self._init_from(cfg.init)
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
+        self.fixed = fixed_modules(self.net, cfg.optim.train_only)  # held in eval mode: see train_mode
         self.model = self.net
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.net)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay)
         self.step = 0
         self.best = -1.0        # validation lesion F1 of the best checkpoint
         self.best_dice = -1.0   # and its edema Dice, which breaks ties
@@ -358,13 +360,22 @@ class Trainer:
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.data.loader_workers,
                                                 pin_memory=self.device.type == "cuda", prefetch_factor=4))
 
+    def train_mode(self) -> None:
+        """The network in training mode, but the parts ``optim.train_only`` holds fixed in eval mode, so that
+        training does not move their batch-norm statistics either."""
+        self.net.train()
+        for m in self.fixed:
+            m.eval()
+
     @torch.no_grad()
     def precise_bn(self, batches: int, progress: bool = False) -> int:
         """Re-estimate every batch-norm layer's statistics as the plain average over ``batches`` training batches
         (drawn and augmented as in training, from a stream seeded by the config's ``seed``, so the same data give the same
         result) instead of the running average of the last few dozen batches that training leaves: precise BN
         (Wu and Johnson 2021). The weights are unchanged. Returns the number of layers re-estimated."""
-        norms = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        held = {id(m) for f in self.fixed for m in f.modules()}
+        norms = [m for m in self.net.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in held]
         if not norms or batches < 1:
             return 0
         momenta = [m.momentum for m in norms]
@@ -372,7 +383,7 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average
         was_training = self.net.training
-        self.net.train()
+        self.train_mode()
         stream = iter(BatchStream(self.pools, self.train_files, self.cfg, self.augment, self.cfg.seed))
         gen = torch.Generator().manual_seed(self.cfg.seed)
         steps = range(batches)
@@ -387,7 +398,7 @@ class Trainer:
                 self.net(batch["image"].to(memory_format=torch.channels_last_3d))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        self.net.train(was_training)
+        self.train_mode() if was_training else self.net.eval()
         self.bn_step = self.step
         return len(norms)
 
@@ -460,7 +471,7 @@ class Trainer:
         last_val: dict = {}
         last_loss = float("nan")  # stays NaN when a finished run is resumed (no step left to take)
         t_start = time.time()
-        self.net.train()
+        self.train_mode()
         batches = self._batches()
         pace_from = self.step + 4 * cfg.data.loader_workers + 20  # loader processes fill their queues first
         pace_t0, first_count = None, True
@@ -519,7 +530,7 @@ class Trainer:
                         self.export(self.out / "best", last_val)
                     else:
                         self.bad_vals += 1
-                    self.net.train()
+                    self.train_mode()
                 self._csv(csv_path, row, new_csv)
                 new_csv = False
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.optim.steps:
