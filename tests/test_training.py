@@ -23,7 +23,7 @@ from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, mak
                            sample_centre)
 from training.export import export_bundle, revalidate
 from training.loop import (Trainer, advance_schedule, blob_dice_loss, compute_loss, improves, lr_at,
-                           operating_point, sites_loss, validation_groups)
+                           operating_point, operating_point_ci, sites_loss, validation_groups)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
@@ -162,6 +162,15 @@ def test_validation_groups_follow_the_case_field_of_view_and_lesions():
     assert validation_groups({"instances": lesion}) == ["scan"]
 
 
+def test_operating_point_interval_is_a_bootstrap_over_validation_cases():
+    steady = operating_point_ci(np.array([[1, 2, 1]] * 10))  # every case alike: no spread
+    assert steady == {"lesion_sens": (0.5, 0.5), "fp_per_scan": (1.0, 1.0)}
+    lumpy = operating_point_ci(np.array([[2, 2, 0]] * 9 + [[0, 2, 10]]))  # all false positives in one case
+    lo, hi = lumpy["fp_per_scan"]
+    assert lo == 0.0 and 1.0 < hi <= 3.0
+    assert lumpy["lesion_sens"][0] < 0.9 < lumpy["lesion_sens"][1] == 1.0
+
+
 def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
     assert improves((0.889, 0.72), (0.889, 0.71))      # same F1, better Dice: the later checkpoint wins
     assert not improves((0.889, 0.71), (0.889, 0.72))
@@ -294,6 +303,8 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
 
     chosen = revalidate(run / "best", run / "config.yaml", val_cases=2)
     card = load_bundle(run / "best").card
+    lo, hi = chosen["ci95"]["fp_per_scan"]  # the chosen rule's interval over the 2 cases, kept in the card
+    assert lo <= chosen["fp_per_scan"] <= hi and card["validation"]["ci95"] == json.loads(json.dumps(chosen["ci95"]))
     assert chosen["val_cases"] == 2 and card["thresholds"]["edema"] == chosen["threshold"]
     by_group = chosen["fp_per_scan_by_group"]  # the tiny config's validation phantoms are whole-body views
     assert "whole_body" in by_group and "partial_fov" not in by_group and by_group["whole_body"] >= 0

@@ -220,6 +220,8 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=True)
     tta = tta or bundle.tta
     result = trainer.validate(tta=tta, progress=True)
+    from training.loop import operating_point_ci
+    result = {**result, "ci95": operating_point_ci(trainer.val_best_cases)}
     if table is not None:
         write_rule_table(trainer.val_table, table)
     card = bundle.card

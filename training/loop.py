@@ -149,6 +149,17 @@ def operating_point(results: list[dict]) -> dict:
     return max(results, key=lambda r: (r["lesion_f1"], r["edema_dice"] or 0))
 
 
+def operating_point_ci(per_case: np.ndarray) -> dict[str, tuple[float, float] | None]:
+    """95% bootstrap intervals over the validation cases (:func:`training.metrics.bootstrap_ci`, as ``wbmri
+    evaluate`` reports them) of the operating point's sensitivity for lesions >= 0.5 mL and its false positives
+    per scan, from per-case (detected, reference lesions, false positives) rows. With tens of cases the false
+    positive rate is known only roughly, and a rule picked as the most sensitive under its limit tends to be
+    one whose rate was underestimated."""
+    from training.metrics import bootstrap_ci
+    detected, ref, fp = np.asarray(per_case, float).reshape(-1, 3).T
+    return {"lesion_sens": bootstrap_ci(detected, ref), "fp_per_scan": bootstrap_ci(fp, np.ones_like(fp))}
+
+
 def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
     """Whether a checkpoint's validation (lesion F1, edema Dice) beats the best so far: higher F1, or the same F1
     with a higher Dice (8 validation cases give few distinct F1 values: stage 5 reached its best F1 at four steps)."""
@@ -615,7 +626,7 @@ class Trainer:
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
         sizes = sorted({self.cfg.min_lesion_ml, *min_sizes_ml})
         rules = [(f, m, c) for f in bone_fractions for m in sizes for c in min_confidences]
-        per_thr = {(t, *r): {"dice": [], "counts": None, "by_group": {}, "site_ok": 0, "site_n": 0}
+        per_thr = {(t, *r): {"dice": [], "counts": None, "cases": [], "by_group": {}, "site_ok": 0, "site_n": 0}
                    for t in thresholds for r in rules}
         bone_dice: list[float] = []
         cases = self.val_cases
@@ -666,6 +677,8 @@ class Trainer:
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         self.val_table = list(results.values())
         best = operating_point(self.val_table)
+        self.val_best_cases = np.array(per_thr[(best["threshold"], best["min_bone_fraction"], best["min_lesion_ml"],
+                                                best["min_confidence"])]["cases"], dtype=float).reshape(-1, 3)
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
@@ -699,6 +712,7 @@ class Trainer:
         match = match_lesions(inst, ref_inst, voxel_ml=vox_ml)
         counts = detection_counts(match, min_ml=0.5)
         acc["counts"] = counts if acc["counts"] is None else acc["counts"] + counts
+        acc["cases"].append((counts.n_detected, counts.n_ref, counts.n_fp))
         for group in groups:
             acc["by_group"][group] = acc["by_group"][group] + counts if group in acc["by_group"] else counts
         pred_sites = majority_labels(inst, site_map)
