@@ -380,7 +380,8 @@ class Trainer:
 
     @torch.no_grad()
     def precise_bn(self, batches: int, progress: bool = False) -> int:
-        """Re-estimate every batch-norm layer's statistics as the plain average over ``batches`` training batches
+        """Re-estimate the statistics of every batch-norm layer that trains (not those ``optim.train_only`` holds
+        fixed) as the plain average over ``batches`` training batches
         (drawn and augmented as in training, from a stream seeded by the config's ``seed``, so the same data give the same
         result) instead of the running average of the last few dozen batches that training leaves: precise BN
         (Wu and Johnson 2021). The weights are unchanged. Returns the number of layers re-estimated."""
