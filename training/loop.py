@@ -410,7 +410,10 @@ class Trainer:
                 self.net(batch["image"].to(memory_format=torch.channels_last_3d))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        self.train_mode() if was_training else self.net.eval()
+        if was_training:
+            self.train_mode()
+        else:
+            self.net.eval()
         self.bn_step = self.step
         return len(norms)
 
@@ -621,13 +624,13 @@ class Trainer:
         (models/default/HISTORY.md counts the agreement). ``tta`` as at inference
         (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
         from models.networks import forward_tta, size_divisor
-        from training.metrics import dice, majority_labels
+        from training.metrics import DetectionCounts, dice, majority_labels
         self.net.eval()
         div = size_divisor(self.cfg.network) * 2
         vox_ml = float(np.prod(self.cfg.network.spacing_mm)) / 1000
         sizes = sorted({self.cfg.min_lesion_ml, *min_sizes_ml})
         rules = [(f, m, c) for f in bone_fractions for m in sizes for c in min_confidences]
-        per_thr = {(t, *r): {"dice": [], "counts": None, "cases": [], "by_group": {}, "site_ok": 0, "site_n": 0}
+        per_thr = {(t, *r): {"dice": [], "cases": [], "by_group": {}, "site_ok": 0, "site_n": 0}
                    for t in thresholds for r in rules}
         bone_dice: list[float] = []
         cases = self.val_cases
@@ -666,7 +669,7 @@ class Trainer:
                                       ref_sites, site_map, vox_ml, groups)
         results = {}
         for (t, f, m, c), acc in per_thr.items():
-            s = acc["counts"].scores() if acc["counts"] else {}
+            s = sum(acc["cases"], DetectionCounts()).scores() if acc["cases"] else {}
             results[(t, f, m, c)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
                                "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
                                "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
@@ -678,8 +681,9 @@ class Trainer:
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         self.val_table = list(results.values())
         best = operating_point(self.val_table)
-        self.val_best_cases = np.array(per_thr[(best["threshold"], best["min_bone_fraction"], best["min_lesion_ml"],
-                                                best["min_confidence"])]["cases"], dtype=float).reshape(-1, 3)
+        self.val_best_cases = np.array([(c.n_detected, c.n_ref, c.n_fp) for c in per_thr[
+            (best["threshold"], best["min_bone_fraction"], best["min_lesion_ml"], best["min_confidence"])]["cases"]],
+            dtype=float).reshape(-1, 3)
         self.val_threshold, self.val_bone_fraction = best["threshold"], best["min_bone_fraction"]
         self.val_min_ml, self.val_min_confidence = best["min_lesion_ml"], best["min_confidence"]
         return best
@@ -712,8 +716,7 @@ class Trainer:
         acc["dice"].append(dice(inst > 0, ref))
         match = match_lesions(inst, ref_inst, voxel_ml=vox_ml)
         counts = detection_counts(match, min_ml=0.5)
-        acc["counts"] = counts if acc["counts"] is None else acc["counts"] + counts
-        acc["cases"].append((counts.n_detected, counts.n_ref, counts.n_fp))
+        acc["cases"].append(counts)
         for group in groups:
             acc["by_group"][group] = acc["by_group"][group] + counts if group in acc["by_group"] else counts
         pred_sites = majority_labels(inst, site_map)
