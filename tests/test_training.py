@@ -144,6 +144,32 @@ def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
         load_config(TrainConfig, TINY, ["optim.train_only=[encoder]"])
 
 
+def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_path):
+    """``loss.anchor_weight`` holds the edema channel to the --init network while the rest learns: with the
+    edema targets off in both runs, the anchored one's edema probabilities stay nearer the start."""
+    torch.manual_seed(3)
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
+    case = phantom_model_case(5, base_cfg.synth, base_cfg.network.spacing_mm)
+    x = make_batch([case], np.random.default_rng(0), base_cfg, None)["image"]
+
+    def edema(folder: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(load_bundle(folder).net.eval()(x)[0][:, 0])
+
+    start = edema(tmp_path / "base")
+    drift = {}
+    for weight in (0.0, 5.0):
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+            f"out_dir={tmp_path / str(weight)}", f"init={tmp_path / 'base'}", "loss.edema_weight=0",
+            f"loss.anchor_weight={weight}", "optim.lr=0.01", "optim.steps=10", "val_every=1000"])
+        Trainer(cfg, quiet=True).train(progress=False)
+        drift[weight] = float((edema(tmp_path / str(weight) / "final") - start).abs().mean())
+    assert drift[5.0] < 0.5 * drift[0.0], drift
+    with pytest.raises(ConfigError, match="set init too"):
+        load_config(TrainConfig, TINY, ["loss.anchor_weight=1"])
+
+
 def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():
     def r(t, sens, fp, f1):
         return {"threshold": t, "lesion_sens": sens, "fp_per_scan": fp, "lesion_f1": f1, "edema_dice": 0.5}

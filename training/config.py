@@ -270,6 +270,11 @@ class LossConfig(Strict):
                                "2022): each connected lesion of a patch scored on its own, the other lesions masked "
                                "out, and averaged, so a small or faint lesion counts as much as a large one (the "
                                "batch Dice lets large lesions dominate); 0 = off")
+    anchor_weight: float = Field(0.0, ge=0, description="hold the edema channel to the --init model's (learning "
+                                 "without forgetting, Li and Hoiem 2016): BCE and soft Dice of the edema output "
+                                 "against the --init network's edema probabilities on the same patch. With "
+                                 "edema_weight 0 and blob_weight 0 a fine-tune learns new anatomy (bone, physis, "
+                                 "sites) while lesion detection stays near the --init model's; 0 = off, needs init")
 
 
 class OptimConfig(Strict):
@@ -313,6 +318,12 @@ class TrainConfig(Strict):
     init: Optional[Path] = None
     edema_threshold: float = Field(0.5, gt=0, lt=1)
     min_lesion_ml: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _anchor_needs_init(self) -> "TrainConfig":
+        if self.loss.anchor_weight > 0 and self.init is None:
+            raise ValueError("loss.anchor_weight holds the edema output to the --init model's: set init too")
+        return self
 
     @model_validator(mode="after")
     def _patch_fits(self) -> "TrainConfig":

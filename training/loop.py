@@ -1,6 +1,7 @@
 """The training loop: phantom pool and/or real data, two-head loss, checkpoints, resume, validation, DDP."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -94,9 +95,12 @@ def sites_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.
     return ce + (1 - dsc[present]).mean()
 
 
-def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+                 anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
-    compound loss per head); voxels whose target is unknown (255) are masked out."""
+    compound loss per head); voxels whose target is unknown (255) are masked out. ``anchor``: the --init
+    network's edema probabilities on the same patch (``loss.anchor_weight``), matched by BCE + soft Dice over
+    every voxel."""
     lc = cfg.loss
     voxel = voxel.float()  # sites are cast after gathering the bone voxels (sites_loss)
     parts: dict[str, torch.Tensor] = {}
@@ -119,8 +123,13 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     half = torch.where(half == UNKNOWN, torch.full_like(half, -100), half)
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
     parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
+    if anchor is not None:
+        edema_logits, everywhere = voxel[:, EDEMA:EDEMA + 1], torch.ones_like(anchor)
+        parts["edema_anchor"] = _bce(edema_logits, anchor, everywhere) \
+            + soft_dice_loss(torch.sigmoid(edema_logits), anchor, everywhere)
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
-        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] + lc.blob_weight * parts.get("edema_blob", 0)
+        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] + lc.blob_weight * parts.get("edema_blob", 0) \
+        + lc.anchor_weight * parts.get("edema_anchor", 0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -244,6 +253,9 @@ class Trainer:
         if cfg.init:
             self._init_from(cfg.init)
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
+        self.teacher = None  # loss.anchor_weight: the --init network as it was, whose edema output training keeps
+        if cfg.loss.anchor_weight > 0:
+            self.teacher = copy.deepcopy(self.net).eval().requires_grad_(False)
         self.fixed = fixed_modules(self.net, cfg.optim.train_only)  # held in eval mode: see train_mode
         self.model = self.net
         if self.world > 1:
@@ -509,7 +521,7 @@ class Trainer:
             x = batch["image"].to(memory_format=torch.channels_last_3d)
             with autocast_for(self.device, self.bf16):
                 voxel, sites = self.model(x)
-            loss, parts = compute_loss(voxel, sites, batch, cfg)
+            loss, parts = compute_loss(voxel, sites, batch, cfg, self._anchor(x))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
@@ -565,6 +577,14 @@ class Trainer:
         for pool in self.pools:
             pool.stop()
         return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
+
+    def _anchor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The --init network's edema probabilities on this batch (``loss.anchor_weight``), None when off."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad(), autocast_for(self.device, self.bf16):
+            voxel, _ = self.teacher(x)
+        return torch.sigmoid(voxel[:, EDEMA:EDEMA + 1].float())
 
     def _count_due(self, paced_steps: int, paced_s: float, first: bool) -> bool:
         """``optim.minutes``: whether to count the steps again from the pace since the last count. The first count
