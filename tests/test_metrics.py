@@ -11,9 +11,10 @@ import pytest
 
 from models.nifti import save_nifti
 from models.sites import site_id
-from training.evaluate import GridMismatchError, check_same_grid, compare_evaluations, evaluate_folders, load_case
+from training.evaluate import (GridMismatchError, check_same_grid, compare_evaluations, evaluate_folders, load_case,
+                               site_confusion_rows)
 from training.metrics import (FrocCase, bootstrap_ci, detection_counts, dice, froc, majority_labels, match_lesions,
-                              per_site_dice, sensitivity_at_fp, site_agreement, subregion_agreement)
+                              per_site_dice, sensitivity_at_fp, site_agreement, site_confusion, subregion_agreement)
 
 
 def box(shape, *slices, value=1, out=None):
@@ -47,6 +48,25 @@ def test_per_site_dice_only_present_sites():
     assert got[49] == pytest.approx(2 * 16 / 48)
     assert got[50] == 0.0 and got[51] == 0.0
     assert per_site_dice(pred, ref, ids=[49, 7]) == {49: pytest.approx(2 / 3)}
+
+
+def test_site_confusion_counts_each_disagreeing_pair():
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[0:2] = 49  # 32 voxels of femur
+    ref[3] = 53    # 16 voxels of tibia
+    pred = ref.copy()
+    pred[1] = 53      # the femur's lower half named tibia: 16 voxels
+    pred[3, 0] = 0    # 4 tibia voxels left out
+    pred[2, 0, 0] = 7  # a bone where there is none
+    assert site_confusion(pred, ref) == {(49, 53): 16, (53, 0): 4, (0, 7): 1}
+    assert site_confusion(ref, ref) == {}
+    with pytest.raises(ValueError, match="shapes differ"):
+        site_confusion(ref[:2], ref)
+    rows = site_confusion_rows({(49, 53): 1.0, (0, 7): 3.0, (53, 0): 0.5}, {49: 4.0, 53: 2.0}, n_cases=2)
+    assert [(r["reference_site"], r["predicted_site"], r["kind"], r["ml_per_case"], r["share_of_reference"])
+            for r in rows] == [("none", "vertebra_C5", "extra", 1.5, None),
+                               ("femur_left", "tibia_left", "named_wrong", 0.5, 0.25),
+                               ("tibia_left", "none", "missed", 0.25, 0.25)]
 
 
 def test_majority_labels_prefers_bone_over_background():
@@ -311,6 +331,13 @@ def test_evaluate_folders_numbers(tmp_path):
     assert sites["femur_left"] == (4, pytest.approx(0.5))
     assert sites["tibia_right"] == (4, pytest.approx((2 * 180 / 396 + 1.0) / 4))
     assert list(sites) == ["tibia_right", "femur_left"], "worst site first"
+    with open(out / "site_confusion.csv", newline="") as fh:
+        confusion = [(r["reference_site"], r["predicted_site"], r["kind"], float(r["ml_per_case"]),
+                      float(r["share_of_reference"])) for r in csv.DictReader(fh)]
+    # cases c and d scored as empty predictions: all their bone left out; case_a's prediction lacks 36 tibia voxels
+    assert confusion == [("femur_left", "none", "missed", pytest.approx(2 * 512 * 0.008 / 4), pytest.approx(0.5)),
+                         ("tibia_right", "none", "missed", pytest.approx((36 + 2 * 216) * 0.008 / 4),
+                          pytest.approx((36 + 2 * 216) / (4 * 216)))]
 
     png = (out / "froc.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

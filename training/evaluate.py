@@ -1,7 +1,8 @@
 """Evaluate prediction folders (``wbmri predict`` output) against reference folders (contract layout or phantom cases).
 
 Writes ``per_case.csv``, ``lesions.csv`` (every reference lesion, found or missed, and every false positive),
-``sites.csv`` (mean Dice of each bone site, worst first), ``summary.json`` and ``froc.png`` (see :func:`evaluate_folders`).
+``sites.csv`` (mean Dice of each bone site, worst first), ``site_confusion.csv`` (where the bone map names one
+bone another, largest first), ``summary.json`` and ``froc.png`` (see :func:`evaluate_folders`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
                               SubregionAgreement, bootstrap_ci, detection_counts, dice, froc, froc_case,
                               majority_labels, match_lesions, matched_site_pairs, per_site_dice, sensitivity_at_fp,
-                              site_agreement, subregion_agreement)
+                              site_agreement, site_confusion, subregion_agreement)
 
 AFFINE_TOL = 1e-3
 TARGET_SENSITIVITY = 0.90
@@ -165,7 +166,8 @@ def _size_bins(min_ref_ml: float) -> dict[str, tuple[float, float]]:
 @dataclass
 class CaseScore:
     """One case scored: detection counts by size bin, FROC input, site and subregion agreement, its per_case.csv
-    row, one lesions.csv row per reference lesion and per false-positive prediction, and the Dice of each site."""
+    row, one lesions.csv row per reference lesion and per false-positive prediction, the Dice of each site, and
+    the bone map's disagreements in mL by (reference, predicted) site id with each reference site's volume."""
     bins: dict[str, DetectionCounts]
     froc: FrocCase
     agree: SiteAgreement
@@ -173,6 +175,8 @@ class CaseScore:
     row: dict[str, Any]
     lesion_rows: list[dict[str, Any]]
     site_dices: dict[int, float]
+    confusion_ml: dict[tuple[int, int], float] = field(default_factory=dict)
+    ref_site_ml: dict[int, float] = field(default_factory=dict)
 
 
 def _lesion_rows(m: Matching, pred: LabelCase, ref: LabelCase) -> list[dict[str, Any]]:
@@ -237,8 +241,13 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
     agree = site_agreement(matched_site_pairs(m, pred.lesion_site, ref.lesion_site))
     parts = subregion_agreement(m, pred.lesion_site, ref.lesion_site, pred.lesion_subregion, ref.lesion_subregion)
     site_dices: dict[int, float] = {}
+    confusion: dict[tuple[int, int], float] = {}
+    ref_site_ml: dict[int, float] = {}
     if ref.sites is not None and pred.sites is not None:
         site_dices = per_site_dice(pred.sites, ref.sites)
+        confusion = {k: v * voxel_ml for k, v in site_confusion(pred.sites, ref.sites).items()}
+        counts = np.bincount(np.asarray(ref.sites).ravel())
+        ref_site_ml = {i: float(c) * voxel_ml for i, c in enumerate(counts) if i and c}
     tag = size_tag(min_ref_ml)
     ge = bins[f"ge_{tag}"]
     row = {"n_ref": bins["all"].n_ref, f"n_ref_ge_{tag}": ge.n_ref, "n_pred": len(m.pred_to_ref),
@@ -250,7 +259,7 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
            "n_site_scored": agree.n, "n_site_right": agree.n_site,
            "subregion_accuracy": parts.accuracy, "n_subregion_scored": parts.n, "n_subregion_right": parts.n_right,
            "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
-    return CaseScore(bins, fc, agree, parts, row, _lesion_rows(m, pred, ref), site_dices)
+    return CaseScore(bins, fc, agree, parts, row, _lesion_rows(m, pred, ref), site_dices, confusion, ref_site_ml)
 
 
 CI_METHOD = ("95% percentile bootstrap over cases (2,000 resamples with replacement, seed 0): each statistic is "
@@ -365,6 +374,19 @@ def _write_froc_png(path: Path, points: list[tuple[float, float, float]], min_re
     fig.savefig(str(path), format="png")
 
 
+def site_confusion_rows(confusion_ml: dict[tuple[int, int], float], ref_site_ml: dict[int, float],
+                        n_cases: int) -> list[dict[str, Any]]:
+    """``site_confusion.csv``: each (reference, predicted) site pair the bone maps disagree on ("none": no bone),
+    of kind ``named_wrong`` (bone named another bone), ``missed`` (bone left out) or ``extra`` (bone where the
+    reference has none), in mL per scored case and as a share of that reference site's volume, largest first."""
+    rows = [{"reference_site": _site_code(r) if r else "none", "predicted_site": _site_code(p) if p else "none",
+             "kind": "named_wrong" if r and p else "missed" if r else "extra",
+             "ml_per_case": ml / max(n_cases, 1),
+             "share_of_reference": ml / ref_site_ml[r] if ref_site_ml.get(r) else None}
+            for (r, p), ml in confusion_ml.items()]
+    return sorted(rows, key=lambda row: -row["ml_per_case"])
+
+
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
@@ -397,8 +419,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``
     (``prediction_errors``: why a case has no prediction, by case name, where it was just predicted).
 
-    Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``summary.json`` and ``froc.png``; returns
-    the summary.
+    Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``site_confusion.csv``, ``summary.json`` and
+    ``froc.png``; returns the summary.
     Matching rule: :data:`training.metrics.MATCHING_RULE`; failed cases: :data:`FAILURE_RULE`.
     """
     from rich.progress import Progress
@@ -417,6 +439,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     rows: list[dict[str, Any]] = []
     lesion_rows: list[dict[str, Any]] = []
     per_site: dict[int, list[float]] = {}
+    confusion_ml: dict[tuple[int, int], float] = {}
+    ref_site_ml: dict[int, float] = {}
     failures: list[dict[str, str]] = []
     warnings: list[dict[str, str]] = []
     with Progress(disable=quiet, transient=True) as progress:
@@ -453,6 +477,10 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             lesion_rows += [{"case": name, **r} for r in score.lesion_rows]
             for sid, d in score.site_dices.items():
                 per_site.setdefault(sid, []).append(d)
+            for pair, ml in score.confusion_ml.items():
+                confusion_ml[pair] = confusion_ml.get(pair, 0.0) + ml
+            for sid, ml in score.ref_site_ml.items():
+                ref_site_ml[sid] = ref_site_ml.get(sid, 0.0) + ml
             for k, c in bins.items():
                 bins_total[k] = bins_total[k] + c
             if bins["all"].n_ref == 0:
@@ -511,6 +539,9 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     _write_csv(out_dir / "sites.csv", ["site", "n_cases", "mean_dice"],
                [{"site": _site_code(sid), "n_cases": len(d), "mean_dice": float(np.mean(d))}
                 for sid, d in sorted(per_site.items(), key=lambda kv: float(np.mean(kv[1])))])
+    _write_csv(out_dir / "site_confusion.csv", ["reference_site", "predicted_site", "kind", "ml_per_case",
+                                                       "share_of_reference"],
+               site_confusion_rows(confusion_ml, ref_site_ml, len(scored)))
     (out_dir / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
     _write_froc_png(out_dir / "froc.png", points, min_ref_ml, ge.n_ref, len(froc_cases))
     return summary

@@ -62,6 +62,19 @@ def per_site_dice(pred_sites: np.ndarray, ref_sites: np.ndarray,
     return out
 
 
+def site_confusion(pred_sites: np.ndarray, ref_sites: np.ndarray) -> dict[tuple[int, int], int]:
+    """Voxels per (reference site id, predicted site id) pair where the two maps disagree (0: no bone), e.g. a
+    femur's epiphysis named tibia, or bone the prediction left out."""
+    if pred_sites.shape != ref_sites.shape:
+        raise ValueError(f"site_confusion: shapes differ {pred_sites.shape} vs {ref_sites.shape}")
+    r = np.asarray(ref_sites).ravel().astype(np.int64)
+    p = np.asarray(pred_sites).ravel().astype(np.int64)
+    wrong = r != p
+    base = int(max(r.max(initial=0), p.max(initial=0))) + 1
+    keys, counts = np.unique(r[wrong] * base + p[wrong], return_counts=True)
+    return {(int(k) // base, int(k) % base): int(c) for k, c in zip(keys, counts)}
+
+
 def _volumes(labels: np.ndarray) -> dict[int, int]:
     """Voxel count per nonzero label."""
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
