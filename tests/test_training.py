@@ -165,6 +165,8 @@ def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_
             f"loss.anchor_weight={weight}", "optim.lr=0.01", "optim.steps=10", "val_every=1000"])
         Trainer(cfg, quiet=True).train(progress=False)
         drift[weight] = float((edema(tmp_path / str(weight) / "final") - start).abs().mean())
+        logged = [r["edema_anchor"] for r in csv.DictReader(open(tmp_path / str(weight) / "metrics.csv"))]
+        assert all(logged) == (weight > 0), "the anchor term is logged when it is on"
     assert drift[5.0] < 0.5 * drift[0.0], drift
     with pytest.raises(ConfigError, match="set init too"):
         load_config(TrainConfig, TINY, ["loss.anchor_weight=1"])
