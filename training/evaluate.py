@@ -539,8 +539,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     _write_csv(out_dir / "sites.csv", ["site", "n_cases", "mean_dice"],
                [{"site": _site_code(sid), "n_cases": len(d), "mean_dice": float(np.mean(d))}
                 for sid, d in sorted(per_site.items(), key=lambda kv: float(np.mean(kv[1])))])
-    _write_csv(out_dir / "site_confusion.csv", ["reference_site", "predicted_site", "kind", "ml_per_case",
-                                                       "share_of_reference"],
+    _write_csv(out_dir / "site_confusion.csv",
+               ["reference_site", "predicted_site", "kind", "ml_per_case", "share_of_reference"],
                site_confusion_rows(confusion_ml, ref_site_ml, len(scored)))
     (out_dir / "summary.json").write_text(json.dumps(_nan_to_none(summary), indent=2) + "\n")
     _write_froc_png(out_dir / "froc.png", points, min_ref_ml, ge.n_ref, len(froc_cases))
