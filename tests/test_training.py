@@ -179,6 +179,9 @@ def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget(
     assert operating_point(results)["threshold"] == 0.5
     noisy = [r(0.3, 0.95, 2.0, 0.6), r(0.5, 0.80, 0.9, 0.7)]
     assert operating_point(noisy)["threshold"] == 0.5  # nothing within budget: best F1
+    assert operating_point(results, max_fp_per_scan=0.2)["threshold"] == 0.7  # a stricter budget
+    tie = [r(0.3, 0.80, 0.1, 0.8), r(0.5, 0.80, 0.1, 0.8)]
+    assert operating_point(tie)["threshold"] == 0.3  # identical figures: the first rule of the table
 
 
 def test_validation_groups_follow_the_case_field_of_view_and_lesions():
@@ -329,8 +332,9 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     ck = torch.load(run / "last.pt", weights_only=True)
     assert ck["step"] == cfg.optim.steps
 
-    chosen = revalidate(run / "best", run / "config.yaml", val_cases=2)
+    chosen = revalidate(run / "best", run / "config.yaml", val_cases=2, max_fp_per_scan=0.25)
     card = load_bundle(run / "best").card
+    assert card["validation"]["max_fp_per_scan"] == 0.25
     lo, hi = chosen["ci95"]["fp_per_scan"]  # the chosen rule's interval over the 2 cases, kept in the card
     assert lo <= chosen["fp_per_scan"] <= hi and card["validation"]["ci95"] == json.loads(json.dumps(chosen["ci95"]))
     assert chosen["val_cases"] == 2 and card["thresholds"]["edema"] == chosen["threshold"]

@@ -202,7 +202,7 @@ def _bundle_trainer(bundle_dir: Path, cfg, run_config: Path, quiet: bool):
 
 
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None,
-               table: Path | None = None, overrides: list[str] = ()) -> dict:
+               table: Path | None = None, overrides: list[str] = (), max_fp_per_scan: float | None = None) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
     (the run's validation seeds, extended; never training or test seeds) and write it into the bundle's card.
     Training validates on a few cases for speed; the shipped thresholds deserve more. ``val_cases`` may be 0 when
@@ -210,7 +210,8 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     ``tta`` (one of :data:`models.networks.TTA_MODES`; default: the card's) is the test-time augmentation the rules are chosen
     with; the card keeps it, and inference uses it. ``table``: where to write every candidate rule's figures
     (:func:`write_rule_table`); ``overrides``: ``key=value`` settings applied to ``run_config`` (for example
-    ``data.val_dataset_dirs=[DIR]`` to add labelled scans to the validation phantoms)."""
+    ``data.val_dataset_dirs=[DIR]`` to add labelled scans to the validation phantoms); ``max_fp_per_scan``: the
+    false-positive budget of the chosen rule (default :data:`training.loop.MAX_FP_PER_SCAN`, the target's)."""
     from training.config import TrainConfig, load_config
     bundle_dir = Path(bundle_dir)
     cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.extra_pools=[]",
@@ -219,9 +220,10 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
         raise ValueError("nothing to validate on: give --val-cases >= 1 or labelled folders in data.val_dataset_dirs")
     trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=True)
     tta = tta or bundle.tta
-    result = trainer.validate(tta=tta, progress=True)
-    from training.loop import operating_point_ci
-    result = {**result, "ci95": operating_point_ci(trainer.val_best_cases)}
+    from training.loop import MAX_FP_PER_SCAN, operating_point_ci
+    budget = MAX_FP_PER_SCAN if max_fp_per_scan is None else float(max_fp_per_scan)
+    result = trainer.validate(tta=tta, progress=True, max_fp_per_scan=budget)
+    result = {**result, "ci95": operating_point_ci(trainer.val_best_cases), "max_fp_per_scan": budget}
     if table is not None:
         write_rule_table(trainer.val_table, table)
     card = bundle.card

@@ -147,12 +147,13 @@ def validation_groups(case: dict) -> list[str]:
     return groups
 
 
-def operating_point(results: list[dict]) -> dict:
+def operating_point(results: list[dict], max_fp_per_scan: float = MAX_FP_PER_SCAN) -> dict:
     """The validation operating point: the most sensitive (edema threshold, bone share, lesion size, confidence)
-    with at most MAX_FP_PER_SCAN false positives per scan over all validation scans (ties: F1, then edema Dice);
-    the best F1 if none is that clean. A budget kept per kind of scan (whole body, partial, lesion-free at 0.3)
+    with at most ``max_fp_per_scan`` false positives per scan over all validation scans (ties: F1, then edema Dice,
+    then the first in ``results``); the best F1 if none is that clean. A budget below the target's 0.5 picks a
+    stricter rule (validation has underestimated the test sets' rate: models/default/HISTORY.md). A budget kept per kind of scan (whole body, partial, lesion-free at 0.3)
     was tried and not adopted: models/default/HISTORY.md."""
-    clean = [r for r in results if r["fp_per_scan"] is not None and r["fp_per_scan"] <= MAX_FP_PER_SCAN]
+    clean = [r for r in results if r["fp_per_scan"] is not None and r["fp_per_scan"] <= max_fp_per_scan]
     if clean:
         return max(clean, key=lambda r: (r["lesion_sens"] or 0, r["lesion_f1"], r["edema_dice"] or 0))
     return max(results, key=lambda r: (r["lesion_f1"], r["edema_dice"] or 0))
@@ -633,7 +634,7 @@ class Trainer:
     def validate(self, thresholds: tuple[float, ...] = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                  bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5),
                  min_confidences: tuple[float, ...] = (0.0, 0.8, 0.85, 0.9), tta: str = "none",
-                 progress: bool = False) -> dict:
+                 progress: bool = False, max_fp_per_scan: float = MAX_FP_PER_SCAN) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
         edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
         config's ``min_lesion_ml`` and ``min_sizes_ml``) and minimum lesion confidence (mean probability); the
@@ -642,7 +643,8 @@ class Trainer:
         inference uses (:func:`models.measure.measure_hyperintense`), measured here on the model grid's normalised
         image rather than the input grid's signal: close to, not always the same as, what inference drops
         (models/default/HISTORY.md counts the agreement). ``tta`` as at inference
-        (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases."""
+        (:func:`models.networks.forward_tta`); ``progress``: a progress bar over the cases; ``max_fp_per_scan``: the
+        false-positive budget of :func:`operating_point`."""
         from models.networks import forward_tta, size_divisor
         from training.metrics import DetectionCounts, dice, majority_labels
         self.net.eval()
@@ -700,7 +702,7 @@ class Trainer:
                                "min_signal_ratio": self.min_signal_ratio,
                                "bone_dice": float(np.mean(bone_dice)) if bone_dice else None}
         self.val_table = list(results.values())
-        best = operating_point(self.val_table)
+        best = operating_point(self.val_table, max_fp_per_scan)
         self.val_best_cases = np.array([(c.n_detected, c.n_ref, c.n_fp) for c in per_thr[
             (best["threshold"], best["min_bone_fraction"], best["min_lesion_ml"], best["min_confidence"])]["cases"]],
             dtype=float).reshape(-1, 3)
