@@ -107,7 +107,7 @@ LIMITATIONS = [
     "tumours, stress reactions); every finding needs a radiologist's reading.",
     "Normal bright findings (physes, residual red marrow, foot marrow foci in children, fluid, patchy "
     "fat-suppression failure) can be flagged as lesions, and faint edema (under about 2x the surrounding marrow, "
-    "as real edema often is) is easily missed: the phantom-trained default model found 25 of the 99 such test "
+    "as real edema often is) is easily missed: 1.2.13550 found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
     "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
     "with 1.4), against 0.50 on the test set (0.51 with 1.4): expect real-scan sensitivity well below the "
@@ -117,31 +117,35 @@ LIMITATIONS = [
     "around it would be dropped with the false positives.",
     "Works at 3 mm: lesions below about 0.5 mL, thin cortical or periosteal changes and small bones (toes, "
     "carpals, ribs) are at the edge of what it resolves. Vertebral level naming is less reliable in partial "
-    "fields of view that show few vertebrae. The default model's bone channel misses the sternum (its site map "
+    "fields of view that show few vertebrae. 1.2.13550's bone channel misses the sternum (its site map "
     "holds almost none; sternum bone-site Dice 0.008 on the generator-1.4 whole-body test set, where it found none of "
     "the 4 sternal lesions): sternal lesions are named by their position in front of the thoracic spine, without a "
-    "bone share. Growth plates are 2-3 mm thick: the default model's physis channel finds few of them (on 13 faint "
+    "bone share. Growth plates are 2-3 mm thick: 1.2.13550's physis channel finds few of them (on 13 faint "
     "test phantoms its mask held 5% of the physis voxels), so epiphysis against metaphysis next to a growth plate "
     "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.80 of the found whole-body "
     "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
-    "The default model was trained on phantoms of generators before 1.4, whose knees were drawn wrongly (the tibia "
-    "domed into the femur, the patella on the joint line). On knees drawn like real extended knees (generator 1.4) "
-    "the same partial views drew 0.82 false positives per view against 0.46 (wbmri 0.2.7), most of them over normal distal "
-    "femoral and proximal tibial metaphyses, and proximal ulna lesions were named humerus: read knee and elbow "
-    "findings with particular care.",
-    "The soft-tissue-extension flag is insensitive: the default model's bone channel labels edema just outside "
+    "The default model's network was first trained on phantoms of generators before 1.4, whose knees were drawn "
+    "wrongly (the tibia domed into the femur, the patella on the joint line). 1.2.13550 named the distal femoral "
+    "epiphysis \"tibia\" in every knee (about 14 mL of each femur per generator-1.5 whole-body test scan) and on "
+    "knees drawn like real extended knees (generator 1.4) drew 0.82 false positives per partial view against 0.46 "
+    "(wbmri 0.2.7). The shipped 1.2.15825 was trained on for 60 minutes on such knees (stage 25): about 2 mL of each "
+    "femur are still named tibia, and 12-17% of the proximal ulna and radius are still named humerus (both "
+    "networks): read knee and elbow findings with particular care.",
+    "The soft-tissue-extension flag is insensitive: 1.2.13550's bone channel labels edema just outside "
     "the cortex as bone, so on the 50 + 50 generator-1.3 test sets the flag was set for none of the 25 predicted lesions "
     "matched to a reference lesion that extends into soft tissue (and wrongly for 1 of the 117 matched to one "
     "that does not). A lesion without the flag may still extend into soft tissue: look at the images.",
-    "Whether the default model finds a lesion depends somewhat on where the lesion falls on its 3 mm grid (it was"
+    "Whether 1.2.13550 finds a lesion depends somewhat on where the lesion falls on its 3 mm grid (it was"
     " trained with every lesion at the centre of its training patch): on 66 whole-body test lesions, moving the "
     "input by a few voxels changed the answer for 5 (8%). Compare follow-up scans with care: a lesion missing "
     "from one report may be a miss rather than a healed lesion.",
+    "Figures quoted for 1.2.13550 were measured on the network the shipped 1.2.15825 was fine-tuned from with its "
+    "edema output held to 1.2.13550's (session 42, stage 25); they were not measured again.",
     "Input must be a fat-suppressed fluid-sensitive sequence (STIR, T2 FS, Dixon water); T1 or contrast-enhanced "
     "images are out of scope.",
     "Where fat suppression fails, fat and fatty marrow are bright: patches of failed spectral fat saturation on "
     "T2 FS, or a fat-water swap on Dixon water images (there edema turns dark too). On the phantoms such regions "
-    "drew false positives and hid lesions: on the generator-1.4 test sets the default model drew 1.00 false "
+    "drew false positives and hid lesions: on the generator-1.4 test sets 1.2.13550 drew 1.00 false "
     "positives per whole-body scan in the scans with patchy failure against 0.41 in the others; on 20 + 20 Dixon "
     "phantoms, a fat-water swap in every scan raised whole-body false positives from 0.20 to 0.40 per scan (half of "
     "them inside the swap) and lowered partial-view sensitivity for lesions >= 0.5 mL from 0.47 to 0.40 and mean "
