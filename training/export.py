@@ -110,7 +110,8 @@ LIMITATIONS = [
     "as real edema often is) is easily missed: 1.2.13550 found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
     "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
-    "with 1.4), against 0.50 on the test set (0.51 with 1.4): expect real-scan sensitivity well below the "
+    "with 1.4; the shipped 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60), against "
+    "0.50 on the test set (0.51 with 1.4): expect real-scan sensitivity well below the "
     "test-set figures.",
     "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
     "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
