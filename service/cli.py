@@ -279,9 +279,10 @@ def validate(bundle: Path = typer.Argument(..., help="a run's model bundle, e.g.
                                                   "figures (per kind of scan) to this CSV"),
              set_: List[str] = typer.Option([], "--set", help="override a key of the run's config, e.g. "
                                             "data.val_dataset_dirs (a YAML list of labelled folders) to add them"),
-             max_fp: float = typer.Option(0.5, "--max-fp-per-scan", min=0.0, help="choose the most sensitive rule "
-                                          "with at most this many false positives per validation scan (the target: "
-                                          "0.5; validation has underestimated test sets' rates)")) -> None:
+             max_fp: Optional[float] = typer.Option(None, "--max-fp-per-scan", min=0.0, help="choose the most "
+                                                    "sensitive rule with at most this many false positives per "
+                                                    "validation scan (default: the target's 0.5; validation has "
+                                                    "underestimated the test sets' rates)")) -> None:
     """Re-choose a bundle's edema threshold, bone share, lesion size and lesion confidence on more validation cases
     (every candidate lesion passes the card's hyperintensity rule, measured on the model grid); updates its card."""
     from training.export import revalidate
