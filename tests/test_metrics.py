@@ -62,6 +62,11 @@ def test_site_confusion_counts_each_disagreeing_pair():
     assert site_confusion(ref, ref) == {}
     with pytest.raises(ValueError, match="shapes differ"):
         site_confusion(ref[:2], ref)
+    # a foreign map's large label (counted by another route than the contract's uint8 ids) gives the same answers
+    big_ref, big_pred = (np.where(a == 49, 5000, a.astype(np.int32)) for a in (ref, pred))
+    assert site_confusion(big_pred, big_ref) == {(5000, 53): 16, (53, 0): 4, (0, 7): 1}
+    small = per_site_dice(pred, ref)
+    assert per_site_dice(big_pred, big_ref) == {5000 if k == 49 else k: v for k, v in small.items()}
     rows = site_confusion_rows({(49, 53): 1.0, (0, 7): 3.0, (53, 0): 0.5}, {49: 4.0, 53: 2.0}, n_cases=2)
     assert [(r["reference_site"], r["predicted_site"], r["kind"], r["ml_per_case"], r["share_of_reference"])
             for r in rows] == [("none", "vertebra_C5", "extra", 1.5, None),

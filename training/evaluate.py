@@ -18,9 +18,10 @@ import numpy as np
 
 from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
-                              SubregionAgreement, bootstrap_ci, detection_counts, dice, froc, froc_case,
-                              majority_labels, match_lesions, matched_site_pairs, per_site_dice, sensitivity_at_fp,
-                              site_agreement, site_confusion, subregion_agreement)
+                              SubregionAgreement, bootstrap_ci, confusion_of, detection_counts, dice, dice_by_site,
+                              froc, froc_case, majority_labels, match_lesions, matched_site_pairs, sensitivity_at_fp,
+                              site_agreement, site_histogram, subregion_agreement,
+                              volumes_by_site)
 
 AFFINE_TOL = 1e-3
 TARGET_SENSITIVITY = 0.90
@@ -244,10 +245,10 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
     confusion: dict[tuple[int, int], float] = {}
     ref_site_ml: dict[int, float] = {}
     if ref.sites is not None and pred.sites is not None:
-        site_dices = per_site_dice(pred.sites, ref.sites)
-        confusion = {k: v * voxel_ml for k, v in site_confusion(pred.sites, ref.sites).items()}
-        counts = np.bincount(np.asarray(ref.sites).ravel())
-        ref_site_ml = {i: float(c) * voxel_ml for i, c in enumerate(counts) if i and c}
+        hist = site_histogram(pred.sites, ref.sites)
+        site_dices = dice_by_site(hist)
+        confusion = {k: v * voxel_ml for k, v in confusion_of(hist).items()}
+        ref_site_ml = {sid: n * voxel_ml for sid, n in volumes_by_site(hist).items()}
     tag = size_tag(min_ref_ml)
     ge = bins[f"ge_{tag}"]
     row = {"n_ref": bins["all"].n_ref, f"n_ref_ge_{tag}": ge.n_ref, "n_pred": len(m.pred_to_ref),

@@ -41,38 +41,65 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(a & b)) / total
 
 
-def per_site_dice(pred_sites: np.ndarray, ref_sites: np.ndarray,
-                  ids: Iterable[int] | None = None) -> dict[int, float]:
-    """Dice per site id, only for ids present in the reference or the prediction (``ids`` None: all present)."""
+@dataclass(frozen=True)
+class SiteHistogram:
+    """Voxel counts by (reference label, predicted label) over the labels present in either map, 0 = no bone."""
+    ids: np.ndarray     # labels, ascending: every one present in either map (some absent ones may be listed too)
+    counts: np.ndarray  # counts[i, j]: voxels whose reference is ids[i] and prediction ids[j]
+
+
+def site_histogram(pred_sites: np.ndarray, ref_sites: np.ndarray) -> SiteHistogram:
+    """One pass over both maps, from which the per-site Dice (:func:`dice_by_site`), the disagreements
+    (:func:`confusion_of`) and each reference site's volume (:func:`volumes_by_site`) are read."""
     if pred_sites.shape != ref_sites.shape:
-        raise ValueError(f"per_site_dice: shapes differ {pred_sites.shape} vs {ref_sites.shape}")
+        raise ValueError(f"site maps: shapes differ {pred_sites.shape} vs {ref_sites.shape}")
     p = np.asarray(pred_sites).ravel().astype(np.intp, copy=False)
     r = np.asarray(ref_sites).ravel().astype(np.intp, copy=False)
     if (p.size and p.min() < 0) or (r.size and r.min() < 0):
-        raise ValueError("per_site_dice: label maps must be non-negative")
+        raise ValueError("site maps: label maps must be non-negative")
     n = int(max(p.max(initial=0), r.max(initial=0))) + 1
-    cp = np.bincount(p, minlength=n)
-    cr = np.bincount(r, minlength=n)
-    inter = np.bincount(r[r == p], minlength=n)
-    wanted = range(1, n) if ids is None else (int(i) for i in ids)
-    out: dict[int, float] = {}
-    for i in wanted:
-        if 0 < i < n and (cp[i] or cr[i]):
-            out[i] = 2.0 * float(inter[i]) / float(cp[i] + cr[i])
-    return out
+    if n <= 256:  # the contract's uint8 site ids: count the (reference, prediction) pairs directly
+        ids, key = np.arange(n), r * n + p
+    else:  # a foreign map with large labels: number the labels present first (n x n counts could fill memory)
+        ids = np.flatnonzero(np.bincount(r, minlength=n) + np.bincount(p, minlength=n))
+        index = np.zeros(n, np.intp)
+        index[ids] = np.arange(len(ids))
+        key = index[r] * len(ids) + index[p]
+    k = len(ids)
+    return SiteHistogram(ids, np.bincount(key, minlength=k * k).reshape(k, k))
+
+
+def dice_by_site(hist: SiteHistogram, ids: Iterable[int] | None = None) -> dict[int, float]:
+    """Dice per site id, only for ids present in the reference or the prediction (``ids`` None: all present)."""
+    at = {int(sid): i for i, sid in enumerate(hist.ids)}
+    n_pred, n_ref, inter = hist.counts.sum(0), hist.counts.sum(1), np.diagonal(hist.counts)
+    wanted = hist.ids if ids is None else ids
+    return {sid: 2.0 * float(inter[at[sid]]) / float(n_pred[at[sid]] + n_ref[at[sid]])
+            for sid in map(int, wanted) if sid > 0 and sid in at and n_pred[at[sid]] + n_ref[at[sid]]}
+
+
+def per_site_dice(pred_sites: np.ndarray, ref_sites: np.ndarray,
+                  ids: Iterable[int] | None = None) -> dict[int, float]:
+    """:func:`dice_by_site` of two site maps."""
+    return dice_by_site(site_histogram(pred_sites, ref_sites), ids)
+
+
+def confusion_of(hist: SiteHistogram) -> dict[tuple[int, int], int]:
+    """Voxels per (reference site id, predicted site id) pair where the two maps disagree (0: no bone), e.g. a
+    femur's epiphysis named tibia, or bone the prediction left out."""
+    wrong = hist.counts.copy()
+    np.fill_diagonal(wrong, 0)
+    return {(int(hist.ids[r]), int(hist.ids[p])): int(wrong[r, p]) for r, p in zip(*np.nonzero(wrong))}
 
 
 def site_confusion(pred_sites: np.ndarray, ref_sites: np.ndarray) -> dict[tuple[int, int], int]:
-    """Voxels per (reference site id, predicted site id) pair where the two maps disagree (0: no bone), e.g. a
-    femur's epiphysis named tibia, or bone the prediction left out."""
-    if pred_sites.shape != ref_sites.shape:
-        raise ValueError(f"site_confusion: shapes differ {pred_sites.shape} vs {ref_sites.shape}")
-    r = np.asarray(ref_sites).ravel().astype(np.int64)
-    p = np.asarray(pred_sites).ravel().astype(np.int64)
-    wrong = r != p
-    base = int(max(r.max(initial=0), p.max(initial=0))) + 1
-    keys, counts = np.unique(r[wrong] * base + p[wrong], return_counts=True)
-    return {(int(k) // base, int(k) % base): int(c) for k, c in zip(keys, counts)}
+    """:func:`confusion_of` two site maps."""
+    return confusion_of(site_histogram(pred_sites, ref_sites))
+
+
+def volumes_by_site(hist: SiteHistogram) -> dict[int, int]:
+    """Reference voxels per site id (no bone left out)."""
+    return {int(sid): int(n) for sid, n in zip(hist.ids, hist.counts.sum(1)) if sid > 0 and n}
 
 
 def _volumes(labels: np.ndarray) -> dict[int, int]:
