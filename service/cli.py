@@ -134,7 +134,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              ref: Optional[Path] = typer.Option(None, "--ref", help="folder of reference case folders"),
              model: Optional[Path] = typer.Option(None, "--model", help="predict first with this model bundle ..."),
              data: Optional[Path] = typer.Option(None, "--data", help="... on this folder: phantom cases (cases/*/image.nii.gz) or a labelled nnU-Net dataset (imagesTr/, labelsTr/, optional sitesTr/)"),
-             out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, site_confusion.csv, summary.json, froc.png go"),
+             out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, "
+                                                    "site_confusion.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device"),
              tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:

@@ -128,8 +128,8 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
         parts["edema_anchor"] = _bce(edema_logits, anchor, everywhere) \
             + soft_dice_loss(torch.sigmoid(edema_logits), anchor, everywhere)
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
-        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] + lc.blob_weight * parts.get("edema_blob", 0) \
-        + lc.anchor_weight * parts.get("edema_anchor", 0)
+        + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] \
+        + lc.blob_weight * parts.get("edema_blob", 0) + lc.anchor_weight * parts.get("edema_anchor", 0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -151,8 +151,8 @@ def operating_point(results: list[dict], max_fp_per_scan: float = MAX_FP_PER_SCA
     """The validation operating point: the most sensitive (edema threshold, bone share, lesion size, confidence)
     with at most ``max_fp_per_scan`` false positives per scan over all validation scans (ties: F1, then edema Dice,
     then the first in ``results``); the best F1 if none is that clean. A budget below the target's 0.5 picks a
-    stricter rule (validation has underestimated the test sets' rate: models/default/HISTORY.md). A budget kept per kind of scan (whole body, partial, lesion-free at 0.3)
-    was tried and not adopted: models/default/HISTORY.md."""
+    stricter rule (validation has underestimated the test sets' rate). A budget kept per kind of scan (whole body,
+    partial, lesion-free at 0.3) was tried and not adopted. Both: models/default/HISTORY.md."""
     clean = [r for r in results if r["fp_per_scan"] is not None and r["fp_per_scan"] <= max_fp_per_scan]
     if clean:
         return max(clean, key=lambda r: (r["lesion_sens"] or 0, r["lesion_f1"], r["edema_dice"] or 0))
@@ -618,9 +618,10 @@ class Trainer:
                                                                  sort_keys=False))
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
-        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "bone", "physis",
-                "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec", "val_fp_per_scan",
-                "val_site_acc", "val_threshold", "val_min_bone_fraction", "val_min_confidence", "val_bone_dice"]
+        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "bone",
+                "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec",
+                "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction", "val_min_confidence",
+                "val_bone_dice"]
         if not new:  # a run resumed from an older version keeps its file's columns
             with open(path, newline="") as fh:
                 cols = next(csv.reader(fh), cols)
