@@ -197,7 +197,7 @@ class Predictor:
         prob, bone_p, physis_p, site_map, _ = self.network_outputs(img)
         lap("network")
         tick("postprocess", 0.7)
-        site_map = apply_site_rules(site_map, img, grid.model_spacing)
+        site_map = apply_site_rules(site_map, img, grid.model_spacing, prob > self.threshold)
         inst, conf = self._components(prob, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)

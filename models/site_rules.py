@@ -274,10 +274,12 @@ def sites_in_bone(site_ids: np.ndarray, bone_prob: np.ndarray, bone: float = BON
     return site_map
 
 
-def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """The site map as inference reports it, from the network's map and the normalised image on the model grid."""
+def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[float],
+                     edema: np.ndarray | None = None) -> np.ndarray:
+    """The site map as inference reports it, from the network's map and the normalised image on the model grid;
+    ``edema``: the predicted edema mask, which stays bone where a disc leaves the map (see :mod:`models.spine`)."""
     site_map = drop_out_of_order_pieces(np.asarray(site_map, np.uint8), spacing)
-    site_map = renumber_vertebrae(site_map, spacing)
+    site_map = renumber_vertebrae(site_map, spacing, img, edema)
     site_map = sides_by_position(site_map, body_mask(img), spacing)
     site_map = leg_bones_by_patella(site_map, spacing)
     return relabel_stray_pieces(site_map, spacing)

@@ -1,4 +1,4 @@
-"""Vertebral levels as one ordered sequence along the spine, anchored on the sacrum.
+"""Vertebral levels as one ordered sequence along the spine, anchored on the sacrum and drawn to the discs.
 
 The network's level labels are right about *a vertebra* more often than about *which*: at 3 mm they mix
 neighbouring levels within one vertebra and drift by one or two along the column. Here the levels of the main
@@ -7,8 +7,14 @@ head-feet slices): each level is one run of slices, rewarded by the share of tha
 network gave that level, with a soft prior on each level's height relative to its neighbours (cervical < thoracic
 < lumbar). The labels are trusted up to a global shift: when the sacrum lies right below the column, the last
 vertebra must be L5 and the shift that fits best wins (a reader counts up from the sacrum); without it, the
-network's own numbering stands. A voxel keeps its own label when that level's fitted run is within reach of its
-slice (so the network's oblique disc planes survive), else it takes the fitted level of its slice.
+network's own numbering stands.
+
+With the image, the fit also rewards boundaries on the bright bands between vertebral bodies (:func:`disc_bands`:
+on fat-suppressed images a child's intervertebral disc, and the cartilage end plates beside it, is brighter than
+the marrow of the bodies), each slice takes its fitted level, and the front half of the column in each disc band
+at a boundary leaves the bone map (at 3 mm the bone channel blurs the disc into bone). Without the image, a voxel
+keeps its own label when that level's fitted run is within reach of its slice (the network's oblique disc planes
+survive), else it takes the fitted level of its slice.
 Works on the model grid (RAS axes, so axis 2 points to the head).
 """
 from __future__ import annotations
@@ -29,10 +35,14 @@ HEIGHT_SD = 0.3               # log-normal spread of a level's height around its
 HEIGHT_WEIGHT = 3.0           # prior weight, in slices' worth of votes
 SHIFTS = (-2, -1, 0, 1, 2)    # global label shifts tried when the sacrum anchors the count
 SHIFT_COST = 0.5              # votes' worth a shift must gain over the network's own numbering
-KEEP_SLACK = 0.15            # a voxel keeps its own level within this share of a run's height beyond it
+KEEP_SLACK = 0.15             # a voxel keeps its own level within this share of a run's height beyond it
 COLUMN_MAX_GAP_MM = 45.0      # pieces of the column further apart (head-feet) are not the same spine
 COLUMN_MAX_OFFSET_MM = 30.0   # ... nor pieces this far left or right of its largest piece
 ANCHOR_GAP_MM = 12.0          # the sacrum must start within this distance below the lowest vertebra
+DISC_WEIGHT = 2.0             # votes' worth of a level boundary on a disc band one robust SD bright
+DISC_CLIP = (-1.0, 2.0)       # disc band scores (robust SDs) are clipped to this range
+DISC_SMOOTH_MM = (3.0, 9.0)   # band-pass of the column's head-feet brightness profile (Gaussian sigmas)
+DISC_CLEAR_MIN = 0.5          # a disc band this bright (robust SDs) at a boundary leaves the bone map
 
 
 @dataclass
@@ -69,11 +79,14 @@ def _main_column(spine: np.ndarray, spacing_mm: tuple[float, float, float]) -> n
     return spine & np.isin(lab, np.array(keep) + 1)
 
 
-def _fit(votes: np.ndarray, sacrum: np.ndarray, heights: np.ndarray, anchored: bool, from_c1: bool) -> _Fit:
+def _fit(votes: np.ndarray, sacrum: np.ndarray, heights: np.ndarray, anchored: bool, from_c1: bool,
+         cuts: np.ndarray | None = None) -> _Fit:
     """Best monotone run of levels over slices (head first). ``votes[t, k]``: share of slice t's vertebral voxels
     labelled k; ``sacrum[t]``: share labelled sacrum; ``heights``: expected slices per level. ``anchored``: the run
-    ends with L5 on the sacrum; ``from_c1``: it starts with C1 (the top of the spine is in view)."""
+    ends with L5 on the sacrum; ``from_c1``: it starts with C1 (the top of the spine is in view). ``cuts[c]``
+    (length n_t + 1): votes' worth of a run starting or ending between slices c - 1 and c (half to each run)."""
     n_t, n_k = votes.shape
+    cuts = np.zeros(n_t + 1) if cuts is None else cuts
     cum = np.vstack([np.zeros((1, n_k)), np.cumsum(votes, axis=0)])             # cum[t] = sum of rows < t
     sac_cum = np.concatenate([[0.0], np.cumsum(sacrum)])
     neg = -1e18
@@ -90,7 +103,8 @@ def _fit(votes: np.ndarray, sacrum: np.ndarray, heights: np.ndarray, anchored: b
         starts = ends[None, :] - ds[:, None]                                   # [duration, end]
         ok = starts >= 0
         a = np.where(ok, starts, 0)
-        gain = entry[a] + cum[ends, k][None, :] - cum[a, k] - (HEIGHT_WEIGHT * (np.log(ds / h) / HEIGHT_SD) ** 2)[:, None]
+        gain = (entry[a] + cum[ends, k][None, :] - cum[a, k] + 0.5 * (cuts[a] + cuts[ends][None, :])
+                - (HEIGHT_WEIGHT * (np.log(ds / h) / HEIGHT_SD) ** 2)[:, None])
         gain[~ok] = neg
         i = np.argmax(gain, axis=0)
         best[k] = gain[i, ends]
@@ -123,13 +137,14 @@ def _anchored(level_counts: np.ndarray, sacrum_counts: np.ndarray, dz: float) ->
     return bool(len(below)) and (below.min() - has_level.max() - 1) * dz <= ANCHOR_GAP_MM
 
 
-def _best_fit(votes: np.ndarray, sacrum: np.ndarray, dz: float, anchored: bool, from_c1: bool) -> tuple[_Fit, int]:
+def _best_fit(votes: np.ndarray, sacrum: np.ndarray, dz: float, anchored: bool, from_c1: bool,
+              cuts: np.ndarray | None = None) -> tuple[_Fit, int]:
     """The fit and the global label shift, over a range of body scales."""
     def fit_with(scale_mm: float, shift: int) -> tuple[float, _Fit]:
         shifted = np.zeros_like(votes)                        # raw label r read as r + shift
         lo, hi = max(0, shift), min(len(LEVELS), len(LEVELS) + shift)
         shifted[:, lo:hi] = votes[:, lo - shift:hi - shift]
-        fit = _fit(shifted, sacrum, RELATIVE_HEIGHT * scale_mm / dz, anchored, from_c1)
+        fit = _fit(shifted, sacrum, RELATIVE_HEIGHT * scale_mm / dz, anchored, from_c1, cuts)
         return fit.score - SHIFT_COST * abs(shift), fit
 
     scored = [(*fit_with(mm, s), s) for mm in np.geomspace(*THORACIC_MM, 8) for s in (SHIFTS if anchored else (0,))]
@@ -137,8 +152,62 @@ def _best_fit(votes: np.ndarray, sacrum: np.ndarray, dz: float, anchored: bool, 
     return fit, shift
 
 
-def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """Return ``sites`` (model grid, RAS) with vertebral levels re-fitted along the spine (a copy when changed)."""
+def disc_bands(img: np.ndarray, column: np.ndarray, dz: float) -> np.ndarray:
+    """Per head-feet slice of ``img`` and ``column`` (the spine's voxels, slices on the last axis): how much brighter
+    the front half of the column (the vertebral bodies) is than its surroundings along the spine, in robust standard
+    deviations. On fat-suppressed images an intervertebral disc, with a child's cartilage end plates beside it, is
+    a bright band between two darker bodies of marrow."""
+    n_t = column.shape[2]
+    prof = np.full(n_t, np.nan)
+    for t in np.nonzero(column.any(axis=(0, 1)))[0]:
+        xs, ys = np.nonzero(column[:, :, t])
+        front = ys >= np.median(ys)
+        prof[t] = float(img[xs[front], ys[front], t].mean())
+    have = np.nonzero(~np.isnan(prof))[0]
+    if len(have) < 3:
+        return np.zeros(n_t)
+    prof = np.interp(np.arange(n_t), have, prof[have])
+    band = ndimage.gaussian_filter1d(prof, DISC_SMOOTH_MM[0] / dz) - ndimage.gaussian_filter1d(prof, DISC_SMOOTH_MM[1] / dz)
+    inside = band[have.min():have.max() + 1]
+    scale = 1.4826 * float(np.median(np.abs(inside - np.median(inside))))
+    return band / scale if scale > 0 else np.zeros(n_t)
+
+
+def _disc_slices(fit: _Fit, band: np.ndarray) -> list[int]:
+    """Slices (head first) of the disc bands at the fitted boundaries between consecutive levels: the brighter of
+    the two slices beside each boundary, where its band score reaches ``DISC_CLEAR_MIN``."""
+    out = []
+    for k in range(len(fit.start) - 1):
+        c = int(fit.stop[k])
+        if fit.start[k] < 0 or fit.start[k + 1] != c or not 0 < c < len(band):
+            continue
+        q = c - 1 if band[c - 1] >= band[c] else c
+        if band[q] >= DISC_CLEAR_MIN:
+            out.append(q)
+    return out
+
+
+def _clear_discs(sites: np.ndarray, column: np.ndarray, level_ids: np.ndarray, slices: list[int],
+                 protect: np.ndarray | None) -> None:
+    """Set the front half (the bodies' side) of the column's vertebral voxels in ``slices`` to no bone, in place:
+    the disc between two bodies, which the network's bone channel blurs into bone at the model grid. Voxels in
+    ``protect`` stay."""
+    for t in slices:
+        sl = column[:, :, t] & np.isin(sites[:, :, t], level_ids)
+        if sl.any():
+            ys = np.nonzero(sl)[1]
+            clear = sl & (np.arange(sl.shape[1])[None, :] >= np.median(ys))
+            if protect is not None:
+                clear &= ~protect[:, :, t]
+            sites[:, :, t][clear] = 0
+
+
+def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float], img: np.ndarray | None = None,
+                       protect: np.ndarray | None = None) -> np.ndarray:
+    """Return ``sites`` (model grid, RAS) with vertebral levels re-fitted along the spine (a copy when changed).
+    With the normalised image ``img``, level boundaries are drawn to the bright disc bands between bodies and the
+    discs leave the bone map, except voxels in ``protect`` (predicted edema: a lesion across an end plate is
+    marrow edema of the bodies, not soft tissue in the disc)."""
     n_lev = len(LEVELS)
     level_ids = np.array([site_id(c) for c in LEVELS])
     sacrum_id = site_id("sacrum")
@@ -165,11 +234,18 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     sacrum = sacrum_counts / np.maximum(counts.sum(axis=1), 1.0)
     dz = float(spacing_mm[2])
     from_c1 = box[2].stop < sites.shape[2] - 1                               # room above the spine: its top is in view
-    fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1)
+    cuts = None
+    if img is not None and DISC_WEIGHT > 0:
+        band = np.clip(disc_bands(img[box][:, :, ::-1], lab >= 0, dz), *DISC_CLIP)
+        cuts = DISC_WEIGHT * np.maximum(np.concatenate([band[:1], band]), np.concatenate([band, band[-1:]]))
+    fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1, cuts)
     # a voxel keeps its own (shifted) level if that level's run is within reach of its slice, else the slice's fit
     t_index = np.arange(n_t)[None, None, :]
     own = np.clip(lab + shift, 0, n_lev - 1)
-    slack = np.maximum(1, (KEEP_SLACK * (fit.stop - fit.start)).astype(int))[own]
+    if cuts is None:    # without the image, the network's own (oblique) boundaries are kept near the fitted ones
+        slack = np.maximum(1, (KEEP_SLACK * (fit.stop - fit.start)).astype(int))[own]
+    else:               # with it, the boundaries drawn to the disc bands are each slice's level
+        slack = np.zeros_like(own)
     start, stop = fit.start[own], fit.stop[own]
     keep = (start >= 0) & (t_index >= start - slack) & (t_index < stop + slack)
     fitted = fit.levels[np.broadcast_to(t_index, lab.shape)]
@@ -177,6 +253,9 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     change = ((lab >= 0) & (lab < n_lev) & ((fitted >= 0) | keep))[:, :, ::-1]
     out = sub.copy()
     out[change] = level_ids[new[change]]
+    if cuts is not None:
+        _clear_discs(out, column, level_ids, [n_t - 1 - q for q in _disc_slices(fit, band)],
+                     None if protect is None else protect[box])
     if np.array_equal(out, sub):
         return sites
     full = sites.copy()

@@ -2,9 +2,10 @@
 along the spine and counted from the sacrum, and sides by position."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from models.sides import _pairs, body_mask, sides_by_position
-from models.spine import LEVELS, renumber_vertebrae
+from models.spine import LEVELS, disc_bands, renumber_vertebrae
 from models.site_rules import sites_in_bone
 from models.sites import THIN_BONES, by_id, site_id, thin_bone_ids
 from training.config import SynthConfig, load_config
@@ -89,6 +90,54 @@ def test_neighbouring_levels_mixed_within_each_vertebra_are_resolved(sites):
     mixed[half] = shifted(sites, 1)[half]                     # the right half of every vertebra one level lower
     assert level_accuracy(mixed, sites) < 0.65
     assert level_accuracy(renumber_vertebrae(mixed, GRID), sites) > 0.9
+
+
+def grown_up(sites: np.ndarray, n: int) -> np.ndarray:
+    """The blur the network shows at 3 mm: each disc gap filled with the level below, and every level reaching ``n``
+    slices too far towards the head (the level above loses its lowest slices)."""
+    vert = np.isin(sites, IDS)
+    out = sites.copy()
+    for _ in range(3):                                           # discs: up to 3 slices, filled from below
+        below = np.roll(out, 1, axis=2)
+        fill = (out == 0) & np.isin(below, IDS) & np.isin(np.roll(sites, -3, axis=2), IDS) & ~vert
+        out[fill] = below[fill]
+    for _ in range(n):
+        below = np.roll(out, 1, axis=2)
+        take = np.isin(out, IDS) & np.isin(below, IDS)
+        out[take] = below[take]
+    return out
+
+
+def test_level_boundaries_are_drawn_to_the_bright_disc_bands(model_case, sites):
+    """With the image, boundaries move from where a blurred site map puts them back to the discs between the
+    bodies, and the disc voxels in front leave the bone map; without it the blur stays."""
+    img = model_case["image"].astype(np.float32)
+    blurred = grown_up(sites, 1)
+    ref_vert = np.isin(sites, IDS)
+    without, with_img = renumber_vertebrae(blurred, GRID), renumber_vertebrae(blurred, GRID, img)
+    acc_without, acc_with = level_accuracy(without, sites), level_accuracy(with_img, sites)
+    assert acc_without < 0.85
+    assert acc_with > acc_without + 0.1
+    extra_without = (np.isin(without, IDS) & ~ref_vert).sum()
+    extra_with = (np.isin(with_img, IDS) & ~ref_vert).sum()
+    assert extra_with < 0.7 * extra_without                      # filled discs cleared
+    assert (np.isin(with_img, IDS) & ref_vert).sum() > 0.97 * ref_vert.sum()  # no body voxel lost
+    protected = renumber_vertebrae(blurred, GRID, img, np.ones(sites.shape, bool))   # edema everywhere: no clearing
+    assert np.isin(protected, IDS).sum() == np.isin(blurred, IDS).sum()
+    assert level_accuracy(protected, sites) > acc_without + 0.1                         # the boundaries still move
+
+
+def test_disc_bands_peak_between_the_bodies(model_case, sites):
+    col = np.isin(sites, IDS)
+    band = disc_bands(model_case["image"].astype(np.float32), col, GRID[2])
+    has = col.any(axis=(0, 1))
+    z0, z1 = np.nonzero(has)[0][[0, -1]]
+    gaps, n = ndimage.label(~has[z0:z1 + 1])                    # the discs between two bodies
+    inside = band[z0:z1 + 1]
+    assert n >= 20
+    peaked = [inside[max(0, i[0] - 1):i[-1] + 2].max() > 0.5 for i in (np.nonzero(gaps == g)[0] for g in range(1, n + 1))]
+    assert np.mean(peaked) >= 0.6
+    assert np.median(inside[gaps > 0]) > np.median(inside[gaps == 0]) + 0.5
 
 
 def test_sides_follow_position(model_case):

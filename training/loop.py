@@ -672,7 +672,7 @@ class Trainer:
             bone_prob = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl]
             bone = bone_prob > BONE_THRESHOLD
             site_map = self._site_rules(sites_in_bone(upsample_site_ids(sites).cpu().numpy()[sl], bone_prob,
-                                                      *self.site_bone_thresholds), img)
+                                                      *self.site_bone_thresholds), img, prob > min(thresholds))
             if not (case["sites"] == UNKNOWN).all():  # a user's case without sitesTr has no bone reference
                 bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
@@ -725,10 +725,11 @@ class Trainer:
         else :data:`models.site_rules.BONE_THRESHOLD` for every bone."""
         return bone_thresholds(self.init_card.get("thresholds", {}))
 
-    def _site_rules(self, site_map: np.ndarray, img: np.ndarray) -> np.ndarray:
-        """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`)."""
+    def _site_rules(self, site_map: np.ndarray, img: np.ndarray, edema: np.ndarray) -> np.ndarray:
+        """The site map as inference reports it (:func:`models.site_rules.apply_site_rules`); ``edema``: the
+        edema mask at the lowest threshold tried (every threshold's lesions keep their disc voxels)."""
         from models.site_rules import apply_site_rules
-        return apply_site_rules(site_map, img, self.cfg.network.spacing_mm)
+        return apply_site_rules(site_map, img, self.cfg.network.spacing_mm, edema)
 
     @staticmethod
     def _score_rules(acc: dict, inst: np.ndarray, ref: np.ndarray, ref_inst: np.ndarray, ref_sites: dict,

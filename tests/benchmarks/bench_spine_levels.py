@@ -1,7 +1,8 @@
 """Vertebral level naming on the validation phantoms: the network's own level labels against the levels fitted
-along the spine (models/spine.py), as mean Dice over the levels in view and voxel accuracy.
+along the spine (models/spine.py) from the site map alone and with the image's disc bands, as mean Dice over the
+levels in view and voxel accuracy.
 
-    .venv/bin/python tests/benchmarks/bench_spine_levels.py [--model models/default] [--cases 24]
+    .venv/bin/python tests/benchmarks/bench_spine_levels.py [--model models/default] [--cases 24] [--glob val_g1.5_*]
 
 Needs the validation phantoms on the model grid (made by `wbmri train` / `wbmri validate` in data/cache/val_*).
 """
@@ -30,12 +31,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/default")
     ap.add_argument("--cases", type=int, default=24)
+    ap.add_argument("--glob", default="val_*", help="which cached phantom sets under data/cache")
     args = ap.parse_args()
     from inference.predictor import Predictor
     from models.spine import LEVELS, renumber_vertebrae
     from models.sites import site_id
     ids = np.array([site_id(c) for c in LEVELS])
-    files = sorted(glob.glob(str(ROOT / "data/cache/val_*/*.npz")))[:args.cases]
+    files = sorted(glob.glob(str(ROOT / "data/cache" / args.glob / "*.npz")))[:args.cases]
     if not files:
         sys.exit("no validation phantoms in data/cache/val_*: run `wbmri validate` once first")
     predictor = Predictor.load(args.model)
@@ -44,14 +46,17 @@ def main() -> None:
         case = np.load(f)
         if not np.isin(case["sites"], ids).any():
             continue
-        raw = predictor.network_outputs(case["image"].astype(np.float32)).sites
-        fitted = renumber_vertebrae(raw, predictor.bundle.config.spacing_mm)
-        rows.append((*level_scores(raw, case["sites"], ids), *level_scores(fitted, case["sites"], ids)))
+        img = case["image"].astype(np.float32)
+        raw = predictor.network_outputs(img).sites
+        spacing = predictor.bundle.config.spacing_mm
+        fitted, discs = renumber_vertebrae(raw, spacing), renumber_vertebrae(raw, spacing, img)
+        rows.append([x for m in (raw, fitted, discs) for x in level_scores(m, case["sites"], ids)])
         print(f"{Path(f).stem} {str(case['fov']):11s} raw Dice {rows[-1][0]:.2f} acc {rows[-1][1]:.2f}  "
-              f"fitted Dice {rows[-1][2]:.2f} acc {rows[-1][3]:.2f}", flush=True)
+              f"fitted Dice {rows[-1][2]:.2f} acc {rows[-1][3]:.2f}  with discs Dice {rows[-1][4]:.2f} "
+              f"acc {rows[-1][5]:.2f}", flush=True)
     r = np.mean(rows, axis=0)
-    print(f"\n{len(rows)} cases with vertebrae in view: mean level Dice {r[0]:.3f} (network) -> {r[2]:.3f} (fitted); "
-          f"voxel level accuracy {r[1]:.3f} -> {r[3]:.3f}")
+    print(f"\n{len(rows)} cases with vertebrae in view: mean level Dice {r[0]:.3f} (network) -> {r[2]:.3f} (fitted) "
+          f"-> {r[4]:.3f} (with the disc bands); voxel level accuracy {r[1]:.3f} -> {r[3]:.3f} -> {r[5]:.3f}")
 
 
 if __name__ == "__main__":
