@@ -446,7 +446,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                    "half-resolution skip level (encoder + decoder, 32 channels): reading the 16-channel final map, "
                    "which must also carry edema and bone, its loss fell from 4.5 to 3.5 in 1,500 steps; from the "
                    "skip level it reached 3.5 in 400 steps and 1.5 in 2,500. Vertebral levels are then "
-                   "fitted along the spinal column as one monotone C1..L5 sequence (models/spine.py).",
+                   "fitted along the spinal column as one monotone C1..L5 sequence, boundaries drawn to the "
+                   "image's disc bands since wbmri 0.2.9 (models/spine.py).",
         },
         "input": {"spacing_mm": list(bundle.config.spacing_mm), "orientation": "closest RAS axes (no interpolation)",
                   "normalisation": "divide by the 99th percentile of body voxels, clip to [0, 4]",

@@ -27,6 +27,21 @@ def level_scores(pred: np.ndarray, ref: np.ndarray, ids: np.ndarray) -> tuple[fl
     return float(np.mean(dices)), float((pred[m] == ref[m]).mean())
 
 
+def lesion_levels(pred: np.ndarray, ref: np.ndarray, instances: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
+    """(right, all) over the reference lesions on a vertebra: the majority level of ``pred`` under each lesion."""
+    right = total = 0
+    for k in np.unique(instances)[1:]:
+        r = ref[instances == k]
+        r = r[r > 0]
+        if not len(r) or np.bincount(r).argmax() not in ids:
+            continue
+        p = pred[instances == k]
+        p = p[p > 0]
+        total += 1
+        right += int(len(p) > 0 and np.bincount(p).argmax() == np.bincount(r).argmax())
+    return right, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/default")
@@ -39,9 +54,9 @@ def main() -> None:
     ids = np.array([site_id(c) for c in LEVELS])
     files = sorted(glob.glob(str(ROOT / "data/cache" / args.glob / "*.npz")))[:args.cases]
     if not files:
-        sys.exit("no validation phantoms in data/cache/val_*: run `wbmri validate` once first")
+        sys.exit(f"no phantoms in data/cache/{args.glob}: run `wbmri validate` once first")
     predictor = Predictor.load(args.model)
-    rows = []
+    rows, lesions = [], np.zeros((3, 2), int)
     for f in files:
         case = np.load(f)
         if not np.isin(case["sites"], ids).any():
@@ -51,12 +66,14 @@ def main() -> None:
         spacing = predictor.bundle.config.spacing_mm
         fitted, discs = renumber_vertebrae(raw, spacing), renumber_vertebrae(raw, spacing, img)
         rows.append([x for m in (raw, fitted, discs) for x in level_scores(m, case["sites"], ids)])
+        lesions += [lesion_levels(m, case["sites"], case["instances"], ids) for m in (raw, fitted, discs)]
         print(f"{Path(f).stem} {str(case['fov']):11s} raw Dice {rows[-1][0]:.2f} acc {rows[-1][1]:.2f}  "
               f"fitted Dice {rows[-1][2]:.2f} acc {rows[-1][3]:.2f}  with discs Dice {rows[-1][4]:.2f} "
               f"acc {rows[-1][5]:.2f}", flush=True)
     r = np.mean(rows, axis=0)
     print(f"\n{len(rows)} cases with vertebrae in view: mean level Dice {r[0]:.3f} (network) -> {r[2]:.3f} (fitted) "
-          f"-> {r[4]:.3f} (with the disc bands); voxel level accuracy {r[1]:.3f} -> {r[3]:.3f} -> {r[5]:.3f}")
+          f"-> {r[4]:.3f} (with the disc bands); voxel level accuracy {r[1]:.3f} -> {r[3]:.3f} -> {r[5]:.3f}; reference "
+          f"vertebral lesions on the right level {' -> '.join(f'{a} of {b}' for a, b in lesions)}")
 
 
 if __name__ == "__main__":
