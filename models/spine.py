@@ -152,17 +152,21 @@ def _best_fit(votes: np.ndarray, sacrum: np.ndarray, dz: float, anchored: bool, 
     return fit, shift
 
 
-def disc_bands(img: np.ndarray, column: np.ndarray, dz: float) -> np.ndarray:
+def disc_bands(img: np.ndarray, column: np.ndarray, dz: float, exclude: np.ndarray | None = None) -> np.ndarray:
     """Per head-feet slice of ``img`` and ``column`` (the spine's voxels, slices on the last axis): how much brighter
     the front half of the column (the vertebral bodies) is than its surroundings along the spine, in robust standard
     deviations. On fat-suppressed images an intervertebral disc, with a child's cartilage end plates beside it, is
-    a bright band between two darker bodies of marrow."""
+    a bright band between two darker bodies of marrow. Voxels in ``exclude`` (edema, which would make a body look
+    like a disc) do not count; a slice left without voxels takes its neighbours' brightness."""
     n_t = column.shape[2]
     prof = np.full(n_t, np.nan)
     for t in np.nonzero(column.any(axis=(0, 1)))[0]:
         xs, ys = np.nonzero(column[:, :, t])
         front = ys >= np.median(ys)
-        prof[t] = float(img[xs[front], ys[front], t].mean())
+        if exclude is not None:
+            front &= ~exclude[xs, ys, t]
+        if front.any():
+            prof[t] = float(img[xs[front], ys[front], t].mean())
     have = np.nonzero(~np.isnan(prof))[0]
     if len(have) < 3:
         return np.zeros(n_t)
@@ -207,7 +211,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     """Return ``sites`` (model grid, RAS) with vertebral levels re-fitted along the spine (a copy when changed).
     With the normalised image ``img``, level boundaries are drawn to the bright disc bands between bodies and the
     discs leave the bone map, except voxels in ``protect`` (predicted edema: a lesion across an end plate is
-    marrow edema of the bodies, not soft tissue in the disc)."""
+    marrow edema of the bodies, not soft tissue in the disc; nor does edema count as disc brightness)."""
     n_lev = len(LEVELS)
     level_ids = np.array([site_id(c) for c in LEVELS])
     sacrum_id = site_id("sacrum")
@@ -236,7 +240,8 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     from_c1 = box[2].stop < sites.shape[2] - 1                               # room above the spine: its top is in view
     cuts = None
     if img is not None and DISC_WEIGHT > 0:
-        band = np.clip(disc_bands(img[box][:, :, ::-1], lab >= 0, dz), *DISC_CLIP)
+        edema = None if protect is None else protect[box][:, :, ::-1]
+        band = np.clip(disc_bands(img[box][:, :, ::-1], lab >= 0, dz, edema), *DISC_CLIP)
         cuts = DISC_WEIGHT * np.maximum(np.concatenate([band[:1], band]), np.concatenate([band, band[-1:]]))
     fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1, cuts)
     # a voxel keeps its own (shifted) level if that level's run is within reach of its slice, else the slice's fit
