@@ -171,7 +171,8 @@ def disc_bands(img: np.ndarray, column: np.ndarray, dz: float, exclude: np.ndarr
     if len(have) < 3:
         return np.zeros(n_t)
     prof = np.interp(np.arange(n_t), have, prof[have])
-    band = ndimage.gaussian_filter1d(prof, DISC_SMOOTH_MM[0] / dz) - ndimage.gaussian_filter1d(prof, DISC_SMOOTH_MM[1] / dz)
+    fine, coarse = (ndimage.gaussian_filter1d(prof, mm / dz) for mm in DISC_SMOOTH_MM)
+    band = fine - coarse
     inside = band[have.min():have.max() + 1]
     scale = 1.4826 * float(np.median(np.abs(inside - np.median(inside))))
     return band / scale if scale > 0 else np.zeros(n_t)

@@ -72,8 +72,8 @@ def main() -> None:
               f"acc {rows[-1][5]:.2f}", flush=True)
     r = np.mean(rows, axis=0)
     print(f"\n{len(rows)} cases with vertebrae in view: mean level Dice {r[0]:.3f} (network) -> {r[2]:.3f} (fitted) "
-          f"-> {r[4]:.3f} (with the disc bands); voxel level accuracy {r[1]:.3f} -> {r[3]:.3f} -> {r[5]:.3f}; reference "
-          f"vertebral lesions on the right level {' -> '.join(f'{a} of {b}' for a, b in lesions)}")
+          f"-> {r[4]:.3f} (with the disc bands); voxel level accuracy {r[1]:.3f} -> {r[3]:.3f} -> {r[5]:.3f}; "
+          f"reference vertebral lesions on the right level {' -> '.join(f'{a} of {b}' for a, b in lesions)}")
 
 
 if __name__ == "__main__":
