@@ -153,11 +153,13 @@ class Predictor:
         site_map = sites_in_bone(all_ids, out[1], self.bone_threshold, self.bone_thin_threshold)
         return NetworkOutputs(out[0], out[1], out[2], site_map, all_ids)
 
-    def _components(self, prob: np.ndarray, bone: np.ndarray, grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
-        """Lesion instances on the model grid (see :mod:`models.lesions`) and their confidences (mean probability)."""
+    def _components(self, prob: np.ndarray, edema: np.ndarray, bone: np.ndarray,
+                    grid: GridMap) -> tuple[np.ndarray, dict[int, float]]:
+        """Lesion instances on the model grid (see :mod:`models.lesions`) from the edema mask (``prob`` above the
+        threshold) and their confidences (mean probability)."""
         vox_ml = float(np.prod(grid.model_spacing)) / 1000.0
         near = near_bone(bone > BONE_THRESHOLD) if self.min_bone_fraction > 0 else None
-        comp = components(prob > self.threshold, near, prob)
+        comp = components(edema, near, prob)
         keep = comp.keep(vox_ml, self.min_lesion_ml, self.min_bone_fraction, self.min_confidence)
         confidence = np.clip(comp.confidence[keep], 0, 1)  # instance k + 1 is the k-th kept component
         return comp.instances(keep), {k + 1: float(c) for k, c in enumerate(confidence)}
@@ -197,8 +199,9 @@ class Predictor:
         prob, bone_p, physis_p, site_map, _ = self.network_outputs(img)
         lap("network")
         tick("postprocess", 0.7)
-        site_map = apply_site_rules(site_map, img, grid.model_spacing, prob > self.threshold)
-        inst, conf = self._components(prob, bone_p, grid)
+        edema = prob > self.threshold
+        site_map = apply_site_rules(site_map, img, grid.model_spacing, edema)
+        inst, conf = self._components(prob, edema, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)
         physis = to_input_grid((physis_p > 0.5).astype(np.uint8), grid).astype(bool)

@@ -240,8 +240,9 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     dz = float(spacing_mm[2])
     from_c1 = box[2].stop < sites.shape[2] - 1                               # room above the spine: its top is in view
     cuts = None
+    protect = None if protect is None else protect[box]
     if img is not None and DISC_WEIGHT > 0:
-        edema = None if protect is None else protect[box][:, :, ::-1]
+        edema = None if protect is None else protect[:, :, ::-1]
         band = np.clip(disc_bands(img[box][:, :, ::-1], lab >= 0, dz, edema), *DISC_CLIP)
         cuts = DISC_WEIGHT * np.maximum(np.concatenate([band[:1], band]), np.concatenate([band, band[-1:]]))
     fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1, cuts)
@@ -260,8 +261,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     out = sub.copy()
     out[change] = level_ids[new[change]]
     if cuts is not None:
-        _clear_discs(out, column, level_ids, [n_t - 1 - q for q in _disc_slices(fit, band)],
-                     None if protect is None else protect[box])
+        _clear_discs(out, column, level_ids, [n_t - 1 - q for q in _disc_slices(fit, band)], protect)
     if np.array_equal(out, sub):
         return sites
     full = sites.copy()

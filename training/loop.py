@@ -671,13 +671,14 @@ class Trainer:
             ref = case["edema"] == 1
             bone_prob = torch.sigmoid(voxel[0, BONE].float()).cpu().numpy()[sl]
             bone = bone_prob > BONE_THRESHOLD
+            edema = prob > min(thresholds)  # every threshold's lesions lie inside it
             site_map = self._site_rules(sites_in_bone(upsample_site_ids(sites).cpu().numpy()[sl], bone_prob,
-                                                      *self.site_bone_thresholds), img, prob > min(thresholds))
+                                                      *self.site_bone_thresholds), img, edema)
             if not (case["sites"] == UNKNOWN).all():  # a user's case without sitesTr has no bone reference
                 bone_dice.append(dice(bone, (case["sites"] > 0) & (case["sites"] != UNKNOWN)))
             near = near_bone(bone)
             # every threshold's lesions and every reference lesion lie in this box: score there (same results, ~10x less work)
-            box = _bbox((prob > min(thresholds)) | ref | (case["instances"] > 0), margin=2)
+            box = _bbox(edema | ref | (case["instances"] > 0), margin=2)
             physis = (voxel[0, PHYSIS].float() > 0).cpu().numpy()[sl]  # probability > 0.5, as at inference
             signal = _SignalRule(self.min_signal_ratio, img, site_map, physis, self.cfg.network.spacing_mm, box)
             prob, ref, near, site_map = prob[box], ref[box], near[box], site_map[box]

@@ -29,17 +29,10 @@ def level_scores(pred: np.ndarray, ref: np.ndarray, ids: np.ndarray) -> tuple[fl
 
 def lesion_levels(pred: np.ndarray, ref: np.ndarray, instances: np.ndarray, ids: np.ndarray) -> tuple[int, int]:
     """(right, all) over the reference lesions on a vertebra: the majority level of ``pred`` under each lesion."""
-    right = total = 0
-    for k in np.unique(instances)[1:]:
-        r = ref[instances == k]
-        r = r[r > 0]
-        if not len(r) or np.bincount(r).argmax() not in ids:
-            continue
-        p = pred[instances == k]
-        p = p[p > 0]
-        total += 1
-        right += int(len(p) > 0 and np.bincount(p).argmax() == np.bincount(r).argmax())
-    return right, total
+    from training.metrics import majority_labels
+    truth, named = majority_labels(instances, ref), majority_labels(instances, pred)
+    on_vertebra = [k for k, sid in truth.items() if sid in set(ids.tolist())]
+    return sum(named[k] == truth[k] for k in on_vertebra), len(on_vertebra)
 
 
 def main() -> None:

@@ -43,8 +43,9 @@ def main() -> None:
             vol = load_volume(case / "image.nii.gz")
             grid, img = pred.model_input(vol)
             out = pred.network_outputs(img)
-            site_map = apply_site_rules(out.sites, img, grid.model_spacing)
-            inst, conf = pred._components(out.edema, out.bone, grid)
+            edema = out.edema > pred.threshold
+            site_map = apply_site_rules(out.sites, img, grid.model_spacing, edema)  # as Predictor.predict
+            inst, conf = pred._components(out.edema, edema, out.bone, grid)
             ids = set(range(1, int(inst.max()) + 1))
             if not ids:
                 continue
