@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from models.card import load_bundle, save_bundle
 from models.lesions import MIN_SIGNAL_RATIO
 from models.networks import build_network
+from models.sites import site_id
 from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
 from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
                            sample_centre)
@@ -238,6 +240,26 @@ def test_mimic_patches_centre_on_bright_lesion_free_marrow():
     unknown = {**case, "sites": np.full(shape, 255, np.uint8)}   # a dataset without a site map: no mimics
     assert mimic_mask(unknown, 0.9) is None
     assert (unknown["image"][tuple(sample_centre(unknown, rng, MIMICS_ONLY))] > 0.05)
+
+
+def test_focus_sites_take_the_rare_site_patches_where_the_case_has_them():
+    rng = np.random.default_rng(2)
+    shape = (30, 30, 30)
+    sites = np.zeros(shape, np.uint8)
+    sites[0:12] = site_id("femur_left")
+    sites[15:18, 15:18, 15:18] = site_id("ulna_left")             # 27 voxels of 3,240 bone voxels
+    case = {"image": np.ones(shape, np.float16), "edema": np.zeros(shape, np.uint8), "sites": sites,
+            "physis": np.zeros(shape, np.uint8)}
+    def ulna_share(focus):
+        sp = SamplingConfig(lesion_p=0.0, rare_site_p=1.0, focus_sites=focus)
+        return np.mean([sites[tuple(sample_centre(case, rng, sp))] == site_id("ulna_left") for _ in range(200)])
+    assert 0.3 < ulna_share([]) < 0.7                   # uniform over the two sites present
+    assert ulna_share(["ulna", "radius"]) == 1.0
+    no_arm = {**case, "sites": np.where(sites == site_id("ulna_left"), 0, sites).astype(np.uint8)}
+    sp = SamplingConfig(lesion_p=0.0, rare_site_p=1.0, focus_sites=["ulna"])   # none in view: any site
+    assert no_arm["sites"][tuple(sample_centre(no_arm, rng, sp))] == site_id("femur_left")
+    with pytest.raises(ValidationError, match="match no site code"):
+        SamplingConfig(focus_sites=["ulnar"])
 
 
 def test_per_lesion_sampling_gives_a_small_lesion_its_share():

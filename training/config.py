@@ -225,6 +225,9 @@ class SamplingConfig(Strict):
                                                               "lesion in a uniformly chosen body region among the "
                                                               "case's lesions' (pelvis, feet, spine get theirs)")
     rare_site_p: float = Field(0.2, ge=0, le=1, description="patches centred on a random site (uniform over sites)")
+    focus_sites: list[str] = Field(default_factory=list, description="site codes or code prefixes of sites.tsv "
+                                   "(e.g. ulna, vertebra_C): the rare-site patches draw among these sites where the "
+                                   "case holds any, so anatomy the network names worst gets most of them")
     mimic_p: float = Field(0.0, ge=0, le=1, description="patches centred on bright marrow outside any lesion (hard "
                            "negatives: red marrow, physes, foot foci, fat-suppression failure); needs a site map")
     mimic_quantile: float = Field(0.9, ge=0.5, lt=1, description="marrow brighter than this quantile of the case's "
@@ -237,6 +240,14 @@ class SamplingConfig(Strict):
                                  "learned where lesions sit relative to the strides, and a few voxels' shift of "
                                  "the input changes their answer for some lesions")
     batch_size: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _focus_known(self) -> "SamplingConfig":
+        from models.sites import by_code
+        unknown = [f for f in self.focus_sites if not any(code.startswith(f) for code in by_code())]
+        if unknown:
+            raise ValueError(f"focus_sites {unknown} match no site code of sites.tsv (e.g. ulna, vertebra_C, sternum)")
+        return self
 
     @model_validator(mode="after")
     def _shares(self) -> "SamplingConfig":

@@ -335,11 +335,17 @@ def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> n
     return np.array([table[majority[lid]].region if majority[lid] in table else "none" for lid in lesions])
 
 
+def focus_ids(prefixes: tuple[str, ...]) -> np.ndarray:
+    """Site ids whose code starts with any of ``prefixes`` (``sampling.focus_sites``)."""
+    return np.array([sid for sid, site in by_id().items() if site.code.startswith(prefixes)], np.int64) \
+        if prefixes else np.empty(0, np.int64)
+
+
 def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: SamplingConfig) -> np.ndarray:
     """Patch centre, with the shares of ``sp``: on a lesion (a random edema voxel; with ``lesion_pick: lesion`` a
     voxel of a uniformly chosen lesion, with ``region`` of a lesion of a uniformly chosen body region), on a
-    uniformly chosen bone site (rare sites get their share), on bright lesion-free marrow (:func:`mimic_mask`), or
-    anywhere in the body."""
+    uniformly chosen bone site (rare sites get their share; among ``focus_sites`` where the case has any), on
+    bright lesion-free marrow (:func:`mimic_mask`), or anywhere in the body."""
     u = rng.random()
     centre = None
     if u < sp.lesion_p:
@@ -351,6 +357,8 @@ def sample_centre(case: dict[str, np.ndarray], rng: np.random.Generator, sp: Sam
         sites = case["sites"]
         present = np.unique(sites[::3, ::3, ::3])
         present = present[(present > 0) & (present != UNKNOWN)]
+        focus = present[np.isin(present, focus_ids(tuple(sp.focus_sites)))]
+        present = focus if len(focus) else present
         if len(present):
             centre = _pick(rng, sites == rng.choice(present), 2)
     elif u < sp.lesion_p + sp.rare_site_p + sp.mimic_p:
