@@ -414,3 +414,37 @@ def test_a_change_to_the_lesions_leaves_the_childs_acquisition_as_it_was():
     for key in ("age_years", "sex", "height_cm", "acquisition"):
         assert few.meta[key] == many.meta[key], key
     assert np.array_equal(few.sites, many.sites)
+
+
+def _column_heights(spine: str, seed: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """Per level, the height in mm of its vertebral body, and of the disc between it and the next level down,
+    counted along the head-feet line through the body's centre on the 2 mm anatomy canvas."""
+    from models.sites import VERTEBRAL_LEVELS, site_id
+    from training.config import BodyConfig
+    from training.phantom.generate import draw_skeleton
+    from training.phantom.render import DISC
+    body, cv = draw_skeleton(seed, BodyConfig(spine=spine), 2.0)
+    spans = {}
+    for code in VERTEBRAL_LEVELS:
+        ix, iy, _ = np.round((body.vertebrae[code].centre - cv.origin) / cv.spacing).astype(int)
+        own = np.flatnonzero(cv.sites[ix, iy] == site_id(code))
+        spans[code] = (ix, iy, own.min(), own.max())
+    bodies = {code: (hi - lo + 1) * cv.spacing for code, (_, _, lo, hi) in spans.items()}
+    discs = {}
+    for upper, lower in zip(VERTEBRAL_LEVELS, VERTEBRAL_LEVELS[1:]):
+        ix, iy, lo, _ = spans[upper]
+        between = cv.tissue[ix, iy, spans[lower][3] + 1:lo]
+        discs[upper] = int((between == DISC).sum()) * cv.spacing
+    return bodies, discs
+
+
+def test_thoracic_bodies_grow_towards_the_lumbar_spine_whose_discs_are_thicker():
+    """Generator 1.6 (body.spine: graded): T12's body is clearly taller than T1's and lumbar discs are thicker
+    than thoracic ones, as in real spines; uniform (generators up to 1.5) draws the thoracic levels alike."""
+    bodies, discs = _column_heights("graded")
+    assert bodies["vertebra_T12"] > 1.3 * bodies["vertebra_T1"]
+    lumbar, thoracic = ([discs[f"vertebra_{r}{i}"] for i in (1, 2, 3, 4)] for r in ("L", "T"))
+    assert min(lumbar) >= 6.0 and np.mean(lumbar) > 1.5 * np.mean(thoracic)
+    flat, _ = _column_heights("uniform")
+    thoracic = [flat[f"vertebra_T{i}"] for i in range(1, 13)]
+    assert max(thoracic) - min(thoracic) <= 2 * 2.0 + 1e-6   # within a voxel each way of one another

@@ -120,7 +120,7 @@ def test_level_boundaries_are_drawn_to_the_bright_disc_bands(model_case, sites):
     assert acc_with > acc_without + 0.1
     extra_without = (np.isin(without, IDS) & ~ref_vert).sum()
     extra_with = (np.isin(with_img, IDS) & ~ref_vert).sum()
-    assert extra_with < 0.7 * extra_without                      # filled discs cleared
+    assert extra_with < 0.8 * extra_without                      # filled discs cleared (1.0 without the rule)
     assert (np.isin(with_img, IDS) & ref_vert).sum() > 0.97 * ref_vert.sum()  # no body voxel lost
     filled = np.isin(blurred, IDS) & ~ref_vert                   # edema over every filled disc: none cleared
     protected = renumber_vertebrae(blurred, GRID, img, filled)
@@ -128,10 +128,11 @@ def test_level_boundaries_are_drawn_to_the_bright_disc_bands(model_case, sites):
     assert level_accuracy(protected, sites) > acc_without + 0.1
 
 
-def test_a_bright_vertebral_body_does_not_pull_the_boundaries_when_its_edema_is_given(model_case, sites):
+@pytest.mark.parametrize("level", ["vertebra_T8", "vertebra_L1"])
+def test_a_bright_vertebral_body_does_not_pull_the_boundaries_when_its_edema_is_given(model_case, sites, level):
     """Edema filling a body is as bright as a disc band; passed as edema, it is left out of the brightness profile."""
     img = model_case["image"].astype(np.float32).copy()
-    body = sites == site_id("vertebra_T11")
+    body = sites == site_id(level)
     img[body] *= 3.0
     blurred = grown_up(sites, 1)
     fooled = renumber_vertebrae(blurred, GRID, img)

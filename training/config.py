@@ -25,6 +25,9 @@ class BodyConfig(Strict):
     arm_abduction_deg: Range = (2.0, 12.0)
     leg_abduction_deg: Range = (0.0, 8.0)
     pose_jitter_deg: float = Field(4.0, ge=0, le=20)
+    spine: Literal["graded", "uniform"] = Field("graded", description="vertebral proportions: graded (generator "
+                                                "1.6: thoracic bodies growing towards the lumbar spine, lumbar "
+                                                "discs thicker) or uniform (generators up to 1.5)")
 
 
 class StirConfig(Strict):

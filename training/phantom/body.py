@@ -79,6 +79,7 @@ class Body:
     fat: float
     red_w_diaphysis: float
     physis_open: float
+    spine: str = "graded"   # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
     long_bones: dict[str, LongBone] = field(default_factory=dict)
     vertebrae: dict[str, Vertebra] = field(default_factory=dict)
     landmarks: dict[str, float] = field(default_factory=dict)
@@ -97,7 +98,7 @@ def sample_body(rng: np.random.Generator, cfg: BodyConfig) -> Body:
     closure = 15.0 if sex == "F" else 16.5
     physis_open = float(np.clip((closure + 1.0 - age) / 3.0, 0.15, 1.0))
     red_w_diaphysis = float(np.clip(1.0 - (age - 2.0) / 8.0, 0.05, 0.9))
-    return Body(age, sex, height, fat, red_w_diaphysis, physis_open)
+    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine)
 
 
 # --------------------------------------------------------------------------------------------- shape helpers
@@ -257,16 +258,27 @@ def spine_y(body: Body, L: dict[str, float], z: float) -> float:
     return float(np.interp(z, zs, ys)) * H
 
 
-def spine_levels(body: Body, L: dict[str, float]) -> list[tuple[str, float, float]]:
-    """(code, z centre, level height) for C1..L5, top to bottom."""
+# Height of each level's segment (its vertebral body and the disc below it) relative to the mean thoracic
+# segment, and the disc's share of the segment, C1..L5. "graded" follows typical spinal morphometry: cervical bodies
+# about 14 mm with 5-6 mm discs; thoracic bodies growing from about 15 mm (T1) to 23 mm (T12) with 4-6 mm discs;
+# lumbar bodies 25-27 mm with 9-12 mm discs (so the lumbar spine is about 30% of C1-L5, the thoracic about 48%).
+# "uniform" is generators 1.0-1.5's: every thoracic level alike and every disc a quarter of its level.
+SPINE_SEGMENTS = {
+    "graded": (np.r_[[0.8] * 7, np.linspace(0.78, 1.22, 12), np.linspace(1.45, 1.6, 5)],
+               np.r_[[0.24] * 7, np.linspace(0.18, 0.22, 12), [0.27] * 5]),
+    "uniform": (np.r_[[0.75] * 7, [1.0] * 12, [1.25] * 5], np.full(24, 0.24)),
+}
+
+
+def spine_levels(body: Body, L: dict[str, float]) -> list[tuple[str, float, float, float]]:
+    """(code, z centre, level height, the disc's share of it) for C1..L5, top to bottom."""
     z_top, z_l5 = L["z_c1"], L["z_hip"] + 0.07 * body.H
-    weights = [0.75] * 7 + [1.0] * 12 + [1.25] * 5
-    total = z_top - z_l5
-    unit = total / sum(weights)
+    weights, disc_share = SPINE_SEGMENTS[body.spine]
+    unit = (z_top - z_l5) / weights.sum()
     out, z = [], z_top
-    for code, w in zip(VERTEBRAL_LEVELS, weights):
-        h = w * unit
-        out.append((code, z - h / 2, h))
+    for code, w, d in zip(VERTEBRAL_LEVELS, weights, disc_share):
+        h = float(w) * unit
+        out.append((code, z - h / 2, h, float(d)))
         z -= h
     return out
 
@@ -373,19 +385,19 @@ def _organs(cv: Canvas, body: Body, L, rng) -> None:
 def _spine(cv: Canvas, body: Body, L, rng) -> None:
     H = body.H
     levels = spine_levels(body, L)
-    for i, (code, z, h) in enumerate(levels):
+    for i, (code, z, h, disc_share) in enumerate(levels):
         reg = code.split("_")[1][0]
         hw = {"C": 0.0095, "T": 0.0135, "L": 0.0185}[reg] * H * (1 + 0.02 * i if reg == "T" else 1)
         hd = {"C": 0.0085, "T": 0.0125, "L": 0.0145}[reg] * H
         y = spine_y(body, L, z)
         canal_r = {"C": 0.0065, "T": 0.0052, "L": 0.0058}[reg] * H
         canal = np.array([0.0, y - hd - canal_r * 0.9, z])
-        v = Vertebra(code, np.array([0.0, y, z]), hw, hd, 0.78 * h, canal)
+        bh = (1 - disc_share) * h
+        v = Vertebra(code, np.array([0.0, y, z]), hw, hd, (1 - disc_share + 0.02) * h, canal)
         body.vertebrae[code] = v
         sid = site_id(code)
-        bh = 0.76 * h
         # disc below the body
-        res = capsule(cv, [0, y, z - bh / 2 - 0.24 * h], [0, y, z - bh / 2 + 0.01], hd, hd)
+        res = capsule(cv, [0, y, z - bh / 2 - disc_share * h], [0, y, z - bh / 2 + 0.01], hd, hd)
         if res:
             b, m, _, rho, _ = res
             paint(cv, b, ((b.x / hw) ** 2 + ((b.y - y) / hd) ** 2 <= 1) & m, DISC)
@@ -413,7 +425,7 @@ def _spine(cv: Canvas, body: Body, L, rng) -> None:
                   max(1.5, 0.18 * hd), sid, 0.8)
     # canal: CSF with the cord down to L1
     top, bottom = body.vertebrae["vertebra_C1"], body.vertebrae["vertebra_L5"]
-    chain = [body.vertebrae[c].canal for c, _, _ in levels]
+    chain = [body.vertebrae[c].canal for c, *_ in levels]
     cord_end = list(body.vertebrae).index("vertebra_L1")
     for i, (p0, p1) in enumerate(zip(chain[:-1], chain[1:])):
         cr = 0.8 * min(0.0058 * H, 0.5 * np.linalg.norm(p1 - p0) + 3)

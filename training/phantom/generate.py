@@ -22,7 +22,7 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
-GENERATOR_VERSION = "1.5"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.6"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -33,6 +33,9 @@ GENERATOR_VERSION = "1.5"  # 1.1: skull base/face inside the head (1.0 put it in
 # 1.5: the sequence (acquisition.sequence_p, its own stream): STIR 70% with even fat suppression, T2 FS 15% with 1.4's
 # patchy fat-suppression failure, T2 Dixon water-only 15% with fat-water swaps; 1.4 drew patchy failure in 35% of
 # every scan it called STIR. With sequence_p {t2_fs: 1} a 1.5 case is 1.4's bit for bit (images and labels)
+# 1.6: spinal proportions (body.spine: graded): thoracic levels grow from T1 to T12 and lumbar discs are thicker
+# (body.SPINE_SEGMENTS); 1.5 drew every thoracic level alike and every disc a quarter of its level. With
+# body.spine=uniform a 1.6 case is 1.5's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
