@@ -245,15 +245,16 @@ def test_normal_foot_foci_are_symmetric_left_right():
 def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
     import hashlib
     from training.data import phantom_cache_name, synth_digest
-    cfg = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}"])  # generator 1.4's acquisitions
+    cfg = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}", "body.spine=uniform"])  # 1.4's cases
     before = json.loads(cfg.model_dump_json())
     del before["lesions"]["muscle_floor"]  # the config as written before the settings existed
+    del before["body"]["spine"]
     for key in ("plane_p", "sequence_p", "dixon"):
         del before["acquisition"][key]
     assert synth_digest(cfg) == hashlib.sha256(json.dumps(before, separators=(",", ":")).encode()).hexdigest()[:8]
     for changed in ("lesions.muscle_floor=0", "acquisition.plane_p={coronal: 1, sagittal: 1}",
-                    "acquisition.sequence_p={dixon_water: 1}", "acquisition.dixon.swap_p=0.5"):
-        other = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}", changed])
+                    "acquisition.sequence_p={dixon_water: 1}", "acquisition.dixon.swap_p=0.5", "body.spine=graded"):
+        other = load_config(SynthConfig, None, ["acquisition.sequence_p={t2_fs: 1}", "body.spine=uniform", changed])
         assert phantom_cache_name("pool", other, 1, (3, 3, 3)) != phantom_cache_name("pool", cfg, 1, (3, 3, 3))
 
 

@@ -71,10 +71,10 @@ def phantom_cache_name(kind: str, synth: SynthConfig, first_seed: int, spacing) 
 
 
 # Settings added after generator 1.3, each with the value that reproduces the cases made before it existed (the
-# default, except sequence_p, whose {t2_fs: 1} is generator 1.4): left out of the digest at that value, so caches
-# made before the setting existed stay valid.
+# default, except sequence_p, whose {t2_fs: 1} is generator 1.4, and body.spine, whose uniform is 1.5): left out of
+# the digest at that value, so caches made before the setting existed stay valid.
 _DIGEST_SILENT_DEFAULTS = {("lesions", "muscle_floor"): 1.0, ("acquisition", "plane_p"): {"coronal": 1.0},
-                           ("acquisition", "sequence_p"): {"t2_fs": 1.0},
+                           ("acquisition", "sequence_p"): {"t2_fs": 1.0}, ("body", "spine"): "uniform",
                            ("acquisition", "dixon"): {"snr_gain": 1.5, "swap_p": 0.2, "swap_radius_mm": [40.0, 120.0],
                                                       "fat_signal": [0.6, 0.9]}}  # literals: a changed default must change the digest
 
