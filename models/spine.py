@@ -27,22 +27,19 @@ from scipy import ndimage
 from models.sites import VERTEBRAL_LEVELS as LEVELS
 from models.sites import site_id
 
-# Height of each level (vertebral body plus the disc below it) relative to the mean thoracic one, C1..L5, from
-# typical spinal morphometry: cervical segments about 0.8; thoracic ones growing from about 0.78 (T1) to 1.22 (T12);
-# lumbar ones 1.45-1.6 (bodies of 25-27 mm and discs of 9-12 mm in adults). The phantom draws its spines with it
-# (generator 1.6). Until wbmri 0.2.9 the prior was cervical 0.75, every thoracic level 1.0 and lumbar 1.3, the
-# proportions of the phantoms up to generator 1.5.
-RELATIVE_HEIGHT = np.r_[[0.8] * 7, np.linspace(0.78, 1.22, 12), np.linspace(1.45, 1.6, 5)]
+# Height of each level (vertebral body plus disc) relative to a thoracic one: an anatomical approximation
+# (children and adults alike: cervical segments about 3/4, lumbar about 1.3 times a thoracic one).
+RELATIVE_HEIGHT = np.array([0.75] * 7 + [1.0] * 12 + [1.3] * 5)
 THORACIC_MM = (9.0, 30.0)     # plausible thoracic segment heights, 3-year-old to adult
 HEIGHT_SD = 0.3               # log-normal spread of a level's height around its expectation
-HEIGHT_WEIGHT = 6.0           # prior weight, in slices' worth of votes
+HEIGHT_WEIGHT = 3.0           # prior weight, in slices' worth of votes
 SHIFTS = (-2, -1, 0, 1, 2)    # global label shifts tried when the sacrum anchors the count
 SHIFT_COST = 0.5              # votes' worth a shift must gain over the network's own numbering
 KEEP_SLACK = 0.15             # a voxel keeps its own level within this share of a run's height beyond it
 COLUMN_MAX_GAP_MM = 45.0      # pieces of the column further apart (head-feet) are not the same spine
 COLUMN_MAX_OFFSET_MM = 30.0   # ... nor pieces this far left or right of its largest piece
 ANCHOR_GAP_MM = 12.0          # the sacrum must start within this distance below the lowest vertebra
-DISC_WEIGHT = 3.0             # votes' worth of a level boundary on a disc band one robust SD bright
+DISC_WEIGHT = 2.0             # votes' worth of a level boundary on a disc band one robust SD bright
 DISC_CLIP = (-1.0, 2.0)       # disc band scores (robust SDs) are clipped to this range
 DISC_SMOOTH_MM = (3.0, 9.0)   # band-pass of the column's head-feet brightness profile (Gaussian sigmas)
 DISC_CLEAR_MIN = 0.5          # a disc band this bright (robust SDs) at a boundary leaves the bone map

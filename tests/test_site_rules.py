@@ -128,19 +128,7 @@ def test_level_boundaries_are_drawn_to_the_bright_disc_bands(model_case, sites):
     assert level_accuracy(protected, sites) > acc_without + 0.1
 
 
-def test_a_mid_thoracic_run_named_one_level_up_is_counted_back(model_case, sites):
-    """On phantoms with the spine in real proportions (generator 1.6) a network trained on equal thoracic levels
-    names T3-T9 one level up; the graded height prior and the disc bands count them back (0.66 with wbmri 0.2.9's
-    equal thoracic prior)."""
-    mid = sites.copy()
-    for k in range(2, 9):
-        mid[sites == site_id(f"vertebra_T{k + 1}")] = site_id(f"vertebra_T{k}")
-    img = model_case["image"].astype(np.float32)
-    assert level_accuracy(mid, sites) < 0.75
-    assert level_accuracy(renumber_vertebrae(mid, GRID, img), sites) > 0.9
-
-
-@pytest.mark.parametrize("level", ["vertebra_T8", "vertebra_L3"])
+@pytest.mark.parametrize("level", ["vertebra_T8", "vertebra_L1"])
 def test_a_bright_vertebral_body_does_not_pull_the_boundaries_when_its_edema_is_given(model_case, sites, level):
     """Edema filling a body is as bright as a disc band; passed as edema, it is left out of the brightness profile."""
     img = model_case["image"].astype(np.float32).copy()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.sites import VERTEBRAL_LEVELS, site_id
-from models.spine import RELATIVE_HEIGHT
 from training.config import BodyConfig
 
 from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
@@ -260,13 +259,12 @@ def spine_y(body: Body, L: dict[str, float], z: float) -> float:
 
 
 # Height of each level's segment (its vertebral body and the disc below it) relative to the mean thoracic
-# segment, and the disc's share of the segment, C1..L5. "graded" follows typical spinal morphometry (the level
-# fit's prior, models.spine.RELATIVE_HEIGHT): cervical bodies about 14 mm with 5-6 mm discs; thoracic bodies
-# growing from about 15 mm (T1) to 23 mm (T12) with 4-6 mm discs; lumbar bodies 25-27 mm with 9-12 mm discs (so
-# the lumbar spine is about 30% of C1-L5, the thoracic about 48%). "uniform" is generators 1.0-1.5's: every
-# thoracic level alike and every disc a quarter of its level.
+# segment, and the disc's share of the segment, C1..L5. "graded" follows typical spinal morphometry: cervical bodies
+# about 14 mm with 5-6 mm discs; thoracic bodies growing from about 15 mm (T1) to 23 mm (T12) with 4-6 mm discs;
+# lumbar bodies 25-27 mm with 9-12 mm discs (so the lumbar spine is about 30% of C1-L5, the thoracic about 48%).
+# "uniform" is generators 1.0-1.5's: every thoracic level alike and every disc a quarter of its level.
 SPINE_SEGMENTS = {
-    "graded": (RELATIVE_HEIGHT,
+    "graded": (np.r_[[0.8] * 7, np.linspace(0.78, 1.22, 12), np.linspace(1.45, 1.6, 5)],
                np.r_[[0.24] * 7, np.linspace(0.18, 0.22, 12), [0.27] * 5]),
     "uniform": (np.r_[[0.75] * 7, [1.0] * 12, [1.25] * 5], np.full(24, 0.24)),
 }
