@@ -14,7 +14,7 @@ when the centroid of one lies more than ``ORDER_MARGIN_MM`` on the wrong side of
 femur, a "tibia" above the pelvis). Pieces are dropped one at a time, the one that contradicts the most voxels of
 the pieces still kept first, until no two kept pieces contradict each other. A dropped piece's voxels take
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
-kept pieces, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
+largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
 (:mod:`models.measure`). Without the extent check a "femur" in the neck became "skull" next to a clavicle
 lesion; with every dropped voxel made no bone, lesions in real bone were flagged as extending into soft tissue.
@@ -101,14 +101,13 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
             pieces.append((int(sizes[k]), float(z_mm[k]), tier, sid, at, lab[piece_box], k + 1))
     pieces.sort(key=lambda p: -p[0])   # the first piece of a label kept is its largest
     drop = _pieces_to_drop([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces])
-    main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows spanned by each label's kept pieces (ribs: all)
+    main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []   # (piece box, piece mask within it, centroid z in mm)
     for i, (_, z, tier, sid, box, lab, k) in enumerate(pieces):
         if drop[i]:
             dropped.append((box, lab == k, z))
         else:
-            lo, hi = main_rows.get(sid, (box[2].start, box[2].stop - 1))
-            main_rows[sid] = (min(lo, box[2].start), max(hi, box[2].stop - 1))
+            main_rows.setdefault(sid, (box[2].start, box[2].stop - 1))
     if not dropped:
         return sites
     out = sites.copy()
