@@ -125,6 +125,11 @@ LIMITATIONS = [
     "test phantoms its mask held 5% of the physis voxels), so epiphysis against metaphysis next to a growth plate "
     "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.80 of the found whole-body "
     "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
+    "Vertebral levels on real spines: every phantom the network learned from (generators up to 1.5) drew the twelve "
+    "thoracic vertebrae alike, while real thoracic bodies grow from T1 to T12 and lumbar levels are taller still. "
+    "On 16 whole-body phantoms drawn in real proportions (generator 1.6) the level fit named the right level for "
+    "0.40 of the vertebral voxels (0.75 on generator-1.5 phantoms): the mid-thoracic spine is often named one level "
+    "too high. Count vertebral levels from C2 or the sacrum before relying on a reported level.",
     "The default model's network was first trained on phantoms of generators before 1.4, whose knees were drawn "
     "wrongly (the tibia domed into the femur, the patella on the joint line). 1.2.13550 named the distal femoral "
     "epiphysis \"tibia\" in every knee (about 14 mL of each femur per generator-1.5 whole-body test scan) and on "
