@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.networks import NetworkConfig, NetworkPart
+from models.sites import by_code
 
 Range = tuple[float, float]
 
@@ -246,7 +247,6 @@ class SamplingConfig(Strict):
 
     @model_validator(mode="after")
     def _focus_known(self) -> "SamplingConfig":
-        from models.sites import by_code
         unknown = [f for f in self.focus_sites if not any(code.startswith(f) for code in by_code())]
         if unknown:
             raise ValueError(f"focus_sites {unknown} match no site code of sites.tsv (e.g. ulna, vertebra_C, sternum)")

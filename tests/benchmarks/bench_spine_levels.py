@@ -3,11 +3,8 @@ along the spine (models/spine.py) from the site map alone and with the image's d
 levels in view and voxel accuracy.
 
     .venv/bin/python tests/benchmarks/bench_spine_levels.py [--model models/default] [--cases 24] [--glob val_g1.5_*]
-    .venv/bin/python tests/benchmarks/bench_spine_levels.py --phantoms 24 --seed 930000 [--set body.spine=uniform]
 
-Reads the validation phantoms on the model grid (made by `wbmri train` / `wbmri validate` in data/cache/val_*), or
-with ``--phantoms N`` makes N whole-body phantoms of the current generator (seeds from ``--seed``, settings from
-``--set``) and brings them onto the model grid as training does.
+Needs the validation phantoms on the model grid (made by `wbmri train` / `wbmri validate` in data/cache/val_*).
 """
 from __future__ import annotations
 
@@ -43,30 +40,18 @@ def main() -> None:
     ap.add_argument("--model", default="models/default")
     ap.add_argument("--cases", type=int, default=24)
     ap.add_argument("--glob", default="val_*", help="which cached phantom sets under data/cache")
-    ap.add_argument("--phantoms", type=int, default=0, help="make this many whole-body phantoms instead")
-    ap.add_argument("--seed", type=int, default=930000, help="first seed of --phantoms")
-    ap.add_argument("--set", action="append", default=[], help="phantom setting for --phantoms, e.g. body.spine=uniform")
     args = ap.parse_args()
     from inference.predictor import Predictor
     from models.spine import LEVELS, renumber_vertebrae
     from models.sites import site_id
     ids = np.array([site_id(c) for c in LEVELS])
-    predictor = Predictor.load(args.model)
-    if args.phantoms:
-        from training.config import SynthConfig, load_config
-        from training.data import phantom_model_case
-        synth = load_config(SynthConfig, None, ["fov.p={whole_body: 1.0}", *args.set])
-        spacing = predictor.bundle.config.spacing_mm
-        files = [f"case_{s}" for s in range(args.seed, args.seed + args.phantoms)]
-        load = lambda name: phantom_model_case(int(name[5:]), synth, spacing)   # noqa: E731
-    else:
-        files = sorted(glob.glob(str(ROOT / "data/cache" / args.glob / "*.npz")))[:args.cases]
-        load = np.load
+    files = sorted(glob.glob(str(ROOT / "data/cache" / args.glob / "*.npz")))[:args.cases]
     if not files:
         sys.exit(f"no phantoms in data/cache/{args.glob}: run `wbmri validate` once first")
+    predictor = Predictor.load(args.model)
     rows, lesions = [], np.zeros((3, 2), int)
     for f in files:
-        case = load(f)
+        case = np.load(f)
         if not np.isin(case["sites"], ids).any():
             continue
         img = case["image"].astype(np.float32)

@@ -24,9 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-# the proportions of generators up to 1.5, and real ones (training/phantom/body.py, SPINE_SEGMENTS)
-PRIORS = {"uniform": np.array([0.75] * 7 + [1.0] * 12 + [1.3] * 5),
-          "graded": np.r_[[0.8] * 7, np.linspace(0.78, 1.22, 12), np.linspace(1.45, 1.6, 5)]}
+SPINES = ("graded", "uniform")   # training/phantom/body.py, SPINE_SEGMENTS
+
+
+def priors() -> dict[str, np.ndarray]:
+    """Height priors for ``--variant prior=...``: the shipped fit's (uniform thoracic levels) and the real
+    proportions the phantom draws since generator 1.6."""
+    from models.spine import RELATIVE_HEIGHT
+    from training.phantom.body import SPINE_SEGMENTS
+    return {"uniform": RELATIVE_HEIGHT, "graded": SPINE_SEGMENTS["graded"][0]}
 
 
 def outputs(args) -> list[Path]:
@@ -63,7 +69,7 @@ def parse_variant(text: str) -> dict:
     for item in text.split(","):
         key, value = item.split("=")
         out[{"prior": "RELATIVE_HEIGHT", "height_weight": "HEIGHT_WEIGHT", "disc_weight": "DISC_WEIGHT"}[key]] = \
-            PRIORS[value] if key == "prior" else float(value)
+            priors()[value] if key == "prior" else float(value)
     return out
 
 
@@ -72,7 +78,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / "models/default"))
     ap.add_argument("--seed", type=int, default=930000)
     ap.add_argument("--n", type=int, default=12)
-    ap.add_argument("--spine", nargs="+", default=["graded", "uniform"], choices=sorted(PRIORS))
+    ap.add_argument("--spine", nargs="+", default=["graded", "uniform"], choices=SPINES)
     ap.add_argument("--val-glob", default="", help="cached validation phantoms instead of new ones")
     ap.add_argument("--variant", action="append", default=[], help="e.g. prior=graded,height_weight=6,disc_weight=3")
     ap.add_argument("--work", default="/tmp/wbmri_spine_proportions")
