@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -335,6 +336,7 @@ def lesion_regions(sites: np.ndarray, ids: np.ndarray, lesions: np.ndarray) -> n
     return np.array([table[majority[lid]].region if majority[lid] in table else "none" for lid in lesions])
 
 
+@lru_cache(maxsize=None)
 def focus_ids(prefixes: tuple[str, ...]) -> np.ndarray:
     """Site ids whose code starts with any of ``prefixes`` (``sampling.focus_sites``)."""
     return np.array([sid for sid, site in by_id().items() if site.code.startswith(prefixes)], np.int64) \

@@ -79,7 +79,7 @@ class Body:
     fat: float
     red_w_diaphysis: float
     physis_open: float
-    spine: str = "graded"   # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
+    spine: str              # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
     long_bones: dict[str, LongBone] = field(default_factory=dict)
     vertebrae: dict[str, Vertebra] = field(default_factory=dict)
     landmarks: dict[str, float] = field(default_factory=dict)
