@@ -174,6 +174,28 @@ def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_
         load_config(TrainConfig, TINY, ["loss.anchor_weight=1"])
 
 
+def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_path):
+    """``loss.anchor_from``: a run that starts from one model's weights can keep another model's edema output."""
+    torch.manual_seed(4)
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    for name in ("start", "keep"):
+        save_bundle(tmp_path / name, build_network(base_cfg.network), base_cfg.network, {"name": name})
+    x = torch.randn(1, 1, *base_cfg.network.patch)
+
+    def edema(folder: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.sigmoid(load_bundle(folder).net.eval()(x)[0][:, :1])
+
+    overrides = tiny_overrides(tmp_path) + [f"init={tmp_path / 'start'}", "loss.anchor_weight=1", "precision=fp32"]
+    for anchor_from, want, other in ((None, "start", "keep"), (tmp_path / "keep", "keep", "start")):
+        extra = [f"loss.anchor_from={anchor_from}"] if anchor_from else []
+        anchor = Trainer(load_config(TrainConfig, TINY, overrides + extra), quiet=True)._anchor(x)
+        assert torch.allclose(anchor, edema(tmp_path / want), atol=1e-5)
+        assert not torch.allclose(anchor, edema(tmp_path / other), atol=1e-3)
+    with pytest.raises(ConfigError, match="loss.anchor_from"):
+        Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'missing'}"]), quiet=True)
+
+
 def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():
     def r(t, sens, fp, f1):
         return {"threshold": t, "lesion_sens": sens, "fp_per_scan": fp, "lesion_f1": f1, "edema_dice": 0.5}

@@ -289,6 +289,9 @@ class LossConfig(Strict):
                                  "against the --init network's edema probabilities on the same patch. With "
                                  "edema_weight 0 and blob_weight 0 a fine-tune learns new anatomy (bone, physis, "
                                  "sites) while lesion detection stays near the --init model's; 0 = off, needs init")
+    anchor_from: Optional[Path] = Field(None, description="the model whose edema output anchor_weight holds "
+                                        "(default: the --init model as it was); e.g. a run that continues an "
+                                        "earlier fine-tune from its weights but keeps the shipped model's edema")
 
 
 class OptimConfig(Strict):

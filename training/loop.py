@@ -254,9 +254,11 @@ class Trainer:
         if cfg.init:
             self._init_from(cfg.init)
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
-        self.teacher = None  # loss.anchor_weight: the --init network as it was, whose edema output training keeps
+        self.teacher = None  # loss.anchor_weight: the network whose edema output training keeps (anchor_from or --init)
         if cfg.loss.anchor_weight > 0:
-            self.teacher = copy.deepcopy(self.net).eval().requires_grad_(False)
+            teacher = self._bundle(cfg.loss.anchor_from, "loss.anchor_from").net.to(self.device).to(
+                memory_format=torch.channels_last_3d) if cfg.loss.anchor_from else copy.deepcopy(self.net)
+            self.teacher = teacher.eval().requires_grad_(False)
         self.fixed = fixed_modules(self.net, cfg.optim.train_only)  # held in eval mode: see train_mode
         self.model = self.net
         if self.world > 1:
@@ -272,21 +274,27 @@ class Trainer:
         if resume and (self.out / "last.pt").exists():
             self._load(self.out / "last.pt")
 
+    def _bundle(self, folder: Path, flag: str):
+        """A model bundle named by ``flag`` (``--init``, ``loss.anchor_from``); relative paths may also be read from
+        the repository root (e.g. finetune.yaml's models/default, run from elsewhere). The spacing must match."""
+        folder = Path(folder)
+        if not folder.is_absolute() and not folder.exists() and (DEFAULT_MODEL_DIR.parents[1] / folder).exists():
+            folder = DEFAULT_MODEL_DIR.parents[1] / folder
+        try:
+            bundle = load_bundle(folder)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+        if tuple(bundle.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
+            raise ConfigError(f"{flag} {folder}: trained at {bundle.config.spacing_mm} mm, this run uses "
+                             f"{self.cfg.network.spacing_mm} mm")
+        return bundle
+
     def _init_from(self, folder: Path) -> None:
         """Start from a bundle's weights (fine-tuning). Tensors whose name and shape match are copied; the rest
         (e.g. a re-designed head) keep their fresh initialisation and are listed; input convolutions of a network
-        that gained the log channel are widened with zeros. The spacing must match."""
-        folder = Path(folder)
-        if not folder.is_absolute() and not folder.exists() and (DEFAULT_MODEL_DIR.parents[1] / folder).exists():
-            folder = DEFAULT_MODEL_DIR.parents[1] / folder  # e.g. finetune.yaml's models/default, run from elsewhere
-        try:
-            init = load_bundle(folder)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"--init: {exc}") from None
+        that gained the log channel are widened with zeros."""
+        init = self._bundle(folder, "--init")
         self.init_card = init.card
-        if tuple(init.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
-            raise ConfigError(f"--init {folder}: trained at {init.config.spacing_mm} mm, this run uses "
-                             f"{self.cfg.network.spacing_mm} mm")
         own = self.net.state_dict()
         same, widened = widen_input_weights(init.net.state_dict(), own)
         if not same:
@@ -580,7 +588,7 @@ class Trainer:
         return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
 
     def _anchor(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The --init network's edema probabilities on this batch (``loss.anchor_weight``), None when off."""
+        """The anchor network's edema probabilities on this batch (``loss.anchor_weight``), None when off."""
         if self.teacher is None:
             return None
         with torch.no_grad(), autocast_for(self.device, self.bf16):
