@@ -447,6 +447,12 @@ def test_target_check_flags_every_missed_target():
     assert "edema Dice 0.50 (target >= 0.75, 95% interval 0.41-0.58)" in text
     assert ("sensitivity for lesions >= 0.5 mL 0.95 at 2.00 false positives per scan (target >= 0.9 at <= 0.5 "
             "false positives per scan; 95% intervals 0.90-0.99 and 1.50-2.50)") in text
+    good["ci95"] = {"fp_per_scan_no_reference_lesions": [0.0, 0.57], "edema_dice": [0.76, 0.84]}
+    text = _target_limitation(target_check({"wb": good}))
+    assert len(text) == 1 and "NOT" not in text[0], "a target met within its interval is not called missed"
+    assert "1 more on the point estimate only" in text[0]
+    assert "false positives per lesion-free scan 0.10 (target <= 0.3, 95% interval 0.00-0.57)" in text[0]
+    assert "edema Dice" not in text[0], "a met target whose interval clears it is not listed"
 
 
 def test_detection_target_needs_both_figures():
