@@ -455,6 +455,30 @@ def test_target_check_flags_every_missed_target():
     assert "edema Dice" not in text[0], "a met target whose interval clears it is not listed"
 
 
+def test_a_run_that_validated_nothing_names_the_validation_of_the_rules_it_inherited(tmp_path):
+    """Two fine-tunes in a row with ``data.val_cases: 0`` keep the first model's lesion rules: the card names the
+    seeds those rules were chosen on, not an empty range."""
+    import json
+
+    import yaml
+
+    from training.export import _validation_seeds
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "card.json").write_text(json.dumps({"version": "1.2.7", "data": {
+        "validation_seeds": "900000..900095"}}))
+    previous = tmp_path / "base"
+    for name in ("a", "b"):
+        (tmp_path / name / "final").mkdir(parents=True)
+        (tmp_path / name / "final" / "card.json").write_text(json.dumps({"version": "7", "data": {
+            "validation_seeds": "900000..899999"}}))  # what a run that validated nothing used to write
+        (tmp_path / name / "metrics.csv").write_text("step\n1\n")
+        cfg = {"init": str(previous), "data": {"val_seed": 900000, "val_cases": 0}}
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(cfg))
+        previous = tmp_path / name / "final"
+    assert _validation_seeds(cfg) == f"900000..900095 (the lesion rules are inherited from {tmp_path / 'base'} (1.2.7))"
+    assert _validation_seeds({"data": {"val_seed": 900000, "val_cases": 96}, "init": str(previous)}) == "900000..900095"
+
+
 def test_detection_target_needs_both_figures():
     """Sensitivity and the false-positive rate are one target: each alone missing fails it, both met passes."""
     from training.export import target_check

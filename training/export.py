@@ -126,9 +126,10 @@ LIMITATIONS = [
     "as real edema often is) is easily missed: 1.2.13550 found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
     "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
-    "with 1.4; the shipped 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60), against "
-    "0.50 on the test set (0.51 with 1.4): expect real-scan sensitivity well below the "
-    "test-set figures.",
+    "with 1.4; 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60; the shipped "
+    "1.2.19199 0.18, 17 of 93, at 0.45: six fewer, five of them still outlined but at a mean edema probability of "
+    "0.72-0.80, under its confidence cut of 0.8), against 0.48 on the generator-1.6 test set: expect real-scan "
+    "sensitivity well below the test-set figures.",
     "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
     "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
     "around it would be dropped with the false positives.",
@@ -141,20 +142,22 @@ LIMITATIONS = [
     "test phantoms its mask held 5% of the physis voxels), so epiphysis against metaphysis next to a growth plate "
     "and the juxtaphyseal flag are often wrong; the part of the bone was right for 0.80 of the found whole-body "
     "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
-    "Vertebral levels on real spines: every phantom the network learned from (generators up to 1.5) drew the twelve "
-    "thoracic vertebrae alike, while real thoracic bodies grow from T1 to T12 and lumbar levels are taller still. "
-    "On 16 whole-body phantoms drawn in real proportions (generator 1.6) the level fit named the right level for "
-    "0.40 of the vertebral voxels (0.75 on generator-1.5 phantoms): the mid-thoracic spine is often named one level "
-    "too high. The test sets are drawn with real spines since session 45 (generator 1.6); on the same 50 whole-body "
-    "test children drawn with equal thoracic levels (generator 1.5) mean bone-site Dice was 0.58 against 0.48. "
-    "Count vertebral levels from C2 or the sacrum before relying on a reported level.",
+    "Vertebral levels: phantoms up to generator 1.5 drew the twelve thoracic vertebrae alike, while real thoracic "
+    "bodies grow from T1 to T12 and lumbar levels are taller still. The network learned those first (1.2.15825 "
+    "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then for 105 "
+    "CPU minutes phantoms drawn in real proportions (generator 1.6, stages 27-28): the shipped 1.2.19199 names "
+    "0.76 of them right, and its mean Dice over the thoracic levels of the whole-body test set is 0.72 (1.2.15825: "
+    "0.17). The phantoms' proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
+    "transitional lumbosacral vertebra or a view that shows few vertebrae may still be counted a level off: count "
+    "from C2 or the sacrum before relying on a reported level.",
     "The default model's network was first trained on phantoms of generators before 1.4, whose knees were drawn "
     "wrongly (the tibia domed into the femur, the patella on the joint line). 1.2.13550 named the distal femoral "
     "epiphysis \"tibia\" in every knee (about 14 mL of each femur per generator-1.5 whole-body test scan) and on "
     "knees drawn like real extended knees (generator 1.4) drew 0.82 false positives per partial view against 0.46 "
-    "(wbmri 0.2.7). The shipped 1.2.15825 was trained on for 60 minutes on such knees (stage 25): about 2 mL of each "
-    "femur are still named tibia, and 12-17% of the proximal ulna and radius are still named humerus (both "
-    "networks): read knee and elbow findings with particular care.",
+    "(wbmri 0.2.7). 1.2.15825 was trained on for 60 minutes on such knees (stage 25) and the shipped 1.2.19199 for "
+    "105 more minutes on generator-1.6 phantoms (stages 27-28): about 1.3 mL of each femur are still named tibia (2.2 with "
+    "1.2.15825 on the same generator-1.6 whole-body test set), and 14-19% of the proximal ulna and radius are still "
+    "named humerus (all three networks): read knee and elbow findings with particular care.",
     "The soft-tissue-extension flag is insensitive: 1.2.13550's bone channel labels edema just outside "
     "the cortex as bone, so on the 50 + 50 generator-1.3 test sets the flag was set for none of the 25 predicted lesions "
     "matched to a reference lesion that extends into soft tissue (and wrongly for 1 of the 117 matched to one "
@@ -163,8 +166,9 @@ LIMITATIONS = [
     " trained with every lesion at the centre of its training patch): on 66 whole-body test lesions, moving the "
     "input by a few voxels changed the answer for 5 (8%). Compare follow-up scans with care: a lesion missing "
     "from one report may be a miss rather than a healed lesion.",
-    "Figures quoted for 1.2.13550 were measured on the network the shipped 1.2.15825 was fine-tuned from with its "
-    "edema output held to 1.2.13550's (session 42, stage 25); they were not measured again.",
+    "Figures quoted for 1.2.13550 were measured on the network the shipped 1.2.19199 descends from: stages 25, 27 "
+    "and 28 trained on from it with the edema output held to 1.2.13550's (stage 25) and then to 1.2.15825's "
+    "(stages 27-28); they were not measured again.",
     "Input must be a fat-suppressed fluid-sensitive sequence (STIR, T2 FS, Dixon water); T1 or contrast-enhanced "
     "images are out of scope.",
     "Where fat suppression fails, fat and fatty marrow are bright: patches of failed spectral fat saturation on "
@@ -344,6 +348,25 @@ def _earlier_stages(cfg: dict) -> list[dict]:
                                          "wall_time_s": round(wall, 1), "network": earlier.get("network")}]
 
 
+def _validation_seeds(cfg: dict) -> str:
+    """The validation seeds behind a run's lesion rules: its own validation phantoms, or, for a run that validated
+    none (``data.val_cases: 0``), those of the --init model whose rules it keeps, followed back along the runs."""
+    data = cfg.get("data") or {}
+    if data.get("val_cases", 0) > 0 or not cfg.get("init"):
+        first = int(data.get("val_seed", 900000))
+        return f"{first}..{first + int(data.get('val_cases', 0)) - 1}"
+    init = Path(cfg["init"])
+    card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
+    if (card.get("validation") or {}).get("val_seeds"):
+        seeds = card["validation"]["val_seeds"]
+    elif (init.parent / "config.yaml").is_file() and (init.parent / "metrics.csv").is_file():  # a run's export
+        seeds = _validation_seeds(yaml.safe_load((init.parent / "config.yaml").read_text()))
+    else:
+        seeds = (card.get("data") or {}).get("validation_seeds", "not recorded")
+    source = f"{init} ({card['version']})" if card.get("version") else str(init)
+    return seeds if "inherited" in seeds else f"{seeds} (the lesion rules are inherited from {source})"
+
+
 def _stages_from_card(bundle_dir: Path) -> list[dict]:
     """Training stages recorded in an exported bundle's card (e.g. fine-tuning from the shipped ``models/default``,
     whose run folder is not in the repository): its own earlier stages, then the run that made it."""
@@ -504,8 +527,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "generator_version": GENERATOR_VERSION,
             "train_pool_seeds": f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
                                 " (the cases generated before training stopped; see data/README.md)",
-            "validation_seeds": (bundle.card.get("validation") or {}).get(
-                "val_seeds", f"{cfg['data']['val_seed']}..{cfg['data']['val_seed'] + cfg['data']['val_cases'] - 1}"),
+            "validation_seeds": (bundle.card.get("validation") or {}).get("val_seeds") or _validation_seeds(cfg),
             "test_seeds": _test_sets(metrics, "seeds"),
             "test_generator_versions": _test_sets(metrics, "generator_version"),
             "dataset_dirs": datasets,
