@@ -194,6 +194,10 @@ def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_p
         assert not torch.allclose(anchor, edema(tmp_path / other), atol=1e-3)
     with pytest.raises(ConfigError, match="loss.anchor_from"):
         Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'missing'}"]), quiet=True)
+    p75 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["network.intensity_reference=p75"])
+    save_bundle(tmp_path / "p75", build_network(p75.network), p75.network, {"name": "p75"})
+    with pytest.raises(ConfigError, match="intensity reference"):
+        Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'p75'}"]), quiet=True)
 
 
 def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():

@@ -256,9 +256,8 @@ class Trainer:
         self.net = self.net.to(self.device).to(memory_format=torch.channels_last_3d)
         self.teacher = None  # loss.anchor_weight: the network whose edema output training keeps (anchor_from or --init)
         if cfg.loss.anchor_weight > 0:
-            teacher = self._bundle(cfg.loss.anchor_from, "loss.anchor_from").net.to(self.device).to(
-                memory_format=torch.channels_last_3d) if cfg.loss.anchor_from else copy.deepcopy(self.net)
-            self.teacher = teacher.eval().requires_grad_(False)
+            self.teacher = (self._anchor_net(cfg.loss.anchor_from) if cfg.loss.anchor_from
+                            else copy.deepcopy(self.net)).eval().requires_grad_(False)
         self.fixed = fixed_modules(self.net, cfg.optim.train_only)  # held in eval mode: see train_mode
         self.model = self.net
         if self.world > 1:
@@ -288,6 +287,15 @@ class Trainer:
             raise ConfigError(f"{flag} {folder}: trained at {bundle.config.spacing_mm} mm, this run uses "
                              f"{self.cfg.network.spacing_mm} mm")
         return bundle
+
+    def _anchor_net(self, folder: Path) -> torch.nn.Module:
+        """``loss.anchor_from``'s network; it is fed this run's normalised patches, so its intensity reference must
+        be this run's (a log channel it makes itself)."""
+        bundle = self._bundle(folder, "loss.anchor_from")
+        if bundle.config.intensity_reference != self.cfg.network.intensity_reference:
+            raise ConfigError(f"loss.anchor_from {folder}: normalises by the {bundle.config.intensity_reference} "
+                              f"intensity reference, this run by {self.cfg.network.intensity_reference}")
+        return bundle.net.to(self.device).to(memory_format=torch.channels_last_3d)
 
     def _init_from(self, folder: Path) -> None:
         """Start from a bundle's weights (fine-tuning). Tensors whose name and shape match are copied; the rest
