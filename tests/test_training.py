@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from pydantic import ValidationError
 
@@ -198,6 +199,17 @@ def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_p
     save_bundle(tmp_path / "p75", build_network(p75.network), p75.network, {"name": "p75"})
     with pytest.raises(ConfigError, match="intensity reference"):
         Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'p75'}"]), quiet=True)
+
+
+def test_validate_reads_the_config_of_an_anchored_fine_tune(tmp_path):
+    """`wbmri validate runs/X/final` with the run's own config.yaml, of a run that held its edema to a model."""
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    save_bundle(tmp_path / "base", build_network(cfg.network), cfg.network, {"name": "base"})
+    run_cfg = cfg.model_dump(mode="json") | {"init": str(tmp_path / "base")}
+    run_cfg["loss"] |= {"anchor_weight": 2.0, "anchor_from": str(tmp_path / "base")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    chosen = revalidate(tmp_path / "base", tmp_path / "config.yaml", val_cases=1)
+    assert chosen["val_cases"] == 1 and load_bundle(tmp_path / "base").card["thresholds"]["edema"] == chosen["threshold"]
 
 
 def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget():

@@ -233,6 +233,11 @@ def _bundle_trainer(bundle_dir: Path, cfg, run_config: Path, quiet: bool):
     return trainer, bundle
 
 
+# a run's config read to validate or recalibrate its bundle: no starting weights, no held network (the bundle's own
+# weights are used; an anchored fine-tune's config would otherwise ask for its --init model)
+NOT_TRAINING = ("init=null", "loss.anchor_weight=0", "loss.anchor_from=null")
+
+
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None,
                table: Path | None = None, overrides: list[str] = (), max_fp_per_scan: float | None = None) -> dict:
     """Re-choose a bundle's operating point (edema threshold, bone share, lesion size) on ``val_cases`` validation phantoms
@@ -246,7 +251,7 @@ def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | No
     false-positive budget of the chosen rule (default :data:`training.loop.MAX_FP_PER_SCAN`, the target's)."""
     from training.config import TrainConfig, load_config
     bundle_dir = Path(bundle_dir)
-    cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.phantom_cases=0", "data.extra_pools=[]",
+    cfg = load_config(TrainConfig, Path(run_config), [*NOT_TRAINING, "data.phantom_cases=0", "data.extra_pools=[]",
                                                       "data.dataset_dirs=[]", f"data.val_cases={val_cases}", *overrides])
     if not val_cases and not cfg.data.val_dataset_dirs:
         raise ValueError("nothing to validate on: give --val-cases >= 1 or labelled folders in data.val_dataset_dirs")
@@ -281,7 +286,7 @@ def recalibrate_bundle(bundle_dir: Path, run_config: Path, dest: Path, batches: 
     bundle_dir, dest = Path(bundle_dir), Path(dest)
     if dest.resolve() == bundle_dir.resolve():
         raise ValueError("--to must be a new folder: the bundle is read while the new one is written")
-    cfg = load_config(TrainConfig, Path(run_config), ["init=null", "data.val_cases=0", "data.val_dataset_dirs=[]",
+    cfg = load_config(TrainConfig, Path(run_config), [*NOT_TRAINING, "data.val_cases=0", "data.val_dataset_dirs=[]",
                                                       *overrides])
     trainer, bundle = _bundle_trainer(bundle_dir, cfg, run_config, quiet=False)
     cases = len(trainer._files())
