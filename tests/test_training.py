@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from pydantic import ValidationError
 
 from models.card import load_bundle, save_bundle

@@ -76,7 +76,7 @@ def _interval(ci: list[float] | None) -> str:
     return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "n/a"
 
 
-def _missed_text(r: dict) -> str:
+def _target_text(r: dict) -> str:
     """One target's figure in words, with its 95% interval(s)."""
     value = _shown(r["value"], r["target"]) if r["value"] is not None else "n/a"
     if "fp_per_scan" in r:  # the detection pair
@@ -105,10 +105,10 @@ def _target_limitation(rows: list[dict]) -> list[str]:
     text = []
     if missed:
         text.append(f"It does NOT meet {len(missed)} of its {len(rows)} targets on the frozen synthetic test set: "
-                    + "; ".join(_missed_text(r) for r in missed) + ".")
+                    + "; ".join(_target_text(r) for r in missed) + ".")
     if unclear:
         text.append(f"It meets {len(unclear)} more on the point estimate only, the 95% interval reaching past the "
-                    "target: " + "; ".join(_missed_text(r) for r in unclear) + ".")
+                    "target: " + "; ".join(_target_text(r) for r in unclear) + ".")
     if not text:
         return []
     return [" ".join(text) + " Read the metrics before relying on any output; retrain or fine-tune (`wbmri train`) "
@@ -344,28 +344,39 @@ def _earlier_stages(cfg: dict) -> list[dict]:
     init = cfg.get("init")
     if not init:
         return []
-    if not (Path(init).parent / "metrics.csv").is_file():
+    earlier = _run_config_of(Path(init))
+    if earlier is None:
         return _stages_from_card(Path(init)) if (Path(init) / CARD).is_file() else []
     run = Path(init).parent
-    earlier = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     wall, steps = training_wall_time(run / "metrics.csv")
     return _earlier_stages(earlier) + [{"run": str(run), "bundle": str(init), "steps": steps,
                                          "wall_time_s": round(wall, 1), "network": earlier.get("network")}]
 
 
+def _run_config_of(bundle: Path) -> dict | None:
+    """The config of the run a bundle was exported from (runs/NAME/final: runs/NAME/config.yaml, {} when missing);
+    None for a bundle that is not a run's export (e.g. models/default)."""
+    run = Path(bundle).parent
+    if not (run / "metrics.csv").is_file():
+        return None
+    return yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+
+
 def _validation_seeds(cfg: dict) -> str:
     """The validation seeds behind a run's lesion rules: its own validation phantoms, or, for a run that validated
-    none (``data.val_cases: 0``), those of the --init model whose rules it keeps, followed back along the runs."""
+    none (``data.val_cases: 0``), those of the --init model whose rules it keeps, followed back along the runs. A
+    card's own entry that already names where its rules came from is kept as it is."""
     data = cfg.get("data") or {}
     if data.get("val_cases", 0) > 0 or not cfg.get("init"):
         first = int(data.get("val_seed", 900000))
         return f"{first}..{first + int(data.get('val_cases', 0)) - 1}"
     init = Path(cfg["init"])
     card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
+    run_cfg = _run_config_of(init)
     if (card.get("validation") or {}).get("val_seeds"):
         seeds = card["validation"]["val_seeds"]
-    elif (init.parent / "config.yaml").is_file() and (init.parent / "metrics.csv").is_file():  # a run's export
-        seeds = _validation_seeds(yaml.safe_load((init.parent / "config.yaml").read_text()))
+    elif run_cfg:
+        seeds = _validation_seeds(run_cfg)
     else:
         seeds = (card.get("data") or {}).get("validation_seeds", "not recorded")
     source = f"{init} ({card['version']})" if card.get("version") else str(init)
