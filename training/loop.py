@@ -650,7 +650,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self, thresholds: tuple[float, ...] = (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                  bone_fractions: tuple[float, ...] = (0.0, 0.2, 0.5), min_sizes_ml: tuple[float, ...] = (0.25, 0.5),
-                 min_confidences: tuple[float, ...] = (0.0, 0.8, 0.85, 0.9), tta: str = "none",
+                 min_confidences: tuple[float, ...] = (0.0, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9), tta: str = "none",
                  progress: bool = False, max_fp_per_scan: float = MAX_FP_PER_SCAN) -> dict:
         """Whole-volume inference on the fixed validation cases: edema Dice, lesion F1 and site accuracy for each
         edema threshold, minimum share of a lesion in or touching predicted bone, minimum lesion size (the
