@@ -15,7 +15,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	@# --no-cache-dir: a build fetched from an index is not kept twice (pip's cache and the venv) on a small disk
+	$(PY) -m pip install -q --no-cache-dir "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
