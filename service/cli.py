@@ -305,6 +305,26 @@ def recalibrate(bundle: Path = typer.Argument(..., help="a model bundle, e.g. mo
 
 
 @app.command()
+def average(bundle: Path = typer.Argument(..., help="a model bundle whose card and lesion rules the result keeps"),
+            other: Path = typer.Option(..., "--with", help="a bundle of the same network, e.g. the model BUNDLE was "
+                                       "fine-tuned from"),
+            to: Path = typer.Option(..., "--to", help="the new bundle folder"),
+            share: float = typer.Option(0.5, "--share", help="how far to move each weight towards --with's "
+                                        "(0.5: halfway)")) -> None:
+    """Average two bundles of one network weight for weight into a new bundle (WiSE-FT); evaluate it, then
+    `wbmri card` it."""
+    import json
+
+    from training.export import average_bundles
+    try:
+        record = average_bundles(bundle, other, to, share)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"cannot average: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(record, indent=2))
+
+
+@app.command()
 def serve(host: Optional[str] = typer.Option(None, "--host", help="interface (default 127.0.0.1; other hosts need API keys)"),
           port: Optional[int] = typer.Option(None, "--port", help="port (default 8000)"),
           data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="job store, uploads, results (default ./var)"),

@@ -800,6 +800,35 @@ def test_recalibrate_writes_a_new_bundle_with_re_estimated_statistics(tmp_path):
     assert not torch.equal(a["body.model.0.conv.unit0.adn.N.running_var"], b["body.model.0.conv.unit0.adn.N.running_var"])
 
 
+def test_average_writes_the_weight_average_of_two_bundles(tmp_path):
+    from models.networks import NetworkConfig, build_network
+    cfg = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), features=4, spacing_mm=(6.0, 6.0, 6.0), patch=(32, 32, 32))
+    for seed, name in ((0, "tuned"), (1, "base")):
+        torch.manual_seed(seed)
+        save_bundle(tmp_path / name, build_network(cfg), cfg, {"name": name, "version": f"1.2.{seed + 5}",
+                                                                "thresholds": {"edema": 0.3 + seed}})
+    wide = cfg.model_copy(update={"features": 8})
+    save_bundle(tmp_path / "wide", build_network(wide), wide, {"name": "wide"})
+    cmd = [sys.executable, "-m", "service.cli", "average", str(tmp_path / "tuned"), "--share", "0.25", "--to"]
+    res = subprocess.run(cmd + [str(tmp_path / "avg"), "--with", str(tmp_path / "base")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    tuned, base, avg = (load_bundle(tmp_path / n) for n in ("tuned", "base", "avg"))  # checks each sha256
+    a, b, c = (x.net.state_dict() for x in (tuned, base, avg))
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert floats and all(torch.allclose(c[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6) for k in floats)
+    assert any("running_var" in k for k in floats) and not torch.equal(c[floats[0]], a[floats[0]])
+    assert avg.card["version"] == "1.2.5+avg25" and avg.card["thresholds"] == tuned.card["thresholds"]
+    record = avg.card["training"]["weight_average"]
+    assert (record["from_sha256"], record["with_sha256"], record["share"]) == (tuned.sha256, base.sha256, 0.25)
+    other = subprocess.run(cmd + [str(tmp_path / "x"), "--with", str(tmp_path / "wide")], capture_output=True,
+                           text=True, cwd=ROOT)
+    assert other.returncode == 2 and "another network" in other.stderr and not (tmp_path / "x").exists()
+    same = subprocess.run(cmd + [str(tmp_path / "tuned"), "--with", str(tmp_path / "base")], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert same.returncode == 2 and "--to must be a new folder" in same.stderr
+
+
 def test_generator_processes_are_shared_by_what_each_pool_lacks(tmp_path):
     from training.config import SynthConfig
     from training.data import PhantomPool
