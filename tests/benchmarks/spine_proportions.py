@@ -9,7 +9,8 @@ inference passes them) is scored with its shipped constants and with any others 
     .venv/bin/python tests/benchmarks/spine_proportions.py --val-glob 'val_g1.5_*' --n 96 --variant prior=graded
 
 ``--val-glob`` reads cached validation phantoms (data/cache) instead of making new ones. Network outputs are kept
-under ``--work`` (one .npz per case), so a second run with other variants does not run the network again.
+under ``--work``, in a folder per model (the first 12 hex digits of its weights' sha256; one .npz per case), so a
+second run with other variants does not run the network again.
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def priors() -> dict[str, np.ndarray]:
 def outputs(args) -> list[Path]:
     """The saved network outputs of every case asked for, made where missing."""
     from inference.predictor import Predictor
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.load(args.model)
+    work = Path(args.work) / predictor.bundle.sha256[:12]  # one model's outputs never stand in for another's
+    work.mkdir(parents=True, exist_ok=True)
     spacing = predictor.bundle.config.spacing_mm
     jobs = []
     if args.val_glob:
