@@ -253,7 +253,7 @@ def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
     chosen = json.loads((run / "best" / "card.json").read_text())["validation"]
     assert chosen["val_seeds"] is None and chosen["val_dataset_dirs"] == [str(held_out)]
     rules = list(csv.DictReader(open(table)))
-    assert len(rules) == 13 * 3 * 3 * 4  # thresholds x bone shares x sizes (0.1, 0.25, 0.5 mL) x confidences
+    assert len(rules) == 13 * 3 * 3 * 7  # thresholds x bone shares x sizes (0.1, 0.25, 0.5 mL) x confidences (0-0.9)
     assert {"sens_scan", "fp_per_scan_scan"} <= set(rules[0])  # PAT03 has no field of view: kind "scan"
     picked = [r for r in rules if float(r["threshold"]) == chosen["threshold"]
               and float(r["min_confidence"]) == chosen["min_confidence"]
