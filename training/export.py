@@ -147,7 +147,8 @@ LIMITATIONS = [
     "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then for 105 "
     "CPU minutes phantoms drawn in real proportions (generator 1.6, stages 27-28): 1.2.19199 names 0.76 of them "
     "right, and the shipped 1.2.19199+avg50, halfway between the two networks' weights, 0.74; its mean Dice over the "
-    "thoracic levels of the whole-body test set is 0.61 (1.2.19199: 0.72, 1.2.15825: 0.17). The phantoms' proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
+    "thoracic levels of the whole-body test set is 0.61 (1.2.19199: 0.72, 1.2.15825: 0.17). The phantoms' "
+    "proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
     "transitional lumbosacral vertebra or a view that shows few vertebrae may still be counted a level off: count "
     "from C2 or the sacrum before relying on a reported level.",
     "The default model's network was first trained on phantoms of generators before 1.4, whose knees were drawn "
