@@ -144,8 +144,8 @@ LIMITATIONS = [
     "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
     "Vertebral levels: phantoms up to generator 1.5 drew the twelve thoracic vertebrae alike, while real thoracic "
     "bodies grow from T1 to T12 and lumbar levels are taller still. The network learned those first (1.2.15825 "
-    "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then for 105 "
-    "CPU minutes phantoms drawn in real proportions (generator 1.6, stages 27-28): 1.2.19199 names 0.76 of them "
+    "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then, for 105 "
+    "CPU minutes, on phantoms drawn in real proportions (generator 1.6, stages 27-28): 1.2.19199 names 0.76 of them "
     "right, and the shipped 1.2.19199+avg50, halfway between the two networks' weights, 0.74; its mean Dice over the "
     "thoracic levels of the whole-body test set is 0.61 (1.2.19199: 0.72, 1.2.15825: 0.17). The phantoms' "
     "proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
