@@ -126,10 +126,10 @@ LIMITATIONS = [
     "as real edema often is) is easily missed: 1.2.13550 found 25 of the 99 such test "
     "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
     "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
-    "with 1.4; 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60; 1.2.19199 0.18, "
-    "17 of 93, at 0.45, its lost lesions outlined at a mean edema probability under its confidence cut of 0.8; "
-    "the shipped 1.2.19199+avg50, the weight average of the two, 0.24, 22 of 93, at 0.45), against 0.47 on the "
-    "generator-1.6 test set: expect real-scan sensitivity well below the test-set figures.",
+    "with 1.4; 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60; the shipped "
+    "1.2.19199 0.18, 17 of 93, at 0.45: six fewer, five of them still outlined but at a mean edema probability of "
+    "0.72-0.80, under its confidence cut of 0.8), against 0.48 on the generator-1.6 test set: expect real-scan "
+    "sensitivity well below the test-set figures.",
     "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
     "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
     "around it would be dropped with the false positives.",
@@ -144,22 +144,20 @@ LIMITATIONS = [
     "test lesions named with the right bone (66 of 83, generator-1.5 test set).",
     "Vertebral levels: phantoms up to generator 1.5 drew the twelve thoracic vertebrae alike, while real thoracic "
     "bodies grow from T1 to T12 and lumbar levels are taller still. The network learned those first (1.2.15825 "
-    "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then, for 105 "
-    "CPU minutes, on phantoms drawn in real proportions (generator 1.6, stages 27-28): 1.2.19199 names 0.76 of them "
-    "right, and the shipped 1.2.19199+avg50, halfway between the two networks' weights, 0.74; its mean Dice over the "
-    "thoracic levels of the whole-body test set is 0.61 (1.2.19199: 0.72, 1.2.15825: 0.17). The phantoms' "
-    "proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
+    "named the right level for 0.40 of the vertebral voxels of 16 phantoms drawn in real proportions), then for 105 "
+    "CPU minutes phantoms drawn in real proportions (generator 1.6, stages 27-28): the shipped 1.2.19199 names "
+    "0.76 of them right, and its mean Dice over the thoracic levels of the whole-body test set is 0.72 (1.2.15825: "
+    "0.17). The phantoms' proportions are population means; a child with 11 or 13 rib-bearing vertebrae, a "
     "transitional lumbosacral vertebra or a view that shows few vertebrae may still be counted a level off: count "
     "from C2 or the sacrum before relying on a reported level.",
     "The default model's network was first trained on phantoms of generators before 1.4, whose knees were drawn "
     "wrongly (the tibia domed into the femur, the patella on the joint line). 1.2.13550 named the distal femoral "
     "epiphysis \"tibia\" in every knee (about 14 mL of each femur per generator-1.5 whole-body test scan) and on "
     "knees drawn like real extended knees (generator 1.4) drew 0.82 false positives per partial view against 0.46 "
-    "(wbmri 0.2.7). 1.2.15825 was trained on for 60 minutes on such knees (stage 25) and 1.2.19199 for 105 more "
-    "minutes on generator-1.6 phantoms (stages 27-28); the shipped 1.2.19199+avg50 lies halfway between the two: "
-    "about 1.75 mL of each femur are still named tibia per whole-body test scan (1.2.19199 1.3, 1.2.15825 2.2, on the "
-    "same generator-1.6 test set), and 13-18% of the proximal ulna and radius are still named humerus (all of these "
-    "networks): read knee and elbow findings with particular care.",
+    "(wbmri 0.2.7). 1.2.15825 was trained on for 60 minutes on such knees (stage 25) and the shipped 1.2.19199 for "
+    "105 more minutes on generator-1.6 phantoms (stages 27-28): about 1.3 mL of each femur are still named tibia (2.2 with "
+    "1.2.15825 on the same generator-1.6 whole-body test set), and 14-19% of the proximal ulna and radius are still "
+    "named humerus (all three networks): read knee and elbow findings with particular care.",
     "The soft-tissue-extension flag is insensitive: 1.2.13550's bone channel labels edema just outside "
     "the cortex as bone, so on the 50 + 50 generator-1.3 test sets the flag was set for none of the 25 predicted lesions "
     "matched to a reference lesion that extends into soft tissue (and wrongly for 1 of the 117 matched to one "
@@ -168,10 +166,9 @@ LIMITATIONS = [
     " trained with every lesion at the centre of its training patch): on 66 whole-body test lesions, moving the "
     "input by a few voxels changed the answer for 5 (8%). Compare follow-up scans with care: a lesion missing "
     "from one report may be a miss rather than a healed lesion.",
-    "Figures quoted for 1.2.13550 were measured on the network the shipped 1.2.19199+avg50 descends from: stages "
-    "25, 27 and 28 trained on from it with the edema output held to 1.2.13550's (stage 25) and then to 1.2.15825's "
-    "(stages 27-28), and the shipped network is the weight average of 1.2.19199 (stage 28) and 1.2.15825 (stage "
-    "25); they were not measured again.",
+    "Figures quoted for 1.2.13550 were measured on the network the shipped 1.2.19199 descends from: stages 25, 27 "
+    "and 28 trained on from it with the edema output held to 1.2.13550's (stage 25) and then to 1.2.15825's "
+    "(stages 27-28); they were not measured again.",
     "Input must be a fat-suppressed fluid-sensitive sequence (STIR, T2 FS, Dixon water); T1 or contrast-enhanced "
     "images are out of scope.",
     "Where fat suppression fails, fat and fatty marrow are bright: patches of failed spectral fat saturation on "
