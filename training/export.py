@@ -319,23 +319,19 @@ def average_bundles(bundle_dir: Path, other_dir: Path, dest: Path, share: float 
     fine-tune, which lie in one basin), with ``bundle_dir``'s card, lesion rules and counters, the version marked
     ``+avg<percent>`` and what was done in ``training.weight_average``. The test-set metrics are the first
     bundle's until ``wbmri card`` re-scores them. Returns that record."""
-    from safetensors.torch import load_file, save_file
+    from models.card import save_bundle
     bundle_dir, other_dir, dest = Path(bundle_dir), Path(other_dir), Path(dest)
     if not 0 < share < 1:
         raise ValueError(f"--share must lie between 0 and 1 (got {share})")
     if dest.resolve() in (bundle_dir.resolve(), other_dir.resolve()):
         raise ValueError("--to must be a new folder: both bundles are read while the new one is written")
     first, other = load_bundle(bundle_dir), load_bundle(other_dir)
-    if first.card.get("network") != other.card.get("network"):
+    if first.card.get("network") != other.card.get("network"):  # one network config: the same tensors, name for name
         raise ValueError(f"{other_dir}: another network ({other.card.get('network')}) than {bundle_dir}'s; only "
                          "bundles of one architecture and intensity reference can be averaged")
-    a, b = load_file(str(bundle_dir / WEIGHTS)), load_file(str(other_dir / WEIGHTS))
-    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
-        raise ValueError(f"{other_dir}: its weights do not match {bundle_dir}'s tensor for tensor")
-    state = {k: ((1 - share) * v.double() + share * b[k].double()).to(v.dtype).contiguous()
-             if v.is_floating_point() else v for k, v in a.items()}
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(dest / WEIGHTS))
+    b = other.net.state_dict()
+    first.net.load_state_dict({k: ((1 - share) * v.double() + share * b[k].double()).to(v.dtype)
+                               if v.is_floating_point() else v for k, v in first.net.state_dict().items()})
     card = json.loads(json.dumps(first.card))
     record = {"share": share, "from_version": first.version, "from_sha256": first.sha256,
               "with_version": other.version, "with_sha256": other.sha256,
@@ -343,8 +339,7 @@ def average_bundles(bundle_dir: Path, other_dir: Path, dest: Path, share: float 
                       "statistics); counters and the lesion rules from `from`"}
     card["version"] = f"{first.version.split('+')[0]}+avg{round(share * 100)}"
     card.setdefault("training", {})["weight_average"] = record
-    card["weights_sha256"] = sha256_file(dest / WEIGHTS)
-    (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    save_bundle(dest, first.net, first.config, card)
     load_bundle(dest)  # verifies the sha256 and that the weights load
     return record
 
