@@ -396,6 +396,14 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
             writer.writerow({k: ("" if v is None else round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
 
 
+def reference_detections(lesions_csv: Path, min_ml: float = 0.0) -> dict[tuple[str, int], bool]:
+    """(case, reference lesion id) -> found, for the reference lesions of at least ``min_ml`` of an evaluation's
+    ``lesions.csv``."""
+    with open(lesions_csv, newline="") as fh:
+        return {(r["case"], int(r["id"])): r["detected"] == "True" for r in csv.DictReader(fh)
+                if r["kind"] == "reference" and float(r["volume_ml"]) >= min_ml}
+
+
 def _case_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
 

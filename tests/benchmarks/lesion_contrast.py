@@ -19,7 +19,6 @@ lesions of at least ``--min-ml`` a model found, by contrast to their marrow and 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from inference.postprocess import neighbour_noise_sigma
+from training.evaluate import reference_detections
 
 MIN_LESION_VOXELS = 20
 RING_MM = (4.0, 20.0)
@@ -94,13 +94,6 @@ CONTRAST_BINS = (0.0, 1.25, 1.5, 2.0, 3.0, np.inf)
 CNR_BINS = (-np.inf, 1.0, 2.0, 4.0, 8.0, np.inf)
 
 
-def _detected(path: Path) -> dict[tuple[str, int], bool]:
-    """(case, reference lesion id) -> found, from an evaluation's lesions.csv."""
-    with open(path, newline="") as f:
-        return {(r["case"], int(r["id"])): r["detected"] == "True" for r in csv.DictReader(f)
-                if r["kind"] == "reference"}
-
-
 def _print_found_by(rows: list[dict], key: str, edges: tuple[float, ...], label: str) -> None:
     print(f"found by {label}:")
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -112,7 +105,7 @@ def _print_found_by(rows: list[dict], key: str, edges: tuple[float, ...], label:
 
 def detection_table(rows: list[dict], detections: Path, min_ml: float) -> None:
     """Found share of the measured lesions of at least ``min_ml`` by contrast and by contrast-to-noise ratio."""
-    found = _detected(detections)
+    found = reference_detections(detections)
     joined = [{**r, "found": found[(r["case"], r["lesion"])]} for r in rows
               if r["ml"] >= min_ml and (r["case"], r["lesion"]) in found]
     if not joined:

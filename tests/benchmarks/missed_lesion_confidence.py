@@ -13,7 +13,6 @@ validate``; one with no component was lost by the network.
 from __future__ import annotations
 
 import argparse
-import csv
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,12 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from inference.predictor import Predictor
-
-
-def _detected(eval_dir: Path, min_ml: float) -> dict[tuple[str, int], bool]:
-    rows = csv.DictReader(open(eval_dir / "lesions.csv"))
-    return {(r["case"], int(r["id"])): r["detected"] == "True" for r in rows
-            if r["kind"] == "reference" and float(r["volume_ml"]) >= min_ml}
+from training.evaluate import reference_detections
 
 
 def main() -> None:
@@ -38,7 +32,7 @@ def main() -> None:
     ap.add_argument("--min-ml", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    a, b = _detected(args.found, args.min_ml), _detected(args.missed, args.min_ml)
+    a, b = (reference_detections(d / "lesions.csv", args.min_ml) for d in (args.found, args.missed))
     lost = defaultdict(list)
     for key, found in a.items():
         if found and not b.get(key, False):
