@@ -397,7 +397,7 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     fig = _new_figure(16, 10)
     study = report.get("study", {})
     n = len(les_list)
-    fig.text(0.01, 0.975, f"Bone-marrow edema, whole-body MRI — {study.get('filename', '')}", color=TEXT,
+    fig.text(0.01, 0.975, f"Bone-marrow edema, MRI — {study.get('filename', '')}", color=TEXT,
              fontsize=15, fontweight="bold", va="top")
     fig.text(0.99, 0.975, f"{n} lesion{'s' if n != 1 else ''} detected", color=TEXT, fontsize=15, va="top", ha="right")
     ax_mip = fig.add_axes((0.005, 0.065, 0.41, 0.855))

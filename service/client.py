@@ -111,8 +111,15 @@ class _Batch:
                         for chunk in resp.iter_bytes(1 << 20):
                             fh.write(chunk)
         sub.out = self.out_dir / name
-        if self.delete:
-            self.client.delete(f"/v1/jobs/{sub.job_id}")
+        self.discard(sub)
+
+    def discard(self, sub: Submission) -> None:
+        """With ``delete``, remove the study from the server (after its download, or once it has failed)."""
+        if self.delete and sub.job_id:
+            try:
+                self.client.delete(f"/v1/jobs/{sub.job_id}")
+            except httpx.HTTPError:
+                pass
 
 
 def submit(files: Sequence[str | Path], url: str = "http://127.0.0.1:8000", token: str | None = None,
@@ -121,8 +128,8 @@ def submit(files: Sequence[str | Path], url: str = "http://127.0.0.1:8000", toke
     """Upload ``files`` to the service at ``url``, keep up to ``parallel`` jobs in flight, wait for each (at
     most ``timeout_s``) and download its results into ``out_dir/<case>/`` (report.json, lesions.nii.gz,
     sites.nii.gz, overlay.png). ``token`` defaults to ``WBMRI_TOKEN``; ``delete`` removes each study from the
-    server after download. Returns one :class:`Submission` per file, in order; raises :class:`SubmitError`
-    when the server is unreachable or refuses the key."""
+    server after download (a failed one once it has failed). Returns one :class:`Submission` per file, in order;
+    raises :class:`SubmitError` when the server is unreachable or refuses the key."""
     paths = [Path(f) for f in files]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -166,7 +173,9 @@ def _drive(batch: _Batch, subs: list[Submission], names: list[str], parallel: in
                     bar.update(i, "downloading", 0.95)
                     batch.download(sub, names[i])
                     sub.lesion_count = (job.get("summary") or {}).get("lesion_count")
-                elif job is not None and job["state"] not in ("failed",):
+                elif job is not None and job["state"] == "failed":
+                    batch.discard(sub)
+                elif job is not None:
                     if time.monotonic() - active[i] > timeout_s:
                         sub.state, sub.error = "failed", f"no result within {timeout_s:g} s (job {sub.job_id})"
                     else:

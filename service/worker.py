@@ -297,10 +297,15 @@ class Runner(threading.Thread):
             return
 
     def _failed(self, job: Job, kind: str, message: str, timings: dict | None = None) -> None:
+        """Mark the job failed. A refused input (NaN, constant image) cannot be analysed on any later try, so its
+        upload and any partial results go at once; the row keeps the error until it is deleted or expires. Other
+        failures keep the upload."""
         if self.store.fail(job.id, self.owner, message, kind, timings):
             self.metrics.jobs_finished.inc(state="failed")
             self.metrics.job_failures.inc(reason=kind)
             log.info("job %s failed (%s): %s", job.id, kind, message)
+            if kind == "input":
+                self.store.remove_files(job.id)
 
     def _cancel(self, job: Job) -> None:
         """The job was deleted while running: stop its analysis and drop whatever it wrote."""

@@ -45,9 +45,12 @@ def test_submit_uploads_waits_and_downloads(server, tmp_path):
         report = json.loads((s.out / "report.json").read_text())
         assert report["summary"]["lesion_count"] == s.lesion_count
         assert nib.load(str(s.out / "lesions.nii.gz")).shape == (30, 30, 30)
-    # --delete removes the studies from the server after download
-    subs = submit(files[:1], url=server.url, out_dir=tmp_path / "out2", poll_s=0.2, delete=True, progress=False)
-    assert subs[0].ok and httpx.get(f"{server.url}/v1/jobs/{subs[0].job_id}").status_code == 404
+    assert httpx.get(f"{server.url}/v1/jobs/{subs[3].job_id}").json()["state"] == "failed"
+    # --delete removes the studies from the server after download, and the failed one once it failed
+    subs = submit([files[0], files[3]], url=server.url, out_dir=tmp_path / "out2", poll_s=0.2, delete=True,
+                  progress=False)
+    assert subs[0].ok and not subs[1].ok
+    assert [httpx.get(f"{server.url}/v1/jobs/{s.job_id}").status_code for s in subs] == [404, 404]
 
 
 def test_submit_reports_unreachable_server_and_missing_files(tmp_path):

@@ -188,7 +188,7 @@ def test_bad_upload_is_4xx_with_message(client, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["nan", "all_zero"])
-def test_bad_voxels_fail_in_the_job_with_message(client, kind, tmp_path):
+def test_bad_voxels_fail_in_the_job_with_message(server, client, kind, tmp_path):
     vol = blob_volume((30, 30, 30))
     if kind == "nan":
         vol[3, 4, 5] = np.nan
@@ -205,6 +205,10 @@ def test_bad_voxels_fail_in_the_job_with_message(client, kind, tmp_path):
     job = client.get(f"/v1/jobs/{r.json()['job']['id']}").json()
     assert job["state"] == "failed" and job["error_kind"] == "input" and job["error"] == str(exc.value)
     assert client.get(f"/v1/jobs/{job['id']}/report").status_code == 409
+    assert not list(server.data_dir.glob(f"uploads/{job['id']}*")), "a refused upload stays on the server"
+    assert not (server.data_dir / "results" / job["id"]).exists()
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").status_code == 404 and db_row(server.data_dir, job["id"]) is None
     assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
 
 

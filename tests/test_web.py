@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -154,20 +155,28 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
                "&& document.getElementById('overlay').naturalWidth > 0", timeout=90)
     rows = b.js("[...document.querySelectorAll('#lesions tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
     headers = b.js("[...document.querySelectorAll('#lesions thead th')].map(c => c.textContent)")
-    assert headers == ["#", "Site", "Side", "Subregion", "Volume (ml)", "Signal ratio", "Confidence"]
-    assert rows and all(len(r) in (1, 7) for r in rows)
+    assert headers == ["#", "Site", "Side", "Subregion", "Volume (mL)", "Diameter (mm)", "Extent of bone", "Features",
+                       "Signal ratio", "Confidence"]
+    assert rows and all(len(r) in (1, len(headers)) for r in rows)
     job_id = b.js("document.querySelector('#downloads a').getAttribute('href').split('/')[3]")
     report = json.loads(b.js(f"fetch('/v1/jobs/{job_id}/report').then(r => r.text())"))
     if report["lesions"]:
         first = report["lesions"][0]
         assert rows[0][0] == str(first["id"]) and rows[0][2] == first["side"]
-        assert rows[0][4] == f"{first['volume_ml']:.2f}"
+        assert rows[0][4] == f"{first['volume_ml']:.2f}" and rows[0][5] == f"{first['max_diameter_mm']:.0f}"
+        assert rows[0][6] == (first["extension_grade"] or "–")
     else:
         assert rows == [["No lesions detected."]]
     result_text = b.js("document.getElementById('result').innerText")
     assert "knee_study.nii.gz" in result_text and "LESIONS" in result_text.upper()
     assert "Report (JSON)" in result_text and "Lesion labels (NIfTI)" in result_text
-    assert str(report["summary"]["lesion_count"]) in b.js("document.getElementById('summary').innerText")
+    chips = b.js("[...document.querySelectorAll('#summary .chip')].map(c => c.querySelector('.chip-label')"
+                 ".textContent + '=' + c.querySelector('.chip-value').textContent)")
+    summary = report["summary"]
+    assert f"lesions={summary['lesion_count']}" in chips
+    assert f"symmetric pairs={len(summary['symmetric_pairs'])}" in chips
+    assert f"soft tissue involved={'yes' if summary['soft_tissue_involved'] else 'no'}" in chips
+    assert any(c.startswith("largest lesion (mL)=") for c in chips)
     assert b.js("document.getElementById('error').hidden") is True
     assert not _console_problems(b.events), _console_problems(b.events)
 
@@ -195,6 +204,35 @@ def test_bad_upload_shows_the_message(server, browser, tmp_path):
     assert "not accepted" in msg and "not a readable NIfTI file" in msg
     if SCREENSHOT_DIR:
         b.screenshot(Path(SCREENSHOT_DIR) / "web_error.png")
+
+
+def test_failed_analysis_shows_the_message_and_can_be_deleted(server, browser, tmp_path):
+    """A file that passes the upload checks but cannot be analysed (a constant image): the page says why and
+    offers to delete what is left of it (its job record) on the server."""
+    b = browser
+    b.page("Page.navigate", {"url": server.url + "/"})
+    b.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
+    blank = tmp_path / "blank_study.nii.gz"
+    blank.write_bytes(gzip.compress(nib.Nifti1Image(np.zeros((30, 30, 30), np.float32),
+                                                    np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes(), 1))
+    doc = b.page("DOM.getDocument")["root"]["nodeId"]
+    node = b.page("DOM.querySelector", {"nodeId": doc, "selector": "#file"})["nodeId"]
+    b.page("DOM.setFileInputFiles", {"nodeId": node, "files": [str(blank)]})
+    msg = b.wait_for("!document.getElementById('failed-actions').hidden && document.getElementById('error').textContent",
+                     timeout=60)
+    assert "analysis failed" in msg and "constant" in msg
+    con = sqlite3.connect(server.data_dir / "jobs.sqlite3")
+    try:
+        (job_id,) = con.execute("SELECT id FROM jobs WHERE filename = ?", (blank.name,)).fetchone()
+    finally:
+        con.close()
+    assert b.js(f"fetch('/v1/jobs/{job_id}').then(r => r.json()).then(j => j.state)") == "failed"
+    b.js("document.getElementById('delete-failed').click()")
+    assert "Confirm" in b.js("document.getElementById('delete-failed').textContent")
+    b.js("document.getElementById('delete-failed').click()")
+    b.wait_for("document.getElementById('failed-actions').hidden && document.body.innerText.includes('were deleted')")
+    assert not _console_problems(b.events), _console_problems(b.events)
+    assert b.js(f"fetch('/v1/jobs/{job_id}').then(r => r.status)") == 404
 
 
 def test_api_documentation_page_renders_offline(server, browser):

@@ -62,6 +62,13 @@
     return m ? m[1] + ' (' + m[2] + ')' : words(s);
   }
 
+  function features(l) {
+    const f = [];
+    if (l.juxtaphyseal) f.push('juxtaphyseal');
+    if (l.soft_tissue_extension) f.push('soft tissue');
+    return f.length ? f.join(', ') : '–';
+  }
+
   function show(id, on) { $(id).hidden = !on; }
 
   function setError(msg) {
@@ -90,9 +97,8 @@
     $('downloads').replaceChildren();
     $('summary').replaceChildren();
     $('warnings').replaceChildren();
-    const del = $('delete');
-    del.textContent = 'Delete study';
-    del.dataset.armed = '';
+    show('failed-actions', false);
+    ['delete', 'delete-failed'].forEach((id) => { $(id).textContent = 'Delete study'; $(id).dataset.armed = ''; });
   }
 
   // ------------------------------------------------------------------------------------------------- key
@@ -156,7 +162,12 @@
   function follow(job) {
     state.job = job;
     if (job.state === 'done') { showResult(job); return; }
-    if (job.state === 'failed') { show('progress', false); setError('The analysis failed: ' + (job.error || 'unknown error')); return; }
+    if (job.state === 'failed') {
+      show('progress', false);
+      setError('The analysis failed: ' + (job.error || 'unknown error'));
+      show('failed-actions', true);
+      return;
+    }
     let stage = STAGES[job.stage] || job.stage || 'Working';
     if (job.state === 'queued') stage = 'Queued' + (job.queue_position ? ' (position ' + job.queue_position + ')' : '');
     setProgress(stage, 30 + 70 * (job.progress || 0));
@@ -230,8 +241,11 @@
     $('summary').replaceChildren(
       chip('lesions', s.lesion_count ?? 0),
       chip('affected sites', s.affected_sites ?? 0),
-      chip('total volume (ml)', fmt(s.total_volume_ml, 1)),
+      chip('total volume (mL)', fmt(s.total_volume_ml, 1)),
+      chip('largest lesion (mL)', fmt(s.largest_lesion_ml, 1)),
       chip('spine involved', s.spine_involved ? 'yes' : 'no'),
+      chip('soft tissue involved', s.soft_tissue_involved ? 'yes' : 'no'),
+      chip('symmetric pairs', (s.symmetric_pairs || []).length),
     );
 
     const warnings = report.warnings || [];
@@ -247,6 +261,9 @@
         el('td', l.side),
         el('td', subregion(l.subregion)),
         el('td', fmt(l.volume_ml, 2), 'num'),
+        el('td', fmt(l.max_diameter_mm, 0), 'num'),
+        el('td', l.extension_grade || '–'),
+        el('td', features(l)),
         el('td', fmt(l.signal_ratio_marrow, 2), 'num'),
         el('td', fmt(l.confidence, 2), 'num'),
       );
@@ -255,7 +272,7 @@
     if (rows.length === 0) {
       const tr = el('tr');
       const td = el('td', 'No lesions detected.', 'empty');
-      td.colSpan = 7;
+      td.colSpan = $('lesions').querySelectorAll('thead th').length;
       tr.append(td);
       rows.push(tr);
     }
@@ -291,8 +308,8 @@
     }
   }
 
-  $('delete').addEventListener('click', async () => {
-    const btn = $('delete');
+  // delete the study (done or failed): the first click arms the button, the second deletes
+  async function deleteStudy(btn) {
     if (!state.job) return;
     if (!btn.dataset.armed) {
       btn.dataset.armed = '1';
@@ -313,7 +330,8 @@
     } catch (e) {
       setError('Delete failed: ' + e.message);
     }
-  });
+  }
+  ['delete', 'delete-failed'].forEach((id) => $(id).addEventListener('click', () => deleteStudy($(id))));
 
   // ----------------------------------------------------------------------------------------- drag & drop
   const drop = $('drop');
