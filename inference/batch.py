@@ -10,6 +10,8 @@ from pathlib import Path
 from models.card import result_identity
 from models.nifti import InputError
 
+SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
+
 
 @dataclass
 class CaseOutcome:
@@ -54,6 +56,14 @@ def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
     return result_identity(made_by) == result_identity(model)
 
 
+def check_out_dir(out_dir: Path | str) -> Path:
+    """The output folder as a Path; NotADirectoryError when a file is in its place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder")
+    return out_dir
+
+
 def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool = False,
                  progress: bool = True, names: list[str] | None = None) -> list[CaseOutcome]:
     """Run the predictor over every input; a failing case is recorded and the others go on.
@@ -62,7 +72,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from models.nifti import case_name
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     outcomes: list[CaseOutcome] = []
     names = list(names) if names is not None else [case_name(p) for p in inputs]
     dupes = {n for n in names if names.count(n) > 1}
@@ -100,5 +110,5 @@ def summary_table(outcomes: list[CaseOutcome]):
     for o in outcomes:
         style = {"done": "green", "skipped": "dim", "failed": "red"}[o.status]
         table.add_row(o.name, f"[{style}]{o.status}[/{style}]", "" if o.lesions is None else str(o.lesions),
-                      f"{o.seconds:.1f}", o.error or "")
+                      f"{o.seconds:.1f}", o.error or (SKIPPED_MESSAGE if o.status == "skipped" else ""))
     return table

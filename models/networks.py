@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from .sites import mirror_ids, n_sites
@@ -58,6 +58,17 @@ class NetworkConfig(BaseModel):
     def in_channels(self) -> int:
         return 2 if self.log_channel else 1
 
+    @model_validator(mode="after")
+    def _levels_fit(self) -> "NetworkConfig":
+        if self.arch == "unet" and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"network.strides needs one entry fewer than network.channels (got {len(self.strides)} "
+                             f"strides for {len(self.channels)} channels)")
+        if self.arch == "basicunet" and len(self.channels) != 6:
+            raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
+        if min(self.channels, default=0) < 1 or min(self.strides, default=0) < 1:
+            raise ValueError("network.channels and network.strides must be positive")
+        return self
+
 
 class WbmriNet(nn.Module):
     """U-Net body, full-resolution edema/bone logits, half-resolution site logits."""
@@ -66,14 +77,10 @@ class WbmriNet(nn.Module):
         super().__init__()
         if cfg.arch == "unet":
             from monai.networks.nets import UNet
-            if len(cfg.strides) != len(cfg.channels) - 1:
-                raise ValueError("network.strides needs one entry fewer than network.channels")
             self.body = UNet(3, cfg.in_channels, cfg.features, cfg.channels, cfg.strides, num_res_units=cfg.res_units,
                              dropout=cfg.dropout, norm=cfg.norm)
         else:
             from monai.networks.nets import BasicUNet
-            if len(cfg.channels) != 6:
-                raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
             self.body = BasicUNet(3, cfg.in_channels, cfg.features, features=cfg.channels, dropout=cfg.dropout,
                                   norm=cfg.norm if cfg.norm == "batch" else ("instance", {"affine": True}))
         self.log_channel = cfg.log_channel

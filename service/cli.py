@@ -22,7 +22,7 @@ def synth(n: int = typer.Option(10, "--n", help="number of cases"),
           seed: int = typer.Option(0, "--seed", help="seed of the first case; case i uses seed+i"),
           config: Optional[Path] = typer.Option(None, "--config", help="phantom YAML (default configs/synth/default.yaml)"),
           workers: int = typer.Option(1, "--workers", help="parallel worker processes"),
-          set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set fov.whole_body_p=1"),
+          set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set 'fov.p={whole_body: 1.0}'"),
           preview: bool = typer.Option(False, "--preview", help="also write preview.png in every case folder")) -> None:
     """Generate synthetic paediatric whole-body STIR cases with CNO lesions (an existing folder made with the same
     generator and settings is extended)."""
@@ -40,8 +40,17 @@ def show(case_dir: Path = typer.Argument(..., help="a case folder (image.nii.gz,
          out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default CASE_DIR/preview.png)")) -> None:
     """Write a coronal montage PNG with sites and lesions outlined."""
     from models.viz import preview_case
-    path = preview_case(case_dir, out)
+    try:
+        path = preview_case(case_dir, out)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     typer.echo(str(path))
+
+
+def _fail(message: str) -> None:
+    """End the command with one line on stderr and exit status 2 (bad arguments or input)."""
+    typer.echo(message, err=True)
+    raise typer.Exit(2)
 
 
 def _exit_unless_file(config: Path, hint: str = "") -> None:
@@ -117,11 +126,15 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
             overwrite: bool = typer.Option(False, "--overwrite", help="redo cases whose folder is complete")) -> None:
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
     from rich.console import Console
-    from inference.batch import expand_inputs, predict_many, summary_table
+    from inference.batch import check_out_dir, expand_inputs, predict_many, summary_table
     files = expand_inputs(inputs)
     if not files:
         typer.echo("no NIfTI inputs found", err=True)
         raise typer.Exit(2)
+    try:
+        check_out_dir(out)
+    except NotADirectoryError as exc:
+        _fail(str(exc))
     predictor = _load_predictor(model, device=device, precision=precision, tta=tta)
     outcomes = predict_many(predictor, files, out, overwrite=overwrite)
     Console(stderr=True).print(summary_table(outcomes))
@@ -169,7 +182,10 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     if pred is None or ref is None:
         typer.echo("give --pred and --ref, or --model and --data", err=True)
         raise typer.Exit(2)
-    summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
+    try:
+        summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"cannot evaluate: {exc}")
     shown = {k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
                                      "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}
     shown["by_region"] = {region: f"{r['detected']} of {r['n_ref']} found, {r['fp']} false positive(s)"
@@ -217,7 +233,10 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
            command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
     """Copy a run's model into a bundle folder and write its model card."""
     from training.export import export_bundle
-    typer.echo(str(export_bundle(run_dir, to, which, _named_dirs(eval_), command)))
+    try:
+        typer.echo(str(export_bundle(run_dir, to, which, _named_dirs(eval_), command)))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"cannot export: {exc}")
 
 
 def _named_dirs(items: List[str]) -> dict[str, Path]:

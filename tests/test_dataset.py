@@ -168,6 +168,21 @@ def test_train_cli_reports_data_and_config_problems_without_a_traceback(tmp_path
     assert res.exit_code == 2 and "no training cases" in res.output
     res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--init", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "--init:" in res.output and "not a model bundle" in res.output
+    res = runner.invoke(app, ["train", "--config", "configs/train/tiny.yaml", "--set", "network.channels=[16,32]"])
+    assert res.exit_code == 2 and "strides needs one entry fewer" in res.output
+
+
+def test_other_commands_report_missing_paths_in_one_line(tmp_path):
+    """export, show and evaluate on paths that do not exist: exit status 2, one message, no traceback, nothing
+    written."""
+    runner = CliRunner()
+    for args, phrase in ((["export", str(tmp_path / "no_run"), "--to", str(tmp_path / "bundle")], "not a model bundle"),
+                         (["show", str(tmp_path / "no_case")], "no image.nii.gz"),
+                         (["evaluate", "--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r"),
+                           "--out", str(tmp_path / "ev")], "cannot evaluate")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and phrase in res.output and "Traceback" not in res.output, (args, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def _evaluate(root: Path, out: Path):

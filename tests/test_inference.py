@@ -200,6 +200,16 @@ def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file
     assert proc.returncode == 1, proc.stderr
     assert "2D" in proc.stderr and "done" in proc.stderr
     assert (out / "good" / "report.json").is_file() and not (out / "two_d").exists()
+    # again: the finished case is skipped, saying why
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(out),
+                           "--model", str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "skipped" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    # --out on a file: refused before any case is run
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(a_file),
+                           "--model", str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_network_outputs_are_on_the_model_grid(predictor):

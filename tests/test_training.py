@@ -54,8 +54,14 @@ def test_config_errors_are_clear(tmp_path):
         load_config(TrainConfig, TINY, ["optim.lr"])
     with pytest.raises(ConfigError, match="must be <= 1"):
         load_config(TrainConfig, TINY, ["sampling.lesion_p=0.6", "sampling.rare_site_p=0.3", "sampling.mimic_p=0.2"])
-    cfg = load_config(TrainConfig, TINY, ["optim.lr=0.01", "sampling.batch_size=3"])
-    assert cfg.optim.lr == 0.01 and cfg.sampling.batch_size == 3
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(TrainConfig, TINY, ["=5"])
+    with pytest.raises(ConfigError, match="not a valid YAML value"):
+        load_config(TrainConfig, TINY, ["data.dataset_dirs=[unclosed"])
+    with pytest.raises(ConfigError, match="strides needs one entry fewer than network.channels"):
+        load_config(TrainConfig, TINY, ["network.channels=[16,32]"])
+    cfg = load_config(TrainConfig, TINY, ["optim.lr=0.01", "sampling.batch_size=3", "optim.steps=1e3"])
+    assert cfg.optim.lr == 0.01 and cfg.sampling.batch_size == 3 and cfg.optim.steps == 1000
 
 
 def test_every_shipped_config_validates():

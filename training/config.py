@@ -1,6 +1,8 @@
 """The one configuration schema of wbmri (phantom and training), YAML loading and ``--set key=value`` overrides."""
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -357,7 +359,15 @@ class ConfigError(ValueError):
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+    """An override's value as YAML; a number in exponent notation without a dot (``1e9``, which YAML 1.1 reads as
+    a string) as a number."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{text!r} is not a valid YAML value ({str(exc).splitlines()[0]})") from None
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value):
+        return float(value)
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -366,13 +376,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.path=value")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except ConfigError as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
     return data
 
 
