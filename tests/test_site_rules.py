@@ -283,6 +283,30 @@ def test_a_dropped_piece_beyond_its_neighbours_height_becomes_no_bone(sites):
     assert np.array_equal(out, sites)
 
 
+def test_a_skull_at_the_top_of_a_pelvis_view_is_dropped(sites):
+    """A "skull" a few centimetres above the iliac crests (ranked above the pelvis, so in order) cannot be one: the
+    whole spine lies between the head and the pelvis. The same skull far enough above is kept."""
+    from models.site_rules import HEAD_GAP_MM, drop_out_of_order_pieces
+    skull = site_id("skull")
+    ilium = np.argwhere(np.isin(sites, [site_id("ilium_left"), site_id("ilium_right")]))
+    top, centre = ilium[:, 2].max(), ilium[:, 2].mean()
+    view = np.ascontiguousarray(sites[:, :, int(centre) - 40:top + 40])   # pelvis and lower lumbar spine
+    noisy = view.copy()
+    x0, y0 = (int(v) for v in np.argwhere(view == site_id("vertebra_L5"))[:, :2].mean(0))
+    z0 = view.shape[2] - 8                                                  # a 2.7 mL block at the view's top
+    noisy[x0 + 8:x0 + 13, y0:y0 + 4, z0:z0 + 5] = skull
+    assert (z0 + 2 - 40) * GRID[2] < HEAD_GAP_MM
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert not (out == skull).any()
+    assert np.array_equal(out[noisy != skull], view[noisy != skull])
+    # raised out of reach of the rule (a view reaching up to the head): kept
+    tall = np.zeros(view.shape[:2] + (view.shape[2] + 80,), view.dtype)
+    tall[:, :, :view.shape[2]] = view
+    tall[x0 + 8:x0 + 13, y0:y0 + 4, -5:] = skull
+    assert (tall.shape[2] - 3 - 40) * GRID[2] > HEAD_GAP_MM
+    assert np.array_equal(drop_out_of_order_pieces(tall, GRID), tall)
+
+
 def test_thin_bones_are_the_few_millimetre_ones_on_both_sides():
     thin = {by_id()[i].code for i in thin_bone_ids()}
     assert {"sternum", "ribs_left", "ribs_right", "fibula_left", "fibula_right", "toes_left", "toes_right"} <= thin
