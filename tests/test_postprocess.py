@@ -275,11 +275,35 @@ def test_sites_in_view(scene):
     assert "patella_left" not in sites_in_view(scene["sites"], vox_ml, min_ml=5.0)
 
 
+@pytest.mark.parametrize("fov", ["knees", "pelvis"])
+def test_noise_warning_only_beyond_the_phantoms_noise(fov):
+    """A phantom drawn at the least SNR the model was trained on (12) is not called noisy; one at 4 is."""
+    from inference.postprocess import MIN_SNR, estimate_snr
+    from training.config import SynthConfig, load_config
+    from training.phantom.generate import generate_case
+    estimates = {}
+    for snr in (12, 4):
+        cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "acquisition.oblique_p=0", f"acquisition.snr=[{snr}, {snr}]",
+                                              "acquisition.sequence_p={stir: 1}"])
+        case = generate_case(3, cfg, fov=fov)
+        spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(axis=0))
+        estimates[snr] = estimate_snr(case.image.astype(np.float32), spacing)
+    assert estimates[12] > MIN_SNR > estimates[4], estimates
+
+
 def test_study_warnings(scene):
     sp = (2.0, 3.0, 2.5)
     assert study_warnings(scene["image"], scene["sites"], scene["lesions"], sp) == []
-    noisy = scene["image"] + np.random.default_rng(1).normal(0, 0.5, scene["image"].shape).astype(np.float32)
-    warn = study_warnings(noisy, scene["sites"], scene["lesions"], sp)
+    rng = np.random.default_rng(1)
+
+    def magnitude(sigma: float) -> np.ndarray:
+        """The scene as a magnitude image with complex Gaussian noise (Rician, as MRI gives)."""
+        real, imag = (rng.normal(0, sigma, scene["image"].shape) for _ in range(2))
+        return np.hypot(scene["image"] + real, imag).astype(np.float32)
+
+    # muscle 0.5: SNR as the phantom draws it (2 x muscle / sigma) 25 (in its range 12-40) and 4 (far below)
+    assert study_warnings(magnitude(0.04), scene["sites"], scene["lesions"], sp) == []
+    warn = study_warnings(magnitude(0.25), scene["sites"], scene["lesions"], sp)
     assert len(warn) == 1 and "noisy" in warn[0]
     edge = scene["lesions"].copy()
     edge[0, 5:8, 5:8] = 11
