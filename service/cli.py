@@ -352,11 +352,16 @@ def serve(host: Optional[str] = typer.Option(None, "--host", help="interface (de
           config: Optional[Path] = typer.Option(None, "--config", help="service settings file (YAML/TOML/JSON)"),
           workers: Optional[int] = typer.Option(None, "--workers", help="studies analysed at once (default 1)"),
           api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="bearer tokens, one per line"),
-          log_level: Optional[str] = typer.Option(None, "--log-level")) -> None:
-    """Run the HTTP service and web page (settings also from WBMRI_* environment variables and --config)."""
+          log_level: Optional[str] = typer.Option(None, "--log-level", help="debug | info | warning | error "
+                                                  "(default info)"),
+          tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
+          precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where native) | bf16 | fp32"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per worker")) -> None:
+    """Run the HTTP service and web page (every option also from WBMRI_* environment variables and --config;
+    the command line wins)."""
     from service.server import run
-    run(host=host, port=port, data_dir=data_dir, device=device, model=model, config_file=config, workers=workers,
-        api_key_file=api_key_file, log_level=log_level)
+    run(config, host=host, port=port, data_dir=data_dir, device=device, model=model, workers=workers,
+        api_key_file=api_key_file, log_level=log_level, tta=tta, precision=precision, threads=threads)
 
 
 @app.command()

@@ -10,14 +10,11 @@ from typing import Sequence
 from service.settings import ServiceConfigError, Settings, load_settings
 
 
-def build_settings(host: str | None = None, port: int | None = None, data_dir: str | Path | None = None,
-                   device: str | None = None, model: str | Path | None = None,
-                   config_file: str | Path | None = None, workers: int | None = None,
-                   api_key_file: str | Path | None = None, log_level: str | None = None) -> Settings:
-    """Settings for a server: arguments that are not None win over the environment and the config file.
-    Raises :class:`ServiceConfigError` for unsafe or invalid settings (e.g. a public host without API keys)."""
-    settings = load_settings(config_file, host=host, port=port, data_dir=data_dir, device=device, model=model,
-                             workers=workers, api_key_file=api_key_file, log_level=log_level)
+def build_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
+    """Settings for a server: ``overrides`` (any :class:`Settings` field) that are not None win over the
+    environment and the config file. Raises :class:`ServiceConfigError` for unsafe or invalid settings (e.g. a
+    public host without API keys)."""
+    settings = load_settings(config_file, **overrides)
     settings.check_safe()
     _check_model(settings)
     return settings
@@ -43,15 +40,15 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def run(host: str | None = None, port: int | None = None, data_dir: str | Path | None = None,
-        device: str | None = None, model: str | Path | None = None, config_file: str | Path | None = None,
-        workers: int | None = None, api_key_file: str | Path | None = None, log_level: str | None = None) -> None:
-    """Serve until interrupted. ``None`` means: from ``WBMRI_*`` environment, the config file, or the default
-    (127.0.0.1:8000, ./var, device auto, the shipped model, 1 worker). Exits with status 2 and a clear message
-    when the settings are unsafe or invalid (e.g. a non-loopback host without an API key)."""
+def run(config_file: str | Path | None = None, **overrides: object) -> None:
+    """Serve until interrupted. ``overrides`` are :class:`Settings` fields (host, port, data_dir, device, model,
+    workers, api_key_file, log_level, tta, precision, threads); ``None`` means: from ``WBMRI_*`` environment, the
+    config file, or the default (127.0.0.1:8000, ./var, device auto, the shipped model, 1 worker). Exits with
+    status 2 and a clear message when the settings are unsafe or invalid (e.g. a non-loopback host without an API
+    key)."""
     import uvicorn
     try:
-        settings = build_settings(host, port, data_dir, device, model, config_file, workers, api_key_file, log_level)
+        settings = build_settings(config_file, **overrides)
     except ServiceConfigError as exc:
         print(f"wbmri serve: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -67,7 +64,7 @@ def run(host: str | None = None, port: int | None = None, data_dir: str | Path |
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m service.server [--host H] [--port P] [--data-dir D] [--device D] [--model M] [--config F]
-    [--workers N] [--api-key-file F] [--log-level L]``."""
+    [--workers N] [--api-key-file F] [--log-level L] [--tta T] [--precision P] [--threads N]``."""
     p = argparse.ArgumentParser(prog="python -m service.server", description=run.__doc__)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -78,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int)
     p.add_argument("--api-key-file")
     p.add_argument("--log-level")
+    p.add_argument("--tta")
+    p.add_argument("--precision")
+    p.add_argument("--threads", type=int)
     run(**vars(p.parse_args(argv)))
 
 

@@ -49,9 +49,18 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens")
     api_key_file: Path | None = Field(None, description="file with one bearer token per line (# comments)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     job_delay_s: float = Field(0.0, ge=0, description="TESTS ONLY: sleep this long inside every job")
     config_file: Path | None = Field(None, description="the config file these settings were read from")
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, v: str | None) -> str | None:
+        if v is not None:
+            from models.networks import TTA_MODES
+            if v not in TTA_MODES:
+                raise ValueError(f"must be one of {', '.join(TTA_MODES)}")
+        return v
 
     @field_validator("host")
     @classmethod

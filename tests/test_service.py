@@ -427,6 +427,14 @@ def test_settings_precedence_and_safety(tmp_path, monkeypatch):
     cfg.write_text("nonsense: 1\n")
     with pytest.raises(ServiceConfigError, match="unknown settings"):
         load_settings(cfg)
+    cfg.write_text("tta: flip_lr\nlog_level: debug\n")
+    monkeypatch.setenv("WBMRI_TTA", "none")
+    assert load_settings(cfg).tta == "none" and load_settings(cfg, tta="flip_lr_anatomy").tta == "flip_lr_anatomy"
+    monkeypatch.delenv("WBMRI_TTA")
+    for bad, phrase in (({"tta": "bogus"}, "tta: .*must be one of none, flip_lr"), ({"log_level": "loud"}, "log_level"),
+                        ({"threads": 0}, "threads")):
+        with pytest.raises(ServiceConfigError, match=phrase):
+            load_settings(**bad)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.1.2.3")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example.org")
     with pytest.raises(ServiceConfigError, match="refusing to listen on 0.0.0.0 without an API key"):
