@@ -73,10 +73,10 @@ ORDER_MARGIN_MM = 10.0
 _TIERS = (("head", "spine_cervical", "spine_thoracic", "chest_wall", "shoulder", "humerus"), ("spine_lumbar",),
           ("pelvis",), ("femur",), ("patella",), ("tibia", "fibula"), ("foot",))
 _MAY_OVERLAP = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)})
-_PELVIS_TIER = 2
+PELVIS_TIER = 2
 # the least head-feet distance from a head bone's centroid (skull, mandible) down to a pelvic or lower bone's: the
 # whole spine lies between them. Mandible to ilium on six 3-year-old phantoms of 94-96 cm: 313-319 mm (about a
-# third of the height); 0.7 of that at -2 SD (86 cm), models/default/HISTORY.md
+# third of the height; tests/benchmarks/head_gap.py); 0.7 of that at -2 SD (86 cm)
 HEAD_GAP_MM = 200.0
 
 
@@ -140,7 +140,7 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
     can hold thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
     h = np.zeros(len(w), bool) if head is None else np.asarray(head, bool)
-    low = t >= _PELVIS_TIER
+    low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:
         share[a, b] = share[b, a] = True

@@ -123,13 +123,11 @@ LIMITATIONS = [
     "tumours, stress reactions); every finding needs a radiologist's reading.",
     "Normal bright findings (physes, residual red marrow, foot marrow foci in children, fluid, patchy "
     "fat-suppression failure) can be flagged as lesions, and faint edema (under about 2x the surrounding marrow, "
-    "as real edema often is) is easily missed: 1.2.13550 found 25 of the 99 such test "
-    "lesions, and on 20 whole-body phantoms whose edema is as faint as the clinical notes' real STIR series "
-    "(configs/synth/reference_contrast.yaml) its sensitivity for lesions >= 0.5 mL was 0.25 (generator 1.5; 0.27 "
-    "with 1.4; 1.2.15825 also 0.25, 23 of 93, at 0.40 false positives per scan against 0.60; the shipped "
-    "1.2.19199 0.18, 17 of 93, at 0.45: six fewer, five of them still outlined but at a mean edema probability of "
-    "0.72-0.80, under its confidence cut of 0.8), against 0.48 on the generator-1.6 test set: expect real-scan "
-    "sensitivity well below the test-set figures.",
+    "as real edema often is) is easily missed: on 80 whole-body phantoms of generator 1.6 whose edema is as faint "
+    "as the clinical notes' real STIR series (configs/synth/reference_contrast.yaml, seeds 700000-700079) the "
+    "shipped 1.2.19199 found 84 of 364 lesions >= 0.5 mL (sensitivity 0.23, 95% interval 0.17-0.29) at 0.33 "
+    "false positives per scan (1.2.15825: 83 of 364, at 0.29), against 0.48 on the generator-1.6 test set: expect "
+    "real-scan sensitivity well below the test-set figures.",
     "A lesion whose median signal is below min_signal_ratio (the default model: 0.9) times both its bone's normal "
     "marrow and the nearby soft tissue is not reported (since wbmri 0.2.8): edema that faint against the marrow "
     "around it would be dropped with the false positives.",
