@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 
 DEFAULT_MAX_VOXELS = 120_000_000  # about 480 MB as float32; a 2 mm adult whole body is under 40 M
+MIN_EXTENT_MM = 24.0  # eight voxels of the 3 mm model grid: less is a crop, not a study
 
 
 class InputError(ValueError):
@@ -127,6 +128,10 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
         raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in zooms)} mm is zero or degenerate")
     if np.any(zooms > 50):
         raise InputError(f"voxel spacing {tuple(round(float(z), 2) for z in zooms)} mm is implausible (> 50 mm)")
+    extent = np.asarray(shape, float) * zooms
+    if np.any(extent < MIN_EXTENT_MM):
+        raise InputError(f"the field of view is {' x '.join(f'{e:.0f}' for e in extent)} mm: too small to analyse "
+                         f"(at least {MIN_EXTENT_MM:g} mm along every axis)")
     return shape  # type: ignore[return-value]
 
 

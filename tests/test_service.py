@@ -153,6 +153,7 @@ BAD = {
     "absurd_dims": (lambda: raw_header_file((30000, 30000, 30000)), "s.nii", "over the budget"),
     "negative_dims": (lambda: raw_header_file((-5, 10, 10)), "s.nii", "dimensions"),
     "no_orientation": (lambda: _without_orientation(blob_volume()), "s.nii.gz", "no orientation"),
+    "tiny_fov": (lambda: nifti_bytes(blob_volume((10, 10, 10))), "s.nii.gz", "too small to analyse"),  # 20 mm
 }
 
 
@@ -178,7 +179,7 @@ def test_bad_upload_is_4xx_with_message(client, kind, tmp_path):
     assert r.status_code in (400, 413, 422), (r.status_code, r.text)
     detail = r.json()["detail"]
     assert phrase.lower() in detail.lower(), detail
-    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation"):  # the library's exact message
+    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation", "tiny_fov"):  # the library's exact message
         path = tmp_path / name
         path.write_bytes(payload)
         with pytest.raises(InputError) as exc:
@@ -405,7 +406,7 @@ def test_stream_check_units():
     assert sanitise_filename("C:\\scans\\..\\pat ient<1>.nii.gz") == "pat ient_1_.nii.gz"
     assert sanitise_filename("../../") == "study.nii.gz" and sanitise_filename(None) == "study.nii.gz"
     assert sanitise_filename(".hidden.nii") == "hidden.nii" and len(sanitise_filename("a" * 500)) <= 128
-    raw = nib.Nifti1Image(blob_volume((12, 12, 12)), np.eye(4)).to_bytes()
+    raw = nib.Nifti1Image(blob_volume((12, 12, 12)), np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes()
     two_members = gzip.compress(raw[:1000]) + gzip.compress(raw[1000:])
     for payload in (raw, gzip.compress(raw), two_members):
         check = NiftiStreamCheck(10**6)
