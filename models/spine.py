@@ -39,6 +39,8 @@ KEEP_SLACK = 0.15             # a voxel keeps its own level within this share of
 COLUMN_MAX_GAP_MM = 45.0      # pieces of the column further apart (head-feet) are not the same spine
 COLUMN_MAX_OFFSET_MM = 30.0   # ... nor pieces this far left or right of its largest piece
 ANCHOR_GAP_MM = 12.0          # the sacrum must start within this distance below the lowest vertebra
+FROM_C1_ROOM_MM = 30.0        # the column's top is C1 only with this much of the view above it (the head); a
+                              # view cut a few mm above the column (a pelvis view's lumbar spine) is not its top
 DISC_WEIGHT = 2.0             # votes' worth of a level boundary on a disc band one robust SD bright
 DISC_CLIP = (-1.0, 2.0)       # disc band scores (robust SDs) are clipped to this range
 DISC_SMOOTH_MM = (3.0, 9.0)   # band-pass of the column's head-feet brightness profile (Gaussian sigmas)
@@ -238,7 +240,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     votes = level_counts / np.maximum(level_counts.sum(axis=1, keepdims=True), 1.0)
     sacrum = sacrum_counts / np.maximum(counts.sum(axis=1), 1.0)
     dz = float(spacing_mm[2])
-    from_c1 = box[2].stop < sites.shape[2] - 1                               # room above the spine: its top is in view
+    from_c1 = (sites.shape[2] - box[2].stop) * dz >= FROM_C1_ROOM_MM          # room above the spine: its top is in view
     cuts = None
     protect = None if protect is None else protect[box]
     if img is not None and DISC_WEIGHT > 0:

@@ -72,6 +72,17 @@ def test_without_the_sacrum_the_network_labels_are_kept_when_they_agree(sites):
     assert (fixed[upper == site_id("vertebra_T4")] == site_id("vertebra_T4")).mean() > 0.95
 
 
+@pytest.mark.parametrize("room", [1, 3, 6])
+def test_a_view_cut_just_above_the_column_is_not_counted_from_c1(sites, room):
+    """A pelvis view whose top edge cuts the lumbar spine a few voxels above its highest labelled voxel: the top of
+    the column is not C1, and the levels counted up from the sacrum stay (a first version read any room above the
+    column as its top and packed C1-L5 into the lumbar spine)."""
+    top = np.nonzero((sites == site_id("vertebra_L1")).any(axis=(0, 1)))[0].max()
+    view = np.ascontiguousarray(sites[:, :, :top + 1 + room])
+    view[:, :, top + 1:] = 0                   # the top slices show no bone (the bone map's edge)
+    assert level_accuracy(renumber_vertebrae(view, GRID), view) > 0.95
+
+
 def test_stray_spine_labels_in_the_skull_do_not_move_the_count(sites):
     """A blob called sacrum and L5 near the vertex (seen on network output) is not the spine's anchor."""
     z_top = np.nonzero(np.isin(sites, IDS).any(axis=(0, 1)))[0].max()
