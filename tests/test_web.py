@@ -183,6 +183,13 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
     shot = b.screenshot(Path(SCREENSHOT_DIR) / "web_result.png" if SCREENSHOT_DIR else tmp_path / "web_result.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # a phone-sized window: the result fits its width (the lesion table scrolls inside its own box)
+    b.page("Emulation.setDeviceMetricsOverride", {"width": 400, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+    b.wait_for("window.innerWidth === 400")
+    widths = b.js("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    b.page("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
+
     # delete: two clicks (arm, confirm); the study is gone from the server
     b.js("document.getElementById('delete').click()")
     assert "Confirm" in b.js("document.getElementById('delete').textContent")
