@@ -73,7 +73,7 @@ ORDER_MARGIN_MM = 10.0
 _TIERS = (("head", "spine_cervical", "spine_thoracic", "chest_wall", "shoulder", "humerus"), ("spine_lumbar",),
           ("pelvis",), ("femur",), ("patella",), ("tibia", "fibula"), ("foot",))
 _MAY_OVERLAP = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)})
-PELVIS_TIER = 2
+PELVIS_TIER = next(i for i, tier in enumerate(_TIERS) if "pelvis" in tier)
 # the least head-feet distance from a head bone's centroid (skull, mandible) down to a pelvic or lower bone's: the
 # whole spine lies between them. Mandible to ilium on six 3-year-old phantoms of 94-96 cm: 313-319 mm (about a
 # third of the height; tests/benchmarks/head_gap.py); 0.7 of that at -2 SD (86 cm)
@@ -133,13 +133,13 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
 
 
 def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int],
-                    head: Sequence[bool] | None = None) -> np.ndarray:
+                    head: Sequence[bool]) -> np.ndarray:
     """Which pieces break the head-to-feet order (or put a head bone less than ``HEAD_GAP_MM`` above a pelvis or
     lower bone): while any two kept pieces contradict each other, the piece that contradicts the most voxels of the
     others goes first (ties: the earlier piece). Memory grows with the number of pieces, not its square (a noisy map
     can hold thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
-    h = np.zeros(len(w), bool) if head is None else np.asarray(head, bool)
+    h = np.asarray(head, bool)
     low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, NoReturn, Optional
 
 import typer
 
@@ -14,6 +14,12 @@ TTA_HELP = ("test-time augmentation: none, flip_lr (left-right mirror averaged i
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-body MRI bone-marrow edema segmentation for CNO/CRMO. Supports, does not replace, clinical judgement.")
+
+
+def _fail(message: str) -> NoReturn:
+    """End the command with one line on stderr and exit status 2 (bad arguments or input)."""
+    typer.echo(message, err=True)
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -31,8 +37,7 @@ def synth(n: int = typer.Option(10, "--n", help="number of cases"),
     try:
         synth_dataset(n=n, out=out, seed=seed, config=config, overrides=set_, workers=workers, preview=preview)
     except (ConfigError, ValueError) as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        _fail(str(exc))
 
 
 @app.command()
@@ -47,17 +52,10 @@ def show(case_dir: Path = typer.Argument(..., help="a case folder (image.nii.gz,
     typer.echo(str(path))
 
 
-def _fail(message: str) -> None:
-    """End the command with one line on stderr and exit status 2 (bad arguments or input)."""
-    typer.echo(message, err=True)
-    raise typer.Exit(2)
-
-
 def _exit_unless_file(config: Path, hint: str = "") -> None:
     """End the command with exit status 2 and one line when a config file is missing."""
     if not config.is_file():
-        typer.echo(f"no such config file: {config}{hint}", err=True)
-        raise typer.Exit(2)
+        _fail(f"no such config file: {config}{hint}")
 
 
 @app.command()
@@ -87,8 +85,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     try:
         cfg = load_config(TrainConfig, path if path.is_file() else None, overrides)
     except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        _fail(str(exc))
     try:
         if prepare_only:
             made = Trainer(cfg).prepare()
@@ -98,11 +95,9 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
             return
         result = Trainer(cfg, resume=resume).train()
     except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        _fail(str(exc))
     except (DatasetError, FileNotFoundError) as exc:
-        typer.echo(f"cannot train on this data: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"cannot train on this data: {exc}")
     typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
 
 
@@ -112,8 +107,7 @@ def _load_predictor(model: Optional[Path], **options):
     try:
         return Predictor.load(model, **options)
     except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"cannot load the model: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"cannot load the model: {exc}")
 
 
 @app.command()
@@ -129,8 +123,7 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
     from inference.batch import check_out_dir, expand_inputs, predict_many, summary_table
     files = expand_inputs(inputs)
     if not files:
-        typer.echo("no NIfTI inputs found", err=True)
-        raise typer.Exit(2)
+        _fail("no NIfTI inputs found")
     try:
         check_out_dir(out)
     except NotADirectoryError as exc:
@@ -158,8 +151,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     errors: dict[str, str] = {}
     if model is not None or data is not None:
         if data is None:
-            typer.echo("--model needs --data", err=True)
-            raise typer.Exit(2)
+            _fail("--model needs --data")
         from inference.batch import predict_many
         # a wbmri synth folder holds both layouts: its cases/ keep lesion instances (labelsTr merges touching ones)
         if not (data / "cases").is_dir() and (data / "dataset.json").is_file() and (data / "imagesTr").is_dir():
@@ -168,8 +160,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             try:
                 by_name = write_references(data, ref)
             except DatasetError as exc:
-                typer.echo(f"cannot evaluate on this data: {exc}", err=True)
-                raise typer.Exit(2)
+                _fail(f"cannot evaluate on this data: {exc}")
             names, images = list(by_name), list(by_name.values())
         else:  # phantom case folders (wbmri synth)
             ref = data / "cases" if (data / "cases").is_dir() else data
@@ -180,8 +171,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         outcomes = predict_many(predictor, images, pred, names=names)
         errors = {o.name: o.error for o in outcomes if o.status == "failed"}
     if pred is None or ref is None:
-        typer.echo("give --pred and --ref, or --model and --data", err=True)
-        raise typer.Exit(2)
+        _fail("give --pred and --ref, or --model and --data")
     try:
         summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
     except (FileNotFoundError, ValueError) as exc:
@@ -205,8 +195,7 @@ def compare(a: Path = typer.Argument(..., help="an evaluation folder (per_case.c
     try:
         result = compare_evaluations(a, b)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        typer.echo(f"cannot compare: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"cannot compare: {exc}")
     if as_json:
         typer.echo(_json.dumps(result, indent=2))
         return
@@ -258,8 +247,7 @@ def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. mo
     try:
         written = rescore_card(bundle, _named_dirs(eval_), command)
     except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"card not changed: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"card not changed: {exc}")
     width = max((len(row["metric"]) for row in written["targets"]), default=0)
     for row in written["targets"]:
         value = "n/a" if row["value"] is None else f"{row['value']:.3f}"
@@ -281,8 +269,7 @@ def _run_on_bundle(verb: str, bundle: Path, config: Optional[Path], work: Callab
     try:
         result = work(run_config)
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"cannot {verb}: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"cannot {verb}: {exc}")
     typer.echo(json.dumps(result, indent=2))
 
 
@@ -338,8 +325,7 @@ def average(bundle: Path = typer.Argument(..., help="a model bundle whose card a
     try:
         record = average_bundles(bundle, other, to, share)
     except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"cannot average: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"cannot average: {exc}")
     typer.echo(json.dumps(record, indent=2))
 
 
@@ -377,8 +363,7 @@ def submit(files: List[Path] = typer.Argument(..., help="NIfTI files to analyse"
     try:
         results = submit_files(files, url=url, token=token, out_dir=out, parallel=parallel, timeout_s=timeout, delete=delete)
     except SubmitError as exc:
-        typer.echo(f"wbmri submit: {exc}", err=True)
-        raise typer.Exit(2)
+        _fail(f"wbmri submit: {exc}")
     for r in results:
         typer.echo(f"{r.file}\t{r.state}\t{r.out if r.ok else r.error}")
     if not all(r.ok for r in results):
