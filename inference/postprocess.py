@@ -149,6 +149,25 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     return float("inf") if sigma <= 0 else signal / sigma
 
 
+def level_warning(anchors: tuple[bool, bool] | None, lesions: Sequence[Mapping]) -> str | None:
+    """A warning when lesions are named by vertebral level but the count could not start at both ends of the spine
+    (``anchors``: C1 at the column's top, the sacrum right below it; see :func:`models.spine.level_count_anchors`)."""
+    ids = [int(les["id"]) for les in lesions if str(les["site"]).startswith("vertebra_")]
+    if not ids or anchors is None or all(anchors):
+        return None
+    which = f"Lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+    top, sacrum = anchors
+    if sacrum:
+        how = "the spine reaches the top of the image, so the levels were counted up from the sacrum"
+    elif top:
+        how = "the sacrum is not in the image, so the levels were counted down from C1"
+    else:
+        how = ("neither C1 nor the sacrum is in the image, so the levels are the model's estimate and may be off by "
+               "one or more")
+    verb = "are" if len(ids) > 1 else "is"
+    return f"{which} {verb} named by vertebral level, but {how}: confirm the levels by counting on the images."
+
+
 def study_warnings(image: np.ndarray, sites: np.ndarray, lesions_arr: np.ndarray,
                    spacing: Sequence[float]) -> list[str]:
     """Plain-language warnings about the study that limit how far the results can be trusted."""

@@ -22,8 +22,8 @@ from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_s
 from models.lesions import components, near_bone
 from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, case_name, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
-
 from models.site_rules import BONE_THRESHOLD, apply_site_rules, bone_thresholds, sites_in_bone
+from models.spine import level_count_anchors
 
 Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
@@ -167,7 +167,7 @@ class Predictor:
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:
         """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
-        from inference.postprocess import site_table, sites_in_view, study_warnings, summarise
+        from inference.postprocess import level_warning, site_table, sites_in_view, study_warnings, summarise
         from models.measure import measure_hyperintense
         from inference.report import build_report, validate_report
         tick = progress or (lambda stage, frac: None)
@@ -201,6 +201,7 @@ class Predictor:
         tick("postprocess", 0.7)
         edema = prob > self.threshold
         site_map = apply_site_rules(site_map, img, grid.model_spacing, edema)
+        anchors = level_count_anchors(site_map, grid.model_spacing)
         inst, conf = self._components(prob, edema, bone_p, grid)
         lesions = to_input_grid(inst, grid).astype(np.uint16)
         sites = to_input_grid(site_map, grid).astype(np.uint8)
@@ -210,6 +211,7 @@ class Predictor:
         spacing = vol.spacing
         vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
         warnings = study_warnings(vol.data, sites, lesions, spacing)
+        warnings += [w for w in [level_warning(anchors, items)] if w]
         lap("postprocess")
         study = {"filename": Path(filename).name, "sha256": digest, "shape": [int(s) for s in vol.data.shape],
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}

@@ -209,6 +209,49 @@ def _clear_discs(sites: np.ndarray, column: np.ndarray, level_ids: np.ndarray, s
             sites[:, :, t][clear] = 0
 
 
+@dataclass
+class _Column:
+    box: tuple[slice, ...]    # the column's box in the site map
+    lab: np.ndarray           # level index (the sacrum: len(LEVELS)) of the column's voxels, -1 elsewhere; slices
+                              # head first
+    counts: np.ndarray        # [slice (head first), level...] voxel counts; the last column is the sacrum
+    from_c1: bool             # room above the column: its top is C1
+    anchored: bool            # the sacrum starts right below its lowest vertebra: that one is L5
+
+
+def _column(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> _Column | None:
+    """The main spinal column of a site map (model grid, RAS) and where its level count can start; None without
+    vertebral labels."""
+    n_lev = len(LEVELS)
+    lut = np.full(256, -1, np.int32)
+    lut[[site_id(c) for c in LEVELS]] = np.arange(n_lev)
+    lut[site_id("sacrum")] = n_lev
+    spine = lut[sites] >= 0
+    if spine.sum() < 2:
+        return None
+    outer = ndimage.find_objects(spine.astype(np.int8))[0]                    # work inside the spine labels' box
+    column = _main_column(spine[outer], spacing_mm)
+    inner = ndimage.find_objects(column.astype(np.int8))[0]
+    column = column[inner]
+    box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+    lab = np.where(column, lut[sites[box]], -1)[:, :, ::-1]                   # slices head first
+    n_t = lab.shape[2]
+    flat = np.where(lab >= 0, lab + (n_lev + 1) * np.arange(n_t)[None, None, :], -1)
+    counts = np.bincount(flat[flat >= 0], minlength=n_t * (n_lev + 1)).reshape(n_t, n_lev + 1).astype(float)
+    if not counts[:, :n_lev].any():
+        return None
+    dz = float(spacing_mm[2])
+    from_c1 = (sites.shape[2] - box[2].stop) * dz >= FROM_C1_ROOM_MM          # room above the spine: its top is in view
+    return _Column(box, lab, counts, from_c1, _anchored(counts[:, :n_lev], counts[:, n_lev], dz))
+
+
+def level_count_anchors(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[bool, bool] | None:
+    """Where the vertebral levels of a site map (model grid, RAS) could be counted from: (C1 at the top of the
+    column, the sacrum right below it), as :func:`renumber_vertebrae` sees them; None without vertebrae."""
+    col = _column(np.asarray(sites), spacing_mm)
+    return None if col is None else (bool(col.from_c1), bool(col.anchored))
+
+
 def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float], img: np.ndarray | None = None,
                        protect: np.ndarray | None = None) -> np.ndarray:
     """Return ``sites`` (model grid, RAS) with vertebral levels re-fitted along the spine (a copy when changed).
@@ -217,37 +260,23 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     marrow edema of the bodies, not soft tissue in the disc; nor does edema count as disc brightness)."""
     n_lev = len(LEVELS)
     level_ids = np.array([site_id(c) for c in LEVELS])
-    sacrum_id = site_id("sacrum")
-    lut = np.full(256, -1, np.int32)
-    lut[level_ids] = np.arange(n_lev)
-    lut[sacrum_id] = n_lev
-    spine = lut[sites] >= 0
-    if spine.sum() < 2:
+    col = _column(sites, spacing_mm)
+    if col is None:
         return sites
-    outer = ndimage.find_objects(spine.astype(np.int8))[0]                    # work inside the spine labels' box
-    column = _main_column(spine[outer], spacing_mm)
-    inner = ndimage.find_objects(column.astype(np.int8))[0]
-    column = column[inner]
-    box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+    box, lab, counts = col.box, col.lab, col.counts
     sub = sites[box]
-    lab = np.where(column, lut[sub], -1)[:, :, ::-1]                      # slices head first
     n_t = lab.shape[2]
-    flat = np.where(lab >= 0, lab + (n_lev + 1) * np.arange(n_t)[None, None, :], -1)
-    counts = np.bincount(flat[flat >= 0], minlength=n_t * (n_lev + 1)).reshape(n_t, n_lev + 1).astype(float)
     level_counts, sacrum_counts = counts[:, :n_lev], counts[:, n_lev]
-    if not level_counts.any():
-        return sites
     votes = level_counts / np.maximum(level_counts.sum(axis=1, keepdims=True), 1.0)
     sacrum = sacrum_counts / np.maximum(counts.sum(axis=1), 1.0)
     dz = float(spacing_mm[2])
-    from_c1 = (sites.shape[2] - box[2].stop) * dz >= FROM_C1_ROOM_MM          # room above the spine: its top is in view
     cuts = None
     protect = None if protect is None else protect[box]
     if img is not None and DISC_WEIGHT > 0:
         edema = None if protect is None else protect[:, :, ::-1]
         band = np.clip(disc_bands(img[box][:, :, ::-1], lab >= 0, dz, edema), *DISC_CLIP)
         cuts = DISC_WEIGHT * np.maximum(np.concatenate([band[:1], band]), np.concatenate([band, band[-1:]]))
-    fit, shift = _best_fit(votes, sacrum, dz, _anchored(level_counts, sacrum_counts, dz), from_c1, cuts)
+    fit, shift = _best_fit(votes, sacrum, dz, col.anchored, col.from_c1, cuts)
     # a voxel keeps its own (shifted) level if that level's run is within reach of its slice, else the slice's fit
     t_index = np.arange(n_t)[None, None, :]
     own = np.clip(lab + shift, 0, n_lev - 1)
@@ -263,7 +292,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     out = sub.copy()
     out[change] = level_ids[new[change]]
     if cuts is not None:
-        _clear_discs(out, column, level_ids, [n_t - 1 - q for q in _disc_slices(fit, band)], protect)
+        _clear_discs(out, lab[:, :, ::-1] >= 0, level_ids, [n_t - 1 - q for q in _disc_slices(fit, band)], protect)
     if np.array_equal(out, sub):
         return sites
     full = sites.copy()

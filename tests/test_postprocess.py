@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.postprocess import border_lesions, site_table, sites_in_view, study_warnings, summarise
+from inference.postprocess import (border_lesions, level_warning, site_table, sites_in_view, study_warnings,
+                                   summarise)
 from models.measure import Study, extension_grade, measure_hyperintense, measure_lesions, not_hyperintense
 from models.sites import by_code
 
@@ -607,3 +608,15 @@ def test_a_lesion_on_a_piece_of_a_broken_clavicle_keeps_the_clavicle(medial_lesi
     image[lesion] = 1.2
     les = measure_lesions(lesion.astype(np.uint16), sites, image, aff, None, {1: 0.9})[0]
     assert les["site"] == "clavicle_left"
+
+
+def test_level_warning_names_the_vertebral_lesions_and_where_the_count_started():
+    lesions = [{"id": 1, "site": "femur_left"}, {"id": 2, "site": "vertebra_T7"}, {"id": 3, "site": "vertebra_L2"}]
+    assert level_warning((True, True), lesions) is None            # both ends in view: the count is anchored
+    assert level_warning(None, lesions) is None                    # no spine in the map
+    assert level_warning((False, False), lesions[:1]) is None      # no vertebral lesion
+    up = level_warning((False, True), lesions)
+    assert up.startswith("Lesions 2, 3 are named") and "counted up from the sacrum" in up
+    down = level_warning((True, False), lesions[1:2])
+    assert down.startswith("Lesion 2 is named") and "counted down from C1" in down
+    assert "neither C1 nor the sacrum" in level_warning((False, False), lesions)

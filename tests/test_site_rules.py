@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from models.sides import _pairs, body_mask, sides_by_position
-from models.spine import LEVELS, disc_bands, renumber_vertebrae
+from models.spine import LEVELS, disc_bands, level_count_anchors, renumber_vertebrae
 from models.site_rules import sites_in_bone
 from models.sites import THIN_BONES, by_id, site_id, thin_bone_ids
 from training.config import SynthConfig, load_config
@@ -81,6 +81,17 @@ def test_a_view_cut_just_above_the_column_is_not_counted_from_c1(sites, room):
     view = np.ascontiguousarray(sites[:, :, :top + 1 + room])
     view[:, :, top + 1:] = 0                   # the top slices show no bone (the bone map's edge)
     assert level_accuracy(renumber_vertebrae(view, GRID), view) > 0.95
+
+
+def test_level_count_anchors_say_which_ends_of_the_spine_are_in_view(sites):
+    """Whole body: C1 (room above) and the sacrum; cut through the neck: the sacrum only; cut above the sacrum:
+    C1 only; a thoracic view: neither. Each is what the fit above counts from."""
+    z = lambda code, end: getattr(np.nonzero((sites == site_id(code)).any(axis=(0, 1)))[0], end)()
+    assert level_count_anchors(sites, GRID) == (True, True)
+    assert level_count_anchors(sites[:, :, :z("vertebra_C3", "max") + 1], GRID) == (False, True)
+    assert level_count_anchors(sites[:, :, z("vertebra_L3", "min"):], GRID) == (True, False)
+    assert level_count_anchors(sites[:, :, z("vertebra_T10", "min"):z("vertebra_T2", "max") + 1], GRID) == (False, False)
+    assert level_count_anchors(np.zeros_like(sites), GRID) is None
 
 
 def test_stray_spine_labels_in_the_skull_do_not_move_the_count(sites):
