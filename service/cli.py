@@ -177,7 +177,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"cannot evaluate: {exc}")
     shown = {k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
-                                     "mean_site_dice", "fp_per_scan_no_reference_lesions") if k in summary}
+                                     "mean_site_dice", "vertebral_level_accuracy", "fp_per_scan_no_reference_lesions")
+             if k in summary}
     shown["by_region"] = {region: f"{r['detected']} of {r['n_ref']} found, {r['fp']} false positive(s)"
                           for region, r in summary["by_region"].items()}
     typer.echo(_json.dumps(shown, indent=2))

@@ -13,8 +13,9 @@ from models.nifti import save_nifti
 from models.sites import site_id
 from training.evaluate import (GridMismatchError, check_same_grid, compare_evaluations, evaluate_folders, load_case,
                                site_confusion_rows)
-from training.metrics import (FrocCase, bootstrap_ci, detection_counts, dice, froc, majority_labels, match_lesions,
-                              per_site_dice, sensitivity_at_fp, site_agreement, site_confusion, subregion_agreement)
+from training.metrics import (FrocCase, bootstrap_ci, detection_counts, dice, froc, level_agreement,
+                              majority_labels, match_lesions, per_site_dice, sensitivity_at_fp, site_agreement,
+                              site_confusion, site_histogram, subregion_agreement)
 
 
 def box(shape, *slices, value=1, out=None):
@@ -72,6 +73,21 @@ def test_site_confusion_counts_each_disagreeing_pair():
             for r in rows] == [("none", "vertebra_C5", "extra", 1.5, None),
                                ("femur_left", "tibia_left", "named_wrong", 0.5, 0.25),
                                ("tibia_left", "none", "missed", 0.25, 0.25)]
+
+
+def test_level_agreement_counts_voxels_that_are_vertebra_in_both_maps():
+    t5, t6, t7, l1, femur = (site_id(c) for c in ("vertebra_T5", "vertebra_T6", "vertebra_T7", "vertebra_L1",
+                                                  "femur_left"))
+    ref = np.zeros((3, 8), np.uint8)
+    ref[0], ref[1], ref[2] = t5, t6, femur
+    pred = ref.copy()
+    pred[0, 6:] = t6             # 6 of T5 right, 2 named T6
+    pred[1, 4:6] = t7            # 4 of T6 right, 2 named T7 ...
+    pred[1, 6:] = 0              # ... and 2 left out (not scored: no vertebra in the prediction)
+    pred[2, :4] = l1             # a femur named L1 is not scored either (no vertebra in the reference)
+    assert level_agreement(site_histogram(pred, ref)) == (10, 14)
+    assert level_agreement(site_histogram(ref, ref)) == (16, 16)
+    assert level_agreement(site_histogram(np.zeros_like(ref), ref)) == (0, 0)
 
 
 def test_majority_labels_prefers_bone_over_background():
@@ -301,6 +317,7 @@ def test_evaluate_folders_numbers(tmp_path):
     assert (s["subregion_accuracy"]["n_scored"], s["subregion_accuracy"]["value"]) == (1, 0.0)
     case_a_site_dice = (1.0 + 2 * 180 / (216 + 180)) / 2
     assert s["mean_site_dice"]["mean"] == pytest.approx((case_a_site_dice + 1.0 + 0 + 0) / 4)
+    assert s["vertebral_level_accuracy"]["value"] is None and s["vertebral_level_accuracy"]["n_voxels"] == 0
 
     fr = s["froc"]
     assert [(p["fp_per_scan"], p["threshold"]) for p in fr["points"]] == [(0.0, 0.9), (0.25, 0.8), (0.5, 0.4)]

@@ -19,10 +19,12 @@ import numpy as np
 from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
                               SubregionAgreement, bootstrap_ci, confusion_of, detection_counts, dice, dice_by_site,
-                              froc, froc_case, majority_labels, match_lesions, matched_site_pairs, sensitivity_at_fp,
-                              site_agreement, site_histogram, subregion_agreement,
+                              froc, froc_case, level_agreement, majority_labels, match_lesions, matched_site_pairs,
+                              sensitivity_at_fp, site_agreement, site_histogram, subregion_agreement,
                               volumes_by_site)
 
+LEVEL_RULE = ("Vertebral level: of the voxels that are a vertebra (any level) in both the prediction and the "
+              "reference, the share whose level (C1-L5) is the same, pooled over cases.")
 AFFINE_TOL = 1e-3
 TARGET_SENSITIVITY = 0.90
 TARGET_FP_PER_SCAN = 0.5
@@ -244,8 +246,10 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
     site_dices: dict[int, float] = {}
     confusion: dict[tuple[int, int], float] = {}
     ref_site_ml: dict[int, float] = {}
+    level_right, level_scored = 0, 0
     if ref.sites is not None and pred.sites is not None:
         hist = site_histogram(pred.sites, ref.sites)
+        level_right, level_scored = level_agreement(hist)
         site_dices = dice_by_site(hist)
         confusion = {k: v * voxel_ml for k, v in confusion_of(hist).items()}
         ref_site_ml = {sid: n * voxel_ml for sid, n in volumes_by_site(hist).items()}
@@ -259,6 +263,8 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
            "site_accuracy": agree.site_accuracy, "side_accuracy": agree.side_accuracy,
            "n_site_scored": agree.n, "n_site_right": agree.n_site,
            "subregion_accuracy": parts.accuracy, "n_subregion_scored": parts.n, "n_subregion_right": parts.n_right,
+           "level_accuracy": level_right / level_scored if level_scored else None,
+           "n_level_voxels": level_scored, "n_level_right": level_right,
            "ref_volume_ml": sum(m.ref_volume_ml.values()), "pred_volume_ml": sum(m.pred_volume_ml.values())}
     return CaseScore(bins, fc, agree, parts, row, _lesion_rows(m, pred, ref), site_dices, confusion, ref_site_ml)
 
@@ -278,6 +284,7 @@ def interval_statistics(tag: str) -> dict[str, tuple[str, str | None, str]]:
             "edema_dice": ("edema_dice", None, "all"),
             "site_accuracy": ("n_site_right", "n_site_scored", "all"),
             "subregion_accuracy": ("n_subregion_right", "n_subregion_scored", "all"),
+            "vertebral_level_accuracy": ("n_level_right", "n_level_voxels", "all"),
             "mean_site_dice": ("mean_site_dice", None, "with_value")}
 
 
@@ -502,6 +509,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
 
     scored = [r for r in rows if r["status"] in ("ok", "failed")]
     dices = [r["edema_dice"] for r in scored]
+    level_right, level_voxels = sum(r["n_level_right"] for r in scored), sum(r["n_level_voxels"] for r in scored)
     site_dices = [r["mean_site_dice"] for r in scored if r["mean_site_dice"] is not None]
     points = froc(froc_cases)
     ge = bins_total[f"ge_{tag}"]
@@ -527,6 +535,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
         "subregion_accuracy": {"n_scored": parts_total.n, "value": parts_total.accuracy,
                                "rule": SUBREGION_RULE},
         "mean_site_dice": {"mean": _mean(site_dices), "n": len(site_dices)},
+        "vertebral_level_accuracy": {"value": level_right / level_voxels if level_voxels else None,
+                                     "n_voxels": level_voxels, "rule": LEVEL_RULE},
         "froc": {"min_ref_ml": min_ref_ml, "n_ref": ge.n_ref,
                  "points": [{"fp_per_scan": fp, "sensitivity": s, "threshold": t} for fp, s, t in points],
                  "sensitivity_at_target_fp": at_target,
@@ -541,7 +551,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
     columns = ["case", "status", "error", "n_ref", f"n_ref_ge_{tag}", "n_pred", "tp", "fp", "fn", "detected",
                f"detected_ge_{tag}", "edema_dice", "mean_site_dice", "site_accuracy", "side_accuracy",
                "n_site_scored", "n_site_right", "subregion_accuracy", "n_subregion_scored", "n_subregion_right",
-               "ref_volume_ml", "pred_volume_ml"]
+               "level_accuracy", "n_level_voxels", "n_level_right", "ref_volume_ml", "pred_volume_ml"]
     _write_csv(out_dir / "per_case.csv", columns, rows)
     _write_csv(out_dir / "lesions.csv", ["case", "kind", "id", "volume_ml", "site", "subregion", "detected", "pred_ids",
                                          "pred_site", "pred_subregion", "pred_volume_ml", "confidence"], lesion_rows)

@@ -11,7 +11,7 @@ from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from models.sites import by_code
+from models.sites import VERTEBRAL_LEVELS, by_code, site_id
 
 MIN_OVERLAP_FRACTION = 0.1
 
@@ -76,6 +76,14 @@ def dice_by_site(hist: SiteHistogram, ids: Iterable[int] | None = None) -> dict[
     wanted = hist.ids if ids is None else ids
     return {sid: 2.0 * float(inter[at[sid]]) / float(n_pred[at[sid]] + n_ref[at[sid]])
             for sid in map(int, wanted) if sid > 0 and sid in at and n_pred[at[sid]] + n_ref[at[sid]]}
+
+
+def level_agreement(hist: SiteHistogram) -> tuple[int, int]:
+    """(voxels whose vertebral level agrees, voxels that are a vertebra in both maps): vertebral-level accuracy,
+    the share of the spine both maps see whose level is named right, apart from how much spine each found."""
+    level = np.isin(hist.ids, [site_id(c) for c in VERTEBRAL_LEVELS])
+    both = hist.counts[np.ix_(level, level)]
+    return int(np.trace(both)), int(both.sum())
 
 
 def per_site_dice(pred_sites: np.ndarray, ref_sites: np.ndarray,
