@@ -246,8 +246,9 @@ def _column(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> _Colum
 
 
 def level_count_anchors(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> tuple[bool, bool] | None:
-    """Where the vertebral levels of a site map (model grid, RAS) could be counted from: (C1 at the top of the
-    column, the sacrum right below it), as :func:`renumber_vertebrae` sees them; None without vertebrae."""
+    """Where the vertebral levels of a site map (model grid, RAS) can be counted from: (C1 at the top of the
+    column, the sacrum right below it), read from the column :func:`renumber_vertebrae` fits; None without
+    vertebrae."""
     col = _column(np.asarray(sites), spacing_mm)
     return None if col is None else (bool(col.from_c1), bool(col.anchored))
 
