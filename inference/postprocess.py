@@ -8,7 +8,7 @@ import numpy as np
 
 from models.measure import extension_grade
 from models.preprocessing import background_offset, body_mask_threshold
-from models.sites import REGIONS, SOFT_TISSUE, by_code, by_id
+from models.sites import REGIONS, SOFT_TISSUE, VERTEBRAL_LEVELS, by_code, by_id
 
 
 # ------------------------------------------------------------------ study-level summaries
@@ -152,7 +152,7 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
 def level_warning(anchors: tuple[bool, bool] | None, lesions: Sequence[Mapping]) -> str | None:
     """A warning when lesions are named by vertebral level but the count could not start at both ends of the spine
     (``anchors``: C1 at the column's top, the sacrum right below it; see :func:`models.spine.level_count_anchors`)."""
-    ids = [int(les["id"]) for les in lesions if str(les["site"]).startswith("vertebra_")]
+    ids = [int(les["id"]) for les in lesions if les["site"] in VERTEBRAL_LEVELS]
     if not ids or anchors is None or all(anchors):
         return None
     which = f"Lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"

@@ -211,7 +211,9 @@ class Predictor:
         spacing = vol.spacing
         vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
         warnings = study_warnings(vol.data, sites, lesions, spacing)
-        warnings += [w for w in [level_warning(anchors, items)] if w]
+        level_note = level_warning(anchors, items)
+        if level_note:
+            warnings.append(level_note)
         lap("postprocess")
         study = {"filename": Path(filename).name, "sha256": digest, "shape": [int(s) for s in vol.data.shape],
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}

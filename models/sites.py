@@ -90,6 +90,12 @@ def thin_bone_ids() -> tuple[int, ...]:
     return tuple(s.id for s in all_sites() if s.bone in THIN_BONES)
 
 
+@lru_cache(maxsize=1)
+def vertebral_level_ids() -> tuple[int, ...]:
+    """Site ids of :data:`VERTEBRAL_LEVELS`, C1 to L5 (head to feet)."""
+    return tuple(site_id(code) for code in VERTEBRAL_LEVELS)
+
+
 def n_sites() -> int:
     """Number of sites (66); label maps use 0 for background and 1..n_sites()."""
     return len(all_sites())

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.sites import VERTEBRAL_LEVELS as LEVELS
-from models.sites import site_id
+from models.sites import site_id, vertebral_level_ids
 
 # Height of each level (vertebral body plus disc) relative to a thoracic one: an anatomical approximation
 # (children and adults alike: cervical segments about 3/4, lumbar about 1.3 times a thoracic one).
@@ -224,7 +224,7 @@ def _column(sites: np.ndarray, spacing_mm: tuple[float, float, float]) -> _Colum
     vertebral labels."""
     n_lev = len(LEVELS)
     lut = np.full(256, -1, np.int32)
-    lut[[site_id(c) for c in LEVELS]] = np.arange(n_lev)
+    lut[list(vertebral_level_ids())] = np.arange(n_lev)
     lut[site_id("sacrum")] = n_lev
     spine = lut[sites] >= 0
     if spine.sum() < 2:
@@ -260,7 +260,7 @@ def renumber_vertebrae(sites: np.ndarray, spacing_mm: tuple[float, float, float]
     discs leave the bone map, except voxels in ``protect`` (predicted edema: a lesion across an end plate is
     marrow edema of the bodies, not soft tissue in the disc; nor does edema count as disc brightness)."""
     n_lev = len(LEVELS)
-    level_ids = np.array([site_id(c) for c in LEVELS])
+    level_ids = np.array(vertebral_level_ids())
     col = _column(sites, spacing_mm)
     if col is None:
         return sites

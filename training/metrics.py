@@ -11,7 +11,7 @@ from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from models.sites import VERTEBRAL_LEVELS, by_code, site_id
+from models.sites import by_code, vertebral_level_ids
 
 MIN_OVERLAP_FRACTION = 0.1
 
@@ -81,7 +81,7 @@ def dice_by_site(hist: SiteHistogram, ids: Iterable[int] | None = None) -> dict[
 def level_agreement(hist: SiteHistogram) -> tuple[int, int]:
     """(voxels whose vertebral level agrees, voxels that are a vertebra in both maps): vertebral-level accuracy,
     the share of the spine both maps see whose level is named right, apart from how much spine each found."""
-    level = np.isin(hist.ids, [site_id(c) for c in VERTEBRAL_LEVELS])
+    level = np.isin(hist.ids, vertebral_level_ids())
     both = hist.counts[np.ix_(level, level)]
     return int(np.trace(both)), int(both.sum())
 
