@@ -27,9 +27,10 @@ from inference.predictor import Predictor
 from models.nifti import load_volume
 from models.preprocessing import to_input_grid
 from models.site_rules import apply_site_rules, drop_out_of_order_pieces
-from models.sites import VERTEBRAL_LEVELS, site_id
+from models.sites import site_id, vertebral_level_ids
+from training.metrics import level_agreement, site_histogram
 
-LEVEL_IDS = np.array([site_id(c) for c in VERTEBRAL_LEVELS])
+LEVEL_IDS = np.array(vertebral_level_ids())
 RANK = {int(i): k for k, i in enumerate(LEVEL_IDS)}
 TOP_MM = 24.0
 
@@ -50,9 +51,12 @@ def cuts(ref: np.ndarray, dz: float, rng: np.random.Generator) -> dict[str, tupl
 
 
 def level_scores(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Vertebral-level accuracy (as `wbmri evaluate` scores it) and the median level shift, prediction minus
+    reference, over a subsample of the voxels that are a vertebra in both."""
+    right, scored = level_agreement(site_histogram(pred, ref))
     both = np.isin(pred, LEVEL_IDS) & np.isin(ref, LEVEL_IDS)
     shifts = [RANK[int(a)] - RANK[int(b)] for a, b in zip(pred[both][::50], ref[both][::50])]
-    return float((pred[both] == ref[both]).mean()), float(np.median(shifts))
+    return right / scored, float(np.median(shifts))
 
 
 def measure(predictor: Predictor, image: nib.Nifti1Image, ref: np.ndarray) -> dict:
