@@ -14,7 +14,11 @@ when the centroid of one lies more than ``ORDER_MARGIN_MM`` on the wrong side of
 femur, a "tibia" above the pelvis). Pieces are dropped one at a time, the one that contradicts the most voxels of
 the pieces still kept first, until no two kept pieces contradict each other. A head bone (skull, mandible) also
 contradicts a pelvic or lower piece whose centroid lies less than ``HEAD_GAP_MM`` below its own: the whole spine lies
-between them (a "skull" at the upper edge of a pelvis view). A dropped piece's voxels take
+between them (a "skull" at the upper edge of a pelvis view). A piece that reaches the top or bottom edge of the
+view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradicts every piece ranked at least
+``FAR_TIERS`` tiers beyond that edge: a "rib" at the top of a knee view whose femur leaves the view at the top
+(the network draws chest wall where the view cuts the thighs), a "femur" in a chest view whose ribs leave it at the
+bottom. A dropped piece's voxels take
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
 largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
@@ -78,6 +82,12 @@ PELVIS_TIER = next(i for i, tier in enumerate(_TIERS) if "pelvis" in tier)
 # whole spine lies between them. Mandible to ilium on six 3-year-old phantoms of 94-96 cm: 313-319 mm (about a
 # third of the height; tests/benchmarks/head_gap.py); 0.7 of that at -2 SD (86 cm)
 HEAD_GAP_MM = 200.0
+# a piece within EDGE_MM of the view's top (bottom) edge goes on beyond it: no piece FAR_TIERS or more tiers above
+# (below) it can be in view. Three tiers: a femur cut at the top leaves no room for the chest wall, shoulder or
+# humerus (the elbow lies above the femoral head); two would not be safe (the elbow and the lowest ribs can reach
+# the height of the iliac crest, so a pelvis cut at the top can still show them)
+EDGE_MM = 6.0
+FAR_TIERS = 3
 
 
 def head_to_feet_tier(site: Site) -> int | None:
@@ -94,6 +104,8 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     sites = np.asarray(sites)
     sites_by_id = by_id()
     pieces = []   # (voxels, centroid z in mm, tier, site id, piece box, the label's pieces in that box, number)
+    edge_rows = max(1, int(np.ceil(EDGE_MM / float(spacing[2]))))
+    n_rows = sites.shape[2]
     for sid, box in enumerate(ndimage.find_objects(sites), start=1):
         tier = head_to_feet_tier(sites_by_id[sid]) if box is not None and sid in sites_by_id else None
         if tier is None:
@@ -108,7 +120,9 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
             pieces.append((int(sizes[k]), float(z_mm[k]), tier, sid, at, lab[piece_box], k + 1))
     pieces.sort(key=lambda p: -p[0])   # the first piece of a label kept is its largest
     drop = _pieces_to_drop([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces],
-                           [sites_by_id[p[3]].region == "head" for p in pieces])
+                           [sites_by_id[p[3]].region == "head" for p in pieces],
+                           [p[4][2].stop > n_rows - edge_rows for p in pieces],
+                           [p[4][2].start < edge_rows for p in pieces])
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []   # (piece box, piece mask within it, centroid z in mm)
     for i, (_, z, tier, sid, box, lab, k) in enumerate(pieces):
@@ -132,14 +146,17 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     return out
 
 
-def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int],
-                    head: Sequence[bool]) -> np.ndarray:
+def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int], head: Sequence[bool],
+                    at_top: Sequence[bool] | None = None, at_bottom: Sequence[bool] | None = None) -> np.ndarray:
     """Which pieces break the head-to-feet order (or put a head bone less than ``HEAD_GAP_MM`` above a pelvis or
-    lower bone): while any two kept pieces contradict each other, the piece that contradicts the most voxels of the
-    others goes first (ties: the earlier piece). Memory grows with the number of pieces, not its square (a noisy map
-    can hold thousands)."""
+    lower bone, or lie ``FAR_TIERS`` or more tiers beyond a piece that leaves the view at its top or bottom edge):
+    while any two kept pieces contradict each other, the piece that contradicts the most voxels of the others goes
+    first (ties: the earlier piece). Memory grows with the number of pieces, not its square (a noisy map can hold
+    thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
     h = np.asarray(head, bool)
+    top = np.zeros(len(t), bool) if at_top is None else np.asarray(at_top, bool)
+    bottom = np.zeros(len(t), bool) if at_bottom is None else np.asarray(at_bottom, bool)
     low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:
@@ -148,6 +165,8 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
     def contradicted_by(i: int) -> np.ndarray:
         out = ~share[t[i], t] & (((t[i] < t) & (z[i] < z - ORDER_MARGIN_MM))   # i ranks above a piece below it
                                  | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or below one below it
+        out |= (t >= t[i] + FAR_TIERS) & (bottom[i] | top)   # far below i; i leaves the view downwards or it upwards
+        out |= (t <= t[i] - FAR_TIERS) & (top[i] | bottom)   # far above i: the same, the other way round
         if h[i]:
             return out | (low & (z[i] - z < HEAD_GAP_MM))   # a head bone too close above the pelvis or legs
         if low[i]:
