@@ -246,7 +246,9 @@ def test_only_forearms_and_hands_are_unranked_head_to_feet():
     assert tier["skull"] < tier["vertebra_L3"] < tier["sacrum"] < tier["femur"] < tier["tibia"] < tier["talus"]
 
 
-@pytest.mark.parametrize("view", [(0.0, 1.0), (0.0, 0.3), (0.2, 0.45), (0.4, 0.65), (0.85, 1.0)])
+@pytest.mark.parametrize("view", [(0.0, 1.0), (0.0, 0.3), (0.2, 0.45), (0.4, 0.65), (0.85, 1.0), (0.2, 0.35),
+                                  (0.25, 0.5), (0.3, 0.55), (0.35, 0.6), (0.45, 0.7), (0.5, 0.8), (0.6, 0.9),
+                                  (0.55, 0.75), (0.7, 1.0), (0.1, 0.4)])
 def test_true_sites_keep_every_voxel_through_the_order_rule(sites, view):
     """Whole body and head-feet windows of it (feet, legs, knees and thighs, pelvis, head and neck)."""
     from models.site_rules import drop_out_of_order_pieces
@@ -400,3 +402,52 @@ def test_a_distal_femur_named_tibia_beside_the_patella_is_named_femur_again(site
     neither = np.where(np.isin(no_patella, [site_id("patella_left")]), site_id("femur_left"), no_patella)
     neither = neither.astype(noisy.dtype)
     assert np.array_equal(leg_bones_by_patella(neither, GRID), neither)
+
+
+def _knee_view(sites: np.ndarray) -> tuple[np.ndarray, int]:
+    """A knee view of the true map: from the middle of the lower legs up to the femoral shaft, which leaves the view
+    at its top edge; and the x of the left femur's centre."""
+    femur = np.argwhere(sites == site_id("femur_left"))
+    tibia = np.argwhere(sites == site_id("tibia_left"))
+    lo, hi = int(tibia[:, 2].mean()), int(np.percentile(femur[:, 2], 60))
+    return np.ascontiguousarray(sites[:, :, lo:hi]), int(femur[:, 0].mean())
+
+
+def test_chest_wall_at_the_top_of_a_knee_view_is_dropped(sites):
+    """A "rib" at the top edge of a knee view lies above the femur's centroid (in order by centroids), but the femur
+    leaves the view at the top, so no rib can be in view. Seen from a view whose top lies above the femur, the same
+    rib is in order and kept."""
+    from models.site_rules import drop_out_of_order_pieces
+    view, x_femur = _knee_view(sites)
+    rib = site_id("ribs_left")
+    ys = np.nonzero(view.any(axis=(0, 2)))[0]
+    noisy = view.copy()
+    x = next(x for x in range(x_femur, view.shape[0]) if not view[x - 2:x + 3, :, -6:].any())  # beside the thigh
+    noisy[x:x + 4, ys[0] + 2:ys[0] + 6, -4:] = rib                                               # 64 voxels, 1.7 mL
+    assert view[:, :, -1].any(), "the femur leaves the view at the top"
+    assert np.argwhere(noisy == rib)[:, 2].mean() > np.argwhere(view == site_id("femur_left"))[:, 2].mean()
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert not (out == rib).any()
+    assert np.array_equal(out, view)
+    # the same view with 20 empty rows above it: the femur ends inside the view and the rib above it is kept
+    tall = np.concatenate([noisy, np.zeros(noisy.shape[:2] + (20,), noisy.dtype)], axis=2)
+    assert np.array_equal(drop_out_of_order_pieces(tall, GRID), tall)
+
+
+def test_a_femur_at_the_bottom_of_a_chest_view_is_dropped(sites):
+    """The ribs leave a chest view at its bottom edge, so a "femur" there cannot be one; the chest wall stays."""
+    from models.site_rules import drop_out_of_order_pieces
+    ribs = np.argwhere(np.isin(sites, [site_id("ribs_left"), site_id("ribs_right")]))
+    lo, hi = int(np.percentile(ribs[:, 2], 30)), int(np.percentile(ribs[:, 2], 90))
+    view = np.ascontiguousarray(sites[:, :, lo:hi])
+    assert np.isin(view[:, :, 0], [site_id("ribs_left"), site_id("ribs_right")]).any()
+    assert not np.isin(view, [site_id("skull"), site_id("mandible")]).any(), "no head bone (its own gap rule)"
+    femur = site_id("femur_right")
+    spine = np.argwhere(np.isin(view, IDS))
+    x0, y0 = int(spine[:, 0].mean()), int(spine[:, 1].max())
+    x = next(x for x in range(x0 + 8, view.shape[0]) if not view[x - 2:x + 5, y0 - 6:y0 + 2, :6].any())
+    noisy = view.copy()
+    noisy[x:x + 3, y0 - 4:y0, :4] = femur                      # 48 voxels of soft tissue at the bottom edge
+    assert np.argwhere(noisy == femur)[:, 2].mean() < np.argwhere(view > 0)[:, 2].mean()
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert np.array_equal(out, view)
