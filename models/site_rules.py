@@ -5,11 +5,12 @@ validation and inference: pieces out of head-to-feet order dropped (below), vert
 
 Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
 lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
-view. A child lies supine with the legs extended, so the bones come in tiers from head to feet: skull, cervical and
-thoracic spine, chest wall, shoulder girdle and humerus; lumbar spine; pelvis; femur; patella; tibia and fibula;
-foot. Forearms and hands are not ranked (beside the trunk or thighs, or above the head). Neighbouring tiers that
-can share a height (the lumbar spine and the upper trunk, or the pelvis; the pelvis and the femoral head; the
-patella and the femur or tibia) are not compared. Two 26-connected pieces of ranked labels contradict each other
+view. A child lies supine with the legs extended, so the bones come in tiers from head to feet: head, cervical
+spine, shoulder girdle and sternum; thoracic spine, ribs and humerus; lumbar spine; pelvis; femur; patella; tibia
+and fibula; foot. Forearms and hands are not ranked (beside the trunk or thighs, or above the head). Neighbouring
+tiers that can share a height (the shoulder girdle and the upper thorax; the lowest ribs or the elbow and the lumbar
+spine; the lumbar spine and the pelvis; the pelvis and the femoral head; the patella and the femur or tibia) are
+not compared. Two 26-connected pieces of ranked labels contradict each other
 when the centroid of one lies more than ``ORDER_MARGIN_MM`` on the wrong side of the other's (a "scapula" below a
 femur, a "tibia" above the pelvis). Pieces are dropped one at a time, the one that contradicts the most voxels of
 the pieces still kept first, until no two kept pieces contradict each other. A head bone (skull, mandible) also
@@ -17,8 +18,8 @@ contradicts a pelvic or lower piece whose centroid lies less than ``HEAD_GAP_MM`
 between them (a "skull" at the upper edge of a pelvis view). A piece that reaches the top or bottom edge of the
 view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradicts every piece ranked at least
 ``FAR_TIERS`` tiers beyond that edge: a "rib" at the top of a knee view whose femur leaves the view at the top
-(the network draws chest wall where the view cuts the thighs), a "femur" in a chest view whose ribs leave it at the
-bottom. A dropped piece's voxels take
+(the network draws chest wall where the view cuts the thighs), a "clavicle" at the top of a legs view whose sacrum
+leaves it at the top, a "femur" in a chest view whose ribs leave it at the bottom. A dropped piece's voxels take
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
 largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
@@ -74,9 +75,9 @@ def bone_around(labels: np.ndarray, piece: np.ndarray, exclude: int = 0) -> int:
 
 ORDER_MARGIN_MM = 10.0
 # tiers from head to feet (a site's bone or region), and the pairs of tiers that can share a height
-_TIERS = (("head", "spine_cervical", "spine_thoracic", "chest_wall", "shoulder", "humerus"), ("spine_lumbar",),
-          ("pelvis",), ("femur",), ("patella",), ("tibia", "fibula"), ("foot",))
-_MAY_OVERLAP = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)})
+_TIERS = (("head", "spine_cervical", "clavicle", "scapula", "sternum"), ("spine_thoracic", "chest_wall", "humerus"),
+          ("spine_lumbar",), ("pelvis",), ("femur",), ("patella",), ("tibia", "fibula"), ("foot",))
+_MAY_OVERLAP = frozenset({(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)})
 PELVIS_TIER = next(i for i, tier in enumerate(_TIERS) if "pelvis" in tier)
 # the least head-feet distance from a head bone's centroid (skull, mandible) down to a pelvic or lower bone's: the
 # whole spine lies between them. Mandible to ilium on six 3-year-old phantoms of 94-96 cm: 313-319 mm (about a
@@ -85,13 +86,14 @@ HEAD_GAP_MM = 200.0
 # a piece within EDGE_MM of the view's top (bottom) edge goes on beyond it: no piece FAR_TIERS or more tiers above
 # (below) it can be in view. Three tiers: a femur cut at the top leaves no room for the chest wall, shoulder or
 # humerus (the elbow lies above the femoral head); two would not be safe (the elbow and the lowest ribs can reach
-# the height of the iliac crest, so a pelvis cut at the top can still show them)
+# the height of the iliac crest, so a pelvis cut at the top can still show them; the shoulder girdle and sternum
+# lie far above it)
 EDGE_MM = 6.0
 FAR_TIERS = 3
 
 
 def head_to_feet_tier(site: Site) -> int | None:
-    """The site's tier from head (0) to feet (6); None for forearms and hands, which are not ranked."""
+    """The site's tier from head (0) to feet (7); None for forearms and hands, which are not ranked."""
     for tier, members in enumerate(_TIERS):
         if site.bone in members or site.region in members:
             return tier

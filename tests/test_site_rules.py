@@ -451,3 +451,21 @@ def test_a_femur_at_the_bottom_of_a_chest_view_is_dropped(sites):
     assert np.argwhere(noisy == femur)[:, 2].mean() < np.argwhere(view > 0)[:, 2].mean()
     out = drop_out_of_order_pieces(noisy, GRID)
     assert np.array_equal(out, view)
+
+
+def test_a_clavicle_at_the_top_of_a_legs_view_is_dropped(sites):
+    """The sacrum and iliac wings leave a legs view at its top edge: the shoulder girdle lies far above them, so a
+    "clavicle" there cannot be one. With room above the pelvis the same clavicle is in order and kept."""
+    from models.site_rules import drop_out_of_order_pieces
+    sacrum = np.argwhere(sites == site_id("sacrum"))
+    view = np.ascontiguousarray(sites[:, :, :int(sacrum[:, 2].mean())])
+    assert (view[:, :, -1] == site_id("sacrum")).any()
+    clavicle = site_id("clavicle_right")
+    x0, y0 = (int(v) for v in sacrum[:, :2].mean(0))
+    x = next(x for x in range(x0 + 10, view.shape[0]) if not view[x - 2:x + 6, y0 - 2:y0 + 6, -6:].any())
+    noisy = view.copy()
+    noisy[x:x + 4, y0:y0 + 4, -3:] = clavicle                  # 48 voxels of soft tissue at the top edge
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert np.array_equal(out, view)
+    tall = np.concatenate([noisy, np.zeros(noisy.shape[:2] + (20,), noisy.dtype)], axis=2)
+    assert np.array_equal(drop_out_of_order_pieces(tall, GRID), tall)
