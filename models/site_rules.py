@@ -10,10 +10,11 @@ spine, shoulder girdle and sternum; thoracic spine, ribs and humerus; lumbar spi
 and fibula; foot. Forearms and hands are not ranked (beside the trunk or thighs, or above the head). Neighbouring
 tiers that can share a height (the shoulder girdle and the upper thorax; the lowest ribs or the elbow and the lumbar
 spine; the lumbar spine and the pelvis; the pelvis and the femoral head; the patella and the femur or tibia) are
-not compared, nor are the first tier and the lumbar spine (vertebral labels are not yet fitted to their levels). Two 26-connected pieces of ranked labels contradict each other
-when the centroid of one lies more than ``ORDER_MARGIN_MM`` on the wrong side of the other's (a "scapula" below a
-femur, a "tibia" above the pelvis). Pieces are dropped one at a time, the one that contradicts the most voxels of
-the pieces still kept first, until no two kept pieces contradict each other. A head bone (skull, mandible) also
+not compared, nor are the first tier and the lumbar spine (vertebral labels are not yet fitted to their levels).
+Two 26-connected pieces of ranked labels contradict each other when the centroid of one lies more than
+``ORDER_MARGIN_MM`` on the wrong side of the other's (a "scapula" below a femur, a "tibia" above the pelvis).
+Pieces are dropped one at a time, the one that contradicts the most voxels of the pieces still kept first, until no
+two kept pieces contradict each other. A head bone (skull, mandible) also
 contradicts a pelvic or lower piece whose centroid lies less than ``HEAD_GAP_MM`` below its own: the whole spine lies
 between them (a "skull" at the upper edge of a pelvis view). A piece that reaches the top or bottom edge of the
 view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradicts every piece ranked at least
@@ -152,7 +153,7 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
 
 
 def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int], head: Sequence[bool],
-                    at_top: Sequence[bool] | None = None, at_bottom: Sequence[bool] | None = None) -> np.ndarray:
+                    at_top: Sequence[bool], at_bottom: Sequence[bool]) -> np.ndarray:
     """Which pieces break the head-to-feet order (or put a head bone less than ``HEAD_GAP_MM`` above a pelvis or
     lower bone, or lie ``FAR_TIERS`` or more tiers beyond a piece that leaves the view at its top or bottom edge):
     while any two kept pieces contradict each other, the piece that contradicts the most voxels of the others goes
@@ -160,8 +161,7 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
     thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
     h = np.asarray(head, bool)
-    top = np.zeros(len(t), bool) if at_top is None else np.asarray(at_top, bool)
-    bottom = np.zeros(len(t), bool) if at_bottom is None else np.asarray(at_bottom, bool)
+    top, bottom = np.asarray(at_top, bool), np.asarray(at_bottom, bool)
     low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:
