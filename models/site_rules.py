@@ -16,10 +16,7 @@ Two 26-connected pieces of ranked labels contradict each other when the centroid
 Pieces are dropped one at a time, the one that contradicts the most voxels of the pieces still kept first, until no
 two kept pieces contradict each other. A head bone (skull, mandible) also
 contradicts a pelvic or lower piece whose centroid lies less than ``HEAD_GAP_MM`` below its own: the whole spine lies
-between them (a "skull" at the upper edge of a pelvis view); a pelvic piece likewise contradicts a patella whose
-centroid lies less than ``PATELLA_GAP_MM`` below its own: the femur lies between them (an "ilium" on the distal
-femur of a knee view).
-A piece that reaches the top or bottom edge of the
+between them (a "skull" at the upper edge of a pelvis view). A piece that reaches the top or bottom edge of the
 view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradicts every piece ranked at least
 ``FAR_TIERS`` tiers beyond that edge: a "rib" at the top of a knee view whose femur leaves the view at the top
 (the network draws chest wall where the view cuts the thighs), a "clavicle" at the top of a legs view whose sacrum
@@ -97,11 +94,6 @@ HEAD_GAP_MM = 200.0
 # lie far above it)
 EDGE_MM = 6.0
 FAR_TIERS = 3
-PATELLA_TIER = next(i for i, tier in enumerate(_TIERS) if "patella" in tier)
-# the least head-feet distance from a pelvic piece's centroid down to a patella's: the femur lies between them.
-# Lowest pelvic label to the highest patella on six 3-year-old phantoms of 94-96 cm: 153-157 mm
-# (tests/benchmarks/head_gap.py); 80 mm is about 0.57 of it scaled to -2 SD height (86 cm)
-PATELLA_GAP_MM = 80.0
 
 
 def head_to_feet_tier(site: Site) -> int | None:
@@ -163,15 +155,14 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
 def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int], head: Sequence[bool],
                     at_top: Sequence[bool], at_bottom: Sequence[bool]) -> np.ndarray:
     """Which pieces break the head-to-feet order (or put a head bone less than ``HEAD_GAP_MM`` above a pelvis or
-    lower bone, a pelvic bone less than ``PATELLA_GAP_MM`` above a patella, or lie ``FAR_TIERS`` or more tiers beyond a
-    piece that leaves the view at its top or bottom edge):
+    lower bone, or lie ``FAR_TIERS`` or more tiers beyond a piece that leaves the view at its top or bottom edge):
     while any two kept pieces contradict each other, the piece that contradicts the most voxels of the others goes
     first (ties: the earlier piece). Memory grows with the number of pieces, not its square (a noisy map can hold
     thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
     h = np.asarray(head, bool)
     top, bottom = np.asarray(at_top, bool), np.asarray(at_bottom, bool)
-    low, pelvic, patella = t >= PELVIS_TIER, t == PELVIS_TIER, t == PATELLA_TIER
+    low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:
         share[a, b] = share[b, a] = True
@@ -181,10 +172,6 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
                                  | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or below one below it
         out |= (t >= t[i] + FAR_TIERS) & (bottom[i] | top)   # far below i; i leaves the view downwards or it upwards
         out |= (t <= t[i] - FAR_TIERS) & (top[i] | bottom)   # far above i: the same, the other way round
-        if pelvic[i]:
-            out |= patella & (z[i] - z < PATELLA_GAP_MM)      # a pelvic bone too close above a patella
-        elif patella[i]:
-            out |= pelvic & (z - z[i] < PATELLA_GAP_MM)
         if h[i]:
             return out | (low & (z[i] - z < HEAD_GAP_MM))   # a head bone too close above the pelvis or legs
         if low[i]:
