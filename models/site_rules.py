@@ -18,9 +18,10 @@ two kept pieces contradict each other. A head bone (skull, mandible) also
 contradicts a pelvic or lower piece whose centroid lies less than ``HEAD_GAP_MM`` below its own: the whole spine lies
 between them (a "skull" at the upper edge of a pelvis view). A piece that reaches the top or bottom edge of the
 view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradicts every piece ranked at least
-``FAR_TIERS`` tiers beyond that edge: a "rib" at the top of a knee view whose femur leaves the view at the top
-(the network draws chest wall where the view cuts the thighs), a "clavicle" at the top of a legs view whose sacrum
-leaves it at the top, a "femur" in a chest view whose ribs leave it at the bottom. A dropped piece's voxels take
+``FAR_TIERS`` tiers beyond that edge (the humerus excepted: its label can run on down the forearm): a "rib" at the
+top of a knee view whose femur leaves the view at the top (the network draws chest wall where the view cuts the
+thighs), a "clavicle" at the top of a legs view whose sacrum leaves it at the top, a "femur" in a chest view whose
+ribs leave it at the bottom. A dropped piece's voxels take
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
 largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
@@ -94,6 +95,10 @@ HEAD_GAP_MM = 200.0
 # lie far above it)
 EDGE_MM = 6.0
 FAR_TIERS = 3
+# bones whose label the network carries on into the unranked forearm and hand beside them, so reaching an edge does
+# not show that they leave the view there: in a spine view down to the thighs, a "humerus" ran down the forearm to
+# the bottom edge and lost to the femora (models/default/HISTORY.md, session 49)
+_EDGE_BLIND = frozenset({"humerus"})
 
 
 def head_to_feet_tier(site: Site) -> int | None:
@@ -127,8 +132,10 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     pieces.sort(key=lambda p: -p[0])   # the first piece of a label kept is its largest
     drop = _pieces_to_drop([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces],
                            [sites_by_id[p[3]].region == "head" for p in pieces],
-                           [p[4][2].stop > n_rows - edge_rows for p in pieces],
-                           [p[4][2].start < edge_rows for p in pieces])
+                           [p[4][2].stop > n_rows - edge_rows and sites_by_id[p[3]].bone not in _EDGE_BLIND
+                            for p in pieces],
+                           [p[4][2].start < edge_rows and sites_by_id[p[3]].bone not in _EDGE_BLIND
+                            for p in pieces])
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []   # (piece box, piece mask within it, centroid z in mm)
     for i, (_, z, tier, sid, box, lab, k) in enumerate(pieces):

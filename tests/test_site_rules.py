@@ -469,3 +469,25 @@ def test_a_clavicle_at_the_top_of_a_legs_view_is_dropped(sites):
     assert np.array_equal(out, view)
     tall = np.concatenate([noisy, np.zeros(noisy.shape[:2] + (20,), noisy.dtype)], axis=2)
     assert np.array_equal(drop_out_of_order_pieces(tall, GRID), tall)
+
+
+def test_a_humerus_label_running_down_the_forearm_to_the_edge_keeps_its_humerus(sites):
+    """In a view from the head down to the thighs the network can carry "humerus" on down the forearm and hand to
+    the bottom edge, beside the femora. The humerus does not leave the view there, so the femora (three tiers below)
+    do not contradict it: the whole humerus stays."""
+    from models.site_rules import drop_out_of_order_pieces
+    humerus = site_id("humerus_left")
+    arm = np.isin(sites, [site_id("radius_left"), site_id("ulna_left"), site_id("hand_left")])
+    cut = int(np.argwhere(sites == site_id("hand_left"))[:, 2].min()) + 1   # the fingertips at the bottom edge
+    view = np.ascontiguousarray(sites[:, :, cut:])
+    noisy = view.copy()
+    noisy[arm[:, :, cut:]] = humerus
+    grown = ndimage.binary_dilation(noisy == humerus, np.ones((3, 3, 3), bool), iterations=2) & (noisy == 0)
+    noisy[grown & ndimage.binary_dilation(arm[:, :, cut:], iterations=3)] = humerus
+    pieces, _ = ndimage.label(noisy == humerus, np.ones((3, 3, 3), bool))
+    main = pieces[view == humerus]
+    assert (main == main[0]).all() and main[0] > 0, "the humerus and its forearm run are one piece"
+    assert (pieces[:, :, 0] == main[0]).any(), "that piece reaches the bottom edge"
+    assert np.isin(view[:, :, 0], [site_id("femur_left"), site_id("femur_right")]).any()
+    out = drop_out_of_order_pieces(noisy, GRID)
+    assert (out[view == humerus] == humerus).all()
