@@ -130,12 +130,11 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
             at = tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, piece_box))
             pieces.append((int(sizes[k]), float(z_mm[k]), tier, sid, at, lab[piece_box], k + 1))
     pieces.sort(key=lambda p: -p[0])   # the first piece of a label kept is its largest
+    edge_seen = [sites_by_id[p[3]].bone not in _EDGE_BLIND for p in pieces]
     drop = _pieces_to_drop([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces],
                            [sites_by_id[p[3]].region == "head" for p in pieces],
-                           [p[4][2].stop > n_rows - edge_rows and sites_by_id[p[3]].bone not in _EDGE_BLIND
-                            for p in pieces],
-                           [p[4][2].start < edge_rows and sites_by_id[p[3]].bone not in _EDGE_BLIND
-                            for p in pieces])
+                           [seen and p[4][2].stop > n_rows - edge_rows for p, seen in zip(pieces, edge_seen)],
+                           [seen and p[4][2].start < edge_rows for p, seen in zip(pieces, edge_seen)])
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []   # (piece box, piece mask within it, centroid z in mm)
     for i, (_, z, tier, sid, box, lab, k) in enumerate(pieces):
