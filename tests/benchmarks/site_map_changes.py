@@ -14,7 +14,6 @@ lacks (each such label counts as a site with Dice 0), with the labels and their 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -22,39 +21,35 @@ import numpy as np
 
 from models.site_rules import drop_out_of_order_pieces
 from models.sites import by_id
+from training.evaluate import read_per_case
 from training.metrics import level_agreement, site_histogram
 
 
-def _labels(path: Path) -> np.ndarray:
-    return np.asarray(nib.load(str(path)).dataobj).astype(np.uint8)
+def _labels(img: nib.Nifti1Image) -> np.ndarray:
+    return np.asarray(img.dataobj).astype(np.uint8)
 
 
 def _per_case(evaluation: Path) -> dict[str, float]:
-    with open(evaluation / "per_case.csv") as f:
-        return {r["case"]: float(r["mean_site_dice"]) for r in csv.DictReader(f) if r["mean_site_dice"]}
+    rows, _ = read_per_case(evaluation)
+    return {r["case"]: float(r["mean_site_dice"]) for r in rows if r["mean_site_dice"]}
 
 
-def extra_labels(data: Path, evaluation: Path) -> dict[str, list[str]]:
-    """Per case: the site labels of the predicted map that the reference lacks, with their volumes."""
-    sites, out = by_id(), {}
+def read_maps(data: Path, evaluation: Path) -> tuple[int, int, dict[str, list[str]]]:
+    """One pass over an evaluation's saved site maps against the references: pooled (voxels whose vertebral level
+    agrees, voxels vertebra in both maps), and per case the labels the reference lacks, with their volumes."""
+    sites, extra_by_case = by_id(), {}
+    right = total = 0
     for case in sorted((evaluation / "predictions").iterdir()):
         img = nib.load(str(case / "sites.nii.gz"))
-        pred, ref = _labels(case / "sites.nii.gz"), _labels(data / "cases" / case.name / "sites.nii.gz")
+        pred, ref = _labels(img), _labels(nib.load(str(data / "cases" / case.name / "sites.nii.gz")))
+        r, n = level_agreement(site_histogram(pred, ref))
+        right, total = right + r, total + n
         voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
         extra = sorted(set(np.unique(pred)) - set(np.unique(ref)) - {0})
         if extra:
-            out[case.name] = [f"{sites[int(s)].code} {np.count_nonzero(pred == s) * voxel_ml:.1f} mL" for s in extra]
-    return out
-
-
-def level_accuracy(data: Path, evaluation: Path) -> tuple[int, int]:
-    """Pooled (voxels whose vertebral level agrees, voxels vertebra in both maps) over an evaluation's cases."""
-    right = total = 0
-    for case in sorted((evaluation / "predictions").iterdir()):
-        r, n = level_agreement(site_histogram(_labels(case / "sites.nii.gz"),
-                                              _labels(data / "cases" / case.name / "sites.nii.gz")))
-        right, total = right + r, total + n
-    return right, total
+            extra_by_case[case.name] = [f"{sites[int(s)].code} {np.count_nonzero(pred == s) * voxel_ml:.1f} mL"
+                                        for s in extra]
+    return right, total, extra_by_case
 
 
 def compare(data: Path, a: Path, b: Path) -> None:
@@ -65,8 +60,7 @@ def compare(data: Path, a: Path, b: Path) -> None:
     print(f"mean bone-site Dice, {len(change)} scans: {len(moved)} changed, {sum(d > 0 for d in moved.values())} "
           f"better, {sum(d < 0 for d in moved.values())} worse; worst {worst} {change[worst]:+.4f}")
     for evaluation in (a, b):
-        right, total = level_accuracy(data, evaluation)
-        extra = extra_labels(data, evaluation)
+        right, total, extra = read_maps(data, evaluation)
         print(f"{evaluation}: vertebral-level accuracy {right}/{total} = {right / max(total, 1):.4f}; "
               f"{len(extra)} views with labels the reference lacks")
         for case, labels in extra.items():
