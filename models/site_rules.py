@@ -1,7 +1,7 @@
 """The anatomical rules applied to the network's site map, in order (:func:`apply_site_rules`), shared by
 validation and inference: pieces out of head-to-feet order dropped (below), vertebral levels fitted along the spine
 (:mod:`models.spine`), sides by position (:mod:`models.sides`), "tibia" above the patella's middle renamed femur
-(:func:`leg_bones_by_patella`), then stray labels handed to the bone they sit in (below).
+(:func:`leg_bones_by_patella`), "femur" just above the talus renamed tibia (:func:`leg_bones_by_ankle`), then stray labels handed to the bone they sit in (below).
 
 Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
 lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
@@ -267,6 +267,43 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
     return out
 
 
+ANKLE_GAP_MM = 100.0
+MIN_TALUS_ML = 1.0
+
+
+def leg_bones_by_ankle(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``sites`` with each side's "femur" voxels less than ``ANKLE_GAP_MM`` above the top of that side's talus
+    renamed tibia (the input itself when none are).
+
+    The whole tibia lies between the femur and the talus: 157 mm or more even in the smallest child the phantom
+    draws (174-176 mm in 3-year-olds of 95 cm, scaled to -2 SD height). In a feet view the network can name the
+    distal tibia and fibula "femur" from the view's top edge down to the ankle, which the head-to-feet order passes
+    (a femur above the foot), and a distal tibial lesion would be reported as femoral. The talus used is the side's
+    largest 26-connected piece, when it holds at least ``MIN_TALUS_ML`` (a 3-year-old's is about 4 mL) and touches
+    that side's calcaneus, midfoot or metatarsals; a side without one uses the other side's, since both feet lie
+    level; without either nothing changes. Rows, not whole pieces: a "femur" that runs on from the tibia into the
+    true femur keeps its name above the cut."""
+    sites = np.asarray(sites)
+    spacing = np.asarray(spacing, float)
+    boxes = ndimage.find_objects(sites)
+    tops = {side: _talus_top_mm(sites, boxes, side, spacing) for side in ("left", "right")}
+    out = sites
+    for side, other in (("left", "right"), ("right", "left")):
+        top_mm = tops[side] if tops[side] is not None else tops[other]   # feet lie level
+        femur = site_id(f"femur_{side}")
+        box = _label_box(boxes, femur)
+        if top_mm is None or box is None:
+            continue
+        stop_row = int(np.ceil((top_mm + ANKLE_GAP_MM) / spacing[2]))
+        if box[2].start >= stop_row:
+            continue
+        below = (box[0], box[1], slice(box[2].start, min(box[2].stop, stop_row)))
+        wrong = out[below] == femur
+        out = out.copy() if out is sites else out
+        out[below][wrong] = site_id(f"tibia_{side}")
+    return out
+
+
 def _label_box(boxes: list, sid: int) -> tuple[slice, ...] | None:
     """The bounding box of label ``sid`` from ``ndimage.find_objects`` of a label map; None when it is absent."""
     return boxes[sid - 1] if sid <= len(boxes) else None
@@ -275,19 +312,36 @@ def _label_box(boxes: list, sid: int) -> tuple[slice, ...] | None:
 def _patella_centre_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray) -> float | None:
     """Height (mm along the grid's third axis) of the centroid of the side's patella: its largest 26-connected piece,
     when that holds at least ``MIN_PATELLA_ML`` and touches the side's femur or tibia; None without one."""
-    patella_id, femur, tibia = (site_id(f"{bone}_{side}") for bone in ("patella", "femur", "tibia"))
-    box = _label_box(boxes, patella_id)
+    found = _landmark(sites, boxes, f"patella_{side}", (f"femur_{side}", f"tibia_{side}"), MIN_PATELLA_ML, spacing)
+    return None if found is None else (float(found[1].mean()) + found[0]) * float(spacing[2])
+
+
+def _talus_top_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray) -> float | None:
+    """Height (mm along the grid's third axis) of the top of the side's talus: its largest 26-connected piece, when
+    that holds at least ``MIN_TALUS_ML`` and touches the side's calcaneus, midfoot or metatarsals; None without one."""
+    found = _landmark(sites, boxes, f"talus_{side}",
+                      tuple(f"{bone}_{side}" for bone in ("calcaneus", "midfoot", "metatarsals")), MIN_TALUS_ML, spacing)
+    return None if found is None else (float(found[1].max()) + found[0] + 1) * float(spacing[2])
+
+
+def _landmark(sites: np.ndarray, boxes: list, code: str, touching: Sequence[str], min_ml: float,
+              spacing: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """The largest 26-connected piece of label ``code`` when it holds at least ``min_ml`` and touches one of the
+    labels ``touching`` (a landmark the network placed among its neighbours): the first row of its crop along the
+    third axis and the third-axis rows of its voxels; None without one."""
+    sid = site_id(code)
+    box = _label_box(boxes, sid)
     if box is None:
         return None
     grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)  # room for its neighbours
     crop = sites[grown]
-    pieces, _ = ndimage.label(crop == patella_id, _NEIGHBOURS)
+    pieces, _ = ndimage.label(crop == sid, _NEIGHBOURS)
     sizes = np.bincount(pieces.ravel())[1:]
-    patella = pieces == int(np.argmax(sizes)) + 1
-    if sizes.max() < MIN_PATELLA_ML * 1000.0 / float(np.prod(spacing)) or not np.isin(
-            crop[ndimage.binary_dilation(patella, _NEIGHBOURS)], (femur, tibia)).any():
+    piece = pieces == int(np.argmax(sizes)) + 1
+    if sizes.max() < min_ml * 1000.0 / float(np.prod(spacing)) or not np.isin(
+            crop[ndimage.binary_dilation(piece, _NEIGHBOURS)], [site_id(c) for c in touching]).any():
         return None
-    return (float(np.nonzero(patella)[2].mean()) + grown[2].start) * float(spacing[2])
+    return grown[2].start, np.nonzero(piece)[2]
 
 
 def bone_thresholds(thresholds: Mapping[str, float]) -> tuple[float, float]:
@@ -328,5 +382,5 @@ def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[fl
     site_map = drop_out_of_order_pieces(np.asarray(site_map, np.uint8), spacing)
     site_map = renumber_vertebrae(site_map, spacing, img, edema)
     site_map = sides_by_position(site_map, body_mask(img), spacing)
-    site_map = leg_bones_by_patella(site_map, spacing)
+    site_map = leg_bones_by_ankle(leg_bones_by_patella(site_map, spacing), spacing)
     return relabel_stray_pieces(site_map, spacing)

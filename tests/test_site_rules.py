@@ -488,3 +488,54 @@ def test_a_humerus_label_running_down_the_forearm_to_the_edge_keeps_its_humerus(
         np.argwhere(view == site_id("ilium_left"))[:, 2].mean() * GRID[2] + 10, "in order by centroids"
     out = drop_out_of_order_pieces(noisy, GRID)
     assert (out[view == humerus] == humerus).all()
+
+
+def _feet_view(sites: np.ndarray) -> np.ndarray:
+    """A feet view of the true map: the feet and the lower half of the lower legs, which leave it at the top."""
+    tibia = np.argwhere(sites == site_id("tibia_left"))
+    return np.ascontiguousarray(sites[:, :, :int(tibia[:, 2].mean())])
+
+
+@pytest.mark.parametrize("view", ["whole_body", "feet"])
+def test_true_sites_keep_every_voxel_through_the_ankle_rule(sites, view):
+    """No true femur lies within ANKLE_GAP_MM of the talus: the whole tibia is between them."""
+    from models.site_rules import leg_bones_by_ankle
+    part = sites if view == "whole_body" else _feet_view(sites)
+    assert np.isin(part, [site_id("talus_left"), site_id("talus_right")]).any()
+    assert np.array_equal(leg_bones_by_ankle(part, GRID), part)
+
+
+def test_a_distal_tibia_named_femur_in_a_feet_view_is_named_tibia(sites):
+    """The network's error in feet views: tibia and fibula named "femur" from the top edge down to the ankle. The
+    rows within ANKLE_GAP_MM of the talus become tibia; a side without a talus uses the other side's; without either,
+    or with the talus a speck, nothing changes."""
+    from models.site_rules import ANKLE_GAP_MM, leg_bones_by_ankle
+    view = _feet_view(sites)
+    talus_l, talus_r = site_id("talus_left"), site_id("talus_right")
+    noisy = view.copy()
+    for side in ("left", "right"):
+        noisy[np.isin(view, [site_id(f"tibia_{side}"), site_id(f"fibula_{side}")])] = site_id(f"femur_{side}")
+    top = np.nonzero((view == talus_r).any(axis=(0, 1)))[0][-1] + 1
+    cut = int(np.ceil(top + ANKLE_GAP_MM / GRID[2]))
+    assert cut < view.shape[2], "the view reaches above the cut"
+    expected = noisy.copy()
+    for side in ("left", "right"):
+        low = expected[:, :, :cut]
+        low[low == site_id(f"femur_{side}")] = site_id(f"tibia_{side}")
+    out = leg_bones_by_ankle(noisy, GRID)
+    assert np.count_nonzero(out != noisy) > 500
+    assert np.array_equal(out, expected)
+    assert (out[:, :, cut:] == site_id("femur_left")).any(), "above the cut the name stays"
+    # a side without its talus uses the other side's
+    one_talus = np.where(noisy == talus_l, site_id("calcaneus_left"), noisy).astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_ankle(one_talus, GRID),
+                          np.where(expected == talus_l, site_id("calcaneus_left"), expected))
+    # neither talus, or a speck of one, or a talus touching no foot bone: nothing changes
+    neither = np.where(one_talus == talus_r, site_id("calcaneus_right"), one_talus).astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_ankle(neither, GRID), neither)
+    speck = neither.copy()
+    speck[tuple(np.argwhere(noisy == talus_r)[0])] = talus_r
+    assert np.array_equal(leg_bones_by_ankle(speck, GRID), speck)
+    alone = np.where(np.isin(noisy, [site_id(f"{b}_{s}") for b in ("calcaneus", "midfoot", "metatarsals", "toes")
+                                     for s in ("left", "right")]), 0, noisy).astype(noisy.dtype)
+    assert np.array_equal(leg_bones_by_ankle(alone, GRID), alone)

@@ -1,15 +1,17 @@
 """How two evaluations' site maps differ, scan by scan, and what the order rule does to true maps: the checks behind
-the site-rule changes of session 49 (models/default/HISTORY.md).
+the site-rule changes of sessions 49-50 (models/default/HISTORY.md).
 
     .venv/bin/python tests/benchmarks/site_map_changes.py compare data/dev_partial_g16 eval/A eval/B
     .venv/bin/python tests/benchmarks/site_map_changes.py true-maps data/dev_wb_g16 data/dev_partial_g16 ...
+    .venv/bin/python tests/benchmarks/site_map_changes.py true-maps --rule ankle data/dev_wb_g16 ...
 
 ``compare``: for evaluations A and B of one data set (``wbmri evaluate --out``), the scans whose mean bone-site Dice
 changed (better, worse, the worst change), the pooled vertebral-level accuracy of each computed from the saved maps
 (evaluations before wbmri 0.2.11 do not report it), and per evaluation the views with site labels the reference
 lacks (each such label counts as a site with Dice 0), with the labels and their volumes.
-``true-maps``: the reference site maps of wbmri synth folders through the head-to-feet order rule
-(``models.site_rules.drop_out_of_order_pieces``); a map the rule changes is printed with its changed voxels.
+``true-maps``: the reference site maps of wbmri synth folders through one site rule (``--rule``: ``order``, the
+head-to-feet order, ``models.site_rules.drop_out_of_order_pieces``, the default; ``patella`` or ``ankle``, the leg-bone
+rules); a map the rule changes is printed with its changed voxels.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from models.site_rules import drop_out_of_order_pieces
+from models.site_rules import drop_out_of_order_pieces, leg_bones_by_ankle, leg_bones_by_patella
 from models.sites import by_id
 from training.evaluate import read_per_case
 from training.metrics import level_agreement, site_histogram
@@ -67,18 +69,21 @@ def compare(data: Path, a: Path, b: Path) -> None:
             print(f"  {case}: {', '.join(labels)}")
 
 
-def true_maps(folders: list[Path]) -> None:
+RULES = {"order": drop_out_of_order_pieces, "patella": leg_bones_by_patella, "ankle": leg_bones_by_ankle}
+
+
+def true_maps(folders: list[Path], rule: str = "order") -> None:
     changed = n = 0
     for folder in folders:
         for path in sorted((folder / "cases").glob("*/sites.nii.gz")):
             img = nib.as_closest_canonical(nib.load(str(path)))
             labels = np.asarray(img.dataobj).astype(np.uint8)
-            out = drop_out_of_order_pieces(labels, img.header.get_zooms()[:3])
+            out = RULES[rule](labels, img.header.get_zooms()[:3])
             n += 1
             if not np.array_equal(out, labels):
                 changed += 1
                 print(f"changed: {path} ({np.count_nonzero(out != labels)} voxels)")
-    print(f"{changed} of {n} true maps changed by the order rule")
+    print(f"{changed} of {n} true maps changed by the {rule} rule")
 
 
 def main() -> None:
@@ -88,13 +93,14 @@ def main() -> None:
     c.add_argument("data", type=Path)
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
-    t = sub.add_parser("true-maps", help="reference site maps through the order rule")
+    t = sub.add_parser("true-maps", help="reference site maps through one site rule")
+    t.add_argument("--rule", choices=sorted(RULES), default="order")
     t.add_argument("folders", nargs="+", type=Path)
     args = p.parse_args()
     if args.command == "compare":
         compare(args.data, args.a, args.b)
     else:
-        true_maps(args.folders)
+        true_maps(args.folders, args.rule)
 
 
 if __name__ == "__main__":
