@@ -21,7 +21,9 @@ view (within ``EDGE_MM``) is a bone that goes on beyond it, so it also contradic
 ``FAR_TIERS`` tiers beyond that edge (the humerus excepted: its label can run on down the forearm): a "rib" at the
 top of a knee view whose femur leaves the view at the top (the network draws chest wall where the view cuts the
 thighs), a "clavicle" at the top of a legs view whose sacrum leaves it at the top, a "femur" in a chest view whose
-ribs leave it at the bottom. A dropped piece's voxels take
+ribs leave it at the bottom. A sacrum that leaves the view at the top also contradicts every piece ``SACRUM_FAR_TIERS``
+or more tiers above the pelvis but the humerus: the view ends below the S1 end plate, below the lowest ribs (the
+network draws "ribs" in the top corners of such pelvis and legs views). A dropped piece's voxels take
 the most frequent label touching them when the piece's centroid lies within the head-feet extent of that label's
 largest kept piece, give or take the margin (a "skull" among the metatarsals becomes metatarsals: it is bone), or
 any forearm or hand label; else they become no bone, and a lesion there is named after the nearest bone
@@ -99,6 +101,10 @@ FAR_TIERS = 3
 # not show that they leave the view there: in a spine view down to the thighs, a "humerus" ran down the forearm to
 # the bottom edge and lost to the femora (models/default/HISTORY.md, session 49)
 _EDGE_BLIND = frozenset({"humerus"})
+# a sacrum cut at the view's top puts the top below the S1 end plate, a vertebra or more below the iliac crest and
+# below the lowest ribs' ends (the 12th rib's tip at about L2-L3): nothing SACRUM_FAR_TIERS or more tiers above the
+# pelvis is in view but the humerus (the elbow of a child lying with the arms at the sides can reach the sacrum)
+SACRUM_FAR_TIERS = 2
 
 
 def head_to_feet_tier(site: Site) -> int | None:
@@ -131,10 +137,12 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
             pieces.append((int(sizes[k]), float(z_mm[k]), tier, sid, at, lab[piece_box], k + 1))
     pieces.sort(key=lambda p: -p[0])   # the first piece of a label kept is its largest
     edge_seen = [sites_by_id[p[3]].bone not in _EDGE_BLIND for p in pieces]
+    at_top = [seen and p[4][2].stop > n_rows - edge_rows for p, seen in zip(pieces, edge_seen)]
+    sacrum, humerus = ([sites_by_id[p[3]].bone == bone for p in pieces] for bone in ("sacrum", "humerus"))
     drop = _pieces_to_drop([p[0] for p in pieces], [p[1] for p in pieces], [p[2] for p in pieces],
-                           [sites_by_id[p[3]].region == "head" for p in pieces],
-                           [seen and p[4][2].stop > n_rows - edge_rows for p, seen in zip(pieces, edge_seen)],
-                           [seen and p[4][2].start < edge_rows for p, seen in zip(pieces, edge_seen)])
+                           [sites_by_id[p[3]].region == "head" for p in pieces], at_top,
+                           [seen and p[4][2].start < edge_rows for p, seen in zip(pieces, edge_seen)],
+                           [s and top for s, top in zip(sacrum, at_top)], humerus)
     main_rows: dict[int, tuple[int, int]] = {}   # head-feet rows of each label's largest kept piece
     dropped = []   # (piece box, piece mask within it, centroid z in mm)
     for i, (_, z, tier, sid, box, lab, k) in enumerate(pieces):
@@ -159,15 +167,18 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
 
 
 def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence[int], head: Sequence[bool],
-                    at_top: Sequence[bool], at_bottom: Sequence[bool]) -> np.ndarray:
+                    at_top: Sequence[bool], at_bottom: Sequence[bool], sacrum_at_top: Sequence[bool],
+                    humerus: Sequence[bool]) -> np.ndarray:
     """Which pieces break the head-to-feet order (or put a head bone less than ``HEAD_GAP_MM`` above a pelvis or
-    lower bone, or lie ``FAR_TIERS`` or more tiers beyond a piece that leaves the view at its top or bottom edge):
+    lower bone, or lie ``FAR_TIERS`` or more tiers beyond a piece that leaves the view at its top or bottom edge,
+    or ``SACRUM_FAR_TIERS`` or more above a sacrum that leaves it at the top, humeri excepted):
     while any two kept pieces contradict each other, the piece that contradicts the most voxels of the others goes
     first (ties: the earlier piece). Memory grows with the number of pieces, not its square (a noisy map can hold
     thousands)."""
     t, z, w = np.asarray(tiers), np.asarray(z_mm, float), np.asarray(sizes, float)
     h = np.asarray(head, bool)
     top, bottom = np.asarray(at_top, bool), np.asarray(at_bottom, bool)
+    cut_sacrum, arm = np.asarray(sacrum_at_top, bool), np.asarray(humerus, bool)
     low = t >= PELVIS_TIER
     share = np.eye(len(_TIERS), dtype=bool)          # tiers that can share a height are never compared
     for a, b in _MAY_OVERLAP:
@@ -178,6 +189,10 @@ def _pieces_to_drop(sizes: Sequence[int], z_mm: Sequence[float], tiers: Sequence
                                  | ((t[i] > t) & (z < z[i] - ORDER_MARGIN_MM)))  # or below one below it
         out |= (t >= t[i] + FAR_TIERS) & (bottom[i] | top)   # far below i; i leaves the view downwards or it upwards
         out |= (t <= t[i] - FAR_TIERS) & (top[i] | bottom)   # far above i: the same, the other way round
+        if cut_sacrum[i]:                                    # i a sacrum leaving the view at the top
+            out |= (t <= t[i] - SACRUM_FAR_TIERS) & ~arm
+        elif not arm[i]:
+            out |= (t >= t[i] + SACRUM_FAR_TIERS) & cut_sacrum
         if h[i]:
             return out | (low & (z[i] - z < HEAD_GAP_MM))   # a head bone too close above the pelvis or legs
         if low[i]:

@@ -490,6 +490,36 @@ def test_a_humerus_label_running_down_the_forearm_to_the_edge_keeps_its_humerus(
     assert (out[view == humerus] == humerus).all()
 
 
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.6, 0.95])
+def test_true_sites_keep_every_voxel_in_views_cut_through_the_sacrum(sites, share):
+    """Pelvis and legs views whose top edge cuts the sacrum at a share of its height (from its top): the true map
+    holds humeri and forearms beside it but no rib or thoracic vertebra, so the order rule changes nothing."""
+    from models.site_rules import drop_out_of_order_pieces
+    rows = np.nonzero((sites == site_id("sacrum")).any(axis=(0, 1)))[0]
+    view = np.ascontiguousarray(sites[:, :, :int(rows[-1] - share * (rows[-1] - rows[0]))])
+    assert (view[:, :, -1] == site_id("sacrum")).any()
+    assert np.array_equal(drop_out_of_order_pieces(view, GRID), view)
+
+
+def test_ribs_at_the_top_of_a_view_cut_through_the_sacrum_are_dropped(sites):
+    """The network draws "ribs" in the top corners of pelvis and legs views. Where the sacrum leaves the view at the
+    top, the view ends below the S1 end plate, below the lowest ribs: the ribs go. With room above the sacrum they
+    are in order and stay, and a "humerus" in the same place stays either way (the elbow can reach the sacrum)."""
+    from models.site_rules import drop_out_of_order_pieces
+    sacrum = np.argwhere(sites == site_id("sacrum"))
+    view = np.ascontiguousarray(sites[:, :, :int(sacrum[:, 2].max()) - 3])
+    x0, y0 = (int(v) for v in sacrum[:, :2].mean(0))
+    x = next(x for x in range(x0 + 10, view.shape[0]) if not view[x - 2:x + 6, y0 - 2:y0 + 6, -6:].any())
+    noisy = view.copy()
+    noisy[x:x + 4, y0:y0 + 4, -3:] = site_id("ribs_right")          # 48 voxels of soft tissue at the top edge
+    assert np.argwhere(noisy == site_id("ribs_right"))[:, 2].mean() > sacrum[:, 2].mean(), "in order by centroids"
+    assert np.array_equal(drop_out_of_order_pieces(noisy, GRID), view)
+    tall = np.concatenate([noisy, np.zeros(noisy.shape[:2] + (20,), noisy.dtype)], axis=2)
+    assert np.array_equal(drop_out_of_order_pieces(tall, GRID), tall)
+    arm = np.where(noisy == site_id("ribs_right"), site_id("humerus_right"), noisy).astype(noisy.dtype)
+    assert np.array_equal(drop_out_of_order_pieces(arm, GRID), arm)
+
+
 def _feet_view(sites: np.ndarray) -> np.ndarray:
     """A feet view of the true map: the feet and the lower half of the lower legs, which leave it at the top."""
     tibia = np.argwhere(sites == site_id("tibia_left"))
