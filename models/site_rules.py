@@ -48,7 +48,7 @@ Works on any grid with its voxel spacing (the model grid at inference).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -259,26 +259,14 @@ def leg_bones_by_patella(sites: np.ndarray, spacing: Sequence[float]) -> np.ndar
     the map too) uses the other side's, since a child lies with both knees extended and level; without either (an
     unossified patella in a young child, or none found) nothing changes. The reverse (femur below the patella) is
     not renamed: the femoral condyles reach below the patella's lower pole."""
-    sites = np.asarray(sites)
-    spacing = np.asarray(spacing, float)
+    sites, spacing = np.asarray(sites), np.asarray(spacing, float)
     boxes = ndimage.find_objects(sites)
-    centres = {side: _patella_centre_mm(sites, boxes, side, spacing) for side in ("left", "right")}
     out = sites
-    for side, other in (("left", "right"), ("right", "left")):
-        centre_mm = centres[side] if centres[side] is not None else centres[other]   # knees lie level
-        if centre_mm is None:
-            continue
+    for side, centre_mm in _heights_by_side(sites, boxes, spacing, _patella_centre_mm).items():   # knees lie level
         femur, tibia, fibula = (site_id(f"{bone}_{side}") for bone in ("femur", "tibia", "fibula"))
         first_row = int(np.floor((centre_mm + PATELLA_MARGIN_MM) / spacing[2])) + 1
         for sid in (tibia, fibula):
-            box = _label_box(boxes, sid)
-            if box is None or box[2].stop <= first_row:
-                continue
-            above = (box[0], box[1], slice(max(box[2].start, first_row), box[2].stop))
-            wrong = out[above] == sid
-            if wrong.any():
-                out = out.copy() if out is sites else out
-                out[above][wrong] = femur
+            out = _renamed_in_rows(out, sites, boxes, sid, femur, first_row, sites.shape[2])
     return out
 
 
@@ -298,24 +286,40 @@ def leg_bones_by_ankle(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarra
     that side's calcaneus, midfoot or metatarsals; a side without one uses the other side's, since both feet lie
     level; without either nothing changes. Rows, not whole pieces: a "femur" that runs on from the tibia into the
     true femur keeps its name above the cut."""
-    sites = np.asarray(sites)
-    spacing = np.asarray(spacing, float)
+    sites, spacing = np.asarray(sites), np.asarray(spacing, float)
     boxes = ndimage.find_objects(sites)
-    tops = {side: _talus_top_mm(sites, boxes, side, spacing) for side in ("left", "right")}
     out = sites
-    for side, other in (("left", "right"), ("right", "left")):
-        top_mm = tops[side] if tops[side] is not None else tops[other]   # feet lie level
-        femur = site_id(f"femur_{side}")
-        box = _label_box(boxes, femur)
-        if top_mm is None or box is None:
-            continue
+    for side, top_mm in _heights_by_side(sites, boxes, spacing, _talus_top_mm).items():   # feet lie level
         stop_row = int(np.ceil((top_mm + ANKLE_GAP_MM) / spacing[2]))
-        if box[2].start >= stop_row:
-            continue
-        below = (box[0], box[1], slice(box[2].start, min(box[2].stop, stop_row)))
-        wrong = out[below] == femur
+        out = _renamed_in_rows(out, sites, boxes, site_id(f"femur_{side}"), site_id(f"tibia_{side}"), 0, stop_row)
+    return out
+
+
+def _heights_by_side(sites: np.ndarray, boxes: list, spacing: np.ndarray,
+                     height_mm: Callable[[np.ndarray, list, str, np.ndarray], float | None]) -> dict[str, float]:
+    """Each side's landmark height (``height_mm``: None where the side has none), the other side's where a side has
+    none (a child lies with both legs extended, knees and feet level); sides without either are left out."""
+    own = {side: height_mm(sites, boxes, side, spacing) for side in ("left", "right")}
+    both = {side: own[side] if own[side] is not None else own[other]
+            for side, other in (("left", "right"), ("right", "left"))}
+    return {side: mm for side, mm in both.items() if mm is not None}
+
+
+def _renamed_in_rows(out: np.ndarray, sites: np.ndarray, boxes: list, sid: int, new: int, first_row: int,
+                     stop_row: int) -> np.ndarray:
+    """``out`` with label ``sid`` (its box in ``boxes``, from ``sites``) renamed ``new`` in rows ``first_row`` to
+    ``stop_row`` (exclusive) of the third axis; a copy of ``sites`` is made the first time ``out`` is ``sites``."""
+    box = _label_box(boxes, sid)
+    if box is None:
+        return out
+    rows = slice(max(box[2].start, first_row), min(box[2].stop, stop_row))
+    if rows.start >= rows.stop:
+        return out
+    part = (box[0], box[1], rows)
+    wrong = out[part] == sid
+    if wrong.any():
         out = out.copy() if out is sites else out
-        out[below][wrong] = site_id(f"tibia_{side}")
+        out[part][wrong] = new
     return out
 
 
