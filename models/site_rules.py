@@ -1,7 +1,8 @@
 """The anatomical rules applied to the network's site map, in order (:func:`apply_site_rules`), shared by
 validation and inference: pieces out of head-to-feet order dropped (below), vertebral levels fitted along the spine
 (:mod:`models.spine`), sides by position (:mod:`models.sides`), "tibia" above the patella's middle renamed femur
-(:func:`leg_bones_by_patella`), "femur" just above the talus renamed tibia (:func:`leg_bones_by_ankle`), then stray labels handed to the bone they sit in (below).
+(:func:`leg_bones_by_patella`), "femur" just above the talus renamed tibia (:func:`leg_bones_by_ankle`), then stray
+labels handed to the bone they sit in (below).
 
 Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
 lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
