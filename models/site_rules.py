@@ -339,8 +339,8 @@ def _patella_centre_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.nd
 def _talus_top_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray) -> float | None:
     """Height (mm along the grid's third axis) of the top of the side's talus: its largest 26-connected piece, when
     that holds at least ``MIN_TALUS_ML`` and touches the side's calcaneus, midfoot or metatarsals; None without one."""
-    found = _landmark(sites, boxes, f"talus_{side}",
-                      tuple(f"{bone}_{side}" for bone in ("calcaneus", "midfoot", "metatarsals")), MIN_TALUS_ML, spacing)
+    foot = tuple(f"{bone}_{side}" for bone in ("calcaneus", "midfoot", "metatarsals"))
+    found = _landmark(sites, boxes, f"talus_{side}", foot, MIN_TALUS_ML, spacing)
     return None if found is None else (float(found[1].max()) + found[0] + 1) * float(spacing[2])
 
 
