@@ -1,8 +1,9 @@
 """The anatomical rules applied to the network's site map, in order (:func:`apply_site_rules`), shared by
 validation and inference: pieces out of head-to-feet order dropped (below), vertebral levels fitted along the spine
 (:mod:`models.spine`), sides by position (:mod:`models.sides`), "tibia" above the patella's middle renamed femur
-(:func:`leg_bones_by_patella`), "femur" just above the talus renamed tibia (:func:`leg_bones_by_ankle`), then stray
-labels handed to the bone they sit in (below).
+(:func:`leg_bones_by_patella`), "femur" just above the talus renamed tibia (:func:`leg_bones_by_ankle`), forearms
+and hands below the knee dropped (:func:`drop_arms_below_the_knee`), then stray labels handed to the bone they sit in
+(below).
 
 Head-to-feet order: in a partial field of view the network can name soft tissue or a foot bone after a bone that
 lies elsewhere in the body: a "skull" among the metatarsals, "vertebrae" and "scapulae" in the buttocks of a legs
@@ -296,6 +297,65 @@ def leg_bones_by_ankle(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarra
     return out
 
 
+_ARM_BONES = ("radius", "ulna", "hand")
+MIN_KNEE_TIBIA_ML = 5.0
+
+
+def drop_arms_below_the_knee(sites: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """``sites`` with every 26-connected radius, ulna or hand piece whose centroid lies below the knee line renamed
+    after the most frequent label touching it, or made no bone without one (the input itself when none are).
+
+    Forearms and hands are not ranked head to feet, but a child lies for whole-body MRI with the arms at the sides
+    or above the head, the fingertips at mid-thigh at the lowest: the network's "hand" on a lateral malleolus or
+    "radius" on a shank cannot be one. The knee line is the lower of the two sides' tops of their largest tibia
+    piece, counted only when that piece holds at least ``MIN_KNEE_TIBIA_ML`` (a stray "tibia" of a few voxels high
+    in a pelvis view once set it and took the true hands beside the thighs); without one nothing changes."""
+    sites, spacing = np.asarray(sites), np.asarray(spacing, float)
+    boxes = ndimage.find_objects(sites)
+    min_voxels = MIN_KNEE_TIBIA_ML * 1000.0 / float(np.prod(spacing))
+    tops = [_largest_piece_top_row(sites, boxes, site_id(f"tibia_{side}"), min_voxels) for side in ("left", "right")]
+    tops = [t for t in tops if t is not None]
+    if not tops:
+        return sites
+    knee_row = min(tops)
+    dropped = []   # (box grown by a voxel, the piece's mask within it)
+    for sid in (s.id for s in by_id().values() if s.bone in _ARM_BONES):
+        box = _label_box(boxes, sid)
+        if box is None or box[2].start >= knee_row:
+            continue
+        pieces, n = ndimage.label(sites[box] == sid, _NEIGHBOURS)
+        rows = np.broadcast_to(np.arange(pieces.shape[2]), pieces.shape)
+        centroid = np.asarray(ndimage.mean(rows, pieces, np.arange(1, n + 1))) + box[2].start
+        grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+        inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
+        for k in np.nonzero(centroid < knee_row)[0] + 1:
+            piece = np.zeros(sites[grown].shape, bool)
+            piece[inner] = pieces == k
+            dropped.append((grown, piece))
+    if not dropped:
+        return sites
+    out = sites.copy()
+    for grown, piece in dropped:
+        out[grown][piece] = 0
+    for grown, piece in dropped:   # named after the bone they lie on, not after each other
+        out[grown][piece] = bone_around(out[grown], piece)
+    return out
+
+
+def _largest_piece_top_row(sites: np.ndarray, boxes: list, sid: int, min_voxels: float) -> int | None:
+    """The top row (third axis, exclusive) of label ``sid``'s largest 26-connected piece when it holds at least
+    ``min_voxels``; None otherwise."""
+    box = _label_box(boxes, sid)
+    if box is None:
+        return None
+    pieces, _ = ndimage.label(sites[box] == sid, _NEIGHBOURS)
+    sizes = np.bincount(pieces.ravel())[1:]
+    largest = int(np.argmax(sizes)) + 1
+    if sizes[largest - 1] < min_voxels:
+        return None
+    return int(np.nonzero((pieces == largest).any(axis=(0, 1)))[0][-1]) + 1 + box[2].start
+
+
 def _heights_by_side(sites: np.ndarray, boxes: list, spacing: np.ndarray,
                      height_mm: Callable[[np.ndarray, list, str, np.ndarray], float | None]) -> dict[str, float]:
     """Each side's landmark height (``height_mm``: None where the side has none), the other side's where a side has
@@ -403,4 +463,5 @@ def apply_site_rules(site_map: np.ndarray, img: np.ndarray, spacing: Sequence[fl
     site_map = renumber_vertebrae(site_map, spacing, img, edema)
     site_map = sides_by_position(site_map, body_mask(img), spacing)
     site_map = leg_bones_by_ankle(leg_bones_by_patella(site_map, spacing), spacing)
+    site_map = drop_arms_below_the_knee(site_map, spacing)
     return relabel_stray_pieces(site_map, spacing)

@@ -569,3 +569,51 @@ def test_a_distal_tibia_named_femur_in_a_feet_view_is_named_tibia(sites):
     alone = np.where(np.isin(noisy, [site_id(f"{b}_{s}") for b in ("calcaneus", "midfoot", "metatarsals", "toes")
                                      for s in ("left", "right")]), 0, noisy).astype(noisy.dtype)
     assert np.array_equal(leg_bones_by_ankle(alone, GRID), alone)
+
+
+@pytest.mark.parametrize("view", ["whole_body", "legs", "feet"])
+def test_true_sites_keep_every_voxel_through_the_arm_rule(sites, view):
+    """The phantom's fingertips lie above its knees: no true forearm or hand is below the knee line."""
+    from models.site_rules import drop_arms_below_the_knee
+    hand = np.argwhere(sites == site_id("hand_left"))
+    part = {"whole_body": sites, "legs": np.ascontiguousarray(sites[:, :, :int(hand[:, 2].mean())]),
+            "feet": _feet_view(sites)}[view]
+    assert np.array_equal(drop_arms_below_the_knee(part, GRID), part)
+
+
+def test_a_hand_on_the_ankle_and_a_radius_on_the_shank_are_dropped(sites):
+    """The network's "hand" on a lateral malleolus and "radius" on a shank lie below the knee line, where no forearm
+    or hand can be: they take the bone they lie on (or none). A hand beside the thigh stays; without a tibia in
+    view nothing changes."""
+    from models.site_rules import drop_arms_below_the_knee
+    tibia, fibula = site_id("tibia_left"), site_id("fibula_left")
+    noisy = sites.copy()
+    low_fibula = np.argwhere(sites == fibula)
+    low_fibula = low_fibula[low_fibula[:, 2] < np.percentile(low_fibula[:, 2], 15)]
+    noisy[tuple(low_fibula.T)] = site_id("hand_left")                       # the lateral malleolus named "hand"
+    shank = np.argwhere(sites == tibia)
+    mid = shank[np.abs(shank[:, 2] - np.median(shank[:, 2])) < 3]
+    noisy[tuple(mid.T)] = site_id("radius_left")                            # a band of the shank named "radius"
+    out = drop_arms_below_the_knee(noisy, GRID)
+    assert not np.isin(out[:, :, :int(np.argwhere(sites == tibia)[:, 2].max())],
+                       [site_id(f"{b}_left") for b in ("hand", "radius")]).any()
+    assert (out[tuple(mid.T)] == tibia).all()
+    assert np.isin(out[tuple(low_fibula.T)], [fibula, tibia, site_id("talus_left"), 0]).all()
+    assert np.array_equal(out[noisy == sites], sites[noisy == sites]), "nothing else changes"
+    no_tibia = np.where(np.isin(noisy, [tibia, site_id("tibia_right")]), 0, noisy).astype(noisy.dtype)
+    assert np.array_equal(drop_arms_below_the_knee(no_tibia, GRID), no_tibia)
+
+
+def test_a_stray_tibia_speck_high_in_a_pelvis_view_does_not_set_the_knee_line(sites):
+    """A pelvis view down to the thighs has no tibia; a few voxels of "tibia" the network scatters near its top (the
+    stray rule removes them later) are no knee, so the hands beside the thighs stay."""
+    from models.site_rules import MIN_KNEE_TIBIA_ML, drop_arms_below_the_knee
+    sacrum, hand = np.argwhere(sites == site_id("sacrum")), np.argwhere(sites == site_id("hand_left"))
+    view = np.ascontiguousarray(sites[:, :, int(hand[:, 2].min()):int(sacrum[:, 2].max())])
+    assert not np.isin(view, [site_id("tibia_left"), site_id("tibia_right")]).any()
+    assert np.isin(view, [site_id("hand_left"), site_id("hand_right")]).any()
+    x0, y0 = (int(v) for v in sacrum[:, :2].mean(0))
+    noisy = view.copy()
+    noisy[x0:x0 + 3, y0:y0 + 3, -4:] = site_id("tibia_left")                 # 36 voxels, 1 mL, above the hands
+    assert 36 * np.prod(GRID) / 1000 < MIN_KNEE_TIBIA_ML
+    assert np.array_equal(drop_arms_below_the_knee(noisy, GRID), noisy)

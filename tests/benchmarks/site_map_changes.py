@@ -11,7 +11,7 @@ changed (better, worse, the worst change), the pooled vertebral-level accuracy o
 lacks (each such label counts as a site with Dice 0), with the labels and their volumes.
 ``true-maps``: the reference site maps of wbmri synth folders through one site rule (``--rule``: ``order``, the
 head-to-feet order, ``models.site_rules.drop_out_of_order_pieces``, the default; ``patella`` or ``ankle``, the leg-bone
-rules); a map the rule changes is printed with its changed voxels.
+rules; ``arms``, forearms and hands below the knee); a map the rule changes is printed with its changed voxels.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from models.site_rules import drop_out_of_order_pieces, leg_bones_by_ankle, leg_bones_by_patella
+from models.site_rules import (drop_arms_below_the_knee, drop_out_of_order_pieces, leg_bones_by_ankle,
+                               leg_bones_by_patella)
 from models.sites import by_id
 from training.evaluate import read_per_case
 from training.metrics import level_agreement, site_histogram
@@ -69,7 +70,8 @@ def compare(data: Path, a: Path, b: Path) -> None:
             print(f"  {case}: {', '.join(labels)}")
 
 
-RULES = {"order": drop_out_of_order_pieces, "patella": leg_bones_by_patella, "ankle": leg_bones_by_ankle}
+RULES = {"order": drop_out_of_order_pieces, "patella": leg_bones_by_patella, "ankle": leg_bones_by_ankle,
+         "arms": drop_arms_below_the_knee}
 
 
 def true_maps(folders: list[Path], rule: str = "order") -> None:
