@@ -312,9 +312,8 @@ def drop_arms_below_the_knee(sites: np.ndarray, spacing: Sequence[float]) -> np.
     in a pelvis view once set it and took the true hands beside the thighs); without one nothing changes."""
     sites, spacing = np.asarray(sites), np.asarray(spacing, float)
     boxes = ndimage.find_objects(sites)
-    min_voxels = MIN_KNEE_TIBIA_ML * 1000.0 / float(np.prod(spacing))
-    tops = [_largest_piece_top_row(sites, boxes, site_id(f"tibia_{side}"), min_voxels) for side in ("left", "right")]
-    tops = [t for t in tops if t is not None]
+    tibiae = [_landmark(sites, boxes, f"tibia_{side}", None, MIN_KNEE_TIBIA_ML, spacing) for side in ("left", "right")]
+    tops = [start + int(rows.max()) + 1 for start, rows in filter(None, tibiae)]
     if not tops:
         return sites
     knee_row = min(tops)
@@ -340,20 +339,6 @@ def drop_arms_below_the_knee(sites: np.ndarray, spacing: Sequence[float]) -> np.
     for grown, piece in dropped:   # named after the bone they lie on, not after each other
         out[grown][piece] = bone_around(out[grown], piece)
     return out
-
-
-def _largest_piece_top_row(sites: np.ndarray, boxes: list, sid: int, min_voxels: float) -> int | None:
-    """The top row (third axis, exclusive) of label ``sid``'s largest 26-connected piece when it holds at least
-    ``min_voxels``; None otherwise."""
-    box = _label_box(boxes, sid)
-    if box is None:
-        return None
-    pieces, _ = ndimage.label(sites[box] == sid, _NEIGHBOURS)
-    sizes = np.bincount(pieces.ravel())[1:]
-    largest = int(np.argmax(sizes)) + 1
-    if sizes[largest - 1] < min_voxels:
-        return None
-    return int(np.nonzero((pieces == largest).any(axis=(0, 1)))[0][-1]) + 1 + box[2].start
 
 
 def _heights_by_side(sites: np.ndarray, boxes: list, spacing: np.ndarray,
@@ -404,11 +389,11 @@ def _talus_top_mm(sites: np.ndarray, boxes: list, side: str, spacing: np.ndarray
     return None if found is None else (float(found[1].max()) + found[0] + 1) * float(spacing[2])
 
 
-def _landmark(sites: np.ndarray, boxes: list, code: str, touching: Sequence[str], min_ml: float,
+def _landmark(sites: np.ndarray, boxes: list, code: str, touching: Sequence[str] | None, min_ml: float,
               spacing: np.ndarray) -> tuple[int, np.ndarray] | None:
     """The largest 26-connected piece of label ``code`` when it holds at least ``min_ml`` and touches one of the
-    labels ``touching`` (a landmark the network placed among its neighbours): the first row of its crop along the
-    third axis and the third-axis rows of its voxels; None without one."""
+    labels ``touching`` (a landmark the network placed among its neighbours; None: no neighbour test): the first row
+    of its crop along the third axis and the third-axis rows of its voxels; None without one."""
     sid = site_id(code)
     box = _label_box(boxes, sid)
     if box is None:
@@ -418,8 +403,10 @@ def _landmark(sites: np.ndarray, boxes: list, code: str, touching: Sequence[str]
     pieces, _ = ndimage.label(crop == sid, _NEIGHBOURS)
     sizes = np.bincount(pieces.ravel())[1:]
     piece = pieces == int(np.argmax(sizes)) + 1
-    if sizes.max() < min_ml * 1000.0 / float(np.prod(spacing)) or not np.isin(
-            crop[ndimage.binary_dilation(piece, _NEIGHBOURS)], [site_id(c) for c in touching]).any():
+    if sizes.max() < min_ml * 1000.0 / float(np.prod(spacing)):
+        return None
+    if touching is not None and not np.isin(crop[ndimage.binary_dilation(piece, _NEIGHBOURS)],
+                                            [site_id(c) for c in touching]).any():
         return None
     return grown[2].start, np.nonzero(piece)[2]
 
