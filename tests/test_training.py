@@ -22,10 +22,10 @@ from models.lesions import MIN_SIGNAL_RATIO
 from models.networks import build_network
 from models.sites import site_id
 from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
-from training.data import (JITTER_MARGIN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
+from training.data import (JITTER_MARGIN, UNKNOWN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
                            sample_centre)
 from training.export import export_bundle, revalidate
-from training.loop import (Trainer, advance_schedule, blob_dice_loss, compute_loss, improves, lr_at,
+from training.loop import (Trainer, advance_schedule, anchor_mask, blob_dice_loss, compute_loss, improves, lr_at,
                            operating_point, operating_point_ci, sites_loss, validation_groups)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -845,3 +845,43 @@ def test_generator_processes_are_shared_by_what_each_pool_lacks(tmp_path):
     assert [p.workers for p in pools] == [5, 2, 2, 0]  # 4.5, 2.25, 2.25: the largest remainder takes the ninth
     share_workers(pools[:3], 2)  # fewer processes than pools: each pool that lacks cases still gets one
     assert [p.workers for p in pools[:3]] == [1, 1, 1]
+
+
+def test_the_anchor_can_leave_the_lesions_to_their_labels():
+    """``loss.anchor_outside_lesions``: -1 holds every voxel; n holds only voxels more than n voxels from a lesion
+    voxel, and never an unknown one."""
+    edema = torch.zeros(1, 1, 9, 9, 9, dtype=torch.uint8)
+    edema[0, 0, 4, 4, 4] = 1
+    edema[0, 0, 0, 0, 0] = UNKNOWN
+    assert anchor_mask(edema, -1).sum() == 9 ** 3
+    for margin, freed in ((0, 1), (1, 27), (2, 125)):
+        held = anchor_mask(edema, margin)
+        assert held[0, 0, 4, 4, 4] == 0 and held[0, 0, 0, 0, 0] == 0
+        assert held.sum() == 9 ** 3 - freed - 1, margin
+    assert anchor_mask(edema, 1)[0, 0, 4, 4, 6] == 1 and anchor_mask(edema, 2)[0, 0, 4, 4, 6] == 0
+
+
+def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path):
+    """The anchor term's pull on the edema logits: everywhere with -1; with n it stops n voxels from each lesion,
+    so there only the lesion labels (edema_weight) teach."""
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["sampling.lesion_p=1", "sampling.rare_site_p=0"])
+    case = phantom_model_case(5, base_cfg.synth, base_cfg.network.spacing_mm)
+    batch = make_batch([case], np.random.default_rng(0), base_cfg, None)
+    lesion = batch["edema"] == 1
+    assert lesion.any()
+    near = torch.nn.functional.max_pool3d(lesion.float(), 3, stride=1, padding=1) > 0
+    torch.manual_seed(5)
+    logits = torch.randn(1, 3, *lesion.shape[2:])
+    sites = torch.randn(1, 67, *(n // 2 for n in lesion.shape[2:]))
+    anchor = torch.rand_like(lesion, dtype=torch.float32)
+    for margin in (-1, 1):
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+            "init=models/default", "loss.anchor_weight=1", f"loss.anchor_outside_lesions={margin}",
+            "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
+        voxel = logits.clone().requires_grad_()
+        compute_loss(voxel, sites, batch, cfg, anchor)[0].backward()
+        pull = voxel.grad[:, :1].abs() > 0
+        assert pull[~near].all()
+        assert pull[near].all() if margin < 0 else not pull[near].any(), margin
+    with pytest.raises(ConfigError, match="anchor_outside_lesions"):
+        load_config(TrainConfig, TINY, ["loss.anchor_outside_lesions=-2"])

@@ -293,6 +293,10 @@ class LossConfig(Strict):
     anchor_from: Optional[Path] = Field(None, description="the model whose edema output anchor_weight holds "
                                         "(default: the --init model as it was); e.g. a run that continues an "
                                         "earlier fine-tune from its weights but keeps the shipped model's edema")
+    anchor_outside_lesions: int = Field(-1, ge=-1, le=10, description="-1: the anchor holds every voxel; n >= 0: "
+                                        "only voxels more than n model-grid voxels from any lesion of the target, so "
+                                        "edema_weight teaches the lesions (e.g. fainter ones) while normal marrow, "
+                                        "where false positives arise, keeps the anchor model's answer")
 
 
 class OptimConfig(Strict):

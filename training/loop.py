@@ -95,12 +95,22 @@ def sites_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.
     return ce + (1 - dsc[present]).mean()
 
 
+def anchor_mask(edema: torch.Tensor, margin: int) -> torch.Tensor:
+    """Where ``loss.anchor_weight`` holds the edema output: everywhere (margin -1), or only on voxels more than
+    ``margin`` voxels from any lesion voxel (and not unknown), so the lesions themselves learn from their labels."""
+    if margin < 0:
+        return torch.ones_like(edema, dtype=torch.float32)
+    lesion = (edema == 1).float()
+    near = F.max_pool3d(lesion, 2 * margin + 1, stride=1, padding=margin) if margin else lesion
+    return (1 - near) * (edema != UNKNOWN).float()
+
+
 def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                  anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
     compound loss per head); voxels whose target is unknown (255) are masked out. ``anchor``: the --init
     network's edema probabilities on the same patch (``loss.anchor_weight``), matched by BCE + soft Dice over
-    every voxel."""
+    every voxel or, with ``loss.anchor_outside_lesions``, only away from the lesions."""
     lc = cfg.loss
     voxel = voxel.float()  # sites are cast after gathering the bone voxels (sites_loss)
     parts: dict[str, torch.Tensor] = {}
@@ -124,9 +134,8 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
     parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
     if anchor is not None:
-        edema_logits, everywhere = voxel[:, EDEMA:EDEMA + 1], torch.ones_like(anchor)
-        parts["edema_anchor"] = _bce(edema_logits, anchor, everywhere) \
-            + soft_dice_loss(torch.sigmoid(edema_logits), anchor, everywhere)
+        edema_logits, held = voxel[:, EDEMA:EDEMA + 1], anchor_mask(batch["edema"], lc.anchor_outside_lesions)
+        parts["edema_anchor"] = _bce(edema_logits, anchor, held) + soft_dice_loss(torch.sigmoid(edema_logits), anchor, held)
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
         + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] \
         + lc.blob_weight * parts.get("edema_blob", 0) + lc.anchor_weight * parts.get("edema_anchor", 0)
