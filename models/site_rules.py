@@ -158,9 +158,7 @@ def drop_out_of_order_pieces(sites: np.ndarray, spacing: Sequence[float]) -> np.
     for box, mask, _ in dropped:
         out[box][mask] = 0
     for box, mask, z in dropped:
-        grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
-        piece = np.zeros(out[grown].shape, bool)
-        piece[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))] = mask
+        grown, piece = _grown_piece(out, box, mask)
         label = bone_around(out[grown], piece)
         unranked = label not in main_rows          # forearms and hands
         if label and (unranked or _within_height(z, main_rows[label], float(spacing[2]))):
@@ -325,12 +323,7 @@ def drop_arms_below_the_knee(sites: np.ndarray, spacing: Sequence[float]) -> np.
         pieces, n = ndimage.label(sites[box] == sid, _NEIGHBOURS)
         rows = np.broadcast_to(np.arange(pieces.shape[2]), pieces.shape)
         centroid = np.asarray(ndimage.mean(rows, pieces, np.arange(1, n + 1))) + box[2].start
-        grown = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
-        inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
-        for k in np.nonzero(centroid < knee_row)[0] + 1:
-            piece = np.zeros(sites[grown].shape, bool)
-            piece[inner] = pieces == k
-            dropped.append((grown, piece))
+        dropped += [_grown_piece(sites, box, pieces == k) for k in np.nonzero(centroid < knee_row)[0] + 1]
     if not dropped:
         return sites
     out = sites.copy()
@@ -339,6 +332,15 @@ def drop_arms_below_the_knee(sites: np.ndarray, spacing: Sequence[float]) -> np.
     for grown, piece in dropped:   # named after the bone they lie on, not after each other
         out[grown][piece] = bone_around(out[grown], piece)
     return out
+
+
+def _grown_piece(labels: np.ndarray, box: tuple[slice, ...], mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray]:
+    """A piece's box grown by a voxel on every side (room for the labels around it, ``bone_around``) and the piece's
+    ``mask`` (over ``box``) placed within it."""
+    grown = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+    piece = np.zeros(labels[grown].shape, bool)
+    piece[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))] = mask
+    return grown, piece
 
 
 def _heights_by_side(sites: np.ndarray, boxes: list, spacing: np.ndarray,
