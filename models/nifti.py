@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import shutil
 import struct
@@ -44,6 +45,19 @@ class Volume:
         return "".join(nib.aff2axcodes(self.affine))
 
 
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """Keep nibabel's header fix-up notes (for example "pixdim[1,2,3] should be non-zero; setting 0 dims to 1",
+    about a size the sform makes unused) off stderr: what wbmri refuses, it says itself, in one line."""
+    log = logging.getLogger("nibabel.global")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def header_from_bytes(head: bytes) -> tuple[tuple[int, ...], np.ndarray, np.dtype, int]:
     """Parse a NIfTI-1/2 single-file header: (shape, affine, dtype, data offset). Raises InputError."""
     if len(head) < 348:
@@ -61,7 +75,13 @@ def header_from_bytes(head: bytes) -> tuple[tuple[int, ...], np.ndarray, np.dtyp
     else:
         raise InputError("not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header)")
     try:
-        hdr = klass.from_fileobj(io.BytesIO(head[:size]), check=True)
+        raw = klass.from_fileobj(io.BytesIO(head[:size]), check=False)
+    except Exception as exc:  # nibabel raises several types for broken headers
+        raise InputError(f"not a readable NIfTI header ({type(exc).__name__})") from None
+    _check_raw_spacing(raw)  # before the checked read, which would set zero sizes to 1 mm (and say so on stderr)
+    try:
+        with _nibabel_quiet():
+            hdr = klass.from_fileobj(io.BytesIO(head[:size]), check=True)
         shape = tuple(int(s) for s in hdr.get_data_shape())
         dtype = hdr.get_data_dtype()
         offset = int(hdr.get_data_offset())
@@ -92,12 +112,12 @@ def _read_head(path: Path, gz: bool) -> bytes:
         raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
 
 
-def _check_raw_spacing(head: bytes, header_class) -> None:
-    """nibabel silently turns zero pixdim into 1 mm on load; refuse such headers (``head``: the file's first bytes)
-    instead of guessing."""
-    raw = header_class.from_fileobj(io.BytesIO(head), check=False)
+def _check_raw_spacing(raw: nib.Nifti1Header) -> None:
+    """nibabel silently turns zero pixdim into 1 mm on load; refuse a header (read unchecked) whose affine would be
+    built from such a pixdim, instead of guessing: the qform's and the fallback affine's voxel sizes are pixdim's,
+    only a valid sform (code above 0) does without them."""
     pixdim = np.asarray(raw["pixdim"][1:4], float)
-    if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0 and np.any(pixdim <= 0):
+    if int(raw["sform_code"]) == 0 and np.any(pixdim <= 0):
         raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in pixdim)} mm is zero or negative")
 
 
@@ -183,17 +203,16 @@ def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
 
 def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
-    head, gz, _, _ = _checked_header(path, max_voxels)
+    _, gz, _, _ = _checked_header(path, max_voxels)
     if gz:
         _check_gzip(path)
-    with _named_by_content(path, gz) as readable:
+    with _named_by_content(path, gz) as readable, _nibabel_quiet():
         try:
             img = nib.load(str(readable))
         except Exception as exc:  # nibabel raises many types for non-NIfTI input
             raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
-        _check_raw_spacing(head, type(img).header_class)
         return _voxels(img, max_voxels)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import struct
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from models.nifti import case_name
 from inference.report import validate_report
 from models import SOFTWARE
 from models.networks import resolve_device
-from models.nifti import InputError
+from models.nifti import InputError, header_from_bytes
 
 
 def blob_volume(shape=(48, 40, 56), spacing=(3.0, 3.0, 3.0)) -> nib.Nifti1Image:
@@ -66,6 +67,8 @@ def write_bad(tmp_path, kind: str):
         zero = nib.Nifti1Image(img.get_fdata().astype(np.float32), None)
         zero.header.set_zooms((3.0, 3.0, 0.0))  # no sform/qform: the affine comes from pixdim
         nib.save(zero, str(path))
+    elif kind == "zero_spacing_qform":
+        path.write_bytes(gzip.compress(qform_only_zero_spacing(img)))
     elif kind == "all_zero":
         nib.save(nib.Nifti1Image(np.zeros((30, 30, 30), np.float32), np.eye(4)), str(path))
     elif kind == "absurd_dims":
@@ -87,8 +90,21 @@ def write_bad(tmp_path, kind: str):
     return path
 
 
+def qform_only_zero_spacing(img) -> bytes:
+    """``img`` as NIfTI-1 bytes whose orientation is its qform alone (sform code 0) and whose third voxel size
+    (pixdim[3], the qform's) is 0: nibabel would load it with 1 mm there."""
+    hdr = img.header.copy()
+    hdr.set_qform(img.affine, code=1)
+    hdr.set_sform(img.affine, code=0)
+    raw = bytearray(nib.Nifti1Image(np.asanyarray(img.dataobj), None, hdr).to_bytes())
+    assert struct.unpack("<i", raw[:4])[0] == 348 and int(np.frombuffer(raw[254:256], "<i2")[0]) == 0
+    raw[88:92] = struct.pack("<f", 0.0)  # pixdim[3]: the header's float32 pixdim[8] starts at byte 76
+    return bytes(raw)
+
+
 BAD = {"not_nifti": "not a readable NIfTI", "truncated_gzip": "gzip", "corrupt_gzip": "gzip", "two_d": "2D",
-       "four_d": "4D with 5 volumes", "nan": "NaN", "zero_spacing": "spacing", "all_zero": "constant",
+       "four_d": "4D with 5 volumes", "nan": "NaN", "zero_spacing": "spacing",
+       "zero_spacing_qform": "zero or negative", "all_zero": "constant",
        "absurd_dims": "over the budget", "absurd_dims_truncated": "over the budget",
        "no_orientation": "no orientation"}
 
@@ -258,3 +274,23 @@ def test_tta_comes_from_the_card_and_can_be_overridden(tmp_path, tiny_model_dir,
     assert Predictor.load(tiny_model_dir, device="cpu").tta == "none", "cards without the key: no TTA"
     with pytest.raises(ValueError, match="tta"):
         Predictor.load(bundle, device="cpu", tta="rotate")
+
+
+def test_the_upload_header_check_refuses_zero_qform_spacing_as_the_reader_does():
+    raw = qform_only_zero_spacing(blob_volume())
+    with pytest.raises(InputError, match="zero or negative"):
+        header_from_bytes(raw[:540])
+    fixed = bytearray(raw)
+    fixed[88:92] = struct.pack("<f", 3.0)
+    shape, affine, _, _ = header_from_bytes(bytes(fixed[:540]))
+    assert shape == blob_volume().shape and np.allclose(np.sqrt((affine[:3, :3] ** 2).sum(0))[2], 3.0)
+
+
+def test_a_zero_pixdim_the_sform_makes_unused_is_read_quietly_with_the_sform_spacing(tmp_path, caplog):
+    from models.nifti import load_volume
+    raw = bytearray(blob_volume(spacing=(2.0, 3.0, 4.0)).to_bytes())  # sform code 2 (nibabel's default)
+    raw[88:92] = struct.pack("<f", 0.0)
+    path = tmp_path / "sform_zero.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    assert np.allclose(load_volume(path).spacing, (2.0, 3.0, 4.0))
+    assert not [r for r in caplog.records if "pixdim" in r.getMessage()]  # nibabel's fix-up note stays unsaid
