@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.card import result_identity
-from models.nifti import InputError
+from models.card import result_identity, sha256_file
+from models.nifti import NIFTI_SUFFIXES, InputError
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
 
@@ -23,15 +24,21 @@ class CaseOutcome:
     error: str | None = None
 
 
+def is_nifti_name(path: str | Path) -> bool:
+    """Whether a file name ends in .nii or .nii.gz, in any case (scanner exports write .NII.GZ too)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their *.nii / *.nii.gz) and glob patterns, in a stable order without duplicates."""
+    """Files, folders (the *.nii / *.nii.gz files directly in them, any case; not their subfolders) and glob
+    patterns, in a stable order without duplicates."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(set(p.glob("*.nii")) | set(p.glob("*.nii.gz")))
+            found = sorted(f for f in p.iterdir() if f.is_file() and is_nifti_name(f.name))
         elif any(ch in item for ch in "*?["):
-            found = sorted(Path(g) for g in glob.glob(item, recursive=True) if g.endswith((".nii", ".nii.gz")))
+            found = sorted(Path(g) for g in glob.glob(item, recursive=True) if is_nifti_name(g))
         else:
             found = [p]
         for f in found:
@@ -40,20 +47,50 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def is_done(out_dir: Path, name: str, model: dict | None = None) -> bool:
-    """A case folder is complete when its report exists (folders are written atomically) and, when ``model`` (a
-    predictor's ``model_info``) is given, was made by the same weights, test-time augmentation, lesion rules and
-    software version (:func:`models.card.result_identity`): other results are redone, not reused."""
-    report = out_dir / name / "report.json"
-    if not report.is_file():
-        return False
-    if model is None:
-        return True
+def _saved_report(out_dir: Path, name: str) -> dict | None:
+    """The report of a complete case folder (folders are written atomically), None without a readable one."""
     try:
-        made_by = json.loads(report.read_text()).get("model", {})
+        return json.loads((out_dir / name / "report.json").read_text())
     except (OSError, ValueError):
+        return None
+
+
+def is_done(out_dir: Path, name: str, model: dict | None = None, source: Path | None = None) -> bool:
+    """A case folder is complete when its report exists; when ``model`` (a predictor's ``model_info``) is given, it
+    must have been made by the same weights, test-time augmentation, lesion rules and software version
+    (:func:`models.card.result_identity`), and when ``source`` is given, from a file of the same sha256 (a scan
+    replaced under the same name is analysed again): other results are redone, not reused."""
+    report = _saved_report(out_dir, name)
+    if report is None:
         return False
-    return result_identity(made_by) == result_identity(model)
+    if model is not None and result_identity(report.get("model", {})) != result_identity(model):
+        return False
+    return source is None or report.get("study", {}).get("sha256") == sha256_file(source)
+
+
+def _drop_result_of_another_file(out_dir: Path, name: str, source: Path) -> bool:
+    """Remove ``out_dir/name`` when it holds the result of another file than ``source`` (or no readable report):
+    after a failed run, the folder must not pass for this file's result. Returns whether it was removed."""
+    folder = out_dir / name
+    if not folder.is_dir():
+        return False
+    report = _saved_report(out_dir, name)
+    try:
+        same = report is not None and report.get("study", {}).get("sha256") == sha256_file(source)
+    except OSError:  # the input cannot be read: its earlier result cannot be vouched for either
+        same = False
+    if same:
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def _is_done_quietly(out_dir: Path, name: str, model: dict, source: Path) -> bool:
+    """:func:`is_done`, False when the input cannot be read (the run then says why)."""
+    try:
+        return is_done(out_dir, name, model, source)
+    except OSError:
+        return False
 
 
 def check_out_dir(out_dir: Path | str) -> Path:
@@ -84,7 +121,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
             t0 = time.perf_counter()
             if name in dupes:
                 outcomes.append(CaseOutcome(name, str(path), "failed", error=f"two inputs are named {name!r}; rename one"))
-            elif not overwrite and is_done(out_dir, name, predictor.model_info):
+            elif not overwrite and _is_done_quietly(out_dir, name, predictor.model_info, path):
                 outcomes.append(CaseOutcome(name, str(path), "skipped"))
             else:
                 try:
@@ -92,12 +129,12 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                     result.save(out_dir, overwrite=True)
                     outcomes.append(CaseOutcome(name, str(path), "done", result.report["summary"]["lesion_count"],
                                                 round(time.perf_counter() - t0, 2)))
-                except InputError as exc:
-                    outcomes.append(CaseOutcome(name, str(path), "failed", seconds=round(time.perf_counter() - t0, 2),
-                                                error=str(exc)))
                 except Exception as exc:  # one broken case must not stop the batch
+                    error = str(exc) if isinstance(exc, InputError) else f"internal error: {type(exc).__name__}: {exc}"
+                    if _drop_result_of_another_file(out_dir, name, path):
+                        error += f"; the earlier result in {out_dir / name}, made from another file, was removed"
                     outcomes.append(CaseOutcome(name, str(path), "failed", seconds=round(time.perf_counter() - t0, 2),
-                                                error=f"internal error: {type(exc).__name__}: {exc}"))
+                                                error=error))
             bar.advance(task)
     return outcomes
 

@@ -226,6 +226,7 @@ def _voxels(img: nib.Nifti1Image, max_voxels: int) -> tuple[np.ndarray, np.ndarr
 
 
 NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # the longer first; file names are matched in lower case
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -233,8 +234,8 @@ def case_name(path: str | os.PathLike) -> str:
     ``_0000`` for images in an imagesTr/ or imagesTs/ folder (so outputs match labelsTr/NAME)."""
     path = Path(path)
     name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
+    for ext in NIFTI_SUFFIXES:
+        if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
     if path.parent.name in NNUNET_IMAGE_FOLDERS and name.endswith("_0000") and len(name) > 5:

@@ -188,6 +188,34 @@ def test_batch_isolates_failures_and_resumes(tmp_path, predictor, good_file):
     assert predict_many(tta, [good_file], out, progress=False)[0].status == "done"
 
 
+def test_batch_redoes_a_scan_replaced_under_the_same_name_and_drops_its_old_result_if_that_fails(
+        tmp_path, predictor, good_file):
+    from models.card import sha256_file
+    out = tmp_path / "out"
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    nib.save(blob_volume(spacing=(3.0, 3.0, 2.5)), str(good_file))  # another scan, the same file name
+    again = predict_many(predictor, [good_file], out, progress=False)[0]
+    assert again.status == "done", "a result of another file is not this file's result"
+    assert json.loads((out / "good" / "report.json").read_text())["study"]["sha256"] == sha256_file(good_file)
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "skipped"
+    d = blob_volume().get_fdata().astype(np.float32)
+    d[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(d, np.diag([3.0, 3.0, 3.0, 1.0])), str(good_file))  # replaced by a broken scan
+    failed = predict_many(predictor, [good_file], out, overwrite=True, progress=False)[0]
+    assert failed.status == "failed" and "NaN" in failed.error and "made from another file, was removed" in failed.error
+    assert not (out / "good").exists(), "the old folder must not pass for the broken file's result"
+
+
+def test_upper_case_extensions_are_found_and_named_like_lower_case_ones(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nib.save(blob_volume(), str(folder / "UPPER.NII.GZ"))
+    (folder / "notes.txt").write_text("not an image")
+    assert expand_inputs([str(folder)]) == [folder / "UPPER.NII.GZ"]
+    assert expand_inputs([str(folder / "*")]) == [folder / "UPPER.NII.GZ"]
+    assert case_name(folder / "UPPER.NII.GZ") == "UPPER" and case_name("a/Scan.Nii") == "Scan"
+
+
 def test_expand_inputs_files_folders_globs(tmp_path, good_file):
     other = tmp_path / "b.nii"
     nib.save(blob_volume(), str(other))
