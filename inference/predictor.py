@@ -29,6 +29,10 @@ Progress = Callable[[str, float], None]
 WHOLE_VOLUME_MAX_VOXELS = 12_000_000  # model-grid voxels for one pass; larger inputs use a sliding window
 
 
+class OptionError(ValueError):
+    """A run option (device, precision, test-time augmentation) that cannot be used; the model itself is fine."""
+
+
 class NetworkOutputs(NamedTuple):
     """The network's raw outputs on the model grid, before any post-processing."""
     edema: np.ndarray   # float32 probability
@@ -94,11 +98,16 @@ class Predictor:
              threads: int | None = None, max_voxels: int = DEFAULT_MAX_VOXELS, tta: str | None = None) -> "Predictor":
         """Load a bundle (default: the shipped model) onto ``device`` (auto | cpu | cuda); ``tta`` (one of
         :data:`models.networks.TTA_MODES`) overrides the card's test-time augmentation."""
+        try:
+            dev = resolve_device(device)
+        except ValueError as exc:
+            raise OptionError(str(exc)) from None
+        if precision not in ("auto", "bf16", "fp32"):
+            raise OptionError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        if tta is not None and tta not in TTA_MODES:
+            raise OptionError(f"tta must be one of {TTA_MODES}, not {tta!r}")
         if threads:
             torch.set_num_threads(threads)
-        dev = resolve_device(device)
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("precision must be auto, bf16 or fp32")
         bf16 = precision == "bf16" or (precision == "auto" and (dev.type == "cuda" or cpu_supports_bf16()))
         return cls(load_bundle(model), dev, bf16, max_voxels, tta)
 

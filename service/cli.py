@@ -103,9 +103,11 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
 
 def _load_predictor(model: Optional[Path], **options):
     """``Predictor.load`` for a command: a bundle that cannot be loaded ends it with one clear message (exit 2)."""
-    from inference.predictor import Predictor
+    from inference.predictor import OptionError, Predictor
     try:
         return Predictor.load(model, **options)
+    except OptionError as exc:
+        _fail(f"bad option: {exc}")
     except (ValueError, FileNotFoundError) as exc:
         _fail(f"cannot load the model: {exc}")
 
@@ -131,7 +133,10 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders o
     predictor = _load_predictor(model, device=device, precision=precision, tta=tta)
     outcomes = predict_many(predictor, files, out, overwrite=overwrite)
     Console(stderr=True).print(summary_table(outcomes))
-    if any(o.status == "failed" for o in outcomes):
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:  # one line each, whatever the terminal's width did to the table
+        typer.echo(f"failed {o.name}: {o.error}", err=True)
+    if failed:
         raise typer.Exit(1)
 
 

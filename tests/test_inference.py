@@ -243,6 +243,7 @@ def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file
                            "--model", str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "2D" in proc.stderr and "done" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("failed two_d: ") and "2D" in line]
     assert (out / "good" / "report.json").is_file() and not (out / "two_d").exists()
     # again: the finished case is skipped, saying why
     proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(out),
@@ -254,6 +255,14 @@ def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file
     proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(a_file),
                            "--model", str(tiny_model_dir), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("option", [("--tta", "bogus"), ("--precision", "fp16"), ("--device", "gpu")])
+def test_cli_predict_names_a_bad_option_as_such_not_as_a_broken_model(tmp_path, tiny_model_dir, good_file, option):
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(tmp_path / "o"),
+                           "--model", str(tiny_model_dir), *option], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "bad option:" in proc.stderr and option[1] in proc.stderr, proc.stderr
+    assert "cannot load the model" not in proc.stderr and not (tmp_path / "o").exists()
 
 
 def test_network_outputs_are_on_the_model_grid(predictor):
