@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.card import result_identity, sha256_file
-from models.nifti import NIFTI_SUFFIXES, InputError
+from models.nifti import NIFTI_SUFFIXES, InputError, case_name
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
 
@@ -29,14 +29,23 @@ def is_nifti_name(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def _folder_inputs(folder: Path) -> list[Path]:
+    """The *.nii / *.nii.gz files directly in ``folder`` (any case); with none, the ``CASE/image.nii(.gz)`` of its
+    case folders (the phantom layout, named by their folder: :func:`models.nifti.case_name`)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti_name(f.name))
+    if files:
+        return files
+    return sorted(f for case in folder.iterdir() if case.is_dir() for f in case.iterdir()
+                  if f.is_file() and f.name.lower() in ("image.nii", "image.nii.gz"))
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (the *.nii / *.nii.gz files directly in them, any case; not their subfolders) and glob
-    patterns, in a stable order without duplicates."""
+    """Files, folders (:func:`_folder_inputs`) and glob patterns, in a stable order without duplicates."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and is_nifti_name(f.name))
+            found = _folder_inputs(p)
         elif any(ch in item for ch in "*?["):
             found = sorted(Path(g) for g in glob.glob(item, recursive=True) if is_nifti_name(g))
         else:
@@ -108,7 +117,6 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
     Case names default to the file names without .nii/.nii.gz; ``names`` overrides them (e.g. phantom case folders).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from models.nifti import case_name
     out_dir = check_out_dir(out_dir)
     outcomes: list[CaseOutcome] = []
     names = list(names) if names is not None else [case_name(p) for p in inputs]

@@ -66,7 +66,10 @@ class Result:
             save_nifti(tmp / "sites.nii.gz", self.sites, self.affine, np.uint8)
             (tmp / "overlay.png").write_bytes(png)
             self.timings["write"] = round(time.perf_counter() - t0, 3)
-            self.report.setdefault("timings_s", {})["write"] = self.timings["write"]
+            timings_s = self.report.setdefault("timings_s", {})
+            timings_s["write"] = self.timings["write"]
+            if "total" in timings_s:  # read to written: the total moves after the write
+                timings_s["total"] = round(timings_s.pop("total") + self.timings["write"], 3)
             (tmp / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
         return final
 
@@ -195,11 +198,12 @@ class Predictor:
             name = name or case_name(path)
             vol = load_volume(path, self.max_voxels)
             digest, filename = sha256_file(path), path.name
-        else:
+        else:  # an in-memory image: named after the file nibabel read it from, if any
             vol = load_volume(source, self.max_voxels)
-            name = name or "study"
+            origin = source.get_filename()
+            name = name or (case_name(origin) if origin else "study")
             digest = hashlib.sha256(np.ascontiguousarray(vol.data).tobytes()).hexdigest()
-            filename = f"{name}.nii.gz"
+            filename = Path(origin).name if origin else f"{name}.nii.gz"
         lap("read")
         tick("preprocess", 0.1)
         grid, img = self.model_input(vol)

@@ -230,8 +230,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # the longer first; file names are matched
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """A study's name from its file: the name without .nii / .nii.gz, and without nnU-Net's channel suffix
-    ``_0000`` for images in an imagesTr/ or imagesTs/ folder (so outputs match labelsTr/NAME)."""
+    """A study's name from its file: the name without .nii / .nii.gz (any case), without nnU-Net's channel suffix
+    ``_0000`` for images in an imagesTr/ or imagesTs/ folder (so outputs match labelsTr/NAME), and the folder's name
+    for a file named ``image`` (the phantom layout CASE/image.nii.gz, as ``wbmri evaluate`` names its cases)."""
     path = Path(path)
     name = path.name
     for ext in NIFTI_SUFFIXES:
@@ -240,6 +241,8 @@ def case_name(path: str | os.PathLike) -> str:
             break
     if path.parent.name in NNUNET_IMAGE_FOLDERS and name.endswith("_0000") and len(name) > 5:
         name = name[:-5]
+    if name.lower() == "image" and path.parent.name not in ("", ".", ".."):
+        name = path.parent.name
     return name or "study"
 
 

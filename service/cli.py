@@ -16,6 +16,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Whole-body MRI bone-marrow edema segmentation for CNO/CRMO. Supports, does not replace, clinical judgement.")
 
 
+def _flag(name: str, help: str) -> bool:
+    """An on/off option: given or not, it takes no value (an empty metavar keeps newer typer from showing
+    ``<bool>`` beside it in --help, as if it took one)."""
+    return typer.Option(False, name, help=help, metavar="")
+
+
 def _fail(message: str) -> NoReturn:
     """End the command with one line on stderr and exit status 2 (bad arguments or input)."""
     typer.echo(message, err=True)
@@ -29,8 +35,9 @@ def synth(n: int = typer.Option(10, "--n", help="number of cases"),
           config: Optional[Path] = typer.Option(None, "--config", help="phantom YAML (default configs/synth/default.yaml)"),
           workers: int = typer.Option(1, "--workers", help="parallel worker processes"),
           set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set 'fov.p={whole_body: 1.0}'"),
-          preview: bool = typer.Option(False, "--preview", help="also write preview.png in every case folder")) -> None:
-    """Generate synthetic paediatric whole-body STIR cases with CNO lesions (an existing folder made with the same
+          preview: bool = _flag("--preview", help="also write preview.png in every case folder")) -> None:
+    """Generate synthetic paediatric phantoms with CNO lesions: whole-body and partial views (pelvis, knees, legs,
+    spine, feet), STIR, T2 FS or Dixon water as the config draws them (an existing folder made with the same
     generator and settings is extended)."""
     from training.config import ConfigError
     from training.phantom.generate import synth_dataset
@@ -61,11 +68,11 @@ def _exit_unless_file(config: Path, hint: str = "") -> None:
 @app.command()
 def train(config: Optional[Path] = typer.Option(None, "--config", help="training YAML (default configs/train/default.yaml)"),
           set_: List[str] = typer.Option([], "--set", help="override a key, e.g. --set optim.steps=500"),
-          resume: bool = typer.Option(False, "--resume", help="continue from OUT_DIR/last.pt"),
+          resume: bool = _flag("--resume", help="continue from OUT_DIR/last.pt"),
           init: Optional[Path] = typer.Option(None, "--init", help="fine-tune from a model bundle (e.g. models/default)"),
           out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="run folder (config: out_dir)"),
           device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (config: device)"),
-          prepare_only: bool = typer.Option(False, "--prepare-only", help="make the cached phantom and dataset cases "
+          prepare_only: bool = _flag("--prepare-only", help="make the cached phantom and dataset cases "
                                             "with data.workers processes at full priority, then stop (faster than "
                                             "filling the pool beside training)")) -> None:
     """Train (or fine-tune) the network; every setting lives in one validated YAML schema."""
@@ -113,19 +120,21 @@ def _load_predictor(model: Optional[Path], **options):
 
 
 @app.command()
-def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders or glob patterns"),
+def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders (their .nii / .nii.gz files, or "
+                                              "CASE/image.nii.gz of their case folders) or glob patterns"),
             out: Path = typer.Option(..., "--out", help="output folder: one OUT/<case>/ per input"),
             model: Optional[Path] = typer.Option(None, "--model", help="model bundle folder (default: the shipped model)"),
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
             precision: str = typer.Option("auto", "--precision", help="auto (bf16 where native) | bf16 | fp32"),
             tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
-            overwrite: bool = typer.Option(False, "--overwrite", help="redo cases whose folder is complete")) -> None:
+            overwrite: bool = _flag("--overwrite", help="redo cases whose folder is complete")) -> None:
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
     from rich.console import Console
     from inference.batch import check_out_dir, expand_inputs, predict_many, summary_table
     files = expand_inputs(inputs)
     if not files:
-        _fail("no NIfTI inputs found")
+        _fail("no NIfTI inputs found (a folder gives the .nii / .nii.gz files directly in it, or, with none, the "
+              "image.nii.gz of each case folder in it; use a glob such as 'DIR/**/*.nii.gz' to search deeper)")
     try:
         check_out_dir(out)
     except NotADirectoryError as exc:
@@ -147,7 +156,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              data: Optional[Path] = typer.Option(None, "--data", help="... on this folder: phantom cases (cases/*/image.nii.gz) or a labelled nnU-Net dataset (imagesTr/, labelsTr/, optional sitesTr/)"),
              out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, "
                                                     "site_confusion.csv, summary.json, froc.png go"),
-             device: str = typer.Option("auto", "--device"),
+             device: str = typer.Option("auto", "--device", help="with --model: auto | cpu | cuda"),
              tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
@@ -192,7 +201,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
 @app.command()
 def compare(a: Path = typer.Argument(..., help="an evaluation folder (per_case.csv, summary.json): the baseline"),
             b: Path = typer.Argument(..., help="another evaluation of the same reference cases"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+            as_json: bool = _flag("--json", help="print JSON instead of a table")) -> None:
     """Paired comparison of two evaluations (B minus A) with 95% bootstrap intervals over the shared cases."""
     import json as _json
     from rich.console import Console
@@ -363,7 +372,7 @@ def submit(files: List[Path] = typer.Argument(..., help="NIfTI files to analyse"
            out: Path = typer.Option(Path("results"), "--out", help="results go to OUT/<case>/"),
            parallel: int = typer.Option(2, "--parallel", help="jobs in flight at once"),
            timeout: float = typer.Option(3600.0, "--timeout", help="seconds to wait for each study"),
-           delete: bool = typer.Option(False, "--delete", help="delete each study from the server after download")) -> None:
+           delete: bool = _flag("--delete", help="delete each study from the server after download")) -> None:
     """Upload studies to a running service, wait, and download the results."""
     from service.client import SubmitError, submit as submit_files
     try:

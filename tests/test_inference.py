@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -216,6 +217,19 @@ def test_upper_case_extensions_are_found_and_named_like_lower_case_ones(tmp_path
     assert case_name(folder / "UPPER.NII.GZ") == "UPPER" and case_name("a/Scan.Nii") == "Scan"
 
 
+def test_a_folder_of_case_folders_gives_each_case_image_named_by_its_folder(tmp_path, predictor):
+    cases = tmp_path / "cases"
+    for case in ("case_1", "case_2"):
+        (cases / case).mkdir(parents=True)
+        nib.save(blob_volume(), str(cases / case / "image.nii.gz"))
+        nib.save(blob_volume(), str(cases / case / "lesions.nii.gz"))  # the phantom's labels: not inputs
+    files = expand_inputs([str(cases)])
+    assert files == [cases / "case_1" / "image.nii.gz", cases / "case_2" / "image.nii.gz"]
+    outcomes = predict_many(predictor, files, tmp_path / "out", progress=False)
+    assert [(o.name, o.status) for o in outcomes] == [("case_1", "done"), ("case_2", "done")]
+    assert case_name("x/Image.nii") == "x" and case_name("image.nii.gz") == "image"
+
+
 def test_expand_inputs_files_folders_globs(tmp_path, good_file):
     other = tmp_path / "b.nii"
     nib.save(blob_volume(), str(other))
@@ -331,3 +345,25 @@ def test_a_zero_pixdim_the_sform_makes_unused_is_read_quietly_with_the_sform_spa
     path.write_bytes(gzip.compress(bytes(raw)))
     assert np.allclose(load_volume(path).spacing, (2.0, 3.0, 4.0))
     assert not [r for r in caplog.records if "pixdim" in r.getMessage()]  # nibabel's fix-up note stays unsaid
+
+
+def test_cli_help_shows_on_off_options_without_a_value():
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", "--help"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "COLUMNS": "120"})
+    line = next(line for line in proc.stdout.splitlines() if "--overwrite" in line)
+    assert "<bool>" not in line.lower(), line
+
+
+def test_an_image_nibabel_read_from_a_file_is_named_after_that_file(tmp_path, predictor, good_file):
+    loaded = predictor.predict(nib.load(str(good_file)))
+    assert loaded.name == "good" and loaded.report["study"]["filename"] == "good.nii.gz"
+    made = predictor.predict(blob_volume())  # made in memory: no file to name it after
+    assert made.name == "study" and predictor.predict(blob_volume(), name="PAT7").name == "PAT7"
+
+
+def test_the_saved_report_total_time_includes_the_write(tmp_path, predictor, good_file):
+    result = predictor.predict(good_file)
+    before = dict(result.report["timings_s"])
+    report = json.loads((result.save(tmp_path) / "report.json").read_text())
+    t = report["timings_s"]
+    assert list(t)[-1] == "total" and t["total"] == pytest.approx(before["total"] + t["write"], abs=0.002)
