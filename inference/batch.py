@@ -116,13 +116,14 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
 
     Case names default to the file names without .nii/.nii.gz; ``names`` overrides them (e.g. phantom case folders).
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     out_dir = check_out_dir(out_dir)
     outcomes: list[CaseOutcome] = []
     names = list(names) if names is not None else [case_name(p) for p in inputs]
     dupes = {n for n in names if names.count(n) > 1}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
+                  console=Console(stderr=True), disable=not progress) as bar:  # stdout stays free for scripts
         task = bar.add_task("predict", total=len(inputs))
         for path, name in zip(inputs, names):
             bar.update(task, description=f"predict {name}")
