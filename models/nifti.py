@@ -93,14 +93,19 @@ def header_from_bytes(head: bytes) -> tuple[tuple[int, ...], np.ndarray, np.dtyp
     return shape, affine, dtype, max(offset, size)
 
 
-def _check_gzip(path: Path) -> None:
-    """Refuse truncated or corrupt gzip streams before nibabel meets them."""
+def _inflate(path: Path, keep: int) -> bytes:
+    """The first ``keep`` bytes of a gzip file's inflated stream, read to its end, so that a truncated or corrupt
+    stream is refused (by its length and CRC) before nibabel meets it; the file is inflated once, not twice."""
+    chunks, kept = [], 0
     try:
         with gzip.open(path, "rb") as fh:
-            while fh.read(1 << 22):
-                pass
+            while chunk := fh.read(1 << 22):
+                if kept < keep:
+                    chunks.append(chunk[: keep - kept])
+                    kept += len(chunks[-1])
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"corrupt or truncated gzip stream ({type(exc).__name__})") from None
+    return b"".join(chunks)
 
 
 def _read_head(path: Path, gz: bool) -> bytes:
@@ -203,9 +208,18 @@ def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
 
 def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
-    _, gz, _, _ = _checked_header(path, max_voxels)
+    head, gz, _, _ = _checked_header(path, max_voxels)
     if gz:
-        _check_gzip(path)
+        shape, _, dtype, offset = header_from_bytes(head)
+        need = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        raw = _inflate(path, need + (1 << 16))  # a margin for headers whose data starts past their stated offset
+        image_class = nib.Nifti2Image if head[4:8] == b"n+2\x00" else nib.Nifti1Image
+        with _nibabel_quiet():
+            try:
+                img = image_class.from_bytes(raw)
+            except Exception as exc:  # nibabel raises many types for broken files
+                raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
+            return _voxels(img, max_voxels)
     with _named_by_content(path, gz) as readable, _nibabel_quiet():
         try:
             img = nib.load(str(readable))

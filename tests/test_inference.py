@@ -367,3 +367,13 @@ def test_the_saved_report_total_time_includes_the_write(tmp_path, predictor, goo
     report = json.loads((result.save(tmp_path) / "report.json").read_text())
     t = report["timings_s"]
     assert list(t)[-1] == "total" and t["total"] == pytest.approx(before["total"] + t["write"], abs=0.002)
+
+
+def test_a_gzipped_nifti_with_a_header_extension_reads_as_nibabel_reads_it(tmp_path):
+    from models.nifti import load_volume
+    img = blob_volume()
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment that moves the voxel data" * 10))
+    path = tmp_path / "ext.nii.gz"
+    nib.save(img, str(path))
+    assert int(nib.load(str(path)).header["vox_offset"]) > 352
+    assert np.array_equal(load_volume(path).data, nib.load(str(path)).get_fdata(dtype=np.float32))
