@@ -186,6 +186,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         errors = {o.name: o.error for o in outcomes if o.status == "failed"}
     if pred is None or ref is None:
         _fail("give --pred and --ref, or --model and --data")
+    if model is None and not pred.is_dir():
+        _fail(f"cannot evaluate: --pred {pred} is not a folder of predicted case folders")
     try:
         summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
     except (FileNotFoundError, ValueError) as exc:
@@ -196,6 +198,13 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     shown["by_region"] = {region: f"{r['detected']} of {r['n_ref']} found, {r['fp']} false positive(s)"
                           for region, r in summary["by_region"].items()}
     typer.echo(_json.dumps(shown, indent=2))
+    if summary.get("n_failed"):  # scored as empty predictions (FAILURE_RULE): say so, and end with a failure
+        for f in summary["failures"]:
+            typer.echo(f"no usable prediction for {f['case']}: {f['error']}", err=True)
+        typer.echo(f"{summary['n_failed']} of {summary['n_cases']} cases had no usable prediction and were scored as "
+                   "empty ones (every reference lesion missed; a lesion-free case then counts as having no false "
+                   f"positive): the figures above are not the tool's alone. Details: {out / 'summary.json'}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -179,7 +179,9 @@ def test_other_commands_report_missing_paths_in_one_line(tmp_path):
     for args, phrase in ((["export", str(tmp_path / "no_run"), "--to", str(tmp_path / "bundle")], "not a model bundle"),
                          (["show", str(tmp_path / "no_case")], "no image.nii.gz"),
                          (["evaluate", "--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r"),
-                           "--out", str(tmp_path / "ev")], "cannot evaluate")):
+                           "--out", str(tmp_path / "ev")], "cannot evaluate"),
+                         (["evaluate", "--pred", str(tmp_path / "p"), "--ref", "data/README.md",
+                           "--out", str(tmp_path / "ev")], "is not a folder of predicted case folders")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and phrase in res.output and "Traceback" not in res.output, (args, res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -190,7 +192,7 @@ def _evaluate(root: Path, out: Path):
     rows by case."""
     res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
                                    "--device", "cpu"])
-    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))} if res.exit_code == 0 else {}
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "per_case.csv"))} if res.exit_code in (0, 1) else {}
     return res, rows
 
 
@@ -222,7 +224,7 @@ def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_
     _save(root / "imagesTr" / "PAT02_0000.nii.gz", bad)
     out = tmp_path / "eval"
     res, rows = _evaluate(root, out)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1 and "1 of 2 cases had no usable prediction" in res.output, res.output
     assert rows["PAT01"]["status"] == "ok" and rows["PAT02"]["status"] == "failed"
     assert "NaN" in rows["PAT02"]["error"] and rows["PAT02"]["detected"] == "0"
     # a result of other weights left in the folder is redone; when that fails, the old result is not scored
@@ -232,7 +234,8 @@ def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_
     report["model"]["sha256"] = "0" * 64
     (stale / "report.json").write_text(json.dumps(report))
     res, rows = _evaluate(root, out)
-    assert res.exit_code == 0 and rows["PAT02"]["status"] == "failed" and "NaN" in rows["PAT02"]["error"]
+    assert rows["PAT02"]["status"] == "failed" and "NaN" in rows["PAT02"]["error"]
+    assert res.exit_code == 1 and "no usable prediction for PAT02" in res.output, "a failed case is not scored quietly"
 
 
 def test_an_image_grid_is_read_from_its_header_alone(tmp_path):
