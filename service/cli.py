@@ -65,6 +65,32 @@ def _exit_unless_file(config: Path, hint: str = "") -> None:
         _fail(f"no such config file: {config}{hint}")
 
 
+RUN_OUTPUTS = ("last.pt", "metrics.csv", "tb", "best", "final", "config.yaml")  # what training writes in its folder
+
+
+def _check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over an earlier run unless told to (``--overwrite`` removes its outputs first), and to
+    ``--resume`` where there is nothing to resume. Under torchrun (WORLD_SIZE > 1) the ranks start at different
+    moments, so only the resume check is made: a later rank may already see rank 0's first files."""
+    import os
+    import shutil
+    if resume:
+        if not (run / "last.pt").is_file():
+            _fail(f"--resume: {run} holds no last.pt to continue from (leave out --resume to start a new run there)")
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not any((run / name).exists() for name in RUN_OUTPUTS[:5]):
+        return
+    if not overwrite:
+        _fail(f"{run} holds a run already: continue it with --resume, start again there with --overwrite, or give "
+              "another --out-dir")
+    for name in RUN_OUTPUTS:
+        target = run / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
 @app.command()
 def train(config: Optional[Path] = typer.Option(None, "--config", help="training YAML (default configs/train/default.yaml)"),
           set_: List[str] = typer.Option([], "--set", help="override a key, e.g. --set optim.steps=500"),
@@ -74,7 +100,9 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
           device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (config: device)"),
           prepare_only: bool = _flag("--prepare-only", help="make the cached phantom and dataset cases "
                                             "with data.workers processes at full priority, then stop (faster than "
-                                            "filling the pool beside training)")) -> None:
+                                            "filling the pool beside training)"),
+          overwrite: bool = _flag("--overwrite", help="start again in a run folder that holds a run (its "
+                                  "checkpoints, metrics and TensorBoard events are removed first)")) -> None:
     """Train (or fine-tune) the network; every setting lives in one validated YAML schema."""
     from training.config import ConfigError, TrainConfig, load_config
     from training.loop import Trainer
@@ -100,6 +128,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
                        f"pool, {made['val_cases']} validation and {made['dataset_cases']} dataset cases under "
                        f"{cfg.data.cache_dir}")
             return
+        _check_run_folder(Path(cfg.out_dir), resume, overwrite)
         result = Trainer(cfg, resume=resume).train()
     except ConfigError as exc:
         _fail(str(exc))

@@ -520,6 +520,24 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
 
 
+def test_a_run_folder_is_not_started_over_or_resumed_from_nothing_unless_told(tmp_path):
+    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)] + ["--set", "optim.steps=1",
+                                                                         "--set", "val_every=1000"]
+    run = tmp_path / "run"
+    nothing = subprocess.run(_cli(*over, "--resume"), capture_output=True, text=True, timeout=300)
+    assert nothing.returncode == 2 and "holds no last.pt" in nothing.stderr and not (run / "metrics.csv").exists()
+    first = subprocess.run(_cli(*over), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and (run / "last.pt").is_file(), first.stderr[-2000:]
+    events = sorted(p.name for p in (run / "tb").iterdir())
+    again = subprocess.run(_cli(*over), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "holds a run already" in again.stderr and "--overwrite" in again.stderr
+    assert sorted(p.name for p in (run / "tb").iterdir()) == events, "a refused start leaves the run as it was"
+    fresh = subprocess.run(_cli(*over, "--overwrite"), capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    now = sorted(p.name for p in (run / "tb").iterdir())
+    assert len(now) == len(events) and not set(now) & set(events), "the old run's TensorBoard events are gone"
+
+
 def test_prepare_only_fills_the_caches_and_trains_nothing(tmp_path):
     over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
     cmd = _cli(*over, "--prepare-only", "--set", "data.workers=2", "--set", "data.phantom_cases=3")
