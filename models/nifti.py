@@ -47,11 +47,12 @@ class Volume:
 
 @contextmanager
 def _nibabel_quiet() -> Iterator[None]:
-    """Keep nibabel's header fix-up notes (for example "pixdim[1,2,3] should be non-zero; setting 0 dims to 1",
-    about a size the sform makes unused) off stderr: what wbmri refuses, it says itself, in one line."""
+    """Keep nibabel's header notes (for example "pixdim[1,2,3] should be non-zero; setting 0 dims to 1", about a size
+    the sform makes unused, or "data code 999 not recognized", logged as an error) off stderr: what wbmri refuses,
+    it says itself, in one line."""
     log = logging.getLogger("nibabel.global")
     level = log.level
-    log.setLevel(logging.ERROR)
+    log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

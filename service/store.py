@@ -104,10 +104,13 @@ class JobStore:
         self.incoming = self.root / "incoming"
         self.uploads = self.root / "uploads"
         self.results = self.root / "results"
-        for d in (self.root, self.incoming, self.uploads, self.results):
-            d.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # a folder given that exists keeps its mode
+        for d in (self.incoming, self.uploads, self.results):  # studies: for this user only, whatever the umask
+            d.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
         self._lock = threading.RLock()
         self._db = self._connect(check_same_thread=False)
+        os.chmod(self.root / DB_NAME, 0o600)  # SQLite gives its -wal and -shm files the database's mode
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._tx():
             for stmt in filter(str.strip, _SCHEMA.split(";")):
@@ -121,6 +124,7 @@ class JobStore:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA busy_timeout=30000")
+        db.execute("PRAGMA secure_delete=ON")  # a deleted job's file name is overwritten, not left in free pages
         return db
 
     # ----------------------------------------------------------------------------------------------- plumbing
@@ -279,6 +283,8 @@ class JobStore:
             return False
         with self._tx() as db:
             cur = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        with self._lock:  # the write-ahead log still holds the row's old pages: fold it in and empty it
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.remove_files(job_id)
         return cur.rowcount == 1
 

@@ -377,3 +377,11 @@ def test_a_gzipped_nifti_with_a_header_extension_reads_as_nibabel_reads_it(tmp_p
     nib.save(img, str(path))
     assert struct.unpack("<f", gzip.decompress(path.read_bytes())[108:112])[0] > 352  # the file's vox_offset
     assert np.array_equal(load_volume(path).data, nib.load(str(path)).get_fdata(dtype=np.float32))
+
+
+def test_a_header_nibabel_cannot_fix_is_refused_in_wbmri_words_alone(caplog):
+    raw = bytearray(blob_volume().to_bytes())
+    raw[70:72] = struct.pack("<h", 999)  # datatype: no such NIfTI code
+    with pytest.raises(InputError, match="not a readable NIfTI header"):
+        header_from_bytes(bytes(raw[:540]))
+    assert not [r for r in caplog.records if r.name.startswith("nibabel")], "nibabel's own line reached the log"

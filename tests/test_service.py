@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import select
 import socket
 import sqlite3
@@ -444,3 +445,26 @@ def test_settings_precedence_and_safety(tmp_path, monkeypatch):
     s = load_settings(host="0.0.0.0")
     s.check_safe()
     assert s.keys() == ["k" * 20, "j" * 20] and "kkkk" not in repr(s)
+
+
+def test_the_store_keeps_studies_to_its_user_and_forgets_a_deleted_file_name(tmp_path):
+    import stat
+    from service.store import DB_NAME, JobStore
+    from service.upload import new_job_id
+    old = os.umask(0o022)  # a permissive umask, as on many servers
+    try:
+        store = JobStore(tmp_path / "d")
+    finally:
+        os.umask(old)
+    try:
+        staged = store.incoming / "x.part"
+        staged.write_bytes(b"data")
+        job = store.create(new_job_id(), staged, "Doe_Jane_1234.nii.gz", ".nii.gz", 4, [2, 2, 2], max_active=10)
+        for d in (store.incoming, store.uploads, store.results):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        assert stat.S_IMODE((store.root / DB_NAME).stat().st_mode) == 0o600
+        assert store.delete(job.id)
+        held = b"".join(p.read_bytes() for p in store.root.glob(DB_NAME + "*"))
+        assert b"Doe_Jane_1234" not in held, "the deleted study's file name is still in the database files"
+    finally:
+        store.close()
