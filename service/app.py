@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 
+from models import __version__
 from models.nifti import InputError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.settings import Settings, load_settings
@@ -283,11 +285,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(svc.stop)
 
     app = FastAPI(
-        title="wbmri", version="1.0.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+        title="wbmri", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Whole-body MRI bone-marrow edema segmentation for children with CNO/CRMO. Upload a NIfTI "
                     "study, follow its job, download the report and label maps. Decision support only: it "
                     "supports and does not replace clinical judgement.")
     app.state.service = svc
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A bad query or path parameter gets the documented ``{"detail": "message"}``, not FastAPI's list."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = " ".join(str(part) for part in first.get("loc", ()))
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse({"detail": message}, status_code=422)
+
     bearer = HTTPBearer(auto_error=False, description="an API key (required when keys are configured)")
 
     def authorised(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

@@ -340,6 +340,14 @@ def test_security_headers_and_page(client):
     assert client.get("/v1/jobs/0123456789abcdef0123456789abcdef").headers["cache-control"] == "no-store"
 
 
+def test_a_bad_query_parameter_gets_the_documented_one_line_error(client):
+    from models import __version__
+    for wait in ("abc", "-5"):
+        r = client.post(f"/v1/studies?wait={wait}", files={"file": ("a.nii.gz", b"x" * 10)})
+        assert r.status_code == 422 and isinstance(r.json()["detail"], str) and "wait" in r.json()["detail"], r.text
+    assert client.get("/openapi.json").json()["info"]["version"] == __version__
+
+
 def test_metrics_exposition(client):
     text = client.get("/metrics")
     assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
