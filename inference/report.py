@@ -20,11 +20,26 @@ DISCLAIMER = (
     "(growth plates, residual red marrow, foot marrow foci) can look like edema; lesions can also be missed.")
 
 
+def model_caution(card: Mapping[str, Any]) -> str:
+    """What a reader must know of the model behind a finding, from its card: trained on phantoms alone, and how
+    many of its accuracy targets it misses (the card's first limitation); empty when the card says neither."""
+    notes = []
+    if (card.get("data") or {}).get("synthetic_only"):
+        notes.append(f"The model ({card.get('name', '?')} {card.get('version', '')}) was trained on synthetic "
+                     "phantoms only, never on a patient scan: its accuracy on patient scans is unknown until "
+                     "measured on local labelled scans.")
+    first = next(iter(card.get("limitations") or []), "")
+    if "NOT meet" in first:
+        notes.append(first.split(":")[0] + " (the model card lists them).")
+    return " ".join(notes)
+
+
 def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]],
                  summary: Mapping[str, Any], sites: Sequence[Mapping[str, Any]], warnings: Sequence[str],
-                 timings: Mapping[str, float], sites_in_view: Sequence[str]) -> dict:
+                 timings: Mapping[str, float], sites_in_view: Sequence[str], caution: str = "") -> dict:
     """Assemble a report dict (schema_version 1.0). ``study['filename']`` is reduced to its base name; the
-    sites in view go into ``study.sites_in_view``; timings are rounded to milliseconds."""
+    sites in view go into ``study.sites_in_view``; timings are rounded to milliseconds; ``caution``
+    (:func:`model_caution`) follows the disclaimer."""
     study_out = dict(study)
     if "filename" in study_out:
         study_out["filename"] = PurePath(str(study_out["filename"]).replace("\\", "/")).name
@@ -38,7 +53,7 @@ def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Se
         "sites": [dict(s) for s in sites],
         "summary": dict(summary),
         "warnings": [str(w) for w in warnings],
-        "disclaimer": DISCLAIMER,
+        "disclaimer": f"{DISCLAIMER} {caution}" if caution else DISCLAIMER,
     }
 
 

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 
 from models import __version__
+from inference.report import model_caution
 from models.nifti import InputError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.settings import Settings, load_settings
@@ -432,7 +433,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_model() -> dict[str, Any]:
         if not svc.pool or not svc.pool.card:
             raise HTTPException(503, svc.not_ready_reason() or "the model is loading", headers={"Retry-After": "10"})
-        return {**svc.pool.card, "runtime": svc.pool.model_info}
+        return {**svc.pool.card, "runtime": {**svc.pool.model_info, "caution": model_caution(svc.pool.card)}}
 
     # ---------------------------------------------------------------------------------------- operations
     @app.get("/healthz", response_model=Health, tags=["service"], summary="Liveness")

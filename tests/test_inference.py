@@ -385,3 +385,8 @@ def test_a_header_nibabel_cannot_fix_is_refused_in_wbmri_words_alone(caplog):
     with pytest.raises(InputError, match="not a readable NIfTI header"):
         header_from_bytes(bytes(raw[:540]))
     assert not [r for r in caplog.records if r.name.startswith("nibabel")], "nibabel's own line reached the log"
+
+
+def test_the_report_tells_the_reader_the_model_learned_from_phantoms_only(predictor, good_file):
+    disclaimer = predictor.predict(good_file).report["disclaimer"]
+    assert "clinical judgement" in disclaimer and "trained on synthetic phantoms only" in disclaimer

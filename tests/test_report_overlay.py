@@ -212,3 +212,14 @@ def test_preview_refuses_mismatched_shapes(study, tmp_path):
     save_nifti(case / "image.nii.gz", np.zeros((5, 5, 5), np.float32), AFFINE)
     with pytest.raises(ValueError, match="different shapes"):
         preview_case(case)
+
+
+def test_the_model_caution_says_what_the_card_says_of_its_data_and_targets():
+    from inference.report import model_caution
+    from models.card import load_card
+    shipped = model_caution(load_card())
+    assert "synthetic phantoms only" in shipped and "NOT meet" in shipped and "of its 10 targets" in shipped
+    assert model_caution({"name": "m", "data": {"synthetic_only": False}, "limitations": ["It is slow."]}) == ""
+    report = build_report({"filename": "a.nii.gz"}, {"name": "m", "version": "1", "sha256": "0", "device": "cpu"},
+                          [], {"lesion_count": 0}, [], [], {}, [], caution="Mind this.")
+    assert report["disclaimer"] == DISCLAIMER + " Mind this."

@@ -146,6 +146,9 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
     assert "supports and does not replace clinical judgement" in text
     assert "Drop a NIfTI study here" in text
     b.wait_for("document.getElementById('model-info').textContent.includes('wbmri-tiny-test')")
+    caution = b.js("document.getElementById('model-caution').hidden ? '' : "
+                   "document.getElementById('model-caution').textContent")
+    assert "synthetic phantoms only" in caution and "NOT meet 5 of its 5 targets" in caution, caution
 
     doc = b.page("DOM.getDocument")["root"]["nodeId"]
     node = b.page("DOM.querySelector", {"nodeId": doc, "selector": "#file"})["nodeId"]

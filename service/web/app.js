@@ -124,6 +124,8 @@
       const rt = card.runtime || {};
       $('model-info').textContent = 'Model ' + (card.name || rt.name || '?') + ' ' + (card.version || rt.version || '') +
         (rt.device ? ' · ' + rt.device : '');
+      $('model-caution').textContent = rt.caution || '';
+      show('model-caution', Boolean(rt.caution));
     } catch (e) { /* the page still works without it */ }
   }
 
