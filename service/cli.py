@@ -272,11 +272,13 @@ def export(run_dir: Path = typer.Argument(..., help="a training run folder (runs
            to: Path = typer.Option(..., "--to", help="destination bundle folder, e.g. models/default"),
            which: str = typer.Option("best", "--which", help="best | final"),
            eval_: List[str] = typer.Option([], "--eval", help="NAME=EVAL_DIR with a summary.json, repeatable"),
-           command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
+           command: str = typer.Option("", "--command", help="the command that reproduces the metrics"),
+           min_cases: int = typer.Option(20, "--min-cases", min=1, help="the fewest scored cases an --eval may "
+                                         "have (a frozen test set: at least 20)")) -> None:
     """Copy a run's model into a bundle folder and write its model card."""
     from training.export import export_bundle
     try:
-        typer.echo(str(export_bundle(run_dir, to, which, _named_dirs(eval_), command)))
+        typer.echo(str(export_bundle(run_dir, to, which, _named_dirs(eval_), command, min_cases=min_cases)))
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"cannot export: {exc}")
 
@@ -293,12 +295,15 @@ def _named_dirs(items: List[str]) -> dict[str, Path]:
 def card(bundle: Path = typer.Argument(..., help="a model bundle folder, e.g. models/default"),
          eval_: List[str] = typer.Option(..., "--eval", help="NAME=EVAL_DIR made by `wbmri evaluate --model BUNDLE`, "
                                          "repeatable"),
-         command: str = typer.Option("", "--command", help="the command that reproduces the metrics")) -> None:
+         command: str = typer.Option("", "--command", help="the command that reproduces the metrics"),
+         min_cases: int = typer.Option(20, "--min-cases", min=1, help="the fewest scored cases an evaluation may "
+                                       "have (a frozen test set: at least 20)")) -> None:
     """Rewrite a bundle card's test-set metrics and target check from evaluations of it (after `wbmri validate`
-    re-chose its lesion rules); evaluations made with other weights or rules are refused."""
+    re-chose its lesion rules); evaluations made with other weights or rules, of fewer than --min-cases cases, or
+    leaving out a test set the card already has, are refused."""
     from training.export import rescore_card
     try:
-        written = rescore_card(bundle, _named_dirs(eval_), command)
+        written = rescore_card(bundle, _named_dirs(eval_), command, min_cases)
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"card not changed: {exc}")
     width = max((len(row["metric"]) for row in written["targets"]), default=0)

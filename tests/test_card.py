@@ -46,7 +46,8 @@ def evaluated(tmp_path_factory, tiny_model_dir):
 
 def test_card_takes_the_figures_of_an_evaluation_of_the_bundle(evaluated):
     bundle, evaluation = evaluated
-    proc = _cli(str(bundle), "--eval", f"partial_fov={evaluation}", "--command", "wbmri evaluate ...")
+    proc = _cli(str(bundle), "--eval", f"partial_fov={evaluation}", "--command", "wbmri evaluate ...",
+                "--min-cases", "1")  # a one-phantom trial; a real card needs a frozen test set of 20
     assert proc.returncode == 0, proc.stderr
     card = load_bundle(bundle).card  # the sha256 still verifies
     summary = json.loads((evaluation / "summary.json").read_text())
@@ -95,4 +96,19 @@ def test_card_refuses_evaluations_made_by_another_software_version(evaluated, tm
     report.write_text(json.dumps(made))
     with pytest.raises(ValueError, match="was not made with"):
         rescore_card(bundle, {"partial_fov": old})
-    assert rescore_card(bundle, {"partial_fov": evaluation})["metrics"]["software"] == SOFTWARE
+    assert rescore_card(bundle, {"partial_fov": evaluation}, min_cases=1)["metrics"]["software"] == SOFTWARE
+
+
+def test_card_refuses_a_small_evaluation_and_one_that_drops_a_recorded_test_set(evaluated, tmp_path):
+    bundle, evaluation = evaluated
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    before = (other / CARD).read_text()
+    proc = _cli(str(other), "--eval", f"partial_fov={evaluation}")  # one phantom, against the default 20
+    assert proc.returncode == 2 and "scored 1 cases" in proc.stderr and "at least 20" in proc.stderr, proc.stderr
+    assert (other / CARD).read_text() == before
+    rescore_card(other, {"partial_fov": evaluation, "whole_body": evaluation}, min_cases=1)
+    recorded = (other / CARD).read_text()
+    with pytest.raises(ValueError, match="holds test figures of whole_body too"):
+        rescore_card(other, {"partial_fov": evaluation}, min_cases=1)
+    assert (other / CARD).read_text() == recorded

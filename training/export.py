@@ -6,6 +6,7 @@ import json
 import platform
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import yaml
@@ -445,9 +446,24 @@ def _distinct_stages(stages: list[dict], run_dir: Path) -> list[dict]:
     return out
 
 
-def _summaries(evals: dict[str, Path]) -> dict[str, dict]:
-    """Each named evaluation folder's summary.json."""
-    return {name: json.loads((Path(folder) / "summary.json").read_text()) for name, folder in evals.items()}
+MIN_TEST_CASES = 20  # the issue's frozen test set: at least 20 whole-body cases and 20 partial fields of view
+
+
+def _summaries(evals: dict[str, Path], min_cases: int = MIN_TEST_CASES,
+               recorded: Sequence[str] = ()) -> dict[str, dict]:
+    """Each named evaluation folder's summary.json, refused when it scored fewer than ``min_cases`` cases, or when
+    the card has figures of a test set (``recorded``) that is not given again (they would describe other rules)."""
+    missing = sorted(set(recorded) - set(evals))
+    if missing:
+        raise ValueError(f"the card holds test figures of {', '.join(missing)} too: give an evaluation of each "
+                         "(its figures would otherwise describe other weights or rules)")
+    out = {name: json.loads((Path(folder) / "summary.json").read_text()) for name, folder in evals.items()}
+    for name, summary in out.items():
+        scored = int(summary.get("n_cases", 0)) - int(summary.get("n_failed", 0))
+        if scored < min_cases:
+            raise ValueError(f"{name}={evals[name]} scored {scored} cases: a card's test figures need a frozen test "
+                             f"set of at least {min_cases} (--min-cases to lower it, e.g. for a tiny trial)")
+    return out
 
 
 def _test_sets(metrics: dict[str, dict], key: str) -> dict[str, str]:
@@ -466,7 +482,7 @@ def _made_by(eval_dir: Path) -> list[dict]:
     return seen
 
 
-def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") -> dict:
+def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "", min_cases: int = MIN_TEST_CASES) -> dict:
     """Rewrite a bundle card's test-set metrics, target check and limitations from evaluations of that bundle.
 
     For a bundle whose lesion rules ``wbmri validate`` re-chose: its weights did not change, so it is not exported
@@ -492,7 +508,8 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") ->
         if wrong:
             raise ValueError(f"{name}={folder} was not made with {bundle_dir} as it is now: it holds reports of "
                              f"{wrong[0]}, the bundle has {expected}")
-    metrics = _summaries(evals)
+    recorded = ((card.get("metrics") or {}).get("frozen_synthetic_test_set") or {}).keys()
+    metrics = _summaries(evals, min_cases, recorded)
     targets = target_check(metrics)
     card["metrics"] = {"frozen_synthetic_test_set": metrics, "software": SOFTWARE,
                        "command": command or (card.get("metrics") or {}).get("command", "")}
@@ -510,11 +527,13 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "") ->
 
 
 def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[str, Path] | None = None,
-                  eval_command: str = "", throughput: dict | None = None) -> Path:
-    """Copy a run's bundle to ``dest`` and write the full model card."""
+                  eval_command: str = "", throughput: dict | None = None, min_cases: int = MIN_TEST_CASES) -> Path:
+    """Copy a run's bundle to ``dest`` and write the full model card (``evals``: test-set evaluations of at least
+    ``min_cases`` scored cases each)."""
     run_dir, dest = Path(run_dir), Path(dest)
     src = run_dir / which
     bundle = load_bundle(src)
+    metrics = _summaries(evals or {}, min_cases)  # before anything is written
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     wall, steps = training_wall_time(run_dir / "metrics.csv")
     stages = _distinct_stages(_earlier_stages(cfg), run_dir)
@@ -524,7 +543,6 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src / WEIGHTS, dest / WEIGHTS)
     n_params = sum(p.numel() for p in bundle.net.parameters())
-    metrics = _summaries(evals or {})
     targets = target_check(metrics)
     datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
     synthetic_only = all(d["synthetic"] for d in datasets)
