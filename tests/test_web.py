@@ -193,11 +193,22 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
     assert widths[0] <= widths[1], widths
     b.page("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
 
+    # the address names the study: a reload finds it again (and its delete button with it)
+    assert b.js("window.location.hash") == f"#job={job_id}"
+    b.page("Page.reload")
+    b.wait_for("document.readyState === 'complete' && !document.getElementById('result').hidden "
+               "&& document.getElementById('overlay').naturalWidth > 0", timeout=60)
+    assert "knee_study.nii.gz" in b.js("document.getElementById('result').innerText")
+
     # delete: two clicks (arm, confirm); the study is gone from the server
     b.js("document.getElementById('delete').click()")
     assert "Confirm" in b.js("document.getElementById('delete').textContent")
     b.js("document.getElementById('delete').click()")
     b.wait_for("document.getElementById('result').hidden && document.body.innerText.includes('were deleted')")
+    assert b.js("window.location.hash") == ""
+    b.page("Page.navigate", {"url": f"{server.url}/#job={job_id}"})  # an old bookmark of the deleted study
+    b.wait_for("document.readyState === 'complete' && !document.getElementById('error').hidden")
+    assert "no longer on the server" in b.js("document.getElementById('error').textContent")
     assert b.js(f"fetch('/v1/jobs/{job_id}').then(r => r.status)") == 404
 
 

@@ -114,6 +114,7 @@
     show('key-card', false);
     setError('');
     loadModel();
+    resumeFromAddress();
   });
 
   async function loadModel() {
@@ -161,8 +162,27 @@
     xhr.send(form);
   }
 
+  // the job followed is kept in the address (#job=ID), so a reload or a bookmark finds the study again
+  function remember(id) {
+    const url = id ? '#job=' + encodeURIComponent(id) : window.location.pathname + window.location.search;
+    history.replaceState(null, '', url);
+  }
+
+  async function resumeFromAddress() {
+    const m = /^#job=([0-9a-f]{32})$/.exec(window.location.hash);
+    if (!m || (state.job && state.job.id === m[1])) return;
+    try {
+      const res = await api('/v1/jobs/' + m[1]);
+      if (!res.ok) { remember(null); setError('That study is no longer on the server: ' + await detail(res)); return; }
+      const job = await res.json();
+      $('progress-name').textContent = job.filename || '';
+      follow(job);
+    } catch (e) { setError(e.message); }
+  }
+
   function follow(job) {
     state.job = job;
+    remember(job.id);
     if (job.state === 'done') { showResult(job); return; }
     if (job.state === 'failed') {
       show('progress', false);
@@ -322,6 +342,7 @@
       const res = await api('/v1/jobs/' + state.job.id, { method: 'DELETE' });
       if (res.status !== 204 && res.status !== 404) throw new Error(await detail(res));
       state.job = null;
+      remember(null);
       resetResult();
       show('progress', false);
       setError('');
@@ -345,5 +366,7 @@
   window.addEventListener('dragover', (e) => e.preventDefault());
   window.addEventListener('drop', (e) => e.preventDefault());
 
+  window.addEventListener('hashchange', resumeFromAddress);  // an address pasted into this tab
   loadModel();
+  resumeFromAddress();
 })();
