@@ -78,18 +78,18 @@ def is_done(out_dir: Path, name: str, model: dict | None = None, source: Path | 
 
 
 def _drop_result_of_another_file(out_dir: Path, name: str, source: Path) -> bool:
-    """Remove ``out_dir/name`` when it holds the result of another file than ``source`` (or no readable report):
-    after a failed run, the folder must not pass for this file's result. Returns whether it was removed."""
+    """Remove ``out_dir/name`` when it holds a result (a readable report) of another file than ``source``: after a
+    failed run, the folder must not pass for this file's result. A folder without a report is not wbmri's result
+    and is left alone. Returns whether it was removed."""
     folder = out_dir / name
-    if not folder.is_dir():
-        return False
     report = _saved_report(out_dir, name)
-    try:
-        same = report is not None and report.get("study", {}).get("sha256") == sha256_file(source)
-    except OSError:  # the input cannot be read: its earlier result cannot be vouched for either
-        same = False
-    if same:
+    if report is None:
         return False
+    try:
+        if report.get("study", {}).get("sha256") == sha256_file(source):
+            return False
+    except OSError:  # the input cannot be read: its earlier result cannot be vouched for either
+        pass
     shutil.rmtree(folder, ignore_errors=True)
     return True
 
