@@ -206,7 +206,11 @@ def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     assert res.exit_code == 0, res.output
     assert {k: int(v["n_ref"]) for k, v in rows.items()} == {"PAT01": 1, "PAT02": 2}
     assert all(v["status"] == "ok" for v in rows.values())
-    assert json.loads((out / "summary.json").read_text())["n_cases"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 2
+    # no sitesTr: the lesions' sites are unknown, not soft tissue, and no site accuracy is claimed
+    assert summary["site_accuracy"]["site"] is None and summary["site_accuracy"]["n_matched"] == 0, summary["site_accuracy"]
+    assert "soft_tissue" not in summary["by_region"] or not summary["by_region"]["soft_tissue"]["n_ref"]
     _save(out / "reference" / "GHOST" / "lesions.nii.gz", _label())  # left by an earlier run: not scored again
     res, _ = _evaluate(root, out)
     assert res.exit_code == 0 and json.loads((out / "summary.json").read_text())["n_cases"] == 2

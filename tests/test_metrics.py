@@ -505,3 +505,17 @@ def test_detection_target_needs_both_figures():
                                    "lesions": {"ge_0p5ml": {"fp_per_scan": fp}}}})[0]
         assert (row["met"], row["value"], row["fp_per_scan"]) == (met, sens, fp)
     assert target_check({"wb": base})[0]["met"] is None
+
+
+def test_a_reference_lesion_without_a_site_is_left_out_of_site_accuracy():
+    from training.metrics import matched_site_pairs
+    pred = np.zeros((6, 6, 6), np.uint8)
+    ref = np.zeros_like(pred)
+    pred[1:3, 1:3, 1:3] = 1
+    ref[1:3, 1:3, 1:3] = 1
+    pred[4:6, 4:6, 4:6] = 2
+    ref[4:6, 4:6, 4:6] = 2
+    m = match_lesions(pred, ref)
+    pairs = matched_site_pairs(m, {1: "femur_left", 2: "tibia_left"}, {1: "femur_left"})  # lesion 2: site unknown
+    assert pairs == [("femur_left", "femur_left")]
+    assert site_agreement(pairs).n == 1

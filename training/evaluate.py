@@ -108,8 +108,8 @@ def _site_code(site_id: int) -> str:
 def load_case(folder: Path) -> LabelCase:
     """Load ``lesions.nii.gz``, ``sites.nii.gz`` (optional) and the lesion list of report.json / case.json.
 
-    Lesions without a site in the JSON get the site they overlap most in the sites map (soft_tissue when none);
-    lesions without a confidence get 1.0.
+    Lesions without a site in the JSON get the site they overlap most in the sites map (soft_tissue when none;
+    unknown, and left out of the site figures, when there is no sites map); lesions without a confidence get 1.0.
     """
     lesions, affine = _read_labels(folder / "lesions.nii.gz")
     case = LabelCase(lesions=lesions, affine=affine, sites=None)
@@ -134,8 +134,8 @@ def load_case(folder: Path) -> LabelCase:
         if entry.get("confidence") is not None:
             case.confidence[lid] = float(entry["confidence"])
     missing = ids - case.lesion_site.keys()
-    if missing:
-        derived = majority_labels(lesions, case.sites) if case.sites is not None else {}
+    if missing and case.sites is not None:  # without a site map a lesion's site is unknown, not soft tissue
+        derived = majority_labels(lesions, case.sites)
         for lid in missing:
             case.lesion_site[lid] = _site_code(derived.get(lid, 0))
     for lid in ids - case.confidence.keys():
@@ -209,8 +209,14 @@ def _lesion_rows(m: Matching, pred: LabelCase, ref: LabelCase) -> list[dict[str,
     return rows
 
 
+SITE_NOT_LABELLED = "site_not_labelled"  # by_region's key for reference lesions of a scan without a sites map
+
+
 def _region(code: str) -> str:
-    """The body region (sites.tsv) of a site code; ``soft_tissue`` for that code or an unknown one."""
+    """The body region (sites.tsv) of a site code; ``soft_tissue`` for that code or an unknown one; for no code
+    (a reference without a sites map), :data:`SITE_NOT_LABELLED`."""
+    if not code:
+        return SITE_NOT_LABELLED
     site = by_code().get(code)
     return site.region if site is not None else SOFT_TISSUE
 

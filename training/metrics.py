@@ -363,8 +363,10 @@ def site_agreement(pairs: Iterable[tuple[str, str]]) -> SiteAgreement:
 
 def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str],
                        ref_sites: Mapping[int, str]) -> list[tuple[str, str]]:
-    """(predicted site, reference site) for every true-positive prediction and the reference lesion it is assigned to."""
-    return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items() if r is not None]
+    """(predicted site, reference site) for every true-positive prediction and the reference lesion it is assigned to,
+    where both sites are known (a reference without a site map names none: nothing to score)."""
+    return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items()
+            if r is not None and p in pred_sites and r in ref_sites]
 
 
 @dataclass(frozen=True)
