@@ -126,6 +126,9 @@ def test_every_problem_of_the_dataset_is_listed_at_once(tmp_path):
     (json.dumps({"labels": {"background": 0, "edema": 1, "bone": 2}}), "2 foreground classes"),
     (json.dumps({"file_ending": ".mha"}), "file_ending '.mha'"),
     (json.dumps({"channel_names": {"0": "STIR", "1": "T1"}}), "2 channels"),
+    ("{}", "no 'labels' key"),  # an empty or misspelled file must not let a multi-class label train as edema
+    (json.dumps({"modalities": {"0": "STIR"}, "label": {"background": 0, "edema": 1, "bone": 2},
+                 "fileending": ".nii.gz"}), "no 'labels' key"),
 ])
 def test_dataset_json_that_wbmri_cannot_follow_is_refused(tmp_path, dataset_json, message):
     root = make_dataset(tmp_path / "ds")
@@ -133,6 +136,25 @@ def test_dataset_json_that_wbmri_cannot_follow_is_refused(tmp_path, dataset_json
     with pytest.raises(DatasetError, match=message) as err:
         nnunet_cases(root, SPACING, tmp_path / "cache")
     assert "dataset.json" in str(err.value)
+
+
+def test_files_that_would_silently_drop_out_are_listed_with_the_dataset_json_problems(tmp_path):
+    root = make_dataset(tmp_path / "ds", names=("PAT01", "PAT02", "PAT03"))
+    _save(root / "labelsTr" / "PAT09.nii.gz", _label())  # a label without its image
+    os.rename(root / "imagesTr" / "PAT02_0000.nii.gz", root / "imagesTr" / "PAT02_0000.NII.GZ")
+    (root / "imagesTr" / "PAT04_0000.mha").write_bytes(b"not NIfTI")
+    (root / "imagesTr" / ".DS_Store").write_bytes(b"")  # hidden files are nobody's cases
+    ds = json.loads((root / "dataset.json").read_text())
+    del ds["file_ending"]
+    (root / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(DatasetError) as err:
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+    text = str(err.value)
+    for problem in ("dataset.json: no 'file_ending' key", "labelsTr/PAT09.nii.gz: no image",
+                    "imagesTr/PAT02_0000.NII.GZ: name the file's ending in lower case",
+                    "imagesTr/PAT04_0000.mha: not a NIfTI file", "numTraining is 3, imagesTr/ holds the images of 2"):
+        assert problem in text, text
+    assert ".DS_Store" not in text and not (tmp_path / "cache").exists()
 
 
 def test_site_ids_outside_the_vocabulary_are_refused_before_training(tmp_path):

@@ -45,6 +45,18 @@ def _ending(path: Path) -> str | None:
     return next((e for e in ENDINGS if path.name.endswith(e)), None)
 
 
+def _image_case_names(images: Path) -> set[str]:
+    """The case names of imagesTr's NIfTI files: NAME of NAME_0000.nii.gz (any channel), a misnamed file's stem."""
+    out = set()
+    for path in images.iterdir():
+        ending = _ending(path)
+        if ending:
+            stem = path.name[: -len(ending)]
+            match = _CHANNEL.match(stem)
+            out.add(match["name"] if match else stem)
+    return out
+
+
 def raise_problems(problems: list[str], heading: str) -> None:
     """A :class:`DatasetError` listing the problems (the first 20) under ``heading``; nothing if there are none."""
     if problems:
@@ -53,16 +65,22 @@ def raise_problems(problems: list[str], heading: str) -> None:
         raise DatasetError(f"{heading}:\n  " + "\n  ".join(listed))
 
 
-def check_dataset_json(folder: Path) -> dict:
-    """The parsed ``dataset.json``, refused where it declares what wbmri cannot train on."""
+REQUIRED_KEYS = ("channel_names", "labels", "file_ending")  # nnU-Net v2's (v1's "modality" for channel_names)
+
+
+def dataset_json_problems(folder: Path) -> tuple[dict, list[str]]:
+    """The parsed ``dataset.json`` (empty when unreadable) and what in it wbmri cannot follow."""
     path = folder / "dataset.json"
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return {}, [f"not valid JSON ({exc.msg} at line {exc.lineno})"]
     if not isinstance(ds, dict):
-        raise DatasetError(f"{path}: must hold a JSON object")
-    problems = []
+        return {}, ["must hold a JSON object"]
+    problems = [f"no {key!r} key (nnU-Net's dataset.json names {', '.join(REQUIRED_KEYS)})"
+                for key in REQUIRED_KEYS if key not in ds and not (key == "channel_names" and "modality" in ds)]
+    if "labels" in ds and not isinstance(ds["labels"], dict):
+        problems.append("'labels' must map class names to values, e.g. {\"background\": 0, \"edema\": 1}")
     ending = ds.get("file_ending", ".nii.gz")
     if ending not in ENDINGS:
         problems.append(f"file_ending {ending!r}: wbmri reads NIfTI ({' or '.join(ENDINGS)})")
@@ -77,7 +95,13 @@ def check_dataset_json(folder: Path) -> dict:
             problems.append(f"labels declares {len(foreground)} foreground classes ({', '.join(foreground)}): "
                             "labelsTr must hold edema only (0 background, > 0 edema or lesion ids); bone sites go "
                             "in sitesTr")
-    raise_problems(problems, f"{path}: {len(problems)} problem(s)")
+    return ds, problems
+
+
+def check_dataset_json(folder: Path) -> dict:
+    """The parsed ``dataset.json``, refused where it declares what wbmri cannot train on."""
+    ds, problems = dataset_json_problems(folder)
+    raise_problems(problems, f"{folder / 'dataset.json'}: {len(problems)} problem(s)")
     return ds
 
 
@@ -86,11 +110,16 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
     folder = Path(folder)
     if not (folder / "dataset.json").is_file() or not (folder / "imagesTr").is_dir():
         raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
-    check_dataset_json(folder)
-    problems, cases = [], []
+    ds, json_problems = dataset_json_problems(folder)
+    problems, cases = [f"dataset.json: {p}" for p in json_problems], []
     for path in sorted((folder / "imagesTr").iterdir()):
+        if path.name.startswith("."):  # .DS_Store and the like
+            continue
         ending = _ending(path)
         if ending is None:
+            lower = next((e for e in ENDINGS if path.name.lower().endswith(e)), None)
+            problems.append(f"imagesTr/{path.name}: " + (f"name the file's ending in lower case ({lower})" if lower else
+                            f"not a NIfTI file ({' or '.join(ENDINGS)}); convert it, or move it out of imagesTr"))
             continue
         match = _CHANNEL.match(path.name[: -len(ending)])
         if match is None:
@@ -105,6 +134,15 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
             problems.append(f"labelsTr/{name}{ending}: missing (the label of imagesTr/{path.name})")
             continue
         cases.append(CaseFiles(name, path, {k: p for k, p in targets.items() if p.is_file()}))
+    names = _image_case_names(folder / "imagesTr")
+    for _, sub in TARGETS:  # a label whose image is missing would silently drop out of training
+        for path in sorted((folder / sub).glob("*")) if (folder / sub).is_dir() else []:
+            ending = _ending(path)
+            if ending and path.name[: -len(ending)] not in names:
+                problems.append(f"{sub}/{path.name}: no image imagesTr/{path.name[: -len(ending)]}_0000{ending}")
+    stated = ds.get("numTraining")
+    if isinstance(stated, int) and stated != len(names):
+        problems.append(f"dataset.json: numTraining is {stated}, imagesTr/ holds the images of {len(names)} cases")
     raise_problems(problems, f"{folder}: {len(problems)} problem(s) with the dataset's files")
     if not cases:
         raise DatasetError(f"{folder}: imagesTr/ holds no NAME_0000.nii.gz image")
