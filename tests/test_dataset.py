@@ -276,6 +276,24 @@ def test_an_image_grid_is_read_from_its_header_alone(tmp_path):
         read_grid(path)
 
 
+def test_held_out_folders_are_checked_first_with_the_training_ones_and_kept_apart(tmp_path):
+    train = make_dataset(tmp_path / "train", names=("PAT01", "PAT02"))
+    bad_train = make_dataset(tmp_path / "bad_train", names=("PAT05",))
+    (bad_train / "labelsTr" / "PAT05.nii.gz").unlink()
+    held_out = make_dataset(tmp_path / "held_out", names=("PAT03",))
+    (held_out / "labelsTr" / "PAT03.nii.gz").unlink()
+    base = ["train", "--config", "configs/train/tiny.yaml", "--out-dir", str(tmp_path / "run"), "--prepare-only",
+            "--set", "data.phantom_cases=0", "--set", "data.val_cases=1", "--set", f"data.cache_dir={tmp_path / 'c'}"]
+    res = CliRunner().invoke(app, [*base, "--set", f"data.dataset_dirs=[{train},{bad_train}]",
+                                   "--set", f"data.val_dataset_dirs=[{held_out}]"])
+    assert res.exit_code == 2 and "labelsTr/PAT05.nii.gz: missing" in res.output, res.output
+    assert "labelsTr/PAT03.nii.gz: missing" in res.output, "the held-out folder's problems come in the same pass"
+    assert not list((tmp_path / "c").glob("val_*/*.npz")), "no validation phantom is made before the folders pass"
+    res = CliRunner().invoke(app, [*base, "--set", f"data.dataset_dirs=[{train}]",
+                                   "--set", f"data.val_dataset_dirs=[{train}]"])
+    assert res.exit_code == 2 and "in both dataset_dirs and val_dataset_dirs" in res.output, res.output
+
+
 def test_a_users_held_out_scans_validate_the_fine_tune(tmp_path):
     train = make_dataset(tmp_path / "train", names=("PAT01", "PAT02"))
     held_out = make_dataset(tmp_path / "held_out", names=("PAT03",))

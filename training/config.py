@@ -220,6 +220,14 @@ class DataConfig(Strict):
                 raise ValueError(f"phantom pools overlap: seeds {a0}-{a1 - 1} and {b0}-{b1 - 1}")
         return self
 
+    @model_validator(mode="after")
+    def _validation_apart(self) -> "DataConfig":
+        both = {d.resolve() for d in self.dataset_dirs} & {d.resolve() for d in self.val_dataset_dirs}
+        if both:
+            raise ValueError(f"{', '.join(sorted(map(str, both)))} is in both dataset_dirs and val_dataset_dirs: "
+                             "scans validated on must not be trained on (their F1 would say nothing)")
+        return self
+
 
 class SamplingConfig(Strict):
     lesion_p: float = Field(0.5, ge=0, le=1, description="patches centred on a lesion")

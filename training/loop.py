@@ -341,9 +341,8 @@ class Trainer:
         """Make every cached case this run reads (phantom pool, validation phantoms, dataset folders) and return:
         ``data.workers`` processes at full priority, which is faster than filling the pool beside training."""
         t0 = time.time()
-        sp = self.cfg.network.spacing_mm  # dataset folders first: a bad one stops before any phantom is made
-        dataset = sum(len(nnunet_cases(d, sp, Path(self.cfg.data.cache_dir), self.cfg.data.workers))
-                      for d in self.cfg.data.dataset_dirs)
+        # dataset folders first, held-out ones too: a bad one stops before any phantom is made
+        dataset = len(self._dataset_cases(self.cfg.data.dataset_dirs, self.cfg.data.val_dataset_dirs)[0])
         train_pools, val = self._pools()
         pools = train_pools + [val]
         todo = sum(len(p.missing()) for p in pools)
@@ -377,11 +376,12 @@ class Trainer:
 
     def setup_data(self) -> None:
         cfg = self.cfg
-        sp = cfg.network.spacing_mm
         self.train_files: list[Path] = []
         ref = cfg.network.intensity_reference  # caches hold p99-normalised images; each case is re-referenced on reading
-        for d in cfg.data.dataset_dirs:  # checked first: a bad dataset stops the run before any phantom is made
-            self.train_files += nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)
+        # dataset folders first, held-out ones too: a bad one stops the run before any phantom is made
+        train_files, val_files = self._dataset_cases(cfg.data.dataset_dirs,
+                                                     cfg.data.val_dataset_dirs if self.rank == 0 else [])
+        self.train_files += train_files
         self.pools, val = self._pools()
         share_workers(self.pools, cfg.data.workers)
         for pool in self.pools:
@@ -392,11 +392,25 @@ class Trainer:
         self.val_cases = []
         if self.rank == 0:
             val.fill_now()
-            files = val.ready() + [p for d in cfg.data.val_dataset_dirs
-                                   for p in nnunet_cases(d, sp, Path(cfg.data.cache_dir), cfg.data.workers)]
-            self.val_cases = [with_reference(load_npz(p), ref) for p in files]
+            self.val_cases = [with_reference(load_npz(p), ref) for p in val.ready() + val_files]
         self.augment = None if cfg.augment.on_device else build_augment(cfg)
         self.augment_gen = torch.Generator().manual_seed(int(self.rng.integers(2 ** 62)))
+
+    def _dataset_cases(self, *groups: list[Path]) -> list[list[Path]]:
+        """The cached cases of each group of labelled folders (:func:`training.data.nnunet_cases`; e.g. the training
+        and the held-out ones), every folder checked before one problem stops the run: all problems come at once."""
+        out, problems = [], []
+        for dirs in groups:
+            out.append([])
+            for d in dirs:
+                try:
+                    out[-1] += nnunet_cases(d, self.cfg.network.spacing_mm, Path(self.cfg.data.cache_dir),
+                                            self.cfg.data.workers)
+                except (DatasetError, FileNotFoundError) as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise DatasetError("\n".join(problems))
+        return out
 
     def _files(self) -> list[Path]:
         return ready_files(self.pools, self.train_files)
