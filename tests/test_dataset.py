@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import shutil
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_a_label_in_another_axis_order_is_reordered_onto_the_image(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ("shift", "voxel grid is not the image's"),
+    ("spacing", re.escape("voxel spacing (2.01, 2, 3) mm is not the image's (2, 2, 3) mm")),
     ("shape", "does not match the image's"),
     ("soft", "whole numbers"),
     ("nan_image", "NaN"),
@@ -80,6 +82,10 @@ def test_a_label_that_does_not_fit_its_image_names_the_file(tmp_path, change, me
         moved = AFFINE.copy()
         moved[:3, 3] = 30.0
         _save(label, _label(), moved)
+    elif change == "spacing":
+        wider = AFFINE.copy()
+        wider[0, 0] = 2.01
+        _save(label, _label(), wider)
     elif change == "shape":
         _save(label, _label()[:-4])
     elif change == "soft":
@@ -239,6 +245,16 @@ def test_evaluate_scores_a_model_on_a_labelled_nnunet_dataset(tmp_path):
     (root / "labelsTr" / "PAT01.nii.gz").unlink()
     res, _ = _evaluate(root, out)
     assert res.exit_code == 2 and "labelsTr/PAT01.nii.gz: missing" in res.output
+    _save(root / "labelsTr" / "PAT01.nii.gz", _label())
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = 30.0
+    _save(root / "labelsTr" / "PAT02.nii.gz", _label(), shifted)  # a label off its image's grid
+    before = sorted(p.relative_to(out) for p in (out / "reference").rglob("*"))
+    res, _ = _evaluate(root, out)
+    assert res.exit_code == 2 and "PAT02.nii.gz" in res.output, res.output
+    assert sorted(p.relative_to(out) for p in (out / "reference").rglob("*")) == before, \
+        "a refused dataset leaves the earlier evaluation's references as they were"
+    assert not list(out.glob(".reference-*")), "nothing staged is left behind"
 
 
 def test_evaluate_on_a_dataset_scores_a_case_whose_image_cannot_be_predicted_as_failed(tmp_path):

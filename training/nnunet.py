@@ -159,6 +159,10 @@ def _on_image_grid(label: Volume, shape: tuple[int, ...], affine: np.ndarray) ->
     if data.shape != tuple(shape):
         raise InputError(f"shape {label.data.shape} does not match the image's {tuple(shape)}")
     if not np.allclose(label_affine, affine, atol=AFFINE_TOL):
+        sizes = [np.sqrt((a[:3, :3] ** 2).sum(axis=0)) for a in (label_affine, affine)]
+        if not np.allclose(*sizes, atol=AFFINE_TOL):
+            raise InputError("its voxel spacing ({}) mm is not the image's ({}) mm".format(
+                *(", ".join(f"{v:.4g}" for v in z) for z in sizes)))
         shift = float(np.abs(label_affine[:3, 3] - affine[:3, 3]).max())
         raise InputError(f"its voxel grid is not the image's (affines differ; origins {shift:.1f} mm apart)")
     return data
@@ -234,9 +238,11 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
     before anything is predicted (an image's voxels are checked when it is predicted)."""
     import shutil
     from models.nifti import save_nifti
+    import tempfile
     cases = dataset_files(folder)
-    if Path(out).is_dir():  # references of an earlier run (perhaps of cases removed since) would be scored too
-        shutil.rmtree(out)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # the old references stay until all pass
     images, problems = {}, []
     for case in cases:
         try:  # the image's voxels are read once, when it is predicted
@@ -245,11 +251,16 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
         except InputError as exc:
             problems.append(str(exc))
             continue
-        dst = Path(out) / case.name
+        dst = staged / case.name
         dst.mkdir(parents=True, exist_ok=True)
         save_nifti(dst / "lesions.nii.gz", lesions, affine, np.uint16 if lesions.max() < 2**16 else np.int32)
         if sites is not None:
             save_nifti(dst / "sites.nii.gz", sites, affine, np.uint8)
         images[case.name] = case.image
+    if problems:
+        shutil.rmtree(staged, ignore_errors=True)
     raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be scored")
+    if out.is_dir():  # references of an earlier run (perhaps of cases removed since) would be scored too
+        shutil.rmtree(out)
+    staged.rename(out)
     return images
