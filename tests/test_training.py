@@ -227,7 +227,10 @@ def test_operating_point_is_the_most_sensitive_within_the_false_positive_budget(
     assert operating_point(noisy)["threshold"] == 0.5  # nothing within budget: best F1
     assert operating_point(results, max_fp_per_scan=0.2)["threshold"] == 0.7  # a stricter budget
     tie = [r(0.3, 0.80, 0.1, 0.8), r(0.5, 0.80, 0.1, 0.8)]
-    assert operating_point(tie)["threshold"] == 0.3  # identical figures: the first rule of the table
+    assert operating_point(tie)["threshold"] == 0.5  # identical figures: the stricter rule
+    loose, strict = r(0.5, 0.80, 0.1, 0.8), {**r(0.3, 0.80, 0.1, 0.8), "min_confidence": 0.8}
+    assert operating_point([loose, strict]) is strict  # a confidence floor is stricter than a higher threshold
+    assert operating_point([r(0.3, 0.5, 2.0, 0.6), {**r(0.3, 0.5, 3.0, 0.6), "min_lesion_ml": 0.5}])["min_lesion_ml"] == 0.5
 
 
 def test_validation_groups_follow_the_case_field_of_view_and_lesions():
