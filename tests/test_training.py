@@ -41,7 +41,10 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(TrainConfig, TINY, ["optim.lrr=0.1", "optim.steps=0", "network.patch=[30,30,30]"])
     msg = str(exc.value)
-    assert "optim.lrr: unknown key" in msg and "optim.steps" in msg
+    assert "optim.lrr: unknown key (from --set optim.lrr=0.1)" in msg and "optim.steps" in msg
+    with pytest.raises(ConfigError) as exc:
+        load_config(TrainConfig, TINY, ["data.dataset_dirs=/data/MyCNO"])  # the brackets forgotten
+    assert "(from --set data.dataset_dirs=/data/MyCNO; a list is written data.dataset_dirs=[a,b])" in str(exc.value)
     with pytest.raises(ConfigError, match="must be multiples"):
         load_config(TrainConfig, TINY, ["network.patch=[36,36,36]"])
     with pytest.raises(ConfigError, match="not found"):

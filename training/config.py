@@ -402,11 +402,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, overrides: list[str] = ()) -> str:
+    """Every problem on its own line; one that an override set names its ``--set`` (a list given without brackets
+    gets the YAML list form to use)."""
+    given = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
     lines = [f"{source}: {len(exc.errors())} problem(s) in the configuration"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        item = next((given[k] for k in given if loc == k or loc.startswith(k + ".")), None)
+        if item is not None:
+            msg += f" (from --set {item}"
+            if err["type"] == "list_type":
+                msg += f"; a list is written {item.split('=', 1)[0]}=[a,b]"
+            msg += ")"
         lines.append(f"  - {loc}: {msg}")
     return "\n".join(lines)
 
@@ -430,4 +439,4 @@ def load_config(kind: type[BaseModel], path: Path | None = None, overrides: list
     try:
         return kind.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        raise ConfigError(_format_errors(exc, source, list(overrides or []))) from None
