@@ -170,6 +170,12 @@ def test_site_ids_outside_the_vocabulary_are_refused_before_training(tmp_path):
     _save(root / "sitesTr" / "PAT01.nii.gz", sites)
     with pytest.raises(DatasetError, match=r"sitesTr/PAT01.nii.gz: site ids must be 0\.\.66"):
         nnunet_cases(root, SPACING, tmp_path / "cache")
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = 30.0
+    _save(root / "labelsTr" / "PAT01.nii.gz", _label(), shifted)  # a second problem in the same case
+    with pytest.raises(DatasetError) as err:
+        nnunet_cases(root, SPACING, tmp_path / "cache")
+    assert "labelsTr/PAT01.nii.gz: its voxel grid" in str(err.value) and "sitesTr/PAT01.nii.gz: site ids" in str(err.value)
 
 
 def test_a_label_replaced_by_an_older_file_is_cached_again(tmp_path):

@@ -197,20 +197,28 @@ def read_labels(case: CaseFiles, shape: tuple[int, ...], affine: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Lesion ids (1..K; :func:`lesion_ids`), sites and physis (None where absent) on the image's grid."""
     out: dict[str, np.ndarray | None] = {"sites": None, "physis": None}
-    for key, path in case.targets.items():
-        vol = _in_file(path, lambda: load_volume(path, label=True))
-        data = _in_file(path, lambda: _integer_labels(_on_image_grid(vol, shape, affine)))
+    problems = []
+    for key, path in case.targets.items():  # every file of the case is checked: all its problems come at once
+        try:
+            vol = _in_file(path, lambda: load_volume(path, label=True))
+            data = _in_file(path, lambda: _integer_labels(_on_image_grid(vol, shape, affine)))
+        except InputError as exc:
+            problems.append(str(exc))
+            continue
         if key == "sites":
             known = max(s.id for s in all_sites())
             bad = (data < 0) | (data > known)
             if bad.any():
-                raise InputError(f"{path.parent.name}/{path.name}: site ids must be 0..{known} "
-                                 f"(models/contract/sites.tsv); found {sorted(set(data[bad].tolist()))[:5]}")
+                problems.append(f"{path.parent.name}/{path.name}: site ids must be 0..{known} "
+                                f"(models/contract/sites.tsv); found {sorted(set(data[bad].tolist()))[:5]}")
+                continue
             out[key] = data.astype(np.uint8)
         elif key == "physis":
             out[key] = (data > 0).astype(np.uint8)
         else:
             out[key] = lesion_ids(data)
+    if problems:
+        raise InputError("; ".join(problems))
     return out["edema"], out["sites"], out["physis"]
 
 
