@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel by default; for CUDA: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
+# The CPU wheel by default: PyTorch's CPU index beside PyPI, whose plain torch==2.13.0 is a CUDA build of ~0.5 GB
+# plus the NVIDIA libraries (pip takes the higher 2.13.0+cpu; one retry where that index is out of reach, as
+# behind a package-registry-only proxy, where a local 2.13.0+cpu wheel is found instead). For CUDA:
+# make install TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu126"
 TORCH_SPEC ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_INDEX ?= --extra-index-url https://download.pytorch.org/whl/cpu --retries 1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -31,5 +34,10 @@ bench: install
 	$(PY) tests/benchmarks/bench_phantom.py
 	$(PY) tests/benchmarks/bench_inference.py
 
+synth-preview: install
+	$(VENV)/bin/wbmri synth --n 3 --out data/preview --seed 1 --preview
+
+# the virtual environment and test caches only: the service's studies (var/) and training runs (runs/) are the
+# user's, removed by hand
 clean:
-	rm -rf $(VENV) var runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache

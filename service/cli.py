@@ -117,8 +117,11 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
     if config is not None:
         _exit_unless_file(config)
     path = config or (_ROOT / "configs" / "train" / "default.yaml")
+    if not path.is_file():  # an installed wbmri carries no configs/: the schema's bare defaults are not the recipe
+        _fail(f"no --config given, and {path} is not there (a pip-installed wbmri carries no configs/): give "
+              "--config with the repository's configs/train/default.yaml or your own")
     try:
-        cfg = load_config(TrainConfig, path if path.is_file() else None, overrides)
+        cfg = load_config(TrainConfig, path, overrides)
     except ConfigError as exc:
         _fail(str(exc))
     try:

@@ -392,3 +392,11 @@ def test_a_binary_label_caches_each_lesion_apart_and_old_caches_are_made_again(t
     case["instances"] = (case["instances"] > 0).astype(np.uint16)
     np.savez_compressed(path, **case)
     assert sorted(np.unique(load_npz(nnunet_cases(root, SPACING, tmp_path / "cache")[0])["instances"]).tolist()) == [0, 1, 2]
+
+
+def test_train_without_a_config_where_the_default_one_is_missing_says_so(tmp_path, monkeypatch):
+    import service.cli as cli
+    monkeypatch.setattr(cli, "_ROOT", tmp_path)  # as in a pip-installed wbmri: no configs/ beside the code
+    res = CliRunner().invoke(app, ["train", "--set", "optim.steps=1"])
+    assert res.exit_code == 2 and "no --config given" in res.output and "carries no configs/" in res.output, res.output
+    assert not list(tmp_path.iterdir())

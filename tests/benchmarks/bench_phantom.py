@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--seed", type=int, default=500)
     args = ap.parse_args()
+    if args.n < 1:
+        ap.error(f"--n must be at least 1 (nothing to time otherwise), not {args.n}")
     cfg = SynthConfig()
     times = []
     print(f"{'seed':>6} {'age':>5} {'height':>7} {'grid':>18} {'voxels':>11} {'anatomy':>8} {'contrast':>9} {'acquire':>8} {'total':>7}")

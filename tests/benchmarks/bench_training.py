@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be at least 1 (nothing to time otherwise), not {args.steps}")
     cfg = load_config(TrainConfig, ROOT / "configs" / "train" / "default.yaml", [f"precision={args.precision}"])
     files = sorted((ROOT / "data" / "cache").glob("pool_*/*.npz"))[:8]
     cases = [load_npz(f) for f in files] or [phantom_model_case(s, cfg.synth, cfg.network.spacing_mm) for s in (1, 2)]
