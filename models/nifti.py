@@ -161,19 +161,6 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     return shape  # type: ignore[return-value]
 
 
-@contextmanager
-def _named_by_content(path: Path, gz: bool) -> Iterator[Path]:
-    """``path``, or a link to it whose name ends as its content is (nibabel goes by the name: a gzip file named
-    .nii, or a plain one named .nii.gz, is read for what it holds)."""
-    if path.name.lower().endswith(".gz") == gz:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="wbmri-read-") as tmp:
-        link = Path(tmp) / ("study.nii.gz" if gz else "study.nii")
-        link.symlink_to(path.resolve())
-        yield link
-
-
 def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS,
                 label: bool = False) -> Volume:
     """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`. A ``label`` map may be
@@ -208,26 +195,22 @@ def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
 
 
 def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated."""
+    """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated. The
+    file is read for what it holds, whatever its name says (a gzip file named .nii, a plain one named .nii.gz)."""
     head, gz, _, _ = _checked_header(path, max_voxels)
-    if gz:
-        shape, _, dtype, offset = header_from_bytes(head)
-        need = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        raw = _inflate(path, need + (1 << 16))  # a margin for headers whose data starts past their stated offset
-        image_class = nib.Nifti2Image if head[4:8] == b"n+2\x00" else nib.Nifti1Image
-        with _nibabel_quiet():
-            try:
-                img = image_class.from_bytes(raw)
-            except Exception as exc:  # nibabel raises many types for broken files
-                raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
-            return _voxels(img, max_voxels)
-    with _named_by_content(path, gz) as readable, _nibabel_quiet():
+    shape, _, dtype, offset = header_from_bytes(head)
+    keep = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + (1 << 16)  # a margin for
+    if gz:                                                          # headers whose data starts past their offset
+        raw = _inflate(path, keep)
+    else:
+        with open(path, "rb") as fh:
+            raw = fh.read(keep)
+    image_class = nib.Nifti2Image if head[4:8] == b"n+2\x00" else nib.Nifti1Image
+    with _nibabel_quiet():
         try:
-            img = nib.load(str(readable))
-        except Exception as exc:  # nibabel raises many types for non-NIfTI input
+            img = image_class.from_bytes(raw)
+        except Exception as exc:  # nibabel raises many types for broken files
             raise InputError(f"not a readable NIfTI file ({type(exc).__name__})") from None
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise InputError(f"not a NIfTI image (read as {type(img).__name__})")
         return _voxels(img, max_voxels)
 
 

@@ -65,7 +65,8 @@ def _exit_unless_file(config: Path, hint: str = "") -> None:
         _fail(f"no such config file: {config}{hint}")
 
 
-RUN_OUTPUTS = ("last.pt", "metrics.csv", "tb", "best", "final", "config.yaml")  # what training writes in its folder
+RUN_RESULTS = ("last.pt", "metrics.csv", "tb", "best", "final")  # a run's results: a folder with one holds a run
+RUN_OUTPUTS = (*RUN_RESULTS, "config.yaml")  # all training writes in its folder (the config first, before a step)
 
 
 def _check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
@@ -78,7 +79,7 @@ def _check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
         if not (run / "last.pt").is_file():
             _fail(f"--resume: {run} holds no last.pt to continue from (leave out --resume to start a new run there)")
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not any((run / name).exists() for name in RUN_OUTPUTS[:5]):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not any((run / name).exists() for name in RUN_RESULTS):
         return
     if not overwrite:
         _fail(f"{run} holds a run already: continue it with --resume, start again there with --overwrite, or give "

@@ -45,18 +45,6 @@ def _ending(path: Path) -> str | None:
     return next((e for e in ENDINGS if path.name.endswith(e)), None)
 
 
-def _image_case_names(images: Path) -> set[str]:
-    """The case names of imagesTr's NIfTI files: NAME of NAME_0000.nii.gz (any channel), a misnamed file's stem."""
-    out = set()
-    for path in images.iterdir():
-        ending = _ending(path)
-        if ending:
-            stem = path.name[: -len(ending)]
-            match = _CHANNEL.match(stem)
-            out.add(match["name"] if match else stem)
-    return out
-
-
 def raise_problems(problems: list[str], heading: str) -> None:
     """A :class:`DatasetError` listing the problems (the first 20) under ``heading``; nothing if there are none."""
     if problems:
@@ -112,6 +100,7 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
         raise FileNotFoundError(f"{folder}: not an nnU-Net raw dataset (needs dataset.json and imagesTr/)")
     ds, json_problems = dataset_json_problems(folder)
     problems, cases = [f"dataset.json: {p}" for p in json_problems], []
+    names = set()  # every case imagesTr has an image of: NAME of NAME_0000.nii.gz (any channel), a misnamed stem
     for path in sorted((folder / "imagesTr").iterdir()):
         if path.name.startswith("."):  # .DS_Store and the like
             continue
@@ -122,6 +111,7 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
                             f"not a NIfTI file ({' or '.join(ENDINGS)}); convert it, or move it out of imagesTr"))
             continue
         match = _CHANNEL.match(path.name[: -len(ending)])
+        names.add(match["name"] if match else path.name[: -len(ending)])
         if match is None:
             problems.append(f"imagesTr/{path.name}: images are named NAME_0000{ending} (nnU-Net channel suffix)")
             continue
@@ -134,7 +124,6 @@ def dataset_files(folder: Path) -> list[CaseFiles]:
             problems.append(f"labelsTr/{name}{ending}: missing (the label of imagesTr/{path.name})")
             continue
         cases.append(CaseFiles(name, path, {k: p for k, p in targets.items() if p.is_file()}))
-    names = _image_case_names(folder / "imagesTr")
     for _, sub in TARGETS:  # a label whose image is missing would silently drop out of training
         for path in sorted((folder / sub).glob("*")) if (folder / sub).is_dir() else []:
             ending = _ending(path)
@@ -244,31 +233,24 @@ def write_references(folder: Path, out: Path) -> dict[str, Path]:
     image's grid: a binary label split into 26-connected lesions, lesion ids kept; ``sites.nii.gz`` where sitesTr
     has one). Returns each case's image path by name; every problem of a label or an image header is listed
     before anything is predicted (an image's voxels are checked when it is predicted)."""
-    import shutil
-    from models.nifti import save_nifti
-    import tempfile
+    from models.nifti import atomic_dir, save_nifti
     cases = dataset_files(folder)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # the old references stay until all pass
     images, problems = {}, []
-    for case in cases:
-        try:  # the image's voxels are read once, when it is predicted
-            shape, affine = _in_file(case.image, lambda: read_grid(case.image))
-            lesions, sites, _ = read_labels(case, shape, affine)
-        except InputError as exc:
-            problems.append(str(exc))
-            continue
-        dst = staged / case.name
-        dst.mkdir(parents=True, exist_ok=True)
-        save_nifti(dst / "lesions.nii.gz", lesions, affine, np.uint16 if lesions.max() < 2**16 else np.int32)
-        if sites is not None:
-            save_nifti(dst / "sites.nii.gz", sites, affine, np.uint8)
-        images[case.name] = case.image
-    if problems:
-        shutil.rmtree(staged, ignore_errors=True)
-    raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be scored")
-    if out.is_dir():  # references of an earlier run (perhaps of cases removed since) would be scored too
-        shutil.rmtree(out)
-    staged.rename(out)
+    # staged beside OUT, which it replaces (references of an earlier run, perhaps of cases removed since, would be
+    # scored too) only when every case passes: a refused dataset leaves the earlier references as they were
+    with atomic_dir(Path(out)) as staged:
+        for case in cases:
+            try:  # the image's voxels are read once, when it is predicted
+                shape, affine = _in_file(case.image, lambda: read_grid(case.image))
+                lesions, sites, _ = read_labels(case, shape, affine)
+            except InputError as exc:
+                problems.append(str(exc))
+                continue
+            dst = staged / case.name
+            dst.mkdir()
+            save_nifti(dst / "lesions.nii.gz", lesions, affine, np.uint16 if lesions.max() < 2**16 else np.int32)
+            if sites is not None:
+                save_nifti(dst / "sites.nii.gz", sites, affine, np.uint8)
+            images[case.name] = case.image
+        raise_problems(problems, f"{folder}: {len(problems)} of {len(cases)} cases cannot be scored")
     return images
