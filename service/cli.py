@@ -138,7 +138,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
         _fail(str(exc))
     except (DatasetError, FileNotFoundError) as exc:
         _fail(f"cannot train on this data: {exc}")
-    typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_lesion_f1']:.3f}; run folder {cfg.out_dir}")
+    typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_selection_f1']:.3f} (each prediction detecting one lesion); run folder {cfg.out_dir}")
 
 
 def _load_predictor(model: Optional[Path], **options):

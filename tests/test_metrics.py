@@ -137,8 +137,8 @@ def test_split_lesion_is_one_detection_two_true_positives():
     m = match_lesions(pred, ref)
     assert m.pred_to_ref == {1: 1, 2: 1}
     c = detection_counts(m)
-    assert (c.n_ref, c.n_detected, c.n_tp, c.n_fp) == (1, 1, 2, 0)
-    assert c.sensitivity == 1.0 and c.precision == 1.0
+    assert (c.n_ref, c.n_detected, c.n_tp, c.n_fp, c.n_credited) == (1, 1, 2, 0, 1)
+    assert c.sensitivity == 1.0 and c.precision == 1.0 and c.selection_f1 == 1.0
 
 
 def test_one_prediction_spanning_two_references_detects_both_and_maps_to_larger_overlap():
@@ -149,6 +149,24 @@ def test_one_prediction_spanning_two_references_detects_both_and_maps_to_larger_
     assert m.pred_hits == {1: (1, 2)}
     assert m.pred_to_ref == {1: 2}
     assert m.ref_detected == {1: True, 2: True}
+    c = detection_counts(m)  # the evaluation counts both; checkpoint selection lets the prediction detect one
+    assert (c.n_detected, c.n_credited, c.f1) == (2, 1, 1.0)
+    assert c.selection_f1 == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+
+
+def test_one_prediction_over_the_whole_volume_scores_f1_one_but_not_for_checkpoint_selection():
+    """What an untrained network does: one lesion covering everything matches all references, no false positive."""
+    ref = np.zeros(SHAPE, np.int32)
+    for i in range(4):
+        box(SHAPE, slice(2 + 4 * i, 4 + 4 * i), slice(2, 4), slice(2, 4), value=i + 1, out=ref)
+    c = detection_counts(match_lesions(np.ones(SHAPE, np.int32), ref))
+    assert (c.sensitivity, c.precision, c.f1) == (1.0, 1.0, 1.0)
+    assert c.n_credited == 1 and c.selection_f1 == pytest.approx(2 * 0.25 / 1.25)
+    pooled = c + detection_counts(match_lesions(ref, ref))  # sums like the other counts; exact outlines: all credited
+    assert (pooled.n_ref, pooled.n_credited) == (8, 5)
+    pred, ref = two_refs_three_preds()  # no prediction spans two lesions: the same F1
+    c = detection_counts(match_lesions(pred, ref))
+    assert c.n_credited == c.n_detected and c.selection_f1 == c.f1
 
 
 def test_overlap_must_reach_ten_percent_of_smaller_lesion():

@@ -254,6 +254,23 @@ def test_operating_point_interval_is_a_bootstrap_over_validation_cases():
     assert lumpy["lesion_sens"][0] < 0.9 < lumpy["lesion_sens"][1] == 1.0
 
 
+def test_an_untrained_network_flagging_the_whole_volume_is_not_a_good_checkpoint(tmp_path):
+    """Under the evaluation's matching rule one lesion over the whole body detects every reference lesion without
+    a false positive (F1 1.0, edema Dice ~0): such a checkpoint was kept as best, and nothing later beat it."""
+    from models.networks import EDEMA
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["data.val_cases=2"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.setup_data()
+    with torch.no_grad():
+        trainer.net.voxel.bias[EDEMA] = 8.0  # edema probability > 0.99 everywhere
+    val = trainer.validate()
+    n_lesions = sum(len(np.unique(c["instances"])) - 1 for c in trainer.val_cases)
+    assert n_lesions >= 4 and val["edema_dice"] < 0.01
+    assert val["lesion_f1"] == 1.0 and val["lesion_sens"] == 1.0 and val["lesion_prec"] == 1.0
+    assert val["lesion_f1_selection"] < 0.5
+    assert improves((0.6, 0.3), (val["lesion_f1_selection"], val["edema_dice"]))
+
+
 def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
     assert improves((0.889, 0.72), (0.889, 0.71))      # same F1, better Dice: the later checkpoint wins
     assert not improves((0.889, 0.71), (0.889, 0.72))
@@ -399,6 +416,8 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, cfg.optim.steps + 1))
     assert any(r["val_lesion_f1"] for r in rows)
+    selection = [float(r["val_lesion_f1_selection"]) for r in rows if r["val_lesion_f1_selection"]]
+    assert selection and result["best_selection_f1"] == pytest.approx(max(selection))  # the best kept on it
     bundle = load_bundle(run / "best")
     assert bundle.config == cfg.network
     ck = torch.load(run / "last.pt", weights_only=True)

@@ -188,8 +188,10 @@ def operating_point_ci(per_case: np.ndarray) -> dict[str, tuple[float, float] | 
 
 
 def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
-    """Whether a checkpoint's validation (lesion F1, edema Dice) beats the best so far: higher F1, or the same F1
-    with a higher Dice (8 validation cases give few distinct F1 values: stage 5 reached its best F1 at four steps)."""
+    """Whether a checkpoint's validation (selection F1, edema Dice) beats the best so far: higher F1, or the same F1
+    with a higher Dice (8 validation cases give few distinct F1 values: stage 5 reached its best F1 at four steps).
+    The selection F1 (:attr:`training.metrics.DetectionCounts.selection_f1`) lets each prediction detect one lesion:
+    with the evaluation's rule an untrained network, flagging most of the volume, scored 1.0 and was kept as best."""
     return candidate[0] > best[0] or (candidate[0] == best[0] and candidate[1] > best[1])
 
 
@@ -282,7 +284,7 @@ class Trainer:
         self.opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay)
         self.step = 0
-        self.best = -1.0        # validation lesion F1 of the best checkpoint
+        self.best = -1.0        # validation selection F1 (DetectionCounts.selection_f1) of the best checkpoint
         self.best_dice = -1.0   # and its edema Dice, which breaks ties
         self.bad_vals = 0
         self.sched_frac = 0.0   # how far along the schedule after warm-up (optim.minutes, see advance_schedule)
@@ -598,7 +600,7 @@ class Trainer:
                                 if x is not None:
                                     writer.add_scalar(f"val/{k}/{group}", x, self.step)
                     row.update({f"val_{k}": v for k, v in last_val.items()})
-                    score = last_val.get("lesion_f1", -1.0) if last_val else -1.0
+                    score = last_val.get("lesion_f1_selection", -1.0) if last_val else -1.0
                     dice = (last_val.get("edema_dice") or 0.0) if last_val else 0.0
                     if score is not None and improves((score, dice), (self.best, self.best_dice)):
                         self.best, self.best_dice, self.bad_vals = score, dice, 0
@@ -624,7 +626,7 @@ class Trainer:
             writer.close()
         for pool in self.pools:
             pool.stop()
-        return {"step": self.step, "best_lesion_f1": self.best, "loss": last_loss, **last_val}
+        return {"step": self.step, "best_selection_f1": self.best, "loss": last_loss, **last_val}
 
     def _anchor(self, x: torch.Tensor) -> torch.Tensor | None:
         """The anchor network's edema probabilities on this batch (``loss.anchor_weight``), None when off."""
@@ -666,9 +668,9 @@ class Trainer:
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "bone",
-                "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_sens", "val_lesion_prec",
-                "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction", "val_min_confidence",
-                "val_bone_dice"]
+                "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
+                "val_lesion_prec", "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction",
+                "val_min_confidence", "val_bone_dice"]
         if not new:  # a run resumed from an older version keeps its file's columns
             with open(path, newline="") as fh:
                 cols = next(csv.reader(fh), cols)
@@ -740,9 +742,11 @@ class Trainer:
                                       ref_sites, site_map, vox_ml, groups)
         results = {}
         for (t, f, m, c), acc in per_thr.items():
-            s = sum(acc["cases"], DetectionCounts()).scores() if acc["cases"] else {}
+            pooled = sum(acc["cases"], DetectionCounts())
+            s = pooled.scores() if acc["cases"] else {}
             results[(t, f, m, c)] = {"edema_dice": float(np.mean(acc["dice"])) if acc["dice"] else None,
                                "lesion_f1": s.get("f1") or 0.0, "lesion_sens": s.get("sensitivity"),
+                               "lesion_f1_selection": pooled.selection_f1 or 0.0,
                                "lesion_prec": s.get("precision"), "fp_per_scan": s.get("fp_per_scan"),
                                "fp_per_scan_by_group": {g: n.fp_per_scan for g, n in sorted(acc["by_group"].items())},
                                "sensitivity_by_group": {g: n.sensitivity for g, n in sorted(acc["by_group"].items())},

@@ -207,12 +207,13 @@ class DetectionCounts:
     n_tp: int = 0  # predictions matching a reference lesion in the size range
     n_fp: int = 0  # predictions matching no reference lesion
     n_ignored: int = 0  # predictions matching only reference lesions outside the size range
+    n_credited: int = 0  # detected reference lesions, each prediction detecting one at most (detection_counts)
 
     def __add__(self, other: DetectionCounts) -> DetectionCounts:
         return DetectionCounts(*(a + b for a, b in zip(self.astuple(), other.astuple())))
 
     def astuple(self) -> tuple[int, ...]:
-        return (self.n_scans, self.n_ref, self.n_detected, self.n_tp, self.n_fp, self.n_ignored)
+        return (self.n_scans, self.n_ref, self.n_detected, self.n_tp, self.n_fp, self.n_ignored, self.n_credited)
 
     @property
     def sensitivity(self) -> float | None:
@@ -236,6 +237,16 @@ class DetectionCounts:
     def fp_per_scan(self) -> float | None:
         return _ratio(self.n_fp, self.n_scans)
 
+    @property
+    def selection_f1(self) -> float | None:
+        """F1 with each prediction detecting at most one reference lesion (``n_credited``), for choosing checkpoints:
+        under :data:`MATCHING_RULE` one prediction covering the whole volume detects every lesion without a false
+        positive (an untrained network scores F1 1.0). Equal to :attr:`f1` while no prediction spans two lesions."""
+        s, p = _ratio(self.n_credited, self.n_ref), self.precision
+        if s is None or p is None:
+            return None
+        return 2 * s * p / (s + p) if s + p else 0.0
+
     def scores(self) -> dict[str, float | int | None]:
         """Counts and scores as a flat dict (JSON-ready)."""
         return {"n_scans": self.n_scans, "n_ref": self.n_ref, "n_detected": self.n_detected, "n_tp": self.n_tp,
@@ -251,18 +262,23 @@ def detection_counts(m: Matching, min_ml: float = 0.0, max_ml: float = math.inf)
     """Counts for one scan, reference lesions restricted to ``min_ml <= volume < max_ml``.
 
     Predictions matching a reference lesion in range are true positives, those matching only out-of-range reference
-    lesions are ignored, unmatched predictions (any size) are false positives."""
+    lesions are ignored, unmatched predictions (any size) are false positives. ``n_credited`` counts the reference
+    lesions in range that some prediction credits as its one detection: its best-overlap match when that is in
+    range, else its lowest-numbered match in range."""
     refs = {r for r, v in m.ref_volume_ml.items() if _in_range(v, min_ml, max_ml)}
     tp = fp = ignored = 0
-    for hits in m.pred_hits.values():
+    credited: set[int] = set()
+    for p, hits in m.pred_hits.items():
+        in_range = refs.intersection(hits)
         if not hits:
             fp += 1
-        elif refs.intersection(hits):
+        elif in_range:
             tp += 1
+            credited.add(m.pred_to_ref[p] if m.pred_to_ref[p] in in_range else min(in_range))
         else:
             ignored += 1
     return DetectionCounts(n_scans=1, n_ref=len(refs), n_detected=sum(m.ref_detected[r] for r in refs),
-                           n_tp=tp, n_fp=fp, n_ignored=ignored)
+                           n_tp=tp, n_fp=fp, n_ignored=ignored, n_credited=len(credited))
 
 
 class FrocCase(NamedTuple):
