@@ -22,7 +22,7 @@ MATCHING_RULE = (
     "it is assigned to the matching reference lesion it overlaps most (ties: lowest reference id). "
     "A reference lesion is detected when any predicted lesion matches it, so a lesion split into several "
     "predictions is one detection with several true-positive predictions, and one prediction spanning several "
-    "reference lesions detects all of them. "
+    "reference lesions detects all of them (`sensitivity_one_per_prediction` counts one of them). "
     "Size-restricted scores (e.g. reference >= 0.5 mL) count only reference lesions of that size for sensitivity; "
     "predictions matching a reference lesion of that size are true positives, predictions matching only reference "
     "lesions outside the size range are ignored, and every unmatched prediction (of any size) is a false positive."
@@ -251,7 +251,8 @@ class DetectionCounts:
         """Counts and scores as a flat dict (JSON-ready)."""
         return {"n_scans": self.n_scans, "n_ref": self.n_ref, "n_detected": self.n_detected, "n_tp": self.n_tp,
                 "n_fp": self.n_fp, "n_ignored": self.n_ignored, "sensitivity": self.sensitivity,
-                "precision": self.precision, "f1": self.f1, "fp_per_scan": self.fp_per_scan}
+                "precision": self.precision, "f1": self.f1, "fp_per_scan": self.fp_per_scan,
+                "n_credited": self.n_credited, "sensitivity_one_per_prediction": _ratio(self.n_credited, self.n_ref)}
 
 
 def _in_range(v: float, min_ml: float, max_ml: float) -> bool:
