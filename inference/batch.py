@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.card import result_identity, sha256_file
-from models.nifti import NIFTI_SUFFIXES, InputError, case_name
+from models.nifti import NIFTI_SUFFIXES, InputError, case_names
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
 
@@ -31,7 +31,7 @@ def is_nifti_name(path: str | Path) -> bool:
 
 def _folder_inputs(folder: Path) -> list[Path]:
     """The *.nii / *.nii.gz files directly in ``folder`` (any case); with none, the ``CASE/image.nii(.gz)`` of its
-    case folders (the phantom layout, named by their folder: :func:`models.nifti.case_name`)."""
+    case folders (the phantom layout, named by their folder: :func:`models.nifti.case_names`)."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti_name(f.name))
     if files:
         return files
@@ -114,13 +114,14 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                  progress: bool = True, names: list[str] | None = None) -> list[CaseOutcome]:
     """Run the predictor over every input; a failing case is recorded and the others go on.
 
-    Case names default to the file names without .nii/.nii.gz; ``names`` overrides them (e.g. phantom case folders).
+    Case names default to the file names without .nii/.nii.gz (:func:`models.nifti.case_names`); ``names``
+    overrides them.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     out_dir = check_out_dir(out_dir)
     outcomes: list[CaseOutcome] = []
-    names = list(names) if names is not None else [case_name(p) for p in inputs]
+    names = list(names) if names is not None else case_names(inputs)
     dupes = {n for n in names if names.count(n) > 1}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), disable=not progress) as bar:  # stdout stays free for scripts

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -223,25 +223,35 @@ def _voxels(img: nib.Nifti1Image, max_voxels: int) -> tuple[np.ndarray, np.ndarr
     return data, np.asarray(img.affine, dtype=np.float64)
 
 
-NNUNET_IMAGE_FOLDERS = ("imagesTr", "imagesTs")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")  # the longer first; file names are matched in lower case
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """A study's name from its file: the name without .nii / .nii.gz (any case), without nnU-Net's channel suffix
-    ``_0000`` for images in an imagesTr/ or imagesTs/ folder (so outputs match labelsTr/NAME), and the folder's name
-    for a file named ``image`` (the phantom layout CASE/image.nii.gz, as ``wbmri evaluate`` names its cases)."""
-    path = Path(path)
-    name = path.name
+    """A study's name as the output contract names its folder: the file name without .nii / .nii.gz (any case);
+    ``study`` for a file named only that."""
+    name = Path(path).name
     for ext in NIFTI_SUFFIXES:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
-    if path.parent.name in NNUNET_IMAGE_FOLDERS and name.endswith("_0000") and len(name) > 5:
-        name = name[:-5]
-    if name.lower() == "image" and path.parent.name not in ("", ".", ".."):
-        name = path.parent.name
     return name or "study"
+
+
+def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """The names of several inputs (:func:`case_name`). Inputs that share one (the phantom layout
+    ``CASE/image.nii.gz``) are named by their folders instead when that tells every one of them apart from all
+    other inputs; otherwise they keep the shared name (``wbmri predict`` refuses them, ``wbmri submit`` numbers
+    them)."""
+    names = [case_name(p) for p in paths]
+    folders = [Path(p).parent.name for p in paths]
+    out = list(names)
+    for shared in {n for n in names if names.count(n) > 1}:
+        members = [i for i, n in enumerate(names) if n == shared]
+        mine = [folders[i] for i in members]
+        if all(f not in ("", ".", "..") and folders.count(f) == 1 and f not in names for f in mine):
+            for i in members:
+                out[i] = folders[i]
+    return out
 
 
 @contextmanager

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import httpx
 
-from models.nifti import atomic_dir, case_name
+from models.nifti import atomic_dir, case_names
 
 RESULT_FILES = (("report", "report.json"), ("lesions", "lesions.nii.gz"), ("sites", "sites.nii.gz"),
                 ("overlay", "overlay.png"))
@@ -47,11 +47,10 @@ def _detail(resp: httpx.Response) -> str:
 
 
 def _out_names(files: Sequence[Path]) -> list[str]:
-    """Output folder names: the case names, made unique with _2, _3, ..."""
+    """Output folder names: the case names (:func:`models.nifti.case_names`), made unique with _2, _3, ..."""
     seen: dict[str, int] = {}
     names = []
-    for f in files:
-        base = case_name(f)
+    for base in case_names(files):
         seen[base] = seen.get(base, 0) + 1
         names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
     return names

@@ -15,7 +15,7 @@ import torch
 
 from inference.batch import expand_inputs, predict_many
 from inference.predictor import Predictor
-from models.nifti import case_name
+from models.nifti import case_name, case_names
 from inference.report import validate_report
 from models import SOFTWARE
 from models.networks import resolve_device
@@ -227,7 +227,10 @@ def test_a_folder_of_case_folders_gives_each_case_image_named_by_its_folder(tmp_
     assert files == [cases / "case_1" / "image.nii.gz", cases / "case_2" / "image.nii.gz"]
     outcomes = predict_many(predictor, files, tmp_path / "out", progress=False)
     assert [(o.name, o.status) for o in outcomes] == [("case_1", "done"), ("case_2", "done")]
-    assert case_name("x/Image.nii") == "x" and case_name("image.nii.gz") == "image"
+    assert case_name("x/Image.nii") == "Image"  # alone, a file is named as the output contract says
+    assert case_names(["a/scan.nii", "b/scan.nii.gz", "c/other.nii"]) == ["a", "b", "other"]
+    assert case_names(["a/x/scan.nii", "b/x/scan.nii"]) == ["scan", "scan"]  # the folders tell them no apart either
+    assert case_names(["d/a.nii", "d/b.nii", "s/a.nii"]) == ["a", "b", "a"]  # folder d holds two inputs
 
 
 def test_expand_inputs_files_folders_globs(tmp_path, good_file):
@@ -236,7 +239,7 @@ def test_expand_inputs_files_folders_globs(tmp_path, good_file):
     assert set(expand_inputs([str(tmp_path)])) == {good_file, other}
     assert expand_inputs([str(tmp_path / "*.nii")]) == [other]
     assert case_name("x/y/study.nii.gz") == "study"
-    assert case_name("Dataset/imagesTs/PAT01_0000.nii.gz") == "PAT01"  # nnU-Net's channel suffix, as in labelsTr
+    assert case_name("Dataset/imagesTs/PAT01_0000.nii.gz") == "PAT01_0000"  # the contract: the file name, whole
     assert case_name("x/y/scan_0000.nii") == "scan_0000" and case_name("x/.nii.gz") == "study"
 
 

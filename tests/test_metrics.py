@@ -442,6 +442,15 @@ def test_compare_two_evaluations_paired(tmp_path):
     assert res.exit_code == 2 and "cannot compare" in res.output
 
 
+def test_a_prediction_named_after_its_nnunet_image_is_scored_against_its_label(tmp_path):
+    """wbmri predict names the output of imagesTs/PAT_0000.nii.gz PAT_0000 (the contract); the label is PAT."""
+    lesions = box((N,) * 3, slice(0, 4), slice(0, 4), slice(0, 4), value=1)
+    write_case(tmp_path / "ref" / "PAT", lesions, site_map(), None, [])
+    write_case(tmp_path / "pred" / "PAT_0000", lesions, site_map(), "report.json", [{"id": 1, "site": "femur_left"}])
+    s = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", quiet=True)
+    assert s["n_failed"] == 0 and s["edema_dice"]["mean"] == 1.0 and s["sensitivity_ge_0p5ml"] == 1.0
+
+
 def test_reference_sites_derived_from_site_map_without_json(tmp_path):
     lesions = box((N,) * 3, slice(0, 2), slice(0, 2), slice(0, 2), value=1)
     box((N,) * 3, slice(10, 12), slice(10, 12), slice(10, 12), value=2, out=lesions)

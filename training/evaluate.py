@@ -421,6 +421,12 @@ def _case_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
 
 
+def _prediction_of(name: str, preds: dict[str, Path]) -> Path | None:
+    """The prediction folder of reference case ``name``: ``name``, or ``name_0000`` as ``wbmri predict`` names the
+    output of an nnU-Net image ``imagesTs/name_0000.nii.gz`` (the output contract: the file name, whole)."""
+    return preds.get(name) or preds.get(f"{name}_0000")
+
+
 def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
     """Where the reference cases came from: the folder, and for a phantom set made by ``wbmri synth`` (its
     dataset.json beside or above the case folders) the generator version and seed range, for the model card."""
@@ -438,7 +444,8 @@ def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
 
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: float = 0.5,
                      quiet: bool = False, prediction_errors: dict[str, str] | None = None) -> dict[str, Any]:
-    """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir``
+    """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir`` (or with nnU-Net's
+    channel suffix: :func:`_prediction_of`)
     (``prediction_errors``: why a case has no prediction, by case name, where it was just predicted).
 
     Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``site_confusion.csv``, ``summary.json`` and
@@ -482,11 +489,11 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             why = (prediction_errors or {}).get(name)
             if why:  # a folder left by an earlier run of other weights or rules is not this prediction
                 error = f"prediction failed: {why}"
-            elif name not in preds:
+            elif _prediction_of(name, preds) is None:
                 error = "prediction missing"
             else:
                 try:
-                    pred = load_case(preds[name])
+                    pred = load_case(_prediction_of(name, preds))
                     check_same_grid(pred.lesions.shape, pred.affine, ref.lesions.shape, ref.affine)
                     warnings += [{"case": name, "warning": f"prediction: {w}"} for w in pred.warnings]
                 except Exception as exc:
