@@ -12,6 +12,7 @@ from models.card import result_identity, sha256_file
 from models.nifti import NIFTI_SUFFIXES, InputError, case_names
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
+REPLACED_MESSAGE = "replaced the result of another file of this name (another sha256) in its folder"
 
 
 @dataclass
@@ -22,6 +23,7 @@ class CaseOutcome:
     lesions: int | None = None
     seconds: float = 0.0
     error: str | None = None
+    note: str | None = None  # e.g. a result of another file replaced
 
 
 def is_nifti_name(path: str | Path) -> bool:
@@ -136,9 +138,12 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
             else:
                 try:
                     result = predictor.predict(path, name=name)
+                    earlier = (_saved_report(out_dir, name) or {}).get("study", {}).get("sha256")
                     result.save(out_dir, overwrite=True)
+                    note = (REPLACED_MESSAGE if earlier and earlier != result.report["study"].get("sha256")
+                            else None)
                     outcomes.append(CaseOutcome(name, str(path), "done", result.report["summary"]["lesion_count"],
-                                                round(time.perf_counter() - t0, 2)))
+                                                round(time.perf_counter() - t0, 2), note=note))
                 except Exception as exc:  # one broken case must not stop the batch
                     error = str(exc) if isinstance(exc, InputError) else f"internal error: {type(exc).__name__}: {exc}"
                     if _drop_result_of_another_file(out_dir, name, path):
@@ -157,5 +162,5 @@ def summary_table(outcomes: list[CaseOutcome]):
     for o in outcomes:
         style = {"done": "green", "skipped": "dim", "failed": "red"}[o.status]
         table.add_row(o.name, f"[{style}]{o.status}[/{style}]", "" if o.lesions is None else str(o.lesions),
-                      f"{o.seconds:.1f}", o.error or (SKIPPED_MESSAGE if o.status == "skipped" else ""))
+                      f"{o.seconds:.1f}", o.error or o.note or (SKIPPED_MESSAGE if o.status == "skipped" else ""))
     return table

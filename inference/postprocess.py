@@ -65,10 +65,13 @@ def symmetric_pairs(lesions: Sequence[Mapping]) -> list[list[int]]:
     return sorted(pairs)
 
 
-def summarise(lesions: Sequence[Mapping]) -> dict:
+def summarise(lesions: Sequence[Mapping], in_view: Sequence[str]) -> dict:
     """The report's ``summary``. ``affected_sites`` counts bones (soft-tissue-only lesions are not a site);
-    ``affected_regions`` lists the regions of bone lesions in sites.tsv order."""
+    ``affected_regions`` lists the regions of bone lesions in sites.tsv order; ``spine_in_view``: whether any
+    vertebra is among the sites in view (``in_view``: :func:`sites_in_view`), so that a spine not imaged is not
+    read as a spine without lesions."""
     bone = [les for les in lesions if les["site"] != SOFT_TISSUE]
+    spine = {s.code for s in by_id().values() if s.region.startswith("spine_")}
     regions = {str(les["region"]) for les in bone}
     volumes = [float(les["volume_ml"]) for les in lesions]
     return {
@@ -78,6 +81,7 @@ def summarise(lesions: Sequence[Mapping]) -> dict:
         "total_volume_ml": round(sum(volumes), 4),
         "largest_lesion_ml": round(max(volumes), 4) if volumes else None,
         "spine_involved": any(str(les["region"]).startswith("spine_") for les in bone),
+        "spine_in_view": bool(spine.intersection(in_view)),
         "soft_tissue_involved": any(les["site"] == SOFT_TISSUE or les.get("soft_tissue_extension") is True
                                     for les in lesions),
         "symmetric_pairs": symmetric_pairs(lesions),

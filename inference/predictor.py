@@ -231,8 +231,9 @@ class Predictor:
         study = {"filename": Path(filename).name, "sha256": digest, "shape": [int(s) for s in vol.data.shape],
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}
         timings["total"] = round(time.perf_counter() - t["start"], 3)
-        report = build_report(study, self.model_info, items, summarise(items), site_table(items), warnings, timings,
-                              sites_in_view(sites, vox_ml), model_caution(self.bundle.card))
+        in_view = sites_in_view(sites, vox_ml)
+        report = build_report(study, self.model_info, items, summarise(items, in_view), site_table(items), warnings,
+                              timings, in_view, model_caution(self.bundle.card))
         validate_report(report)
         tick("done", 1.0)
         return Result(name, report, lesions, sites, vol.affine, vol.data, timings)

@@ -39,7 +39,7 @@ def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Se
                  timings: Mapping[str, float], sites_in_view: Sequence[str], caution: str = "") -> dict:
     """Assemble a report dict (schema_version 1.0). ``study['filename']`` is reduced to its base name; the
     sites in view go into ``study.sites_in_view``; timings are rounded to milliseconds; ``caution``
-    (:func:`model_caution`) follows the disclaimer."""
+    (:func:`model_caution`) follows the disclaimer and is ``model.caution`` (for the overlay and the web page)."""
     study_out = dict(study)
     if "filename" in study_out:
         study_out["filename"] = PurePath(str(study_out["filename"]).replace("\\", "/")).name
@@ -47,7 +47,7 @@ def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Se
     return {
         "schema_version": SCHEMA_VERSION,
         "study": study_out,
-        "model": dict(model),
+        "model": {**model, "caution": caution} if caution else dict(model),
         "timings_s": {str(k): round(max(0.0, float(v)), 3) for k, v in timings.items()},
         "lesions": [dict(les) for les in lesions],
         "sites": [dict(s) for s in sites],

@@ -35,7 +35,7 @@ _SUBREGION_SHORT = {"epiphysis_proximal": "prox. epiphysis", "metaphysis_proxima
                     "epiphysis_distal": "dist. epiphysis", "vertebral_body": "vert. body",
                     "posterior_elements": "post. elements"}
 SHORT_DISCLAIMER = ("Decision support only, not a diagnosis; does not replace clinical judgement. "
-                    "Exclude mimics (infection, leukaemia, LCH, tumour) clinically.")
+                    "Exclude mimics (infection, leukaemia, LCH, tumour) clinically. Lesions can be missed.")
 _STROKE = [patheffects.withStroke(linewidth=2.5, foreground="black")]
 
 
@@ -318,6 +318,8 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
     side_short = {"left": "L", "right": "R", "midline": "mid"}
     for les in sorted(lesions, key=lambda x: int(x["id"]))[:max_rows]:
         flags = " ".join(f for f, key in (("JP", "juxtaphyseal"), ("ST", "soft_tissue_extension")) if les.get(key))
+        if les.get("juxtaphyseal") is None and str(les.get("subregion")).startswith(("metaphysis", "epiphysis")):
+            flags = " ".join(("JP?", flags)).strip()  # next to a growth plate or not: unknown, not "no"
         sub = _SUBREGION_SHORT.get(les.get("subregion"), "–")
         rows.append((f"{les['id']:>3} {site_label(str(les['site']))[:12]:<13}{side_short.get(les['side'], '?'):<5}"
                      f"{sub:<16}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
@@ -333,12 +335,20 @@ def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     s = report.get("summary", {})
     n = s.get("lesion_count", len(report.get("lesions", [])))
     lines = [f"Lesions: {n}    total {_fmt(s.get('total_volume_ml'), 1)} mL    "
-             f"largest {_fmt(s.get('largest_lesion_ml'), 1)} mL    bone sites: {s.get('affected_sites', '–')}"]
-    yn = lambda v: "–" if v is None else ("yes" if v else "no")  # noqa: E731
+             f"largest {_fmt(s.get('largest_lesion_ml'), 1)} mL    affected sites: {s.get('affected_sites', '–')}"]
     pairs = ", ".join(f"{a}–{b}" for a, b in s.get("symmetric_pairs", [])) or "none"
-    lines.append(f"Spine: {yn(s.get('spine_involved'))}    soft tissue: {yn(s.get('soft_tissue_involved'))}")
+    lines.append(f"Spine: {spine_finding(s)}    soft tissue: "
+                 f"{'yes' if s.get('soft_tissue_involved') else 'no lesion found'}")
     lines.append(_wrap(f"Symmetric pairs (mirror sites, same subregion): {pairs}", 80))
     return lines
+
+
+def spine_finding(summary: Mapping[str, Any]) -> str:
+    """The spine in words: ``yes``, ``no lesion found``, or ``not in view`` when no vertebra was imaged (a report
+    without ``spine_in_view`` is taken to show the spine)."""
+    if summary.get("spine_involved"):
+        return "yes"
+    return "no lesion found" if summary.get("spine_in_view", True) else "not in view"
 
 
 def _draw_table(ax, report: Mapping[str, Any]) -> None:
@@ -352,7 +362,10 @@ def _draw_table(ax, report: Mapping[str, Any]) -> None:
     if not lesions:
         ax.text(0, y, "No lesions detected", transform=ax.transAxes, color=TEXT, fontsize=16, va="top",
                 fontweight="bold")
-        y -= 0.06
+        y -= 0.045
+        ax.text(0, y, "Lesions can be missed: review the images.", transform=ax.transAxes, color=TEXT, fontsize=10,
+                va="top")
+        y -= 0.04
     else:
         max_rows = 30
         size = 9.0 if len(lesions) <= 22 else 8.0
@@ -361,11 +374,16 @@ def _draw_table(ax, report: Mapping[str, Any]) -> None:
             ax.text(0, y, text, transform=ax.transAxes, color=colour, fontsize=size, va="top", family="monospace")
             y -= dy
         y -= 0.01
+        floor = (report.get("model", {}).get("thresholds") or {}).get("min_confidence")
+        cut = f"\n(lesions under {float(floor):.2f} are not reported)" if floor else ""
         ax.text(0, y, "mL: volume.  diam: largest diameter (mm).  SRma / SRmu: median lesion signal divided by\n"
-                      "normal marrow of the same bone / by nearby muscle.  conf: model confidence (0-1).\n"
-                      "JP: juxtaphyseal (next to a growth plate).  ST: extends into soft tissue.  L/R: patient's side.",
+                      "normal marrow of the same bone / by the soft tissue around the bone.\n"
+                      "conf: mean edema output of the network in the lesion, not a calibrated probability"
+                      f"{cut}.\n"
+                      "JP: juxtaphyseal (next to a growth plate); JP?: no growth plate found in that bone.\n"
+                      "ST: extends into soft tissue.  L/R: patient's side.",
                 transform=ax.transAxes, color=MUTED_TEXT, fontsize=8, va="top")
-        y -= 0.08
+        y -= 0.125
     warnings = list(report.get("warnings", []))
     if warnings:
         ax.text(0, y, "Warnings:", transform=ax.transAxes, color="#ffb340", fontsize=9, va="top", fontweight="bold")
@@ -413,8 +431,11 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
                     color=TEXT, fontsize=14, path_effects=_STROKE)
     _draw_table(ax_tab, report)
     model = report.get("model", {})
-    fig.text(0.01, 0.012, f"{SHORT_DISCLAIMER}    Model: {model.get('name', '?')} {model.get('version', '')}",
-             color=MUTED_TEXT, fontsize=9)
+    fig.text(0.01, 0.058, f"{SHORT_DISCLAIMER}    Model: {model.get('name', '?')} {model.get('version', '')}",
+             color=MUTED_TEXT, fontsize=9, va="top")
+    if model.get("caution"):  # trained on phantoms only, targets missed: on the picture that is read alone too
+        fig.text(0.01, 0.038, "\n".join(textwrap.wrap(str(model["caution"]), 190)[:2]), color="#ffb340", fontsize=9,
+                 va="top")
     return _png(fig)
 
 

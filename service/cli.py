@@ -178,6 +178,9 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders (
     failed = [o for o in outcomes if o.status == "failed"]
     for o in failed:  # one line each, whatever the terminal's width did to the table
         typer.echo(f"failed {o.name}: {o.error}", err=True)
+    for o in outcomes:
+        if o.note:
+            typer.echo(f"note {o.name}: {o.note}", err=True)
     if failed:
         raise typer.Exit(1)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.batch import expand_inputs, predict_many
+from inference.batch import REPLACED_MESSAGE, expand_inputs, predict_many
 from inference.predictor import Predictor
 from models.nifti import case_name, case_names
 from inference.report import validate_report
@@ -197,6 +197,9 @@ def test_batch_redoes_a_scan_replaced_under_the_same_name_and_drops_its_old_resu
     nib.save(blob_volume(spacing=(3.0, 3.0, 2.5)), str(good_file))  # another scan, the same file name
     again = predict_many(predictor, [good_file], out, progress=False)[0]
     assert again.status == "done", "a result of another file is not this file's result"
+    assert again.note == REPLACED_MESSAGE  # and the user is told that another file's result was replaced
+    redo = predict_many(predictor, [good_file], out, overwrite=True, progress=False)[0]
+    assert redo.status == "done" and redo.note is None  # redoing the same file replaces nothing of another
     assert json.loads((out / "good" / "report.json").read_text())["study"]["sha256"] == sha256_file(good_file)
     assert predict_many(predictor, [good_file], out, progress=False)[0].status == "skipped"
     d = blob_volume().get_fdata().astype(np.float32)

@@ -244,13 +244,14 @@ def test_missing_confidence_is_refused(scene):
 
 def test_summary_and_site_table(measured):
     lesions = [measured[k] for k in sorted(measured)]
-    s = summarise(lesions)
+    s = summarise(lesions, [])
     assert s["lesion_count"] == 10
     assert s["affected_sites"] == 5           # femur L/R, L3, clavicle L, patella L
     assert s["affected_regions"] == ["spine_lumbar", "chest_wall", "lower_limb"]
     assert s["total_volume_ml"] == pytest.approx(sum(x["volume_ml"] for x in lesions), abs=1e-3)
     assert s["largest_lesion_ml"] == pytest.approx(max(x["volume_ml"] for x in lesions), abs=1e-4)
     assert s["spine_involved"] is True and s["soft_tissue_involved"] is True
+    assert s["spine_in_view"] is False and summarise(lesions, ["femur_left", "vertebra_L3"])["spine_in_view"] is True
     assert s["symmetric_pairs"] == [[1, 2], [3, 4]]
     table = {row["site"]: row for row in site_table(lesions)}
     assert table["femur_left"]["lesion_count"] == 2 and table["femur_left"]["lesion_ids"] == [1, 4]
@@ -265,8 +266,8 @@ def test_each_lesion_in_at_most_one_pair():
                 "centroid_ras_mm": [0.0, 0.0, z], "soft_tissue_extension": False}
     lesions = [les(1, "tibia_left", 10.0), les(2, "tibia_right", 12.0), les(3, "tibia_right", 50.0),
                les(4, "tibia_left", 49.0), les(5, "tibia_left", 90.0)]
-    assert summarise(lesions)["symmetric_pairs"] == [[1, 2], [3, 4]]
-    assert summarise([])["largest_lesion_ml"] is None
+    assert summarise(lesions, [])["symmetric_pairs"] == [[1, 2], [3, 4]]
+    assert summarise([], [])["largest_lesion_ml"] is None
 
 
 def test_sites_in_view(scene):

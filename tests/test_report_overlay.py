@@ -50,12 +50,14 @@ def make_report(study: dict) -> dict:
     les = measure_lesions(study["lesions"], study["sites"], study["image"], AFFINE, None,
                           {i: 0.75 for i in range(1, int(study["lesions"].max()) + 1)})
     spacing = (2.0, 3.0, 2.5)
+    view = sites_in_view(study["sites"], 2.0 * 3.0 * 2.5 / 1000)
     return build_report(
         {"filename": "/data/in/child_01.nii.gz", "sha256": "a" * 64, "shape": list(SHAPE),
          "spacing_mm": list(spacing), "orientation": "LPS"},
         {"name": "wbmri-test", "version": "1.2.3", "sha256": "b" * 64, "device": "cpu"},
-        les, summarise(les), site_table(les), study_warnings(study["image"], study["sites"], study["lesions"], spacing),
-        {"load": 0.1234, "inference": 2.0}, sites_in_view(study["sites"], 2.0 * 3.0 * 2.5 / 1000))
+        les, summarise(les, view), site_table(les),
+        study_warnings(study["image"], study["sites"], study["lesions"], spacing), {"load": 0.1234, "inference": 2.0},
+        view, caution="Trained on phantoms only.")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_report_is_valid_and_complete(report):
 
 def test_disclaimer_says_support_not_diagnosis(report):
     text = report["disclaimer"].lower()
-    assert report["disclaimer"] == DISCLAIMER
+    assert report["disclaimer"] == DISCLAIMER + " Trained on phantoms only."
     for phrase in ("not a diagnosis", "does not replace clinical judgement", "infection", "leukaemia", "lch"):
         assert phrase in text
 
@@ -222,4 +224,27 @@ def test_the_model_caution_says_what_the_card_says_of_its_data_and_targets():
     assert model_caution({"name": "m", "data": {"synthetic_only": False}, "limitations": ["It is slow."]}) == ""
     report = build_report({"filename": "a.nii.gz"}, {"name": "m", "version": "1", "sha256": "0", "device": "cpu"},
                           [], {"lesion_count": 0}, [], [], {}, [], caution="Mind this.")
-    assert report["disclaimer"] == DISCLAIMER + " Mind this."
+    assert report["disclaimer"] == DISCLAIMER + " Mind this." and report["model"]["caution"] == "Mind this."
+
+
+def test_the_overlay_carries_the_model_caution_in_its_footer(study, report, tmp_path):
+    """The picture is read alone: the caution (orange, under the disclaimer) is on it when the report has one."""
+    import matplotlib.image as mpimg
+    orange = []
+    for rep in (report, {**report, "model": {k: v for k, v in report["model"].items() if k != "caution"}}):
+        (tmp_path / "o.png").write_bytes(render_overlay(study["image"], study["lesions"], study["sites"], AFFINE, rep))
+        foot = mpimg.imread(tmp_path / "o.png")[-40:]  # the bottom 40 of 1000 pixel rows
+        orange.append(int(((foot[..., 0] > 0.9) & (np.abs(foot[..., 1] - 0.70) < 0.08) & (foot[..., 2] < 0.4)).sum()))
+    assert orange[0] > 50 and orange[1] == 0
+
+
+def test_overlay_words_do_not_read_an_unimaged_spine_or_an_unknown_growth_plate_as_no():
+    from models.viz import _table_lines, spine_finding
+    assert spine_finding({"spine_involved": False, "spine_in_view": False}) == "not in view"
+    assert spine_finding({"spine_involved": False, "spine_in_view": True}) == "no lesion found"
+    assert spine_finding({"spine_involved": True, "spine_in_view": True}) == "yes"
+    les = {"id": 1, "site": "tibia_left", "side": "left", "subregion": "metaphysis_proximal", "juxtaphyseal": None,
+           "volume_ml": 1.0}
+    flags = {jp: _table_lines([{**les, "juxtaphyseal": jp}], 5)[1][0].split()[-1] for jp in (None, True, False)}
+    assert flags[None] == "JP?" and flags[True] == "JP" and "JP" not in flags[False]
+    assert "JP" not in _table_lines([{**les, "subregion": "diaphysis"}], 5)[1][0]

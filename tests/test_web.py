@@ -178,7 +178,9 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
     summary = report["summary"]
     assert f"lesions={summary['lesion_count']}" in chips
     assert f"symmetric pairs={len(summary['symmetric_pairs'])}" in chips
-    assert f"soft tissue involved={'yes' if summary['soft_tissue_involved'] else 'no'}" in chips
+    assert f"soft tissue involved={'yes' if summary['soft_tissue_involved'] else 'no lesion found'}" in chips
+    spine = "yes" if summary["spine_involved"] else "no lesion found" if summary["spine_in_view"] else "not in view"
+    assert f"spine involved={spine}" in chips  # a spine not imaged is not a spine without lesions
     assert any(c.startswith("largest lesion (mL)=") for c in chips)
     assert b.js("document.getElementById('error').hidden") is True
     assert not _console_problems(b.events), _console_problems(b.events)

@@ -65,6 +65,7 @@
   function features(l) {
     const f = [];
     if (l.juxtaphyseal) f.push('juxtaphyseal');
+    else if (l.juxtaphyseal == null && /^(epiphysis|metaphysis)/.test(l.subregion || '')) f.push('growth plate?');
     if (l.soft_tissue_extension) f.push('soft tissue');
     return f.length ? f.join(', ') : '–';
   }
@@ -265,8 +266,8 @@
       chip('affected sites', s.affected_sites ?? 0),
       chip('total volume (mL)', fmt(s.total_volume_ml, 1)),
       chip('largest lesion (mL)', fmt(s.largest_lesion_ml, 1)),
-      chip('spine involved', s.spine_involved ? 'yes' : 'no'),
-      chip('soft tissue involved', s.soft_tissue_involved ? 'yes' : 'no'),
+      chip('spine involved', s.spine_involved ? 'yes' : (s.spine_in_view === false ? 'not in view' : 'no lesion found')),
+      chip('soft tissue involved', s.soft_tissue_involved ? 'yes' : 'no lesion found'),
       chip('symmetric pairs', (s.symmetric_pairs || []).length),
     );
 
