@@ -450,8 +450,8 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asanyarray(img.dataobj), np.asarray(img.affine, float)
 
 
-def _case_title(case_dir: Path, n_lesions: int) -> str:
-    parts = [case_dir.name]
+def _case_title(case_dir: Path, n_lesions: int, name: str | None = None) -> str:
+    parts = [name or case_dir.name]
     meta_path = case_dir / "case.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -470,13 +470,16 @@ def _case_title(case_dir: Path, n_lesions: int) -> str:
     return " — ".join(parts)
 
 
-def preview_case(case_dir: Path, out: Path | None = None, image: Path | None = None) -> Path:
+def preview_case(case_dir: Path, out: Path | None = None, image: Path | None = None, name: str | None = None) -> Path:
     """Write a PNG montage of a case folder (``image.nii.gz``, ``sites.nii.gz``, ``lesions.nii.gz``; a predict
     output folder has no image: pass ``image``, else the sites are drawn alone): a slice through the long
-    bones, one through the spine (or an anterior one) and a bone-slab MIP, with site outlines and lesions. Default ``case_dir/preview.png``."""
+    bones, one through the spine (or an anterior one) and a bone-slab MIP, with site outlines and lesions.
+    Default ``case_dir/preview.png``; the title names the case ``name`` (default: the folder's name)."""
     case_dir = Path(case_dir)
     out = Path(out) if out else case_dir / "preview.png"
     img_path = Path(image) if image else case_dir / "image.nii.gz"
+    if image and not img_path.is_file():
+        raise FileNotFoundError(f"no such image: {img_path}")
     arrays: dict[str, np.ndarray | None] = {"image": None, "sites": None, "lesions": None}
     affine = None
     paths = {"image": img_path, "sites": case_dir / "sites.nii.gz", "lesions": case_dir / "lesions.nii.gz"}
@@ -494,7 +497,7 @@ def preview_case(case_dir: Path, out: Path | None = None, image: Path | None = N
     views = coronal_views(arrays["image"], affine, arrays["sites"], arrays["lesions"])
     n_les = len(np.unique(arrays["lesions"])) - 1 if arrays["lesions"] is not None else 0
     fig = _new_figure(15, 9.5)
-    fig.text(0.01, 0.985, _case_title(case_dir, max(n_les, 0)), color=TEXT, fontsize=13, fontweight="bold", va="top")
+    fig.text(0.01, 0.985, _case_title(case_dir, max(n_les, 0), name), color=TEXT, fontsize=13, fontweight="bold", va="top")
     if arrays["image"] is None:
         fig.text(0.99, 0.985, "no image: sites only", color=MUTED_TEXT, fontsize=11, va="top", ha="right")
     for k, view in enumerate(views):

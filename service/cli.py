@@ -29,11 +29,11 @@ def _fail(message: str) -> NoReturn:
 
 
 @app.command()
-def synth(n: int = typer.Option(10, "--n", help="number of cases"),
+def synth(n: int = typer.Option(10, "--n", min=1, help="number of cases"),
           out: Path = typer.Option(..., "--out", help="output folder (nnU-Net raw layout plus case folders)"),
-          seed: int = typer.Option(0, "--seed", help="seed of the first case; case i uses seed+i"),
+          seed: int = typer.Option(0, "--seed", min=0, help="seed of the first case; case i uses seed+i"),
           config: Optional[Path] = typer.Option(None, "--config", help="phantom YAML (default configs/synth/default.yaml)"),
-          workers: int = typer.Option(1, "--workers", help="parallel worker processes"),
+          workers: int = typer.Option(1, "--workers", min=1, help="parallel worker processes"),
           set_: List[str] = typer.Option([], "--set", help="override a config key, e.g. --set 'fov.p={whole_body: 1.0}'"),
           preview: bool = _flag("--preview", help="also write preview.png in every case folder")) -> None:
     """Generate synthetic paediatric phantoms with CNO lesions: whole-body and partial views (pelvis, knees, legs,
@@ -45,15 +45,18 @@ def synth(n: int = typer.Option(10, "--n", help="number of cases"),
         synth_dataset(n=n, out=out, seed=seed, config=config, overrides=set_, workers=workers, preview=preview)
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
+    except OSError as exc:  # --out a file, or a folder that cannot be written
+        _fail(f"cannot write phantoms to {out}: {exc.strerror or exc}")
 
 
 @app.command()
 def show(case_dir: Path = typer.Argument(..., help="a case folder (image.nii.gz, sites.nii.gz, lesions.nii.gz) or a predict output folder"),
-         out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default CASE_DIR/preview.png)")) -> None:
+         out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default CASE_DIR/preview.png)"),
+         image: Optional[Path] = typer.Option(None, "--image", help="the scan to draw on, for a predict output folder (which holds no image)")) -> None:
     """Write a coronal montage PNG with sites and lesions outlined."""
     from models.viz import preview_case
     try:
-        path = preview_case(case_dir, out)
+        path = preview_case(case_dir, out, image)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(str(path))

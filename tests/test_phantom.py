@@ -9,8 +9,10 @@ import pytest
 
 from models.sites import all_sites, by_code
 from training.config import ConfigError, LesionConfig, SynthConfig, load_config
-from training.phantom.generate import generate_case, synth_dataset, write_case
+from training.phantom.generate import GENERATOR_1_6_SETTINGS, generate_case, synth_dataset, write_case
 from training.phantom.lesions import PELVIS, plan_lesions
+
+
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def test_nnunet_layout(tmp_path):
     ds = json.loads((tmp_path / "dataset.json").read_text())
     assert (ds["numTraining"], ds["first_seed"]) == (3, 3)
     assert sorted(p.name for p in (tmp_path / "labelsTr").iterdir()) == [f"case_00000{i}.nii.gz" for i in (3, 4, 5)]
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(fov.p.feet, fov.p.knees\)"):
         synth_dataset(1, tmp_path, seed=6, overrides=["fov.p={feet: 1.0}", "anatomy_mm=3"])
     assert not (tmp_path / "cases" / "case_000006").exists()
 
@@ -199,9 +201,9 @@ def test_contrast_gamma_bends_the_randomised_tissue_means_and_keeps_their_order(
 
 def test_muscle_floor_lifts_faint_edema_in_fatty_marrow_only_when_set():
     from training.phantom.contrast import apply_edema
-    from training.phantom.render import MUSCLE, TISSUES
+    from training.phantom.render import CSF, MUSCLE, TISSUES
     lut = np.zeros(len(TISSUES), np.float32)
-    lut[MUSCLE] = 0.2
+    lut[MUSCLE], lut[CSF] = 0.2, 1.0
     labels = np.zeros((12, 12, 12), np.uint16)
     labels[3:9, 3:9, 3:9] = 1
     edema = (labels > 0).astype(np.float32)
@@ -279,11 +281,12 @@ def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_pla
 
 def test_t2_fs_alone_makes_generator_1_4_cases():
     """Generator 1.5 with sequence_p {t2_fs: 1} draws what 1.4 drew: twelve voxels, the image sum and the label
-    sizes of an oblique knee view with patchy fat-suppression failure, as commit bff2f72 (generator 1.4) made it.
+    sizes of an oblique knee view with patchy fat-suppression failure, as commit bff2f72 (generator 1.4) made it
+    (generator 1.7 needs its three 1.6 settings, GENERATOR_1_6_SETTINGS).
     A draw added to or taken from the acquisition stream changes the noise of every voxel by far more than the
     tolerance."""
     cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "acquisition.oblique_p=0.5", "acquisition.fat_sat_failure_p=1",
-                                          "acquisition.sequence_p={t2_fs: 1}"])
+                                          "acquisition.sequence_p={t2_fs: 1}", *GENERATOR_1_6_SETTINGS])
     case = generate_case(7, cfg, fov="knees")
     assert case.meta["acquisition"]["oblique"] and case.meta["acquisition"]["fat_sat_failure"]
     rng = np.random.default_rng(0)
@@ -449,3 +452,108 @@ def test_thoracic_bodies_grow_towards_the_lumbar_spine_whose_discs_are_thicker()
     flat, _ = _column_heights("uniform")
     thoracic = [flat[f"vertebra_T{i}"] for i in range(1, 13)]
     assert max(thoracic) - min(thoracic) <= 2 * 2.0 + 1e-6   # within a voxel each way of one another
+
+
+def test_edema_is_never_brighter_than_free_fluid_even_over_a_growth_plate():
+    """Generator 1.7: a lesion over a bright physis (the physis' signal times the lesion's ratio) reached 3-4x fluid
+    in 1.6; now it is bent toward fluid above 0.8 x fluid, and faint edema is left as it was."""
+    from training.phantom.contrast import apply_edema, at_most_fluid
+    from training.phantom.render import CSF, MUSCLE, TISSUES
+    lut = np.zeros(len(TISSUES), np.float32)
+    lut[MUSCLE], lut[CSF] = 0.2, 1.0
+    labels = np.zeros((12, 12, 12), np.uint16)
+    labels[3:9, 3:9, 3:9] = 1
+    edema = (labels > 0).astype(np.float32)
+    physis = np.full(labels.shape, 0.8, np.float32)  # a bright open physis under the lesion
+    capped = apply_edema(physis.copy(), edema, {1: 4.0}, labels, lut, np.random.default_rng(0), 1.0)
+    free = apply_edema(physis.copy(), edema, {1: 4.0}, labels, lut, np.random.default_rng(0), 1.0, fluid_ceiling=False)
+    assert capped.max() <= 1.0 < float(np.median(free[labels == 1]))
+    assert float(np.median(capped[labels == 1])) > 0.9  # fluid-bright, not dimmer
+    faint = np.linspace(0.0, 0.8, 50, dtype=np.float32)
+    assert np.array_equal(at_most_fluid(faint, 1.0), faint)  # below the knee: unchanged
+    bright = np.linspace(0.8, 10.0, 50, dtype=np.float32)
+    bent = at_most_fluid(bright, 1.0)
+    assert np.all(np.diff(bent) >= 0) and bent.max() <= 1.0  # monotone, never above fluid
+    near = at_most_fluid(np.linspace(0.8, 1.1, 20, dtype=np.float32), 1.0)
+    assert np.all(np.diff(near) > 0) and near.max() < 1.0  # just above the knee: still ordered
+
+
+def test_a_collapsed_vertebral_body_keeps_an_endplate_under_its_disc():
+    """Generator 1.7: the body's lost upper part is disc (no bone label) over a new cortical endplate; 1.6 painted a
+    slab of muscle into the spinal column."""
+    from models.sites import site_id
+    from training.config import BodyConfig
+    from training.phantom.generate import draw_skeleton
+    from training.phantom.lesions import LesionPlan, apply_collapse
+    from training.phantom.render import CORTEX, DISC, MUSCLE
+    plan = LesionPlan(1, "vertebra_L1", "vertebra", "vertebral_body", None, 2.0, 2.0, False, False, True)
+    for fill in ("disc", "muscle"):
+        body, cv = draw_skeleton(5, BodyConfig(), 2.0)
+        v, sid = body.vertebrae["vertebra_L1"], site_id("vertebra_L1")
+        before_tissue, before_sites = cv.tissue.copy(), cv.sites.copy()
+        apply_collapse(cv, body, plan, fill)
+        lost = (before_sites == sid) & (cv.sites != sid)
+        assert lost.sum() > 20
+        if fill == "muscle":  # 1.6
+            assert np.all(cv.tissue[lost] == MUSCLE)
+            continue
+        assert np.all(cv.tissue[lost] == DISC) and np.all(cv.sites[lost] == 0)
+        assert not np.any((before_sites == sid) & (cv.tissue == MUSCLE))
+        ix, iy, _ = np.round((v.centre - cv.origin) / cv.spacing).astype(int)
+        column = cv.sites[ix, iy] == sid
+        top = np.flatnonzero(column).max()  # the remaining body's highest voxel on its centre line
+        assert cv.tissue[ix, iy, top] == CORTEX and before_tissue[ix, iy, top] != CORTEX
+        assert cv.tissue[ix, iy, top + 1] == DISC
+
+
+def test_clavicular_lesions_are_not_epiphyseal_unless_asked():
+    """A child's clavicular epiphyses are cartilage: generator 1.7 plans no epiphyseal clavicle lesion (1.6 did)."""
+    def clavicle_subregions(cfg: LesionConfig) -> set:
+        rng = np.random.default_rng(0)
+        return {p.subregion for _ in range(400) for p in plan_lesions(rng, cfg)[1] if p.bone == "clavicle"}
+    now = clavicle_subregions(LesionConfig())
+    assert now and not any(s.startswith("epiphysis") for s in now)
+    assert any(s.startswith("epiphysis") for s in clavicle_subregions(LesionConfig(clavicle_epiphysis=True)))
+
+
+def test_case_json_is_the_same_bytes_for_a_seed_and_marks_lesions_out_of_view(tmp_path):
+    cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "lesions.none_p=0", "lesions.count_mean=12"])
+    a = write_case(generate_case(21, cfg, fov="knees"), tmp_path / "a")
+    b = write_case(generate_case(21, cfg, fov="knees"), tmp_path / "b")
+    assert (a / "case.json").read_bytes() == (b / "case.json").read_bytes()
+    meta = json.loads((a / "case.json").read_text())
+    assert "timings_s" not in meta
+    ids = set(np.unique(np.asanyarray(nib.load(str(a / "lesions.nii.gz")).dataobj)).tolist()) - {0}
+    in_view = {k for k, m in enumerate(meta["lesions"], start=1) if m["in_view"]}
+    assert in_view == ids and len(meta["lesions"]) > len(ids)  # a knee view leaves some of 12 lesions out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n"), (["--n", "-1"], "--n"), (["--workers", "0"], "--workers"), (["--seed", "-1"], "--seed"),
+])
+def test_synth_refuses_bad_numbers_in_one_line(tmp_path, args, message):
+    from typer.testing import CliRunner
+    from service.cli import app
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and message in res.output and not (tmp_path / "o").exists()
+
+
+def test_synth_refuses_a_file_or_a_folder_of_other_files_as_its_output(tmp_path):
+    from typer.testing import CliRunner
+    from service.cli import app
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(app, ["synth", "--n", "1", "--out", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "cannot write phantoms" in res.output and res.exception is None or \
+        isinstance(res.exception, SystemExit)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a phantom")
+    res = CliRunner().invoke(app, ["synth", "--n", "1", "--out", str(other)])
+    assert res.exit_code == 2 and "no dataset.json" in res.output
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # nothing written beside the user's file
+
+
+def test_an_existing_set_of_other_settings_is_refused_naming_them(tmp_path):
+    synth_dataset(1, tmp_path / "s", seed=3, overrides=["fov.p={feet: 1.0}", "anatomy_mm=4"])
+    with pytest.raises(ValueError, match=r"other settings \(anatomy_mm\)"):
+        synth_dataset(1, tmp_path / "s", seed=4, overrides=["fov.p={feet: 1.0}", "anatomy_mm=3"])

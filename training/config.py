@@ -92,6 +92,12 @@ class LesionConfig(Strict):
     faint_p: float = Field(0.35, ge=0, le=1, description="lesions drawn from the faint end (ratio < 2)")
     muscle_floor: float = Field(1.0, ge=0, le=2, description="edema signal is at least muscle_floor x muscle x "
                                 "(0.6 + 0.25 ratio); 0: edema follows its marrow ratio alone, even in dark fatty marrow")
+    fluid_ceiling: bool = Field(True, description="edema no brighter than free fluid (bent toward it above 0.8 x "
+                                "fluid); false: generator 1.6's unbounded edema (a lesion over a physis reached 3-4x fluid)")
+    collapse_fill: Literal["disc", "muscle"] = Field("disc", description="what replaces a collapsed vertebral body's "
+                                                     "upper part: the disc above, with a new endplate (1.7), or 1.6's muscle")
+    clavicle_epiphysis: bool = Field(False, description="plan clavicular epiphyseal lesions (1.6); a child's clavicular "
+                                     "epiphyses are cartilage, so by default they are metaphyseal")
     expected: dict[str, Range] = Field(
         default={"tibia": (0.40, 0.80), "femur": (0.30, 0.70), "clavicle": (0.15, 0.50), "vertebra": (0.12, 0.45),
                  "pelvis": (0.15, 0.55), "metaphysis_share": (0.45, 0.80), "bilateral": (0.35, 0.85),

@@ -94,7 +94,7 @@ def foot_foci_gain(cv: Canvas, body: Body, foot: np.ndarray, rng: np.random.Gene
 
 def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratios: dict[int, float],
                lesion_labels: np.ndarray, mimics: dict, rng: np.random.Generator, stir: StirConfig,
-               cfg: MimicConfig, muscle_floor: float = 1.0) -> np.ndarray:
+               cfg: MimicConfig, muscle_floor: float = 1.0, fluid_ceiling: bool = True) -> np.ndarray:
     """The anatomy-grid STIR image (before acquisition)."""
     shape = cv.shape
     img = lut[cv.tissue]
@@ -120,14 +120,15 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
         img[bowel] *= np.clip(field_at(bowel, rng, cells=int(shape[2] / 8), lo=0.3, hi=2.0), 0.2, 2.0)
     # lesion edema: local marrow signal scaled toward its ratio, soft at the margins
     if lesion_labels.any() or edema.any():
-        img = apply_edema(img, edema, ratios, lesion_labels, lut, rng, muscle_floor)
+        img = apply_edema(img, edema, ratios, lesion_labels, lut, rng, muscle_floor, fluid_ceiling)
     return img
 
 
 def apply_edema(img: np.ndarray, edema: np.ndarray, ratios: dict[int, float], labels: np.ndarray, lut: np.ndarray,
-                rng: np.random.Generator, muscle_floor: float) -> np.ndarray:
+                rng: np.random.Generator, muscle_floor: float, fluid_ceiling: bool = True) -> np.ndarray:
     """Brighten each labelled lesion's marrow to ``ratio`` x its own signal (at least ``muscle_floor`` x a
-    muscle-level edema signal), weighted by the soft edema map and with 18% voxel heterogeneity."""
+    muscle-level edema signal), weighted by the soft edema map and with 18% voxel heterogeneity; with
+    ``fluid_ceiling`` no brighter than free fluid (:func:`at_most_fluid`)."""
     from scipy.ndimage import find_objects
     pad = 3
     for lid, sl in enumerate(find_objects(labels), start=1):
@@ -140,5 +141,15 @@ def apply_edema(img: np.ndarray, edema: np.ndarray, ratios: dict[int, float], la
         # brightness relative to the lesion's normal marrow, by default never below a muscle-level edema signal
         target = np.maximum(base * ratios[lid], muscle_floor * lut[MUSCLE] * (0.6 + 0.25 * ratios[lid]))
         het = 1.0 + 0.18 * rng.standard_normal(base.shape).astype(np.float32)
-        img[sl] = np.where(e > 0, base + e * (target * het - base), base)
+        edema_signal = at_most_fluid(target * het, float(lut[CSF])) if fluid_ceiling else target * het
+        img[sl] = np.where(e > 0, base + e * (edema_signal - base), base)
     return img
+
+
+def at_most_fluid(signal: np.ndarray, fluid: float, knee: float = 0.8) -> np.ndarray:
+    """Edema signal no brighter than free fluid (on STIR edema is at most fluid-bright): unchanged up to
+    ``knee`` x ``fluid``, then bent smoothly toward ``fluid``. Generator 1.6 let a lesion over a growth plate (the
+    physis' signal times the lesion's ratio) reach several times fluid."""
+    k = knee * fluid
+    over = np.maximum(signal - k, 0.0)
+    return np.where(signal > k, k + (fluid - k) * np.tanh(over / (fluid - k)), signal).astype(signal.dtype)

@@ -22,7 +22,7 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
-GENERATOR_VERSION = "1.6"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.7"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -36,6 +36,14 @@ GENERATOR_VERSION = "1.6"  # 1.1: skull base/face inside the head (1.0 put it in
 # 1.6: spinal proportions (body.spine: graded): thoracic levels grow from T1 to T12 and lumbar discs are thicker
 # (body.SPINE_SEGMENTS); 1.5 drew every thoracic level alike and every disc a quarter of its level. With
 # body.spine=uniform a 1.6 case is 1.5's bit for bit
+# 1.7: edema no brighter than free fluid (lesions.fluid_ceiling; 1.6 multiplied a physis under a lesion by the
+# lesion's ratio, up to 3-4x fluid), a collapsed vertebral body filled by its disc with a new endplate
+# (lesions.collapse_fill; 1.6 painted muscle), clavicular lesions never epiphyseal (lesions.clavicle_epiphysis), and
+# case.json without the timings (the same seed, the same bytes) and with lesions.in_view. With
+# lesions.{fluid_ceiling: false, collapse_fill: muscle, clavicle_epiphysis: true} a 1.7 case's images and labels are
+# 1.6's bit for bit
+GENERATOR_1_6_SETTINGS = ("lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
+                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.7 case is 1.6's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
@@ -92,7 +100,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     kept = []
     for plan in plans:
         if plan.collapse:
-            apply_collapse(cv, body, plan)
+            apply_collapse(cv, body, plan, cfg.lesions.collapse_fill)
         n = render_lesion(cv, body, plan, label, edema, draw)
         if n > 0:
             kept.append(plan)
@@ -106,7 +114,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     contrast = _stream(seed, "contrast")
     lut = tissue_means(contrast, cfg.stir, cfg.contrast)
     img = synthesize(cv, body, lut, edema, ratios, label, mimics, contrast, cfg.stir, cfg.mimics,
-                     muscle_floor=cfg.lesions.muscle_floor)
+                     muscle_floor=cfg.lesions.muscle_floor, fluid_ceiling=cfg.lesions.fluid_ceiling)
     label = lut_ids[label]
     for new, plan in enumerate(kept, start=1):
         plan.id = new
@@ -124,6 +132,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     for plan in kept:
         d = plan.as_dict()
         d["volume_ml"] = round(float(counts[plan.id]) * vox_ml, 3)
+        d["in_view"] = bool(counts[plan.id] > 0)  # a lesion drawn outside the field of view stays listed, at 0 mL
         d["ratio_to_marrow"] = round(d["ratio_to_marrow"], 3)
         lesion_meta.append(d)
     t_acq = time.perf_counter()
@@ -164,10 +173,12 @@ def write_case(case: Case, folder: Path, preview: bool = False) -> Path:
         save_nifti(tmp / "sites.nii.gz", case.sites, case.affine, np.uint8)
         save_nifti(tmp / "lesions.nii.gz", case.lesions, case.affine, np.uint16)
         save_nifti(tmp / "physis.nii.gz", case.physis, case.affine, np.uint8)
-        (tmp / "case.json").write_text(json.dumps(case.meta, indent=2) + "\n")
+        # the timings stay out of the file, so that one seed gives the same bytes on any machine
+        meta = {k: v for k, v in case.meta.items() if k != "timings_s"}
+        (tmp / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
         if preview:
             from models.viz import preview_case
-            preview_case(tmp, tmp / "preview.png")
+            preview_case(tmp, tmp / "preview.png", name=folder.name)
     return folder
 
 
@@ -211,21 +222,40 @@ def write_dataset_json(out: Path, names: list[str], cfg: SynthConfig, seed: int)
     (out / "dataset.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
+def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the settings that differ between two configs (as dicts)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
 def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
     """The case names already in a synth folder and its first seed, if the folder was made by this generator
     version with the same configuration; an error if it was not (a set must not mix cases of two recipes)."""
     ds_path = Path(out) / "dataset.json"
     if not ds_path.is_file():
+        if Path(out).is_dir() and any(Path(out).iterdir()):
+            raise ValueError(f"{out} holds files but no dataset.json of wbmri synth: use a new or empty folder")
         return [], None
     ds = json.loads(ds_path.read_text())
     try:  # settings added since the folder was made take their defaults
         stored = SynthConfig.model_validate(ds.get("config"))
     except ValidationError:
         stored = None
-    if ds.get("generator_version") != GENERATOR_VERSION or stored != cfg:
-        raise ValueError(f"{out} holds cases of generator {ds.get('generator_version')} or another configuration; "
-                         f"add cases only with generator {GENERATOR_VERSION} and the same --config/--set, or use a "
-                         "new folder")
+    if ds.get("generator_version") != GENERATOR_VERSION:
+        raise ValueError(f"{out} holds cases of phantom generator {ds.get('generator_version')}, this is "
+                         f"{GENERATOR_VERSION}: a set must not mix them; use a new folder")
+    if stored != cfg:
+        changed = _changed_settings(json.loads(stored.model_dump_json()) if stored else {},
+                                    json.loads(cfg.model_dump_json()))
+        raise ValueError(f"{out} holds cases made with other settings ({', '.join(changed[:5]) or 'unreadable'}"
+                         f"{', ...' if len(changed) > 5 else ''}); add cases only with the same --config/--set, or "
+                         "use a new folder")
     names = sorted(p.name for p in (Path(out) / "cases").glob("*") if (p / "image.nii.gz").is_file())
     return names, ds.get("first_seed")
 

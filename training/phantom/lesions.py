@@ -13,7 +13,7 @@ from models.sites import by_code, site_id
 from training.config import LesionConfig
 
 from .body import Body, LongBone
-from .render import CORTEX, FAT, MARROW, MUSCLE, PHYSIS, RED, SKIN, YELLOW, Canvas, smooth_field, weighted_choice
+from .render import CORTEX, DISC, FAT, MARROW, MUSCLE, PHYSIS, RED, SKIN, YELLOW, Canvas, smooth_field, weighted_choice
 
 PAIRED = {"tibia", "femur", "fibula", "humerus", "radius", "ulna", "clavicle", "talus", "calcaneus", "metatarsals",
           "ilium", "ischium", "pubis", "ribs", "scapula", "midfoot"}
@@ -57,6 +57,8 @@ def _subregion(rng, cfg: LesionConfig, bone: str) -> tuple[str | None, bool | No
         kind = weighted_choice(rng, cfg.long_subregion_p)
         if bone == "clavicle":  # medial clavicle: the classic site
             kind = "metaphysis" if kind == "diaphysis" and rng.random() < 0.5 else kind
+            # a child's clavicular epiphyses are cartilage (the medial one ossifies at 18-20 y): metaphysis instead
+            kind = "metaphysis" if kind == "epiphysis" and not cfg.clavicle_epiphysis else kind
         end = "distal" if rng.random() < cfg.distal_p.get(bone, 0.5) else "proximal"
         if bone == "metatarsals" and kind == "epiphysis":
             kind = "metaphysis"
@@ -213,8 +215,11 @@ def render_lesion(cv: Canvas, body: Body, plan: LesionPlan, label: np.ndarray, e
     return n
 
 
-def apply_collapse(cv: Canvas, body: Body, plan: LesionPlan) -> None:
-    """Vertebral height loss: squash the upper part of the body (cortex replaces marrow at the endplate)."""
+def apply_collapse(cv: Canvas, body: Body, plan: LesionPlan, fill: str = "disc") -> None:
+    """Vertebral height loss: the upper part of the body gives way to the disc above (disc signal, no bone
+    label), and a cortical endplate closes the rest of the body. ``fill="muscle"``: generator 1.6, which painted
+    muscle there, without an endplate."""
+    from scipy.ndimage import binary_dilation
     v = body.vertebrae.get(plan.site)
     if v is None:
         return
@@ -222,8 +227,13 @@ def apply_collapse(cv: Canvas, body: Body, plan: LesionPlan) -> None:
     b = cv.box(v.centre - [v.half_width, v.half_depth, v.height / 2], v.centre + [v.half_width, v.half_depth, v.height / 2])
     if b is None:
         return
-    top = (b.z > v.centre[2] + v.height * 0.15) & (cv.sites[b.sl] == sid) & (b.y > v.centre[1] - v.half_depth)
-    cv.tissue[b.sl][top] = MUSCLE
+    mine = cv.sites[b.sl] == sid
+    top = (b.z > v.centre[2] + v.height * 0.15) & mine & (b.y > v.centre[1] - v.half_depth)
+    endplate = binary_dilation(top, iterations=1) & mine & ~top  # the remaining body's new upper surface
+    cv.tissue[b.sl][top] = DISC if fill == "disc" else MUSCLE
     cv.sites[b.sl][top] = 0
     cv.marrow_w[b.sl][top] = 0
+    if fill == "disc":
+        cv.tissue[b.sl][endplate] = CORTEX
+        cv.marrow_w[b.sl][endplate] = 0
 
