@@ -42,7 +42,9 @@ Rules (documented here because the report's meaning depends on them):
   else fixed fractions (epiphysis 0-8 %, metaphysis 8-22 % from each end). A bone cut by the field of view at one end is given
   twice its visible length, measured from its intact end; cut at both ends, only physes place subregions.
 * **vertebrae**: vertebral body = the anterior ``VERTEBRAL_BODY_SHARE`` of the vertebra's A-P extent.
-* the subregion is the majority subregion of the lesion's voxels in that bone.
+* the subregion is the majority subregion of the lesion's voxels in that bone; ``subregions`` lists it first, then
+  every other part holding at least ``SUBREGION_MIN_SHARE`` of them (epiphysis and metaphysis of a lesion across
+  a growth plate).
 * **juxtaphyseal**: a lesion voxel within ``JUXTA_MM`` of a physis voxel of the same bone; None when the
   physis mask is missing, the bone is not long, or no physis was found in that bone.
 * **signal ratios**: median lesion signal (its voxels in bone when it has any) over the median of the same
@@ -94,9 +96,10 @@ STRAY_PIECE_MM = 10.0
 STERNUM_ANTERIOR_MM = 40.0
 SPINE_LEVEL_MM = 20.0
 
-LESION_KEYS = ("id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
-               "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
-               "soft_tissue_extension", "confidence")
+LESION_KEYS = ("id", "site", "side", "region", "subregion", "subregions", "juxtaphyseal", "volume_ml",
+               "max_diameter_mm", "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction",
+               "extension_grade", "soft_tissue_extension", "confidence")
+SUBREGION_MIN_SHARE = 0.2  # a part of the bone holding this share of a lesion's voxels is listed in its subregions
 
 # proximal neighbours of long bones: the end nearer their centroid is the proximal end
 _PROXIMAL_NEIGHBOURS: dict[str, tuple[str, ...]] = {
@@ -547,22 +550,29 @@ def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centr
     return best
 
 
-def _subregion(scene: _Scene, site: Site, pts: np.ndarray) -> str | None:
-    """Majority subregion of lesion points (world mm) in a long bone or vertebra; None for other kinds."""
+def _subregions(scene: _Scene, site: Site, pts: np.ndarray) -> list[str]:
+    """The subregions of a long bone or vertebra that hold lesion points (world mm): the majority first (ties: the
+    order of the bone's parts), then every other with at least :data:`SUBREGION_MIN_SHARE` of them (a lesion
+    across a growth plate involves the epiphysis too); empty for other kinds of bone or when unknown."""
     if len(pts) == 0:
-        return None
+        return []
     if site.kind == "vertebra":
         cut = scene.vertebral_body_cut(site.id)
         if cut is None:
-            return None
-        return "vertebral_body" if np.count_nonzero(pts[:, 1] >= cut) * 2 >= len(pts) else "posterior_elements"
-    if site.kind != "long":
-        return None
-    bone = scene.bone_axis(site)
-    if bone is None:
-        return None
-    names, counts = np.unique(bone.subregion(pts), return_counts=True)
-    return str(names[int(np.argmax(counts))])
+            return []
+        labels = np.where(pts[:, 1] >= cut, "vertebral_body", "posterior_elements")
+    elif site.kind == "long":
+        bone = scene.bone_axis(site)
+        if bone is None:
+            return []
+        labels = bone.subregion(pts)
+    else:
+        return []
+    names, counts = np.unique(labels, return_counts=True)
+    order = sorted(range(len(names)), key=lambda i: -counts[i])
+    first = int(np.argmax(counts))  # the lowest name among equal counts, as before
+    rest = [str(names[i]) for i in order if i != first and counts[i] >= SUBREGION_MIN_SHARE * len(pts)]
+    return [str(names[first]), *rest]
 
 
 def _juxtaphyseal(scene: _Scene, site: Site, lid: int, sl: tuple[slice, ...]) -> bool | None:
@@ -634,15 +644,17 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
         fraction = np.count_nonzero(own) / in_map if in_map >= max(np.count_nonzero(own), 1) else None
         vol_out = np.count_nonzero(~in_bone) * scene.voxel_ml
         extends = vol_out >= SOFT_EXT_MIN_ML and (vol_out >= SOFT_EXT_FRACTION * n * scene.voxel_ml or vol_out >= SOFT_EXT_ML)
-        out.update(site=ref.code, side=ref.side, region=ref.region,
-                   subregion=_subregion(scene, ref, pts[own] if own.any() else pts),
+        parts = _subregions(scene, ref, pts[own] if own.any() else pts)
+        out.update(site=ref.code, side=ref.side, region=ref.region, subregion=parts[0] if parts else None,
+                   subregions=parts,
                    juxtaphyseal=_juxtaphyseal(scene, ref, lid, sl),
                    bone_fraction=None if fraction is None else round(float(fraction), 4),
                    extension_grade=extension_grade(fraction),
                    soft_tissue_extension=bool(extends))
     else:
         out.update(site=SOFT_TISSUE, side=_soft_tissue_side(scene, centroid),
-                   region=ref.region if ref is not None else SOFT_TISSUE, subregion=None, juxtaphyseal=None,
+                   region=ref.region if ref is not None else SOFT_TISSUE, subregion=None, subregions=[],
+                   juxtaphyseal=None,
                    bone_fraction=None, extension_grade=None, soft_tissue_extension=None)
     return {k: out[k] for k in LESION_KEYS}
 

@@ -320,7 +320,7 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
         flags = " ".join(f for f, key in (("JP", "juxtaphyseal"), ("ST", "soft_tissue_extension")) if les.get(key))
         if les.get("juxtaphyseal") is None and str(les.get("subregion")).startswith(("metaphysis", "epiphysis")):
             flags = " ".join(("JP?", flags)).strip()  # next to a growth plate or not: unknown, not "no"
-        sub = _SUBREGION_SHORT.get(les.get("subregion"), "–")
+        sub = _SUBREGION_SHORT.get(les.get("subregion"), "–") + ("+" if len(les.get("subregions") or []) > 1 else "")
         rows.append((f"{les['id']:>3} {site_label(str(les['site']))[:12]:<13}{side_short.get(les['side'], '?'):<5}"
                      f"{sub:<16}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
                      f"{_fmt(les.get('signal_ratio_marrow')):>5}{_fmt(les.get('signal_ratio_muscle')):>5}"
@@ -381,9 +381,10 @@ def _draw_table(ax, report: Mapping[str, Any]) -> None:
                       "conf: mean edema output of the network in the lesion, not a calibrated probability"
                       f"{cut}.\n"
                       "JP: juxtaphyseal (next to a growth plate); JP?: no growth plate found in that bone.\n"
+                      "subregion+: the lesion also involves another part of the bone (report.json subregions).\n"
                       "ST: extends into soft tissue.  L/R: patient's side.",
                 transform=ax.transAxes, color=MUTED_TEXT, fontsize=8, va="top")
-        y -= 0.125
+        y -= 0.14
     warnings = list(report.get("warnings", []))
     if warnings:
         ax.text(0, y, "Warnings:", transform=ax.transAxes, color="#ffb340", fontsize=9, va="top", fontweight="bold")

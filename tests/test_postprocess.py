@@ -96,7 +96,7 @@ def measured(scene):
 
 def test_keys_ids_and_confidence(measured):
     assert sorted(measured) == sorted(LESIONS)
-    keys = {"id", "site", "side", "region", "subregion", "juxtaphyseal", "volume_ml", "max_diameter_mm",
+    keys = {"id", "site", "side", "region", "subregion", "subregions", "juxtaphyseal", "volume_ml", "max_diameter_mm",
             "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction", "extension_grade",
             "soft_tissue_extension", "confidence"}
     for lid, les in measured.items():
@@ -224,6 +224,18 @@ def test_proximal_epiphysis_and_juxtaphyseal_distance(scene):
     assert out[2]["subregion"] == "metaphysis_distal"
     out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], None, conf)
     assert out[2]["subregion"] == "diaphysis"
+
+
+def test_a_lesion_across_the_growth_plate_lists_epiphysis_and_metaphysis(scene):
+    """One subregion per lesion lost the epiphysis of a lesion that crosses the physis; ``subregions`` keeps it."""
+    X, Y, Z = scene["X"], scene["Y"], scene["Z"]
+    lesions = np.zeros_like(scene["lesions"])
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (12, 34))] = 1     # from the distal epiphysis across the physis (20-24)
+    lesions[box(X, Y, Z, (-44, -36), (-4, 4), (30, 40))] = 2     # above the physis only
+    out = measure_lesions(lesions, scene["sites"], scene["image"], scene["affine"], scene["physis"], {1: 0.9, 2: 0.9})
+    assert sorted(out[0]["subregions"]) == ["epiphysis_distal", "metaphysis_distal"]
+    assert out[0]["subregion"] == out[0]["subregions"][0]
+    assert out[1]["subregions"] == [out[1]["subregion"]] == ["metaphysis_distal"]
 
 
 def test_max_diameter_of_a_large_lesion():

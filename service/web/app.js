@@ -282,7 +282,7 @@
         el('td', l.id),
         el('td', words(l.site)),
         el('td', l.side),
-        el('td', subregion(l.subregion)),
+        el('td', [l.subregion, ...(l.subregions || []).slice(1)].map(subregion).join(' + ')),
         el('td', fmt(l.volume_ml, 2), 'num'),
         el('td', fmt(l.max_diameter_mm, 0), 'num'),
         el('td', l.extension_grade || '–'),
