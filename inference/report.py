@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from jsonschema import Draft202012Validator
 
-from models.sites import REPORT_SCHEMA
+from models.sites import REGIONS, REPORT_SCHEMA, by_code
 
 SCHEMA_VERSION = "1.0"
 DISCLAIMER = (
@@ -32,6 +32,35 @@ def model_caution(card: Mapping[str, Any]) -> str:
     if "NOT meet" in first:
         notes.append(first.split(":")[0] + " (the model card lists them).")
     return " ".join(notes)
+
+
+LOW_REGION_SENSITIVITY = 0.5  # a region where the model found fewer of its test sets' lesions is named
+MIN_REGION_LESIONS = 5  # ... when its test sets held at least this many lesions there
+
+
+def _region_words(region: str) -> str:
+    """``spine_thoracic`` -> ``thoracic spine``, ``chest_wall`` -> ``chest wall``."""
+    return f"{region[6:]} spine" if region.startswith("spine_") else region.replace("_", " ")
+
+
+def region_caution(card: Mapping[str, Any], in_view: Sequence[str]) -> str:
+    """A warning naming the regions in view (``in_view``: site codes) where the model found fewer than
+    :data:`LOW_REGION_SENSITIVITY` of the lesions >= 0.5 mL of its card's test sets, pooled over them (regions with
+    at least :data:`MIN_REGION_LESIONS`); empty when there are none or the card has no figures per region. A region
+    without findings there has not been shown to be free of lesions."""
+    pooled: dict[str, tuple[int, int]] = {}
+    for evaluation in ((card.get("metrics") or {}).get("frozen_synthetic_test_set") or {}).values():
+        for region, r in (evaluation.get("by_region") or {}).items():
+            n, found = pooled.get(region, (0, 0))
+            pooled[region] = (n + int(r.get("n_ref", 0)), found + int(r.get("detected", 0)))
+    shown = {by_code()[c].region for c in in_view if c in by_code()}
+    weak = [f"{_region_words(region)} ({pooled[region][1]} of {pooled[region][0]})" for region in REGIONS
+            if region in shown and region in pooled and pooled[region][0] >= MIN_REGION_LESIONS
+            and pooled[region][1] < LOW_REGION_SENSITIVITY * pooled[region][0]]
+    if not weak:
+        return ""
+    return ("On its synthetic test sets the model found fewer than half of the lesions in: " + ", ".join(weak) +
+            ". No lesion reported there does not mean none is present: review these regions on the images.")
 
 
 def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]],
