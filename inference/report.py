@@ -45,14 +45,19 @@ def _region_words(region: str) -> str:
 
 def region_caution(card: Mapping[str, Any], in_view: Sequence[str]) -> str:
     """A warning naming the regions in view (``in_view``: site codes) where the model found fewer than
-    :data:`LOW_REGION_SENSITIVITY` of the lesions >= 0.5 mL of its card's test sets, pooled over them (regions with
-    at least :data:`MIN_REGION_LESIONS`); empty when there are none or the card has no figures per region. A region
-    without findings there has not been shown to be free of lesions."""
+    :data:`LOW_REGION_SENSITIVITY` of the lesions of its card's test sets (each evaluation's own size cut, 0.5 mL
+    for ``wbmri card``), pooled over them (regions with at least :data:`MIN_REGION_LESIONS`); empty when there are
+    none or the card has no usable figures per region. A region without findings there has not been shown to be
+    free of lesions."""
     pooled: dict[str, tuple[int, int]] = {}
-    for evaluation in ((card.get("metrics") or {}).get("frozen_synthetic_test_set") or {}).values():
-        for region, r in (evaluation.get("by_region") or {}).items():
-            n, found = pooled.get(region, (0, 0))
-            pooled[region] = (n + int(r.get("n_ref", 0)), found + int(r.get("detected", 0)))
+    test_sets = (card.get("metrics") or {}).get("frozen_synthetic_test_set")
+    for evaluation in test_sets.values() if isinstance(test_sets, Mapping) else ():
+        by_region = evaluation.get("by_region") if isinstance(evaluation, Mapping) else None
+        for region, r in by_region.items() if isinstance(by_region, Mapping) else ():
+            counts = (r.get("n_ref"), r.get("detected")) if isinstance(r, Mapping) else (None, None)
+            if all(isinstance(c, int) and c >= 0 for c in counts):  # a card's odd entry is left out, not an error
+                n, found = pooled.get(region, (0, 0))
+                pooled[region] = (n + counts[0], found + counts[1])
     shown = {by_code()[c].region for c in in_view if c in by_code()}
     weak = [f"{_region_words(region)} ({pooled[region][1]} of {pooled[region][0]})" for region in REGIONS
             if region in shown and region in pooled and pooled[region][0] >= MIN_REGION_LESIONS

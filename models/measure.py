@@ -552,8 +552,9 @@ def _paired_bone(scene: _Scene, sid: int, lid: int, sl: tuple[slice, ...], centr
 
 def _subregions(scene: _Scene, site: Site, pts: np.ndarray) -> list[str]:
     """The subregions of a long bone or vertebra that hold lesion points (world mm): the majority first (ties: the
-    order of the bone's parts), then every other with at least :data:`SUBREGION_MIN_SHARE` of them (a lesion
-    across a growth plate involves the epiphysis too); empty for other kinds of bone or when unknown."""
+    vertebral body; in a long bone the name first in alphabetical order), then every other with at least
+    :data:`SUBREGION_MIN_SHARE` of them (a lesion across a growth plate involves the epiphysis too); empty for other
+    kinds of bone or when unknown."""
     if len(pts) == 0:
         return []
     if site.kind == "vertebra":
@@ -571,6 +572,9 @@ def _subregions(scene: _Scene, site: Site, pts: np.ndarray) -> list[str]:
     names, counts = np.unique(labels, return_counts=True)
     order = sorted(range(len(names)), key=lambda i: -counts[i])
     first = int(np.argmax(counts))  # the lowest name among equal counts, as before
+    body = [i for i, n in enumerate(names) if n == "vertebral_body"]
+    if body and counts[body[0]] * 2 >= len(pts):  # a tie between body and posterior elements is the body's
+        first = body[0]
     rest = [str(names[i]) for i in order if i != first and counts[i] >= SUBREGION_MIN_SHARE * len(pts)]
     return [str(names[first]), *rest]
 

@@ -312,7 +312,7 @@ def _fmt(v: Any, nd: int = 1) -> str:
 
 def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tuple[str, str]]:
     """(text, colour) rows of the lesion table."""
-    head = (f"{'#':>3} {'site':<13}{'side':<5}{'subregion':<16}{'mL':>6}{'diam':>5}{'SRma':>5}{'SRmu':>5}"
+    head = (f"{'#':>3} {'site':<13}{'side':<5}{'subregion':<17}{'mL':>6}{'diam':>5}{'SRma':>5}{'SRmu':>5}"
             f"{'conf':>5} flags")
     rows = [(head, TEXT)]
     side_short = {"left": "L", "right": "R", "midline": "mid"}
@@ -322,7 +322,7 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
             flags = " ".join(("JP?", flags)).strip()  # next to a growth plate or not: unknown, not "no"
         sub = _SUBREGION_SHORT.get(les.get("subregion"), "–") + ("+" if len(les.get("subregions") or []) > 1 else "")
         rows.append((f"{les['id']:>3} {site_label(str(les['site']))[:12]:<13}{side_short.get(les['side'], '?'):<5}"
-                     f"{sub:<16}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
+                     f"{sub:<17}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
                      f"{_fmt(les.get('signal_ratio_marrow')):>5}{_fmt(les.get('signal_ratio_muscle')):>5}"
                      f"{_fmt(les.get('confidence'), 2):>5} {flags}",
                      lesion_colour(int(les["id"]))))

@@ -154,6 +154,18 @@ def test_one_prediction_spanning_two_references_detects_both_and_maps_to_larger_
     assert c.selection_f1 == pytest.approx(2 * 0.5 * 1.0 / 1.5)
 
 
+def test_credited_detections_are_the_largest_one_to_one_matching():
+    """Prediction 1 matches both references (most of it in reference 1), prediction 2 only reference 1: each
+    detecting one, they detect both (1 -> 2, 2 -> 1), which crediting each its best overlap (1 and 1) would miss."""
+    ref = box(SHAPE, slice(2, 8), slice(2, 6), slice(2, 6), value=1)
+    box(SHAPE, slice(8, 12), slice(2, 6), slice(2, 6), value=2, out=ref)
+    pred = box(SHAPE, slice(3, 9), slice(2, 6), slice(2, 6), value=1)  # 80 voxels in reference 1, 16 in 2
+    box(SHAPE, slice(2, 3), slice(2, 6), slice(2, 6), value=2, out=pred)  # 16 voxels, in reference 1
+    m = match_lesions(pred, ref)
+    assert m.pred_hits == {1: (1, 2), 2: (1,)} and m.pred_to_ref == {1: 1, 2: 1}
+    assert detection_counts(m).n_credited == 2
+
+
 def test_one_prediction_over_the_whole_volume_scores_f1_one_but_not_for_checkpoint_selection():
     """What an untrained network does: one lesion covering everything matches all references, no false positive."""
     ref = np.zeros(SHAPE, np.int32)
@@ -449,6 +461,10 @@ def test_a_prediction_named_after_its_nnunet_image_is_scored_against_its_label(t
     write_case(tmp_path / "pred" / "PAT_0000", lesions, site_map(), "report.json", [{"id": 1, "site": "femur_left"}])
     s = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", quiet=True)
     assert s["n_failed"] == 0 and s["edema_dice"]["mean"] == 1.0 and s["sensitivity_ge_0p5ml"] == 1.0
+    assert s["unpaired_predictions"] == []
+    write_case(tmp_path / "pred" / "PAT", lesions, site_map(), "report.json", [])  # an older run's folder beside it
+    s = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval2", quiet=True)
+    assert s["n_failed"] == 1 and "two predictions, PAT and PAT_0000" in s["failures"][0]["error"]
 
 
 def test_reference_sites_derived_from_site_map_without_json(tmp_path):

@@ -13,8 +13,6 @@ from training.phantom.generate import GENERATOR_1_6_SETTINGS, generate_case, syn
 from training.phantom.lesions import PELVIS, plan_lesions
 
 
-
-
 @pytest.fixture(scope="module")
 def whole_body(tmp_path_factory):
     cfg = load_config(SynthConfig, None, ["acquisition.oblique_p=0", "lesions.none_p=0", "lesions.count_mean=10"])
@@ -543,14 +541,19 @@ def test_synth_refuses_a_file_or_a_folder_of_other_files_as_its_output(tmp_path)
     from service.cli import app
     (tmp_path / "afile").write_text("x")
     res = CliRunner().invoke(app, ["synth", "--n", "1", "--out", str(tmp_path / "afile")])
-    assert res.exit_code == 2 and "cannot write phantoms" in res.output and res.exception is None or \
-        isinstance(res.exception, SystemExit)
+    assert res.exit_code == 2 and "cannot write phantoms" in res.output
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("not a phantom")
     res = CliRunner().invoke(app, ["synth", "--n", "1", "--out", str(other)])
-    assert res.exit_code == 2 and "no dataset.json" in res.output
+    assert res.exit_code == 2 and "did not write (notes.txt)" in res.output
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]  # nothing written beside the user's file
+
+
+def test_a_synth_run_stopped_before_its_dataset_json_can_be_run_again(tmp_path):
+    (tmp_path / "s" / "cases" / "case_000003").mkdir(parents=True)  # what a stopped first run leaves
+    names = synth_dataset(1, tmp_path / "s", seed=3, overrides=["fov.p={feet: 1.0}", "anatomy_mm=4"])
+    assert names == ["case_000003"] and (tmp_path / "s" / "dataset.json").is_file()
 
 
 def test_an_existing_set_of_other_settings_is_refused_naming_them(tmp_path):

@@ -633,3 +633,16 @@ def test_level_warning_names_the_vertebral_lesions_and_where_the_count_started()
     down = level_warning((True, False), lesions[1:2])
     assert down.startswith("Lesion 2 is named") and "counted down from C1" in down
     assert "neither C1 nor the sacrum" in level_warning((False, False), lesions)
+
+
+def test_a_vertebral_lesion_split_evenly_is_named_for_its_body_as_before():
+    """The majority subregion on a tie: the vertebral body (wbmri 0.2.16's rule), then the posterior elements."""
+    from models.measure import _subregions
+
+    class Cut:  # a vertebra whose body lies in front of y = 0
+        def vertebral_body_cut(self, sid):
+            return 0.0
+
+    level = by_code()["vertebra_L1"]
+    assert _subregions(Cut(), level, np.array([[0, 1.0, 0], [0, -1.0, 0]])) == ["vertebral_body", "posterior_elements"]
+    assert _subregions(Cut(), level, np.array([[0, 1.0, 0], [0, -1, 0], [0, -2, 0]]))[0] == "posterior_elements"

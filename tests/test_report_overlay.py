@@ -267,3 +267,7 @@ def test_the_report_names_the_regions_in_view_where_the_model_missed_most_test_l
     assert region_caution({}, ["vertebra_T5"]) == ""  # a card without figures per region says nothing
     small = {"metrics": {"frozen_synthetic_test_set": {"x": {"by_region": {"foot": {"n_ref": 4, "detected": 0}}}}}}
     assert region_caution(small, ["calcaneus_left"]) == ""  # too few test lesions there to say
+    odd = {"metrics": {"frozen_synthetic_test_set": {"a": None, "b": "x", "c": {"by_region": {"foot": {"n_ref": None}}},
+                                                     "d": {"by_region": {"foot": "x"}}}}}
+    assert region_caution(odd, ["calcaneus_left"]) == ""  # an odd card is no reason to fail a prediction
+    assert region_caution({"metrics": {"frozen_synthetic_test_set": []}}, ["calcaneus_left"]) == ""

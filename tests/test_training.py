@@ -271,6 +271,25 @@ def test_an_untrained_network_flagging_the_whole_volume_is_not_a_good_checkpoint
     assert improves((0.6, 0.3), (val["lesion_f1_selection"], val["edema_dice"]))
 
 
+def test_a_run_from_before_the_selection_f1_chooses_its_best_checkpoint_anew_on_resume(tmp_path):
+    """last.pt records which figure its best is; an older run's best (lesion F1, possibly an untrained network's
+    1.0 that nothing could beat) is not compared with selection F1."""
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    trainer = Trainer(cfg, quiet=True)
+    trainer.best, trainer.best_dice = 1.0, 0.0001
+    trainer._save(tmp_path / "last.pt")
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["best_metric"] == "lesion_f1_selection"
+    same = Trainer(cfg, quiet=True)
+    same._load(tmp_path / "last.pt")
+    assert (same.best, same.best_dice) == (1.0, 0.0001)
+    del ck["best_metric"]
+    torch.save(ck, tmp_path / "old.pt")
+    old = Trainer(cfg, quiet=True)
+    old._load(tmp_path / "old.pt")
+    assert (old.best, old.best_dice) == (-1.0, -1.0) and old.step == ck["step"]
+
+
 def test_checkpoint_selection_breaks_f1_ties_on_edema_dice():
     assert improves((0.889, 0.72), (0.889, 0.71))      # same F1, better Dice: the later checkpoint wins
     assert not improves((0.889, 0.71), (0.889, 0.72))

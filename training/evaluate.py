@@ -421,10 +421,11 @@ def _case_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
 
 
-def _prediction_of(name: str, preds: dict[str, Path]) -> Path | None:
-    """The prediction folder of reference case ``name``: ``name``, or ``name_0000`` as ``wbmri predict`` names the
-    output of an nnU-Net image ``imagesTs/name_0000.nii.gz`` (the output contract: the file name, whole)."""
-    return preds.get(name) or preds.get(f"{name}_0000")
+def _predictions_of(name: str, preds: dict[str, Path]) -> list[str]:
+    """The prediction folders of reference case ``name``: ``name`` and/or ``name_0000``, as ``wbmri predict`` names
+    the output of an nnU-Net image ``imagesTs/name_0000.nii.gz`` (the output contract: the file name, whole). Two
+    are ambiguous (an older run's folder beside a newer one): the case is not scored."""
+    return [n for n in (name, f"{name}_0000") if n in preds]
 
 
 def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
@@ -445,7 +446,7 @@ def reference_source(ref_dir: Path, n_cases: int) -> dict[str, Any]:
 def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: float = 0.5,
                      quiet: bool = False, prediction_errors: dict[str, str] | None = None) -> dict[str, Any]:
     """Score every reference case in ``ref_dir`` against the same-named folder in ``pred_dir`` (or with nnU-Net's
-    channel suffix: :func:`_prediction_of`)
+    channel suffix: :func:`_predictions_of`)
     (``prediction_errors``: why a case has no prediction, by case name, where it was just predicted).
 
     Writes ``out_dir/per_case.csv``, ``lesions.csv``, ``sites.csv``, ``site_confusion.csv``, ``summary.json`` and
@@ -489,11 +490,13 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             why = (prediction_errors or {}).get(name)
             if why:  # a folder left by an earlier run of other weights or rules is not this prediction
                 error = f"prediction failed: {why}"
-            elif _prediction_of(name, preds) is None:
+            elif not _predictions_of(name, preds):
                 error = "prediction missing"
+            elif len(_predictions_of(name, preds)) > 1:
+                error = f"two predictions, {' and '.join(_predictions_of(name, preds))}: remove the one of another run"
             else:
                 try:
-                    pred = load_case(_prediction_of(name, preds))
+                    pred = load_case(preds[_predictions_of(name, preds)[0]])
                     check_same_grid(pred.lesions.shape, pred.affine, ref.lesions.shape, ref.affine)
                     warnings += [{"case": name, "warning": f"prediction: {w}"} for w in pred.warnings]
                 except Exception as exc:
@@ -533,7 +536,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
         "n_ok": sum(r["status"] == "ok" for r in rows),
         "n_failed": len(failures),
         "failures": failures,
-        "unpaired_predictions": sorted(set(preds) - set(refs)),
+        "unpaired_predictions": sorted(set(preds) - {p for name in refs for p in _predictions_of(name, preds)}),
         "warnings": warnings,
         "matching_rule": MATCHING_RULE,
         "failure_rule": FAILURE_RULE,

@@ -187,6 +187,9 @@ def operating_point_ci(per_case: np.ndarray) -> dict[str, tuple[float, float] | 
     return {"lesion_sens": bootstrap_ci(detected, ref), "fp_per_scan": bootstrap_ci(fp, np.ones_like(fp))}
 
 
+SELECTION_METRIC = "lesion_f1_selection"  # the validation figure best/ is kept on (recorded in last.pt)
+
+
 def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
     """Whether a checkpoint's validation (selection F1, edema Dice) beats the best so far: higher F1, or the same F1
     with a higher Dice (8 validation cases give few distinct F1 values: stage 5 reached its best F1 at four steps).
@@ -483,7 +486,7 @@ class Trainer:
     def _save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         torch.save({"model": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "best": self.best,
-                    "best_dice": self.best_dice,
+                    "best_dice": self.best_dice, "best_metric": SELECTION_METRIC,
                     "bad_vals": self.bad_vals, "sched_frac": self.sched_frac, "config": json.loads(self.cfg.model_dump_json())}, tmp)
         os.replace(tmp, path)
 
@@ -493,6 +496,8 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.step, self.best, self.bad_vals = int(ck["step"]), float(ck["best"]), int(ck.get("bad_vals", 0))
         self.best_dice = float(ck.get("best_dice", -1.0))
+        if ck.get("best_metric") != SELECTION_METRIC:  # a run from before wbmri 0.2.17 kept its best by lesion F1,
+            self.best, self.best_dice = -1.0, -1.0     # which an untrained network could hold at 1.0: chosen anew
         self.sched_frac = float(ck.get("sched_frac", schedule_share(self.step, self.cfg.optim)))
 
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
@@ -600,7 +605,7 @@ class Trainer:
                                 if x is not None:
                                     writer.add_scalar(f"val/{k}/{group}", x, self.step)
                     row.update({f"val_{k}": v for k, v in last_val.items()})
-                    score = last_val.get("lesion_f1_selection", -1.0) if last_val else -1.0
+                    score = last_val.get(SELECTION_METRIC, -1.0) if last_val else -1.0
                     dice = (last_val.get("edema_dice") or 0.0) if last_val else 0.0
                     if score is not None and improves((score, dice), (self.best, self.best_dice)):
                         self.best, self.best_dice, self.bad_vals = score, dice, 0

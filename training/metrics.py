@@ -264,22 +264,37 @@ def detection_counts(m: Matching, min_ml: float = 0.0, max_ml: float = math.inf)
 
     Predictions matching a reference lesion in range are true positives, those matching only out-of-range reference
     lesions are ignored, unmatched predictions (any size) are false positives. ``n_credited`` counts the reference
-    lesions in range that some prediction credits as its one detection: its best-overlap match when that is in
-    range, else its lowest-numbered match in range."""
+    lesions in range detected when each prediction may detect one of them only: the largest such matching
+    (:func:`_one_each`)."""
     refs = {r for r, v in m.ref_volume_ml.items() if _in_range(v, min_ml, max_ml)}
     tp = fp = ignored = 0
-    credited: set[int] = set()
+    pairs: dict[int, set[int]] = {}
     for p, hits in m.pred_hits.items():
         in_range = refs.intersection(hits)
         if not hits:
             fp += 1
         elif in_range:
             tp += 1
-            credited.add(m.pred_to_ref[p] if m.pred_to_ref[p] in in_range else min(in_range))
+            pairs[p] = in_range
         else:
             ignored += 1
     return DetectionCounts(n_scans=1, n_ref=len(refs), n_detected=sum(m.ref_detected[r] for r in refs),
-                           n_tp=tp, n_fp=fp, n_ignored=ignored, n_credited=len(credited))
+                           n_tp=tp, n_fp=fp, n_ignored=ignored, n_credited=_one_each(pairs))
+
+
+def _one_each(hits: Mapping[int, Collection[int]]) -> int:
+    """The most reference lesions that predictions can detect when each prediction detects one (a maximum matching
+    of predictions to the reference lesions they match, ``hits``)."""
+    from scipy.optimize import linear_sum_assignment
+    refs = sorted({r for rs in hits.values() for r in rs})
+    if not refs:
+        return 0
+    col = {r: j for j, r in enumerate(refs)}
+    match = np.zeros((len(hits), len(refs)))
+    for i, rs in enumerate(hits.values()):
+        match[i, [col[r] for r in rs]] = 1.0
+    rows, cols = linear_sum_assignment(match, maximize=True)
+    return int(match[rows, cols].sum())
 
 
 class FrocCase(NamedTuple):

@@ -234,13 +234,19 @@ def _changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+SYNTH_ENTRIES = ("cases", "imagesTr", "labelsTr", "sitesTr", "physisTr", "dataset.json")  # what a set holds
+
+
 def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
     """The case names already in a synth folder and its first seed, if the folder was made by this generator
     version with the same configuration; an error if it was not (a set must not mix cases of two recipes)."""
     ds_path = Path(out) / "dataset.json"
     if not ds_path.is_file():
-        if Path(out).is_dir() and any(Path(out).iterdir()):
-            raise ValueError(f"{out} holds files but no dataset.json of wbmri synth: use a new or empty folder")
+        others = sorted(p.name for p in Path(out).iterdir() if p.name not in SYNTH_ENTRIES) if Path(out).is_dir() \
+            else []
+        if others:  # a run stopped before its dataset.json may be run again; a folder of other files is not ours
+            raise ValueError(f"{out} holds files that wbmri synth did not write ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}): use a new or empty folder")
         return [], None
     ds = json.loads(ds_path.read_text())
     try:  # settings added since the folder was made take their defaults
@@ -253,7 +259,8 @@ def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
     if stored != cfg:
         changed = _changed_settings(json.loads(stored.model_dump_json()) if stored else {},
                                     json.loads(cfg.model_dump_json()))
-        raise ValueError(f"{out} holds cases made with other settings ({', '.join(changed[:5]) or 'unreadable'}"
+        changed = changed if stored else ["settings unreadable"]
+        raise ValueError(f"{out} holds cases made with other settings ({', '.join(changed[:5])}"
                          f"{', ...' if len(changed) > 5 else ''}); add cases only with the same --config/--set, or "
                          "use a new folder")
     names = sorted(p.name for p in (Path(out) / "cases").glob("*") if (p / "image.nii.gz").is_file())
