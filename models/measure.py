@@ -47,6 +47,8 @@ Rules (documented here because the report's meaning depends on them):
   a growth plate).
 * **juxtaphyseal**: a lesion voxel within ``JUXTA_MM`` of a physis voxel of the same bone; None when the
   physis mask is missing, the bone is not long, or no physis was found in that bone.
+* **physis_fraction**: the share of the lesion's voxels on the physis mask (None without one): a lesion lying
+  largely on a growth plate may be the plate's normal bright signal.
 * **signal ratios**: median lesion signal (its voxels in bone when it has any) over the median of the same
   bone's normal marrow next to the lesion (``LOCAL_MARROW_MM``, a ring from 2 mm to that distance around
   it, as a reader places a reference ROI; the whole bone when the ring is too small), counting only voxels
@@ -96,9 +98,9 @@ STRAY_PIECE_MM = 10.0
 STERNUM_ANTERIOR_MM = 40.0
 SPINE_LEVEL_MM = 20.0
 
-LESION_KEYS = ("id", "site", "side", "region", "subregion", "subregions", "juxtaphyseal", "volume_ml",
-               "max_diameter_mm", "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle", "bone_fraction",
-               "extension_grade", "soft_tissue_extension", "confidence")
+LESION_KEYS = ("id", "site", "side", "region", "subregion", "subregions", "juxtaphyseal", "physis_fraction",
+               "volume_ml", "max_diameter_mm", "centroid_ras_mm", "signal_ratio_marrow", "signal_ratio_muscle",
+               "bone_fraction", "extension_grade", "soft_tissue_extension", "confidence")
 SUBREGION_MIN_SHARE = 0.2  # a part of the bone holding this share of a lesion's voxels is listed in its subregions
 
 # proximal neighbours of long bones: the end nearer their centroid is the proximal end
@@ -636,6 +638,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     muscle = scene.shell_median(near, inner)
     out = {
         "id": int(lid),
+        "physis_fraction": None if scene.physis is None else round(float(scene.physis[sl][mask].mean()), 4),
         "volume_ml": round(n * scene.voxel_ml, 4),
         "max_diameter_mm": round(_max_diameter(mask, off, scene), 2),
         "centroid_ras_mm": [round(float(v), 2) for v in centroid],
