@@ -7,7 +7,7 @@ FROM ${BASE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 WBMRI_DATA_DIR=/var/lib/wbmri
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 WBMRI_DATA_DIR=/var/lib/wbmri WBMRI_PORT=8000
 
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv && rm -rf /var/lib/apt/lists/*; \
@@ -28,6 +28,7 @@ RUN pip install . && useradd --system --home /var/lib/wbmri wbmri && mkdir -p /v
 USER wbmri
 EXPOSE 8000
 VOLUME ["/var/lib/wbmri"]
-HEALTHCHECK CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz').status != 200)"
+# the port is WBMRI_PORT for both the service and this check: `docker run -e WBMRI_PORT=9000 -p 9000:9000 ...`
+HEALTHCHECK CMD python3 -c "import os,urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WBMRI_PORT', '8000')).status != 200)"
 ENTRYPOINT ["wbmri"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "--host", "0.0.0.0"]
