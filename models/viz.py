@@ -232,8 +232,9 @@ def _draw_view(ax, view: CoronalView, per_site_colours: bool, label_ids: bool) -
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    for txt, x, ha in (("R", 0.01, "left"), ("L", 0.99, "right")):
-        ax.text(x, 0.99, txt, transform=ax.transAxes, ha=ha, va="top", color="white", fontsize=13,
+    for txt, x, y, ha, va in (("R", 0.01, 0.99, "left", "top"), ("L", 0.99, 0.99, "right", "top"),
+                              ("S", 0.5, 0.99, "center", "top"), ("I", 0.5, 0.01, "center", "bottom")):
+        ax.text(x, y, txt, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=13 if txt in "RL" else 10,
                 fontweight="bold", path_effects=_STROKE)
     ax.set_title(view.title, color=TEXT, fontsize=9)
 
@@ -409,7 +410,7 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     largest = max(les_list, key=lambda x: float(x.get("volume_ml", 0)))["id"] if les_list else None
     if largest is None and lesions is not None and np.any(lesions):
         largest = int(np.argmax(np.bincount(np.asarray(lesions).ravel())[1:])) + 1
-    kinds = ("mip", "lesion") if largest else ("mip", "limbs")
+    kinds = ("mip", "lesion") if largest else ("mip", "spine" if _mostly_spine(sites) else "limbs")
     views = coronal_views(image, affine, sites, lesions, kinds=kinds, focus_lesion=largest)
     if kinds[1] == "lesion":
         views[1].title = views[1].title.replace(f"lesion {largest}", f"the largest lesion ({largest})")
@@ -419,8 +420,13 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     fig.text(0.01, 0.975, f"Bone-marrow edema, MRI — {study.get('filename', '')}", color=TEXT,
              fontsize=15, fontweight="bold", va="top")
     fig.text(0.99, 0.975, f"{n} lesion{'s' if n != 1 else ''} detected", color=TEXT, fontsize=15, va="top", ha="right")
-    ax_mip = fig.add_axes((0.005, 0.065, 0.41, 0.855))
-    ax_sl = fig.add_axes((0.415, 0.065, 0.21, 0.855))
+    rows, cols = views[0].shape
+    if rows * views[0].aspect < 1.3 * cols:  # a wide partial view (knees, pelvis, feet): the two views stacked
+        ax_mip = fig.add_axes((0.005, 0.50, 0.62, 0.42))
+        ax_sl = fig.add_axes((0.005, 0.065, 0.62, 0.40))
+    else:  # a tall one (whole body, legs, spine): side by side
+        ax_mip = fig.add_axes((0.005, 0.065, 0.41, 0.855))
+        ax_sl = fig.add_axes((0.415, 0.065, 0.21, 0.855))
     ax_tab = fig.add_axes((0.635, 0.065, 0.36, 0.855))
     _draw_view(ax_mip, views[0], per_site_colours=False, label_ids=False)
     _draw_view(ax_sl, views[1], per_site_colours=False, label_ids=True)
@@ -428,7 +434,7 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     if views[0].lesion_masks:
         _label_in_margins(fig, ax_mip, views[0], names)
     if not n:
-        ax_mip.text(0.5, 0.02, "No lesions detected", transform=ax_mip.transAxes, ha="center", va="bottom",
+        ax_mip.text(0.5, 0.06, "No lesions detected", transform=ax_mip.transAxes, ha="center", va="bottom",
                     color=TEXT, fontsize=14, path_effects=_STROKE)
     _draw_table(ax_tab, report)
     model = report.get("model", {})
@@ -438,6 +444,15 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
         fig.text(0.01, 0.038, "\n".join(textwrap.wrap(str(model["caution"]), 190)[:2]), color="#ffb340", fontsize=9,
                  va="top")
     return _png(fig)
+
+
+def _mostly_spine(sites: np.ndarray | None) -> bool:
+    """Whether a study shows more vertebra than long bone (a spine view: its slice goes through the spine)."""
+    if sites is None:
+        return False
+    counts = np.bincount(np.asarray(sites).ravel().astype(np.int64), minlength=len(by_id()) + 1)
+    long_ids = [s.id for s in by_id().values() if s.kind == "long"]
+    return int(counts[list(VERTEBRA_IDS)].sum()) > int(counts[long_ids].sum())
 
 
 def _side_suffix(side: Any) -> str:

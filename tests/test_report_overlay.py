@@ -271,3 +271,12 @@ def test_the_report_names_the_regions_in_view_where_the_model_missed_most_test_l
                                                      "d": {"by_region": {"foot": "x"}}}}}
     assert region_caution(odd, ["calcaneus_left"]) == ""  # an odd card is no reason to fail a prediction
     assert region_caution({"metrics": {"frozen_synthetic_test_set": []}}, ["calcaneus_left"]) == ""
+
+
+def test_an_overlay_without_lesions_slices_a_spine_view_through_the_spine():
+    from models.viz import _mostly_spine
+    spine = np.zeros((10, 10, 30), np.uint8)
+    spine[4:6, 4:6, 2:28] = by_code()["vertebra_T5"].id
+    spine[0:2, 0:2, 0:5] = by_code()["femur_left"].id
+    assert _mostly_spine(spine) and not _mostly_spine(np.where(spine == 0, by_code()["femur_left"].id, spine))
+    assert not _mostly_spine(None)
