@@ -153,22 +153,6 @@ def estimate_snr(image: np.ndarray, spacing: Sequence[float]) -> float | None:
     return float("inf") if sigma <= 0 else signal / sigma
 
 
-ON_GROWTH_PLATE = 0.25  # a lesion with this share of its voxels on a growth plate is named in a warning
-
-
-def growth_plate_warning(lesions: Sequence[Mapping]) -> str | None:
-    """A warning naming the lesions with at least :data:`ON_GROWTH_PLATE` of their voxels on a growth plate (the
-    network's physis output): an open physis is bright on STIR, and on the generator-1.7 test sets 13 of the 22
-    predicted lesions lying that much on a reference growth plate were false positives (against 38 of 159 in all)."""
-    ids = [int(les["id"]) for les in lesions if (les.get("physis_fraction") or 0.0) >= ON_GROWTH_PLATE]
-    if not ids:
-        return None
-    which = f"Lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} {'lie' if len(ids) > 1 else 'lies'}"
-    return (f"{which} largely on a growth plate (at least {ON_GROWTH_PLATE:.0%} of the voxels): an open physis is "
-            "bright on STIR and can look like edema. Compare with the same physis on the other side and look for "
-            "edema in the adjacent metaphysis before accepting it.")
-
-
 def level_warning(anchors: tuple[bool, bool] | None, lesions: Sequence[Mapping]) -> str | None:
     """A warning when lesions are named by vertebral level but the count could not start at both ends of the spine
     (``anchors``: C1 at the column's top, the sacrum right below it; see :func:`models.spine.level_count_anchors`)."""

@@ -179,8 +179,7 @@ class Predictor:
     def predict(self, source: str | Path | nib.Nifti1Image, name: str | None = None,
                 progress: Progress | None = None) -> Result:
         """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
-        from inference.postprocess import (growth_plate_warning, level_warning, site_table, sites_in_view,
-                                          study_warnings, summarise)
+        from inference.postprocess import level_warning, site_table, sites_in_view, study_warnings, summarise
         from models.measure import measure_hyperintense
         from inference.report import build_report, model_caution, region_caution, validate_report
         tick = progress or (lambda stage, frac: None)
@@ -225,7 +224,9 @@ class Predictor:
         spacing = vol.spacing
         vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
         warnings = study_warnings(vol.data, sites, lesions, spacing)
-        warnings += [note for note in (level_warning(anchors, items), growth_plate_warning(items)) if note]
+        level_note = level_warning(anchors, items)
+        if level_note:
+            warnings.append(level_note)
         lap("postprocess")
         study = {"filename": Path(filename).name, "sha256": digest, "shape": [int(s) for s in vol.data.shape],
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}
