@@ -181,7 +181,8 @@ class Predictor:
         """Analyse one study. Raises :class:`models.nifti.InputError` with a clear message for bad input."""
         from inference.postprocess import level_warning, site_table, sites_in_view, study_warnings, summarise
         from models.measure import measure_hyperintense
-        from inference.report import build_report, model_caution, region_caution, validate_report
+        from inference.report import (build_report, model_caution, region_caution, unreliable_regions,
+                                      validate_report)
         tick = progress or (lambda stage, frac: None)
         t = {"start": time.perf_counter()}
         timings: dict[str, float] = {}
@@ -232,10 +233,12 @@ class Predictor:
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}
         timings["total"] = round(time.perf_counter() - t["start"], 3)
         in_view = sites_in_view(sites, vox_ml)
-        weak_regions = region_caution(self.bundle.card, in_view)
-        if weak_regions:
-            warnings.append(weak_regions)
-        report = build_report(study, self.model_info, items, summarise(items, in_view), site_table(items), warnings,
+        regions_note = region_caution(self.bundle.card, in_view)
+        if regions_note:
+            warnings.append(regions_note)
+        summary = {**summarise(items, in_view),
+                   "low_sensitivity_regions": unreliable_regions(self.bundle.card, in_view)[0]}
+        report = build_report(study, self.model_info, items, summary, site_table(items), warnings,
                               timings, in_view, model_caution(self.bundle.card))
         validate_report(report)
         tick("done", 1.0)

@@ -43,29 +43,52 @@ def _region_words(region: str) -> str:
     return f"{region[6:]} spine" if region.startswith("spine_") else region.replace("_", " ")
 
 
-def region_caution(card: Mapping[str, Any], in_view: Sequence[str]) -> str:
-    """A warning naming the regions in view (``in_view``: site codes) where the model found fewer than
-    :data:`LOW_REGION_SENSITIVITY` of the lesions of its card's test sets (each evaluation's own size cut, 0.5 mL
-    for ``wbmri card``), pooled over them (regions with at least :data:`MIN_REGION_LESIONS`); empty when there are
-    none or the card has no usable figures per region. A region without findings there has not been shown to be
-    free of lesions."""
+def region_detection(card: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per region, (reference lesions, found) pooled over the card's test sets (each evaluation's own size cut,
+    0.5 mL for ``wbmri card``); a card's odd entries are left out, never an error."""
     pooled: dict[str, tuple[int, int]] = {}
     test_sets = (card.get("metrics") or {}).get("frozen_synthetic_test_set")
     for evaluation in test_sets.values() if isinstance(test_sets, Mapping) else ():
         by_region = evaluation.get("by_region") if isinstance(evaluation, Mapping) else None
         for region, r in by_region.items() if isinstance(by_region, Mapping) else ():
             counts = (r.get("n_ref"), r.get("detected")) if isinstance(r, Mapping) else (None, None)
-            if all(isinstance(c, int) and c >= 0 for c in counts):  # a card's odd entry is left out, not an error
+            if all(isinstance(c, int) and c >= 0 for c in counts):
                 n, found = pooled.get(region, (0, 0))
                 pooled[region] = (n + counts[0], found + counts[1])
+    return pooled
+
+
+def unreliable_regions(card: Mapping[str, Any], in_view: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The regions in view (``in_view``: site codes), in sites.tsv order, where the model found fewer than
+    :data:`LOW_REGION_SENSITIVITY` of its card's test-set lesions (at least :data:`MIN_REGION_LESIONS` there),
+    and those with fewer test lesions than that (not measured); both empty for a card without figures per region."""
+    pooled = region_detection(card)
+    if not pooled:
+        return [], []
     shown = {by_code()[c].region for c in in_view if c in by_code()}
-    weak = [f"{_region_words(region)} ({pooled[region][1]} of {pooled[region][0]})" for region in REGIONS
-            if region in shown and region in pooled and pooled[region][0] >= MIN_REGION_LESIONS
-            and pooled[region][1] < LOW_REGION_SENSITIVITY * pooled[region][0]]
-    if not weak:
+    weak = [r for r in REGIONS if r in shown and pooled.get(r, (0, 0))[0] >= MIN_REGION_LESIONS
+            and pooled[r][1] < LOW_REGION_SENSITIVITY * pooled[r][0]]
+    unmeasured = [r for r in REGIONS if r in shown and pooled.get(r, (0, 0))[0] < MIN_REGION_LESIONS]
+    return weak, unmeasured
+
+
+def region_caution(card: Mapping[str, Any], in_view: Sequence[str]) -> str:
+    """A warning naming the regions in view where the model found fewer than half of its card's test-set lesions,
+    and those its test sets held too few lesions in to say (:func:`unreliable_regions`); empty when there are none.
+    A region without findings there has not been shown to be free of lesions."""
+    weak, unmeasured = unreliable_regions(card, in_view)
+    pooled = region_detection(card)
+    parts = []
+    if weak:
+        parts.append("On its synthetic test sets the model found fewer than half of the lesions in: " +
+                     ", ".join(f"{_region_words(r)} ({pooled[r][1]} of {pooled[r][0]})" for r in weak) + ".")
+    if unmeasured:
+        parts.append("Its test sets held too few lesions to measure it in: " +
+                     ", ".join(_region_words(r) for r in unmeasured) + ".")
+    if not parts:
         return ""
-    return ("On its synthetic test sets the model found fewer than half of the lesions in: " + ", ".join(weak) +
-            ". No lesion reported there does not mean none is present: review these regions on the images.")
+    return " ".join(parts) + (" No lesion reported there does not mean none is present: review these regions on "
+                              "the images.")
 
 
 def build_report(study: Mapping[str, Any], model: Mapping[str, Any], lesions: Sequence[Mapping[str, Any]],

@@ -232,9 +232,8 @@ def _draw_view(ax, view: CoronalView, per_site_colours: bool, label_ids: bool) -
     ax.set_ylim(h - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    for txt, x, y, ha, va in (("R", 0.01, 0.99, "left", "top"), ("L", 0.99, 0.99, "right", "top"),
-                              ("S", 0.5, 0.99, "center", "top"), ("I", 0.5, 0.01, "center", "bottom")):
-        ax.text(x, y, txt, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=13 if txt in "RL" else 10,
+    for txt, x, ha in (("R", 0.01, "left"), ("L", 0.99, "right")):
+        ax.text(x, 0.99, txt, transform=ax.transAxes, ha=ha, va="top", color="white", fontsize=13,
                 fontweight="bold", path_effects=_STROKE)
     ax.set_title(view.title, color=TEXT, fontsize=9)
 
@@ -323,7 +322,7 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
             flags = " ".join(("JP?", flags)).strip()  # next to a growth plate or not: unknown, not "no"
         sub = _SUBREGION_SHORT.get(les.get("subregion"), "–") + ("+" if len(les.get("subregions") or []) > 1 else "")
         rows.append((f"{les['id']:>3} {site_label(str(les['site']))[:12]:<13}{side_short.get(les['side'], '?'):<5}"
-                     f"{sub:<17}{_fmt(les.get('volume_ml'), 2):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
+                     f"{sub:<17}{_fmt(les.get('volume_ml'), 1):>6}{_fmt(les.get('max_diameter_mm'), 0):>5}"
                      f"{_fmt(les.get('signal_ratio_marrow')):>5}{_fmt(les.get('signal_ratio_muscle')):>5}"
                      f"{_fmt(les.get('confidence'), 2):>5} {flags}",
                      lesion_colour(int(les["id"]))))
@@ -335,21 +334,27 @@ def _table_lines(lesions: Sequence[Mapping[str, Any]], max_rows: int) -> list[tu
 def _summary_lines(report: Mapping[str, Any]) -> list[str]:
     s = report.get("summary", {})
     n = s.get("lesion_count", len(report.get("lesions", [])))
+    largest = s.get("largest_lesion_ml")
     lines = [f"Lesions: {n}    total {_fmt(s.get('total_volume_ml'), 1)} mL    "
-             f"largest {_fmt(s.get('largest_lesion_ml'), 1)} mL    affected sites: {s.get('affected_sites', '–')}"]
+             f"largest {'–' if largest is None else _fmt(largest, 1) + ' mL'}    "
+             f"affected sites: {s.get('affected_sites', '–')}"]
     pairs = ", ".join(f"{a}–{b}" for a, b in s.get("symmetric_pairs", [])) or "none"
-    lines.append(f"Spine: {spine_finding(s)}    soft tissue: "
-                 f"{'yes' if s.get('soft_tissue_involved') else 'no lesion found'}")
+    lines.append(f"Spine: {spine_finding(s)}")
+    lines.append(f"Soft tissue: {'yes' if s.get('soft_tissue_involved') else 'none flagged'}")
     lines.append(_wrap(f"Symmetric pairs (mirror sites, same subregion): {pairs}", 80))
     return lines
 
 
 def spine_finding(summary: Mapping[str, Any]) -> str:
-    """The spine in words: ``yes``, ``no lesion found``, or ``not in view`` when no vertebra was imaged (a report
-    without ``spine_in_view`` is taken to show the spine)."""
+    """The spine in words: ``yes``, ``no lesion found`` (with the model's weakness there when the report names a
+    spinal region in ``low_sensitivity_regions``), or ``not in view`` when no vertebra was imaged (a report without
+    ``spine_in_view`` is taken to show the spine)."""
     if summary.get("spine_involved"):
         return "yes"
-    return "no lesion found" if summary.get("spine_in_view", True) else "not in view"
+    if not summary.get("spine_in_view", True):
+        return "not in view"
+    weak = any(str(r).startswith("spine_") for r in summary.get("low_sensitivity_regions") or [])
+    return "no lesion found (the model finds few spine lesions)" if weak else "no lesion found"
 
 
 def _draw_table(ax, report: Mapping[str, Any]) -> None:
@@ -414,6 +419,7 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     views = coronal_views(image, affine, sites, lesions, kinds=kinds, focus_lesion=largest)
     if kinds[1] == "lesion":
         views[1].title = views[1].title.replace(f"lesion {largest}", f"the largest lesion ({largest})")
+    views[0].title += " (head at the top)"
     fig = _new_figure(16, 10)
     study = report.get("study", {})
     n = len(les_list)
@@ -433,9 +439,6 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     ax_mip.set_xlim(-0.5 - 0.32 * views[0].shape[1], views[0].shape[1] * 1.32)
     if views[0].lesion_masks:
         _label_in_margins(fig, ax_mip, views[0], names)
-    if not n:
-        ax_mip.text(0.5, 0.06, "No lesions detected", transform=ax_mip.transAxes, ha="center", va="bottom",
-                    color=TEXT, fontsize=14, path_effects=_STROKE)
     _draw_table(ax_tab, report)
     model = report.get("model", {})
     fig.text(0.01, 0.058, f"{SHORT_DISCLAIMER}    Model: {model.get('name', '?')} {model.get('version', '')}",

@@ -243,6 +243,8 @@ def test_overlay_words_do_not_read_an_unimaged_spine_or_an_unknown_growth_plate_
     assert spine_finding({"spine_involved": False, "spine_in_view": False}) == "not in view"
     assert spine_finding({"spine_involved": False, "spine_in_view": True}) == "no lesion found"
     assert spine_finding({"spine_involved": True, "spine_in_view": True}) == "yes"
+    weak = {"spine_involved": False, "spine_in_view": True, "low_sensitivity_regions": ["pelvis", "spine_thoracic"]}
+    assert spine_finding(weak) == "no lesion found (the model finds few spine lesions)"
     les = {"id": 1, "site": "tibia_left", "side": "left", "subregion": "metaphysis_proximal", "juxtaphyseal": None,
            "volume_ml": 1.0}
     flags = {jp: _table_lines([{**les, "juxtaphyseal": jp}], 5)[1][0].split()[-1] for jp in (None, True, False)}
@@ -251,7 +253,7 @@ def test_overlay_words_do_not_read_an_unimaged_spine_or_an_unknown_growth_plate_
 
 
 def test_the_report_names_the_regions_in_view_where_the_model_missed_most_test_lesions():
-    from inference.report import region_caution
+    from inference.report import region_caution, unreliable_regions
     card = {"metrics": {"frozen_synthetic_test_set": {
         "whole_body": {"by_region": {"spine_thoracic": {"n_ref": 16, "detected": 3}, "foot": {"n_ref": 4, "detected": 0},
                                      "lower_limb": {"n_ref": 90, "detected": 60}, "pelvis": {"n_ref": 6, "detected": 4}}},
@@ -266,7 +268,10 @@ def test_the_report_names_the_regions_in_view_where_the_model_missed_most_test_l
     assert region_caution(card, ["tibia_left", "femur_right"]) == ""  # only what is in view is named
     assert region_caution({}, ["vertebra_T5"]) == ""  # a card without figures per region says nothing
     small = {"metrics": {"frozen_synthetic_test_set": {"x": {"by_region": {"foot": {"n_ref": 4, "detected": 0}}}}}}
-    assert region_caution(small, ["calcaneus_left"]) == ""  # too few test lesions there to say
+    assert region_caution(small, ["calcaneus_left"]) == ("Its test sets held too few lesions to measure it in: foot. "
+                                                         "No lesion reported there does not mean none is present: "
+                                                         "review these regions on the images.")  # not measured
+    assert unreliable_regions(card, ["vertebra_T5", "tibia_left", "hand_left"]) == (["spine_thoracic"], ["hand"])
     odd = {"metrics": {"frozen_synthetic_test_set": {"a": None, "b": "x", "c": {"by_region": {"foot": {"n_ref": None}}},
                                                      "d": {"by_region": {"foot": "x"}}}}}
     assert region_caution(odd, ["calcaneus_left"]) == ""  # an odd card is no reason to fail a prediction

@@ -166,7 +166,7 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
     if report["lesions"]:
         first = report["lesions"][0]
         assert rows[0][0] == str(first["id"]) and rows[0][2] == first["side"]
-        assert rows[0][4] == f"{first['volume_ml']:.2f}" and rows[0][5] == f"{first['max_diameter_mm']:.0f}"
+        assert rows[0][4] == f"{first['volume_ml']:.1f}" and rows[0][5] == f"{first['max_diameter_mm']:.0f}"
         assert rows[0][6] == (first["extension_grade"] or "–")
     else:
         assert rows == [["No lesions detected."]]
@@ -177,10 +177,12 @@ def test_upload_through_the_page_shows_overlay_table_and_deletes(server, browser
                  ".textContent + '=' + c.querySelector('.chip-value').textContent)")
     summary = report["summary"]
     assert f"lesions={summary['lesion_count']}" in chips
-    assert f"symmetric pairs={len(summary['symmetric_pairs'])}" in chips
-    assert f"soft tissue involved={'yes' if summary['soft_tissue_involved'] else 'no lesion found'}" in chips
-    spine = "yes" if summary["spine_involved"] else "no lesion found" if summary["spine_in_view"] else "not in view"
-    assert f"spine involved={spine}" in chips  # a spine not imaged is not a spine without lesions
+    pairs = len(summary["symmetric_pairs"])
+    assert f"symmetric pair{'' if pairs == 1 else 's'}={pairs}" in chips
+    assert f"soft tissue involved={'yes' if summary['soft_tissue_involved'] else 'none flagged'}" in chips
+    from models.viz import spine_finding  # the overlay's words: the page says the same
+    assert f"spine involved={spine_finding(summary)}" in chips  # a spine not imaged is not a spine without lesions
+    assert b.js("document.getElementById('overlay-link').href").startswith("blob:")  # the picture at full size
     assert any(c.startswith("largest lesion (mL)=") for c in chips)
     assert b.js("document.getElementById('error').hidden") is True
     assert not _console_problems(b.events), _console_problems(b.events)

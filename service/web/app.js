@@ -65,7 +65,7 @@
   function features(l) {
     const f = [];
     if (l.juxtaphyseal) f.push('juxtaphyseal');
-    else if (l.juxtaphyseal == null && /^(epiphysis|metaphysis)/.test(l.subregion || '')) f.push('growth plate?');
+    else if (l.juxtaphyseal == null && /^(epiphysis|metaphysis)/.test(l.subregion || '')) f.push('growth plate not found');
     if (l.soft_tissue_extension) f.push('soft tissue');
     return f.length ? f.join(', ') : '–';
   }
@@ -94,6 +94,7 @@
     releaseUrls();
     show('result', false);
     $('overlay').removeAttribute('src');
+    $('overlay-link').removeAttribute('href');
     $('lesions').querySelector('tbody').replaceChildren();
     $('downloads').replaceChildren();
     $('summary').replaceChildren();
@@ -238,9 +239,18 @@
       const url = URL.createObjectURL(img);
       state.urls.push(url);
       $('overlay').src = url;
+      $('overlay-link').href = url;  // the full-size picture, whose legend the page shrinks
     } catch (e) {
       setError('The result could not be shown: ' + e.message);
     }
+  }
+
+  // the spine in words, as the overlay says it (models/viz.py spine_finding)
+  function spineFinding(s) {
+    if (s.spine_involved) return 'yes';
+    if (s.spine_in_view === false) return 'not in view';
+    const weak = (s.low_sensitivity_regions || []).some((r) => String(r).startsWith('spine_'));
+    return weak ? 'no lesion found (the model finds few spine lesions)' : 'no lesion found';
   }
 
   function chip(label, value) {
@@ -266,9 +276,9 @@
       chip('affected sites', s.affected_sites ?? 0),
       chip('total volume (mL)', fmt(s.total_volume_ml, 1)),
       chip('largest lesion (mL)', fmt(s.largest_lesion_ml, 1)),
-      chip('spine involved', s.spine_involved ? 'yes' : (s.spine_in_view === false ? 'not in view' : 'no lesion found')),
-      chip('soft tissue involved', s.soft_tissue_involved ? 'yes' : 'no lesion found'),
-      chip('symmetric pairs', (s.symmetric_pairs || []).length),
+      chip('spine involved', spineFinding(s)),
+      chip('soft tissue involved', s.soft_tissue_involved ? 'yes' : 'none flagged'),
+      chip((s.symmetric_pairs || []).length === 1 ? 'symmetric pair' : 'symmetric pairs', (s.symmetric_pairs || []).length),
     );
 
     const warnings = report.warnings || [];
@@ -282,11 +292,11 @@
         el('td', l.id),
         el('td', words(l.site)),
         el('td', l.side),
-        el('td', [l.subregion, ...(l.subregions || []).slice(1)].map(subregion).join(' + ')),
-        el('td', fmt(l.volume_ml, 2), 'num'),
+        el('td', [l.subregion, ...(l.subregions || []).slice(1)].map(subregion).join(' + '), 'wrap'),
+        el('td', fmt(l.volume_ml, 1), 'num'),
         el('td', fmt(l.max_diameter_mm, 0), 'num'),
         el('td', l.extension_grade || '–'),
-        el('td', features(l)),
+        el('td', features(l), 'wrap'),
         el('td', fmt(l.signal_ratio_marrow, 2), 'num'),
         el('td', fmt(l.confidence, 2), 'num'),
       );
