@@ -33,7 +33,7 @@ def is_nifti_name(path: str | Path) -> bool:
 
 def _folder_inputs(folder: Path) -> list[Path]:
     """The *.nii / *.nii.gz files directly in ``folder`` (any case); with none, the ``CASE/image.nii(.gz)`` of its
-    case folders (the phantom layout, named by their folder: :func:`models.nifti.case_names`)."""
+    case folders (the phantom layout; several are named by their folders: :func:`models.nifti.case_names`)."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti_name(f.name))
     if files:
         return files

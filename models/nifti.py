@@ -228,21 +228,19 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")  # the longer first; file names are matched
 
 def case_name(path: str | os.PathLike) -> str:
     """A study's name as the output contract names its folder: the file name without .nii / .nii.gz (any case);
-    ``study`` for a file named only that. A file named ``image`` (the phantom layout ``CASE/image.nii.gz``, a name
-    that tells no study from another) is named by its folder: the one departure from the contract."""
-    path = Path(path)
-    name = path.name
+    ``study`` for a file named only that. Scripts and evaluations read ``OUT/<name>/``: no other rule applies to
+    a single input (several inputs of one name: :func:`case_names`)."""
+    name = Path(path).name
     for ext in NIFTI_SUFFIXES:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
-    if name.lower() == "image" and path.parent.name not in ("", ".", ".."):
-        return path.parent.name
     return name or "study"
 
 
 def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """The names of several inputs (:func:`case_name`). Inputs that share one (``a/scan.nii``, ``b/scan.nii``) are
+    """The names of several inputs (:func:`case_name`). Inputs that share one (the phantom layout
+    ``CASE/image.nii.gz``, or ``a/scan.nii`` and ``b/scan.nii``), which the contract would put in one folder, are
     named by their folders instead when that tells every one of them apart from all other inputs; otherwise they
     keep the shared name (``wbmri predict`` refuses them, ``wbmri submit`` numbers them)."""
     names = [case_name(p) for p in paths]

@@ -230,8 +230,7 @@ def test_a_folder_of_case_folders_gives_each_case_image_named_by_its_folder(tmp_
     assert files == [cases / "case_1" / "image.nii.gz", cases / "case_2" / "image.nii.gz"]
     outcomes = predict_many(predictor, files, tmp_path / "out", progress=False)
     assert [(o.name, o.status) for o in outcomes] == [("case_1", "done"), ("case_2", "done")]
-    assert case_name("x/Image.nii") == "x" and case_name("image.nii.gz") == "image"  # a phantom case: its folder
-    assert case_name("x/scan.nii") == "scan"  # any other file as the output contract says
+    assert case_name("x/Image.nii") == "Image" and case_name("x/scan.nii") == "scan"  # alone: as the contract says
     assert case_names(["a/scan.nii", "b/scan.nii.gz", "c/other.nii"]) == ["a", "b", "other"]
     assert case_names(["a/x/scan.nii", "b/x/scan.nii"]) == ["scan", "scan"]  # the folders tell them no apart either
     assert case_names(["d/a.nii", "d/b.nii", "s/a.nii"]) == ["a", "b", "a"]  # folder d holds two inputs
