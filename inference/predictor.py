@@ -79,7 +79,9 @@ class Predictor:
 
     def __init__(self, bundle: ModelBundle, device: torch.device, bf16: bool, max_voxels: int = DEFAULT_MAX_VOXELS,
                  tta: str | None = None):
+        from inference.report import region_detection
         self.bundle = bundle
+        self.region_figures = region_detection(bundle.card)  # the card's detection per body region, for reports
         self.device = device
         self.bf16 = bf16
         self.max_voxels = max_voxels
@@ -233,11 +235,11 @@ class Predictor:
                  "spacing_mm": [round(float(s), 4) for s in spacing], "orientation": vol.orientation}
         timings["total"] = round(time.perf_counter() - t["start"], 3)
         in_view = sites_in_view(sites, vox_ml)
-        regions_note = region_caution(self.bundle.card, in_view)
+        regions_note = region_caution(self.region_figures, in_view)
         if regions_note:
             warnings.append(regions_note)
         summary = {**summarise(items, in_view),
-                   "low_sensitivity_regions": unreliable_regions(self.bundle.card, in_view)[0]}
+                   "low_sensitivity_regions": unreliable_regions(self.region_figures, in_view)[0]}
         report = build_report(study, self.model_info, items, summary, site_table(items), warnings,
                               timings, in_view, model_caution(self.bundle.card))
         validate_report(report)

@@ -58,11 +58,11 @@ def region_detection(card: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     return pooled
 
 
-def unreliable_regions(card: Mapping[str, Any], in_view: Sequence[str]) -> tuple[list[str], list[str]]:
+def unreliable_regions(pooled: Mapping[str, tuple[int, int]], in_view: Sequence[str]) -> tuple[list[str], list[str]]:
     """The regions in view (``in_view``: site codes), in sites.tsv order, where the model found fewer than
-    :data:`LOW_REGION_SENSITIVITY` of its card's test-set lesions (at least :data:`MIN_REGION_LESIONS` there),
-    and those with fewer test lesions than that (not measured); both empty for a card without figures per region."""
-    pooled = region_detection(card)
+    :data:`LOW_REGION_SENSITIVITY` of its card's test-set lesions (``pooled``: :func:`region_detection`; at least
+    :data:`MIN_REGION_LESIONS` there), and those with fewer test lesions than that (not measured); both empty for a
+    card without figures per region."""
     if not pooled:
         return [], []
     shown = {by_code()[c].region for c in in_view if c in by_code()}
@@ -72,12 +72,12 @@ def unreliable_regions(card: Mapping[str, Any], in_view: Sequence[str]) -> tuple
     return weak, unmeasured
 
 
-def region_caution(card: Mapping[str, Any], in_view: Sequence[str]) -> str:
-    """A warning naming the regions in view where the model found fewer than half of its card's test-set lesions,
-    and those its test sets held too few lesions in to say (:func:`unreliable_regions`); empty when there are none.
-    A region without findings there has not been shown to be free of lesions."""
-    weak, unmeasured = unreliable_regions(card, in_view)
-    pooled = region_detection(card)
+def region_caution(pooled: Mapping[str, tuple[int, int]], in_view: Sequence[str]) -> str:
+    """A warning naming the regions in view where the model found fewer than half of its card's test-set lesions
+    (``pooled``: :func:`region_detection`), and those its test sets held too few lesions in to say
+    (:func:`unreliable_regions`); empty when there are none. A region without findings there has not been shown to
+    be free of lesions."""
+    weak, unmeasured = unreliable_regions(pooled, in_view)
     parts = []
     if weak:
         parts.append("On its synthetic test sets the model found fewer than half of the lesions in: " +

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -177,28 +177,39 @@ def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = D
     return Volume(data=data, affine=affine)
 
 
-def _checked_header(path: Path, max_voxels: int) -> tuple[bytes, bool, tuple[int, int, int], np.ndarray]:
-    """The file's first bytes, whether it is gzipped, its 3D shape and its affine, from the header alone."""
+class _Header(NamedTuple):
+    """What :func:`_checked_header` reads from a file's first bytes."""
+    head: bytes
+    gz: bool
+    shape: tuple[int, int, int]  # 3D, checked
+    affine: np.ndarray
+    dtype: np.dtype
+    offset: int
+
+
+def _checked_header(path: Path, max_voxels: int) -> _Header:
+    """The file's first bytes, whether it is gzipped, its checked 3D shape, affine, data type and data offset, from
+    the header alone."""
     if not path.is_file():
         raise InputError(f"no such file: {path.name}")
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
     head = _read_head(path, gz)
-    shape, affine, _, _ = header_from_bytes(head)  # a small gzip file can inflate to a huge volume
-    return head, gz, check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels), affine
+    shape, affine, dtype, offset = header_from_bytes(head)  # a small gzip file can inflate to a huge volume
+    return _Header(head, gz, check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels), affine, dtype,
+                   offset)
 
 
 def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and affine of a NIfTI file with :func:`load_volume`'s header checks, without reading its voxels."""
-    _, _, shape, affine = _checked_header(Path(path), max_voxels)
-    return shape, np.asarray(affine, dtype=np.float64)
+    header = _checked_header(Path(path), max_voxels)
+    return header.shape, np.asarray(header.affine, dtype=np.float64)
 
 
 def _read_file(path: Path, max_voxels: int) -> tuple[np.ndarray, np.ndarray]:
     """Voxels and affine of a NIfTI file, every header check made before the voxel data is read or inflated. The
     file is read for what it holds, whatever its name says (a gzip file named .nii, a plain one named .nii.gz)."""
-    head, gz, _, _ = _checked_header(path, max_voxels)
-    shape, _, dtype, offset = header_from_bytes(head)
+    head, gz, shape, _, dtype, offset = _checked_header(path, max_voxels)
     keep = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize + (1 << 16)  # a margin for
     if gz:                                                          # headers whose data starts past their offset
         raw = _inflate(path, keep)

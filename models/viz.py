@@ -30,6 +30,7 @@ BACKGROUND = "#111111"
 TEXT = "#e8e8e8"
 MUTED_TEXT = "#a0a0a0"
 VERTEBRA_IDS = tuple(s.id for s in by_id().values() if s.kind == "vertebra")
+LONG_BONE_IDS = tuple(s.id for s in by_id().values() if s.kind == "long")
 _SUBREGION_SHORT = {"epiphysis_proximal": "prox. epiphysis", "metaphysis_proximal": "prox. metaphysis",
                     "diaphysis": "diaphysis", "metaphysis_distal": "dist. metaphysis",
                     "epiphysis_distal": "dist. epiphysis", "vertebral_body": "vert. body",
@@ -105,7 +106,7 @@ def _views_geometry(sites: np.ndarray | None, image: np.ndarray | None, ny: int)
     long_prof = np.zeros(ny)
     if sites is not None:
         is_long = np.zeros(max(int(sites.max()), len(by_id())) + 1, bool)
-        is_long[[s.id for s in by_id().values() if s.kind == "long"]] = True
+        is_long[list(LONG_BONE_IDS)] = True
         long_prof = is_long[np.maximum(sites, 0)].sum(axis=(0, 2))
     geo["limbs"] = (pct(long_prof, 50), "slice through the long bones") if long_prof.sum() else \
         (pct(bone_prof, 50), "mid-depth slice through the bones")
@@ -454,8 +455,7 @@ def _mostly_spine(sites: np.ndarray | None) -> bool:
     if sites is None:
         return False
     counts = np.bincount(np.asarray(sites).ravel().astype(np.int64), minlength=len(by_id()) + 1)
-    long_ids = [s.id for s in by_id().values() if s.kind == "long"]
-    return int(counts[list(VERTEBRA_IDS)].sum()) > int(counts[long_ids].sum())
+    return int(counts[list(VERTEBRA_IDS)].sum()) > int(counts[list(LONG_BONE_IDS)].sum())
 
 
 def _side_suffix(side: Any) -> str:

@@ -253,29 +253,31 @@ def test_overlay_words_do_not_read_an_unimaged_spine_or_an_unknown_growth_plate_
 
 
 def test_the_report_names_the_regions_in_view_where_the_model_missed_most_test_lesions():
-    from inference.report import region_caution, unreliable_regions
+    from inference.report import region_caution, region_detection, unreliable_regions
     card = {"metrics": {"frozen_synthetic_test_set": {
         "whole_body": {"by_region": {"spine_thoracic": {"n_ref": 16, "detected": 3}, "foot": {"n_ref": 4, "detected": 0},
                                      "lower_limb": {"n_ref": 90, "detected": 60}, "pelvis": {"n_ref": 6, "detected": 4}}},
         "partial_fov": {"by_region": {"spine_thoracic": {"n_ref": 3, "detected": 0}, "foot": {"n_ref": 4, "detected": 1},
                                       "pelvis": {"n_ref": 4, "detected": 1}}}}}}
-    every = region_caution(card, ["vertebra_T5", "calcaneus_left", "tibia_left", "ilium_left"])
+    figures = region_detection(card)
+    every = region_caution(figures, ["vertebra_T5", "calcaneus_left", "tibia_left", "ilium_left"])
     # pooled over both test sets: thoracic spine 3 of 19, foot 1 of 8 and pelvis 5 of 10 (not under half: kept out),
     # the lower limb 60 of 90
     assert "thoracic spine (3 of 19)" in every and "foot (1 of 8)" in every
     assert "pelvis" not in every and "lower limb" not in every and "review these regions" in every
     assert every.index("thoracic spine") < every.index("foot")  # in sites.tsv's order of regions
-    assert region_caution(card, ["tibia_left", "femur_right"]) == ""  # only what is in view is named
-    assert region_caution({}, ["vertebra_T5"]) == ""  # a card without figures per region says nothing
+    assert region_caution(figures, ["tibia_left", "femur_right"]) == ""  # only what is in view is named
+    assert region_caution(region_detection({}), ["vertebra_T5"]) == ""  # a card without figures per region says nothing
     small = {"metrics": {"frozen_synthetic_test_set": {"x": {"by_region": {"foot": {"n_ref": 4, "detected": 0}}}}}}
-    assert region_caution(small, ["calcaneus_left"]) == ("Its test sets held too few lesions to measure it in: foot. "
-                                                         "No lesion reported there does not mean none is present: "
-                                                         "review these regions on the images.")  # not measured
-    assert unreliable_regions(card, ["vertebra_T5", "tibia_left", "hand_left"]) == (["spine_thoracic"], ["hand"])
+    assert region_caution(region_detection(small), ["calcaneus_left"]) == (
+        "Its test sets held too few lesions to measure it in: foot. No lesion reported there does not mean none is "
+        "present: review these regions on the images.")  # not measured
+    assert unreliable_regions(figures, ["vertebra_T5", "tibia_left", "hand_left"]) == (["spine_thoracic"], ["hand"])
     odd = {"metrics": {"frozen_synthetic_test_set": {"a": None, "b": "x", "c": {"by_region": {"foot": {"n_ref": None}}},
                                                      "d": {"by_region": {"foot": "x"}}}}}
-    assert region_caution(odd, ["calcaneus_left"]) == ""  # an odd card is no reason to fail a prediction
-    assert region_caution({"metrics": {"frozen_synthetic_test_set": []}}, ["calcaneus_left"]) == ""
+    assert region_caution(region_detection(odd), ["calcaneus_left"]) == ""  # an odd card is no reason to fail
+    listed = region_detection({"metrics": {"frozen_synthetic_test_set": []}})
+    assert region_caution(listed, ["calcaneus_left"]) == ""
 
 
 def test_an_overlay_without_lesions_slices_a_spine_view_through_the_spine():

@@ -488,15 +488,16 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
             pred: LabelCase | None = None
             error = ""
             why = (prediction_errors or {}).get(name)
+            found = _predictions_of(name, preds)
             if why:  # a folder left by an earlier run of other weights or rules is not this prediction
                 error = f"prediction failed: {why}"
-            elif not _predictions_of(name, preds):
+            elif not found:
                 error = "prediction missing"
-            elif len(_predictions_of(name, preds)) > 1:
-                error = f"two predictions, {' and '.join(_predictions_of(name, preds))}: remove the one of another run"
+            elif len(found) > 1:
+                error = f"two predictions, {' and '.join(found)}: remove the one of another run"
             else:
                 try:
-                    pred = load_case(preds[_predictions_of(name, preds)[0]])
+                    pred = load_case(preds[found[0]])
                     check_same_grid(pred.lesions.shape, pred.affine, ref.lesions.shape, ref.affine)
                     warnings += [{"case": name, "warning": f"prediction: {w}"} for w in pred.warnings]
                 except Exception as exc:

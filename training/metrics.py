@@ -198,6 +198,14 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def _f1(sensitivity: float | None, precision: float | None) -> float | None:
+    """Their harmonic mean; None when either is undefined."""
+    if sensitivity is None or precision is None:
+        return None
+    s, p = sensitivity, precision
+    return 2 * s * p / (s + p) if s + p else 0.0
+
+
 @dataclass(frozen=True)
 class DetectionCounts:
     """Lesion-level counts over one or more scans; add instances to pool scans."""
@@ -228,10 +236,7 @@ class DetectionCounts:
     @property
     def f1(self) -> float | None:
         """Harmonic mean of sensitivity and precision; None when either is undefined."""
-        s, p = self.sensitivity, self.precision
-        if s is None or p is None:
-            return None
-        return 2 * s * p / (s + p) if s + p else 0.0
+        return _f1(self.sensitivity, self.precision)
 
     @property
     def fp_per_scan(self) -> float | None:
@@ -242,10 +247,7 @@ class DetectionCounts:
         """F1 with each prediction detecting at most one reference lesion (``n_credited``), for choosing checkpoints:
         under :data:`MATCHING_RULE` one prediction covering the whole volume detects every lesion without a false
         positive (an untrained network scores F1 1.0). Equal to :attr:`f1` while no prediction spans two lesions."""
-        s, p = _ratio(self.n_credited, self.n_ref), self.precision
-        if s is None or p is None:
-            return None
-        return 2 * s * p / (s + p) if s + p else 0.0
+        return _f1(_ratio(self.n_credited, self.n_ref), self.precision)
 
     def scores(self) -> dict[str, float | int | None]:
         """Counts and scores as a flat dict (JSON-ready)."""
@@ -285,10 +287,10 @@ def detection_counts(m: Matching, min_ml: float = 0.0, max_ml: float = math.inf)
 def _one_each(hits: Mapping[int, Collection[int]]) -> int:
     """The most reference lesions that predictions can detect when each prediction detects one (a maximum matching
     of predictions to the reference lesions they match, ``hits``)."""
-    from scipy.optimize import linear_sum_assignment
     refs = sorted({r for rs in hits.values() for r in rs})
-    if not refs:
-        return 0
+    if all(len(rs) == 1 for rs in hits.values()):  # no prediction matches two: each reference found counts
+        return len(refs)
+    from scipy.optimize import linear_sum_assignment
     col = {r: j for j, r in enumerate(refs)}
     match = np.zeros((len(hits), len(refs)))
     for i, rs in enumerate(hits.values()):

@@ -13,7 +13,7 @@ from models.sites import by_code, site_id
 from training.config import LesionConfig
 
 from .body import Body, LongBone
-from .render import CORTEX, DISC, FAT, MARROW, MUSCLE, PHYSIS, RED, SKIN, YELLOW, Canvas, smooth_field, weighted_choice
+from .render import CORTEX, DISC, FAT, MARROW, MUSCLE, PHYSIS, SKIN, Canvas, smooth_field, weighted_choice
 
 PAIRED = {"tibia", "femur", "fibula", "humerus", "radius", "ulna", "clavicle", "talus", "calcaneus", "metatarsals",
           "ilium", "ischium", "pubis", "ribs", "scapula", "midfoot"}
