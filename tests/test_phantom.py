@@ -514,6 +514,43 @@ def test_clavicular_lesions_are_not_epiphyseal_unless_asked():
     assert any(s.startswith("epiphysis") for s in clavicle_subregions(LesionConfig(clavicle_epiphysis=True)))
 
 
+@pytest.mark.parametrize("seed, expected", [(500000, {"calcaneus", "tibia"}),            # age 11.3: no ischial yet
+                                             (500008, {"calcaneus", "tibia", "ischium"})])  # age 14.1
+def test_apophyses_are_bright_plates_while_open_and_absent_in_generator_1_7(seed, expected):
+    """Generator 1.8 draws the calcaneal, tibial-tuberosity and ischial apophyses (normal bright plates in a child's
+    STIR) where the child's age has them; body.apophyses=false (GENERATOR_1_7_SETTINGS) draws 1.7's skeleton."""
+    from training.config import BodyConfig
+    from training.phantom.generate import GENERATOR_1_7_SETTINGS, draw_skeleton
+    from training.phantom.render import PHYSIS
+    assert GENERATOR_1_7_SETTINGS == ("body.apophyses=false",)
+    body, cv = draw_skeleton(seed, BodyConfig(), 2.0)
+    _, cv17 = draw_skeleton(seed, BodyConfig(apophyses=False), 2.0)
+    assert np.array_equal(cv.sites, cv17.sites)                  # same bones, only their tissue differs
+    changed = cv.tissue != cv17.tissue
+    assert (cv.tissue[changed] == PHYSIS).all()
+    codes = {s.id: s.code for s in all_sites()}
+    added = {codes[int(k)].rsplit("_", 1)[0] for k in np.unique(cv.sites[changed])}
+    assert added == expected
+    for side in ("left", "right"):
+        calc = np.argwhere(changed & (cv.sites == by_code()[f"calcaneus_{side}"].id))
+        whole = np.argwhere(cv.sites == by_code()[f"calcaneus_{side}"].id)
+        assert 60 <= len(calc)                                     # a plate, in the back third of the heel bone
+        assert calc[:, 1].mean() < whole[:, 1].min() + 0.35 * np.ptp(whole[:, 1])
+        tub = np.argwhere(changed & (cv.sites == by_code()[f"tibia_{side}"].id))
+        tibia = np.argwhere(cv.sites == by_code()[f"tibia_{side}"].id)
+        assert tub[:, 1].min() > np.median(tibia[:, 1])           # in front of the tibia's axis
+        top = tibia[:, 2].max()
+        assert 10.0 <= (top - tub[:, 2].min()) * 2.0 <= 60.0       # mm below the top of the tibia
+
+
+def test_young_children_have_no_ossified_apophyses():
+    from training.config import BodyConfig
+    from training.phantom.generate import draw_skeleton
+    _, cv = draw_skeleton(500000, BodyConfig(age_years=(4.0, 4.0)), 3.0)
+    _, cv17 = draw_skeleton(500000, BodyConfig(age_years=(4.0, 4.0), apophyses=False), 3.0)
+    assert np.array_equal(cv.tissue, cv17.tissue)
+
+
 def test_case_json_is_the_same_bytes_for_a_seed_and_marks_lesions_out_of_view(tmp_path):
     cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "lesions.none_p=0", "lesions.count_mean=12"])
     a = write_case(generate_case(21, cfg, fov="knees"), tmp_path / "a")

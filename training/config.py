@@ -30,6 +30,8 @@ class BodyConfig(Strict):
     spine: Literal["graded", "uniform"] = Field("graded", description="vertebral proportions: graded (generator "
                                                 "1.6: thoracic bodies growing towards the lumbar spine, lumbar "
                                                 "discs thicker) or uniform (generators up to 1.5)")
+    apophyses: bool = Field(True, description="calcaneal, tibial-tuberosity and ischial apophyses, bright on STIR "
+                            "while open (generator 1.8; false: generators up to 1.7)")
 
 
 class StirConfig(Strict):

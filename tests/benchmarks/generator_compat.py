@@ -1,11 +1,12 @@
 """Does the current phantom generator, with an older generator's settings, remake that generator's stored cases bit
 for bit? And which of them does the current default change? Prints one line per case and setting.
 
-    python tests/benchmarks/generator_compat.py data/test_wb_g16 500000 500001 500003
+    python tests/benchmarks/generator_compat.py data/test_wb_g17 500000 500001 500003
     python tests/benchmarks/generator_compat.py data/test_partial_g16 600012 600047
 
-The folder is a `wbmri synth` set (its dataset.json holds the settings it was made with); the older generator's
-settings are `training.phantom.generate.GENERATOR_1_6_SETTINGS` (1.7 -> 1.6).
+The folder is a `wbmri synth` set (its dataset.json holds the settings and the generator version it was made
+with); the older generator's settings are `training.phantom.generate.GENERATOR_1_7_SETTINGS` (current -> 1.7) or
+`GENERATOR_1_6_SETTINGS` (current -> 1.6), picked by that version.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import numpy as np
 import yaml
 
 from training.config import SynthConfig, load_config
-from training.phantom.generate import GENERATOR_1_6_SETTINGS, generate_case
+from training.phantom.generate import GENERATOR_1_6_SETTINGS, GENERATOR_1_7_SETTINGS, generate_case
+
+OLDER_SETTINGS = {"1.6": GENERATOR_1_6_SETTINGS, "1.7": GENERATOR_1_7_SETTINGS}
 
 
 def main() -> None:
@@ -28,9 +31,12 @@ def main() -> None:
     ap.add_argument("seeds", type=int, nargs="+")
     args = ap.parse_args()
     stored = Path(tempfile.mkdtemp()) / "stored.yaml"  # the settings the set was made with
-    made_with = json.loads((args.folder / "dataset.json").read_text())["config"]
-    stored.write_text(yaml.safe_dump(made_with, sort_keys=False))  # in order: a probability table's order counts
-    settings = {"1.6 settings": list(GENERATOR_1_6_SETTINGS), "current default": []}
+    dataset = json.loads((args.folder / "dataset.json").read_text())
+    version = dataset["generator_version"]
+    if version not in OLDER_SETTINGS:
+        raise SystemExit(f"no settings remake generator {version}: known {sorted(OLDER_SETTINGS)}")
+    stored.write_text(yaml.safe_dump(dataset["config"], sort_keys=False))  # in order: a probability table's order counts
+    settings = {f"{version} settings": list(OLDER_SETTINGS[version]), "current default": []}
     for seed in args.seeds:
         name = f"case_{seed:06d}"
         old = args.folder / "cases" / name

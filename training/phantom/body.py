@@ -80,6 +80,7 @@ class Body:
     red_w_diaphysis: float
     physis_open: float
     spine: str              # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
+    apophyses: bool = True  # BodyConfig.apophyses: calcaneal, tibial-tuberosity and ischial apophyses (1.8)
     long_bones: dict[str, LongBone] = field(default_factory=dict)
     vertebrae: dict[str, Vertebra] = field(default_factory=dict)
     landmarks: dict[str, float] = field(default_factory=dict)
@@ -98,7 +99,7 @@ def sample_body(rng: np.random.Generator, cfg: BodyConfig) -> Body:
     closure = 15.0 if sex == "F" else 16.5
     physis_open = float(np.clip((closure + 1.0 - age) / 3.0, 0.15, 1.0))
     red_w_diaphysis = float(np.clip(1.0 - (age - 2.0) / 8.0, 0.05, 0.9))
-    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine)
+    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine, cfg.apophyses)
 
 
 # --------------------------------------------------------------------------------------------- shape helpers
@@ -146,7 +147,7 @@ def render_long_bone(cv: Canvas, body: Body, bone: LongBone, rng: np.random.Gene
     paint(cv, b, marrow & (w >= 0.5), RED, None, marrow_w=w)
     paint(cv, b, marrow & (w < 0.5), YELLOW, None, marrow_w=w)
     if body.physis_open > 0.3:
-        thick = 1.6 + 1.8 * body.physis_open  # mm
+        thick = physis_mm(body)
         for tp in bone.t_phys:
             if tp is None:
                 continue
@@ -212,6 +213,62 @@ def _tube(cv: Canvas, pts, r: float, sid: int, red_w: float, tissue_core: int | 
         b, m, _, rho, _ = res
         paint(cv, b, m, CORTEX, sid)
         paint(cv, b, m & (rho <= r * 0.62), core_t, None, marrow_w=red_w)
+
+
+def physis_mm(body: Body) -> float:
+    """Thickness of an open growth plate or apophyseal plate: thicker the younger the child."""
+    return 1.6 + 1.8 * body.physis_open
+
+
+# Ages (years) from which an apophysis is ossified around a bright cartilage plate, until it fuses with the growth
+# plates (Body.physis_open): the calcaneal apophysis from about 7, the tibial tuberosity from about 9 and the ischial
+# tuberosity from about 13. Younger children have an unossified apophysis, drawn as part of the bone's cartilage.
+APOPHYSIS_AGE = {"calcaneus": 7.0, "tibial_tuberosity": 9.0, "ischium": 13.0}
+
+
+def _apophysis_open(body: Body, which: str) -> bool:
+    return body.apophyses and body.physis_open > 0.3 and body.age >= APOPHYSIS_AGE[which]
+
+
+def _calcaneal_apophysis(cv: Canvas, body: Body, centre, radii, rot: np.ndarray, sid: int) -> None:
+    """The plate between the calcaneal body and its posterior apophysis (the heel), a fifth of the bone's length
+    from its back: bright on STIR in most school-age children (clinical notes: normal findings)."""
+    res = ellipsoid(cv, centre, radii, rot)
+    if res is None:
+        return
+    b, m, _ = res
+    along = (b.x - centre[0]) * rot[0, 1] + (b.y - centre[1]) * rot[1, 1] + (b.z - centre[2]) * rot[2, 1]
+    plate = np.abs(along + 0.62 * radii[1]) <= physis_mm(body) / 2
+    paint(cv, b, m & plate & (cv.sites[b.sl] == sid), PHYSIS, sid)
+
+
+def _tibial_tuberosity(cv: Canvas, body: Body, tib: LongBone) -> None:
+    """The tongue of the proximal tibial growth plate that runs down under the tuberosity: a band 3-5 mm under the
+    front of the tibia, from the plate down to about 6% of the bone's length (Osgood-Schlatter's site)."""
+    tp = tib.t_phys[0]
+    res = capsule(cv, tib.P, tib.D, tib.r_prox, tib.r_prox)
+    if res is None or tp is None:
+        return
+    b, m, t_raw, _, _ = res
+    axis = tib.P[None, None, None, :] + np.clip(t_raw, 0, 1)[..., None] * (tib.D - tib.P)
+    front = b.y - axis[..., 1]  # anterior is +y
+    across = np.abs(b.x - axis[..., 0])
+    r = tib.radius(t_raw)
+    band = (t_raw >= tp) & (t_raw <= tp + 0.06) & (across <= 0.45 * r)
+    band &= np.abs(front - (r - 4.0)) <= physis_mm(body) / 2
+    sid = site_id(tib.code)
+    paint(cv, b, m & band & (cv.sites[b.sl] == sid), PHYSIS, sid)
+
+
+def _ischial_apophysis(cv: Canvas, body: Body, start, tub, r: float, sid: int) -> None:
+    """The plate under the ischial tuberosity's apophysis, across the ischium half its radius from the tuberosity."""
+    res = capsule(cv, start, tub, r, r)
+    if res is None:
+        return
+    b, m, t_raw, _, _ = res
+    from_end = (1.0 - t_raw) * float(np.linalg.norm(np.asarray(tub) - np.asarray(start)))
+    plate = np.abs(from_end - 0.5 * r) <= physis_mm(body) / 2
+    paint(cv, b, m & plate & (cv.sites[b.sl] == sid), PHYSIS, sid)
 
 
 # --------------------------------------------------------------------------------------------- the body plan
@@ -472,7 +529,10 @@ def _pelvis(cv: Canvas, body: Body, L, rng) -> None:
                 paint(cv, b, m & (b.z > wing_c[2] + 0.044 * H), PHYSIS, site_id(f"ilium_{side}"))
         # ischium: from the acetabulum down and back to the tuberosity
         tub = np.array([s * 0.042 * H, -0.028 * H, zh - 0.055 * H])
-        _tube(cv, [hip + [-s * 0.006 * H, -0.012 * H, -0.008 * H], tub], 0.012 * H, site_id(f"ischium_{side}"), 0.8)
+        isch_top = hip + [-s * 0.006 * H, -0.012 * H, -0.008 * H]
+        _tube(cv, [isch_top, tub], 0.012 * H, site_id(f"ischium_{side}"), 0.8)
+        if _apophysis_open(body, "ischium"):
+            _ischial_apophysis(cv, body, isch_top, tub, 0.012 * H, site_id(f"ischium_{side}"))
         # pubis: superior ramus to the symphysis, inferior ramus back to the ischium
         sym = np.array([s * 0.009 * H, 0.038 * H, zh - 0.028 * H])
         pid = site_id(f"pubis_{side}")
@@ -642,6 +702,8 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     _ell_plate(cv, knee + [0, 0.0195 * H, (PATELLA_POLE + 0.009) * H], [0.0085 * H, 0.0045 * H, 0.009 * H], None,
                site_id(f"patella_{side}"), 0.0 if body.age > 5 else 0.3)
     _add_long_bones(cv, body, rng, tib, fib)
+    if _apophysis_open(body, "tibial_tuberosity"):
+        _tibial_tuberosity(cv, body, tib)
     _foot(cv, body, ankle, side, rng)
 
 
@@ -653,8 +715,10 @@ def _foot(cv: Canvas, body: Body, ankle: np.ndarray, side: str, rng) -> None:
     red = 0.2 if body.age < 8 else 0.05
     _ell_plate(cv, ankle + [0, 0.002 * H, -0.014 * H], [0.011 * H, 0.013 * H, 0.008 * H], None,
                site_id(f"talus_{side}"), red)
-    _ell_plate(cv, ankle + [0, -0.014 * H, -0.03 * H], [0.010 * H, 0.021 * H, 0.010 * H],
-               rotation([1, 0, 0], np.radians(-15)), site_id(f"calcaneus_{side}"), red)
+    calc = (ankle + [0, -0.014 * H, -0.03 * H], [0.010 * H, 0.021 * H, 0.010 * H], rotation([1, 0, 0], np.radians(-15)))
+    _ell_plate(cv, *calc, site_id(f"calcaneus_{side}"), red)
+    if _apophysis_open(body, "calcaneus"):
+        _calcaneal_apophysis(cv, body, *calc, site_id(f"calcaneus_{side}"))
     _ell_plate(cv, ankle + [0, 0.026 * H, -0.026 * H], [0.014 * H, 0.012 * H, 0.009 * H], None,
                site_id(f"midfoot_{side}"), red)
     mt = site_id(f"metatarsals_{side}")

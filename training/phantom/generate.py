@@ -22,7 +22,7 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
-GENERATOR_VERSION = "1.7"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.8"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -42,8 +42,13 @@ GENERATOR_VERSION = "1.7"  # 1.1: skull base/face inside the head (1.0 put it in
 # case.json without the timings (the same seed, the same bytes) and with lesions.in_view. With
 # lesions.{fluid_ceiling: false, collapse_fill: muscle, clavicle_epiphysis: true} a 1.7 case's images and labels are
 # 1.6's bit for bit
-GENERATOR_1_6_SETTINGS = ("lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
-                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.7 case is 1.6's bit for bit
+# 1.8: the calcaneal, tibial-tuberosity and ischial apophyses, bright on STIR while open (body.apophyses; 1.7 drew
+# none, so the only normal bright plates were the long bones' physes, the iliac crest, the vertebral ring
+# apophyses and the triradiate cartilage). Drawn without random draws: with body.apophyses=false a 1.8 case is
+# 1.7's bit for bit
+GENERATOR_1_7_SETTINGS = ("body.apophyses=false",)  # --set these: a 1.8 case is 1.7's bit for bit
+GENERATOR_1_6_SETTINGS = (*GENERATOR_1_7_SETTINGS, "lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
+                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.8 case is 1.6's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
