@@ -280,7 +280,7 @@ def test_sagittal_and_axial_acquisitions_put_their_thick_slices_across_their_pla
 def test_t2_fs_alone_makes_generator_1_4_cases():
     """Generator 1.5 with sequence_p {t2_fs: 1} draws what 1.4 drew: twelve voxels, the image sum and the label
     sizes of an oblique knee view with patchy fat-suppression failure, as commit bff2f72 (generator 1.4) made it
-    (generator 1.7 needs its three 1.6 settings, GENERATOR_1_6_SETTINGS).
+    (generator 1.8 needs the settings of GENERATOR_1_6_SETTINGS, which hold 1.7's and 1.6's).
     A draw added to or taken from the acquisition stream changes the noise of every voxel by far more than the
     tolerance."""
     cfg = load_config(SynthConfig, None, ["anatomy_mm=4", "acquisition.oblique_p=0.5", "acquisition.fat_sat_failure_p=1",
@@ -514,41 +514,86 @@ def test_clavicular_lesions_are_not_epiphyseal_unless_asked():
     assert any(s.startswith("epiphysis") for s in clavicle_subregions(LesionConfig(clavicle_epiphysis=True)))
 
 
-@pytest.mark.parametrize("seed, expected", [(500000, {"calcaneus", "tibia"}),            # age 11.3: no ischial yet
-                                             (500008, {"calcaneus", "tibia", "ischium"})])  # age 14.1
-def test_apophyses_are_bright_plates_while_open_and_absent_in_generator_1_7(seed, expected):
-    """Generator 1.8 draws the calcaneal, tibial-tuberosity and ischial apophyses (normal bright plates in a child's
-    STIR) where the child's age has them; body.apophyses=false (GENERATOR_1_7_SETTINGS) draws 1.7's skeleton."""
+def _skeletons(age: float, sex: str, spacing: float = 2.0):
+    """One child of ``age`` and ``sex`` drawn by generator 1.8 and with GENERATOR_1_7_SETTINGS (the same body)."""
     from training.config import BodyConfig
     from training.phantom.generate import GENERATOR_1_7_SETTINGS, draw_skeleton
+    assert GENERATOR_1_7_SETTINGS == ("body.apophyses=false", "body.calcaneus_pitch_deg=-15")
+    cfg = dict(age_years=(age, age), female_p=1.0 if sex == "F" else 0.0)
+    body, cv = draw_skeleton(500008, BodyConfig(**cfg), spacing)
+    _, cv17 = draw_skeleton(500008, BodyConfig(**cfg, apophyses=False, calcaneus_pitch_deg=-15), spacing)
+    return body, cv, cv17
+
+
+def _added_plates(cv, cv17) -> dict[str, np.ndarray]:
+    """Voxels (indices) of each bone group that are growth plate in 1.8 and not in 1.7."""
     from training.phantom.render import PHYSIS
-    assert GENERATOR_1_7_SETTINGS == ("body.apophyses=false",)
-    body, cv = draw_skeleton(seed, BodyConfig(), 2.0)
-    _, cv17 = draw_skeleton(seed, BodyConfig(apophyses=False), 2.0)
-    assert np.array_equal(cv.sites, cv17.sites)                  # same bones, only their tissue differs
-    changed = cv.tissue != cv17.tissue
-    assert (cv.tissue[changed] == PHYSIS).all()
     codes = {s.id: s.code for s in all_sites()}
-    added = {codes[int(k)].rsplit("_", 1)[0] for k in np.unique(cv.sites[changed])}
-    assert added == expected
+    added = (cv.tissue == PHYSIS) & (cv17.tissue != PHYSIS)
+    out: dict[str, list] = {}
+    for k in np.unique(cv.sites[added]):
+        out.setdefault(codes[int(k)].rsplit("_", 1)[0], []).append(np.argwhere(added & (cv.sites == k)))
+    return {bone: np.concatenate(v) for bone, v in out.items()}
+
+
+@pytest.mark.parametrize("age, sex, expected", [
+    (4.8, "F", set()), (5.2, "F", {"calcaneus"}), (6.8, "M", set()), (7.2, "M", {"calcaneus"}),
+    (8.7, "F", {"calcaneus", "tibia"}), (10.3, "M", {"calcaneus"}), (10.7, "M", {"calcaneus", "tibia"}),
+    (12.8, "F", {"calcaneus", "tibia"}), (13.2, "F", {"calcaneus", "tibia", "ischium"}),
+    (13.7, "F", {"tibia", "ischium"}), (13.8, "M", {"calcaneus", "tibia"}), (14.2, "M", {"calcaneus", "tibia", "ischium"}),
+    (15.2, "F", {"ischium"}), (15.7, "M", {"tibia", "ischium"}), (17.0, "M", {"ischium"})])
+def test_apophyses_are_drawn_from_ossification_to_fusion_by_sex(age, sex, expected):
+    """Generator 1.8 draws the calcaneal, tibial-tuberosity and ischial apophyseal plates (normal bright findings
+    of a child's STIR) between their ossification and fusion ages, which differ by sex; the ischial one outlives
+    the long-bone growth plates. Nothing else of the skeleton changes but the calcaneus's pitch."""
+    body, cv, cv17 = _skeletons(age, sex, 3.0)
+    added = _added_plates(cv, cv17)
+    assert set(added) == expected
+    foot = {by_code()[f"{b}_{s}"].id for b in ("calcaneus", "talus", "midfoot") for s in ("left", "right")}
+    outside_feet = ~np.isin(cv.sites, list(foot)) & ~np.isin(cv17.sites, list(foot))
+    assert np.array_equal(cv.sites[outside_feet], cv17.sites[outside_feet])
+
+
+def test_apophyses_lie_where_a_childs_do():
+    """A 14-year-old boy: each calcaneal plate in the back third of the heel bone; each tibial-tuberosity band in
+    front of the tibia's axis, below its growth plate (never above the 1.7 plate in its own column) and within
+    35 mm of it; each ischial plate a crescent within 8 mm of the bone's surface in its lowest third."""
+    from scipy.ndimage import distance_transform_edt
+    from training.phantom.render import PHYSIS
+    body, cv, cv17 = _skeletons(14.2, "M")
+    added = _added_plates(cv, cv17)
     for side in ("left", "right"):
-        calc = np.argwhere(changed & (cv.sites == by_code()[f"calcaneus_{side}"].id))
-        whole = np.argwhere(cv.sites == by_code()[f"calcaneus_{side}"].id)
-        assert 60 <= len(calc)                                     # a plate, in the back third of the heel bone
-        assert calc[:, 1].mean() < whole[:, 1].min() + 0.35 * np.ptp(whole[:, 1])
-        tub = np.argwhere(changed & (cv.sites == by_code()[f"tibia_{side}"].id))
-        tibia = np.argwhere(cv.sites == by_code()[f"tibia_{side}"].id)
-        assert tub[:, 1].min() > np.median(tibia[:, 1])           # in front of the tibia's axis
-        top = tibia[:, 2].max()
-        assert 10.0 <= (top - tub[:, 2].min()) * 2.0 <= 60.0       # mm below the top of the tibia
+        def mine(bone: str) -> np.ndarray:
+            return added[bone][cv.sites[tuple(added[bone].T)] == by_code()[f"{bone}_{side}"].id]
+        whole = {b: np.argwhere(cv.sites == by_code()[f"{b}_{side}"].id) for b in ("calcaneus", "tibia", "ischium")}
+        calc = mine("calcaneus")
+        assert len(calc) >= 30
+        assert calc[:, 1].mean() < whole["calcaneus"][:, 1].min() + 0.35 * np.ptp(whole["calcaneus"][:, 1])
+        tub = mine("tibia")
+        assert len(tub) >= 10 and tub[:, 1].min() > np.median(whole["tibia"][:, 1])
+        plate17 = (cv17.tissue == PHYSIS) & (cv17.sites == by_code()[f"tibia_{side}"].id)
+        plate17[:, :, : int(np.median(whole["tibia"][:, 2]))] = False  # the proximal growth plate only
+        for x, y, z in tub:
+            column = np.nonzero(plate17[x, y])[0]
+            assert not len(column) or z < column.min()          # below the domed plate, in this column
+        assert (np.argwhere(plate17)[:, 2].max() - tub[:, 2].min()) * 2.0 <= 35.0
+        isch = mine("ischium")
+        bone = cv.sites == by_code()[f"ischium_{side}"].id
+        depth_mm = distance_transform_edt(bone) * 2.0
+        assert len(isch) >= 20 and depth_mm[tuple(isch.T)].max() <= 8.0
+        assert isch[:, 2].max() <= whole["ischium"][:, 2].min() + np.ptp(whole["ischium"][:, 2]) / 3
 
 
-def test_young_children_have_no_ossified_apophyses():
-    from training.config import BodyConfig
-    from training.phantom.generate import draw_skeleton
-    _, cv = draw_skeleton(500000, BodyConfig(age_years=(4.0, 4.0)), 3.0)
-    _, cv17 = draw_skeleton(500000, BodyConfig(age_years=(4.0, 4.0), apophyses=False), 3.0)
-    assert np.array_equal(cv.tissue, cv17.tissue)
+def test_the_calcaneus_is_pitched_with_the_heel_lowest():
+    """Generator 1.8 pitches the calcaneus's front above its heel (about 20 degrees in a real foot); 1.7 drew it
+    the other way round."""
+    _, cv, cv17 = _skeletons(11.0, "F")
+    for side in ("left", "right"):
+        for canvas, heel_lower in ((cv, True), (cv17, False)):
+            bone = np.argwhere(canvas.sites == by_code()[f"calcaneus_{side}"].id)
+            back = bone[bone[:, 1] <= bone[:, 1].min() + 1, 2].mean()
+            front = bone[bone[:, 1] >= bone[:, 1].max() - 1, 2].mean()
+            assert (back < front) == heel_lower
 
 
 def test_case_json_is_the_same_bytes_for_a_seed_and_marks_lesions_out_of_view(tmp_path):

@@ -32,6 +32,9 @@ class BodyConfig(Strict):
                                                 "discs thicker) or uniform (generators up to 1.5)")
     apophyses: bool = Field(True, description="calcaneal, tibial-tuberosity and ischial apophyses, bright on STIR "
                             "while open (generator 1.8; false: generators up to 1.7)")
+    calcaneus_pitch_deg: float = Field(18.0, ge=-30, le=40, description="how steeply the calcaneus's long axis rises "
+                                       "from the heel forward (calcaneal pitch, about 20 degrees in a standing foot; "
+                                       "generator 1.8); generators up to 1.7 drew -15, the heel higher than the front")
 
 
 class StirConfig(Strict):

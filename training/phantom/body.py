@@ -81,6 +81,7 @@ class Body:
     physis_open: float
     spine: str              # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
     apophyses: bool = True  # BodyConfig.apophyses: calcaneal, tibial-tuberosity and ischial apophyses (1.8)
+    calcaneus_pitch_deg: float = 18.0  # BodyConfig.calcaneus_pitch_deg (1.8; 1.7 drew -15)
     long_bones: dict[str, LongBone] = field(default_factory=dict)
     vertebrae: dict[str, Vertebra] = field(default_factory=dict)
     landmarks: dict[str, float] = field(default_factory=dict)
@@ -99,7 +100,7 @@ def sample_body(rng: np.random.Generator, cfg: BodyConfig) -> Body:
     closure = 15.0 if sex == "F" else 16.5
     physis_open = float(np.clip((closure + 1.0 - age) / 3.0, 0.15, 1.0))
     red_w_diaphysis = float(np.clip(1.0 - (age - 2.0) / 8.0, 0.05, 0.9))
-    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine, cfg.apophyses)
+    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine, cfg.apophyses, cfg.calcaneus_pitch_deg)
 
 
 # --------------------------------------------------------------------------------------------- shape helpers
@@ -151,7 +152,7 @@ def render_long_bone(cv: Canvas, body: Body, bone: LongBone, rng: np.random.Gene
         for tp in bone.t_phys:
             if tp is None:
                 continue
-            dome = 0.04 * (rho / np.maximum(r, 1e-3)) ** 2 * (1 if tp > 0.5 else -1)
+            dome = _dome(tp, rho, r)
             plate = np.abs((t_raw - tp + dome) * bone.length) <= thick / 2
             paint(cv, b, plate & (rho <= r - 0.6), PHYSIS, sid)
     if body.age < 6:  # unossified epiphyseal cartilage around small ossification centres
@@ -220,14 +221,35 @@ def physis_mm(body: Body) -> float:
     return 1.6 + 1.8 * body.physis_open
 
 
-# Ages (years) from which an apophysis is ossified around a bright cartilage plate, until it fuses with the growth
-# plates (Body.physis_open): the calcaneal apophysis from about 7, the tibial tuberosity from about 9 and the ischial
-# tuberosity from about 13. Younger children have an unossified apophysis, drawn as part of the bone's cartilage.
-APOPHYSIS_AGE = {"calcaneus": 7.0, "tibial_tuberosity": 9.0, "ischium": 13.0}
+# Ages (years) from which an apophysis is ossified, around a bright cartilage plate, and at which that plate has
+# fused, by sex (girls first): the calcaneal apophysis ossifies at a mean 5.2 y in girls and 7.2 y in boys and its
+# fusion begins at about 11 / 13 y and is mostly complete by 14-15 y; the tibial tuberosity ossifies at about 8-11 y
+# and its plate closes at 13-15 y in girls and 15-19 y in boys; the ischial tuberosity's apophysis ossifies at
+# 13-16 y and fuses at 18-25 y, after every age the phantom draws. Before ossification the apophysis is cartilage,
+# which the phantom does not draw (the bone's marrow reaches its surface there). A plate thins over its last three
+# years (apophysis_mm), but how bright it is follows the child's long-bone growth plates (Body.physis_open, see
+# contrast.synthesize): an older teenager's ischial plate is drawn dimmer than a real one.
+APOPHYSIS_AGES = {"calcaneus": {"F": (5.0, 13.5), "M": (7.0, 15.5)},
+                  "tibial_tuberosity": {"F": (8.5, 15.0), "M": (10.5, 17.0)},
+                  "ischium": {"F": (13.0, 22.0), "M": (14.0, 23.0)}}
 
 
-def _apophysis_open(body: Body, which: str) -> bool:
-    return body.apophyses and body.physis_open > 0.3 and body.age >= APOPHYSIS_AGE[which]
+def apophysis_open(body: Body, which: str) -> bool:
+    """Whether the child has an ossified apophysis with an open plate (always False with body.apophyses off)."""
+    ossified, fused = APOPHYSIS_AGES[which][body.sex]
+    return body.apophyses and ossified <= body.age < fused
+
+
+def apophysis_mm(body: Body, which: str) -> float:
+    """Thickness of an apophyseal plate: as a growth plate's, thinning over its last three years before fusion."""
+    fused = APOPHYSIS_AGES[which][body.sex][1]
+    return 1.6 + 1.8 * float(np.clip((fused - body.age) / 3.0, 0.15, 1.0))
+
+
+def _dome(tp: float, rho: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """A long bone's growth plate bulges towards the epiphysis at its centre: the axial offset (fraction of the
+    bone's length) of the plate at ``rho`` mm from the axis, as render_long_bone draws it."""
+    return 0.04 * (rho / np.maximum(r, 1e-3)) ** 2 * (1 if tp > 0.5 else -1)
 
 
 def _calcaneal_apophysis(cv: Canvas, body: Body, centre, radii, rot: np.ndarray, sid: int) -> None:
@@ -238,37 +260,47 @@ def _calcaneal_apophysis(cv: Canvas, body: Body, centre, radii, rot: np.ndarray,
         return
     b, m, _ = res
     along = (b.x - centre[0]) * rot[0, 1] + (b.y - centre[1]) * rot[1, 1] + (b.z - centre[2]) * rot[2, 1]
-    plate = np.abs(along + 0.62 * radii[1]) <= physis_mm(body) / 2
+    plate = np.abs(along + 0.62 * radii[1]) <= apophysis_mm(body, "calcaneus") / 2
     paint(cv, b, m & plate & (cv.sites[b.sl] == sid), PHYSIS, sid)
 
 
 def _tibial_tuberosity(cv: Canvas, body: Body, tib: LongBone) -> None:
-    """The tongue of the proximal tibial growth plate that runs down under the tuberosity: a band 3-5 mm under the
-    front of the tibia, from the plate down to about 6% of the bone's length (Osgood-Schlatter's site)."""
+    """The tongue of the proximal tibial growth plate that runs down under the tuberosity (Osgood-Schlatter's
+    site): a band about 4 mm under the front of the tibia, from the domed plate itself down 8% of the bone's
+    length (20-30 mm), never above the plate."""
     tp = tib.t_phys[0]
     res = capsule(cv, tib.P, tib.D, tib.r_prox, tib.r_prox)
     if res is None or tp is None:
         return
-    b, m, t_raw, _, _ = res
+    b, m, t_raw, rho, _ = res
     axis = tib.P[None, None, None, :] + np.clip(t_raw, 0, 1)[..., None] * (tib.D - tib.P)
     front = b.y - axis[..., 1]  # anterior is +y
     across = np.abs(b.x - axis[..., 0])
     r = tib.radius(t_raw)
-    band = (t_raw >= tp) & (t_raw <= tp + 0.06) & (across <= 0.45 * r)
-    band &= np.abs(front - (r - 4.0)) <= physis_mm(body) / 2
+    below_plate = t_raw - (tp - _dome(tp, rho, r))  # >= 0 distal to the plate in this voxel's own column
+    band = (below_plate * tib.length >= physis_mm(body) / 2) & (below_plate <= 0.08) & (across <= 0.45 * r)
+    band &= np.abs(front - (r - 4.0)) <= apophysis_mm(body, "tibial_tuberosity") / 2
     sid = site_id(tib.code)
     paint(cv, b, m & band & (cv.sites[b.sl] == sid), PHYSIS, sid)
 
 
 def _ischial_apophysis(cv: Canvas, body: Body, start, tub, r: float, sid: int) -> None:
-    """The plate under the ischial tuberosity's apophysis, across the ischium half its radius from the tuberosity."""
+    """The ischial tuberosity's apophysis, where the hamstrings attach: a curved plate about 4.5 mm under the
+    bone's surface where it faces backwards and down, over the ischium's last radius and its rounded end (a bright
+    crescent on STIR, not a band across the bone)."""
     res = capsule(cv, start, tub, r, r)
     if res is None:
         return
-    b, m, t_raw, _, _ = res
-    from_end = (1.0 - t_raw) * float(np.linalg.norm(np.asarray(tub) - np.asarray(start)))
-    plate = np.abs(from_end - 0.5 * r) <= physis_mm(body) / 2
-    paint(cv, b, m & plate & (cv.sites[b.sl] == sid), PHYSIS, sid)
+    b, m, t_raw, rho, _ = res
+    start, tub = np.asarray(start, np.float32), np.asarray(tub, np.float32)
+    d = tub - start
+    t = np.clip(t_raw, 0.0, 1.0)
+    out_y = b.y - (start[1] + t * d[1])  # from the nearest axis point outwards
+    out_z = b.z - (start[2] + t * d[2])
+    facing = (-out_y - out_z) >= np.maximum(rho, 1e-3)  # within 45 degrees of backwards-and-down
+    near_end = (1.0 - t_raw) * float(np.linalg.norm(d)) <= r
+    shell = np.abs((r - rho) - 4.5) <= apophysis_mm(body, "ischium") / 2
+    paint(cv, b, m & shell & facing & near_end & (cv.sites[b.sl] == sid), PHYSIS, sid)
 
 
 # --------------------------------------------------------------------------------------------- the body plan
@@ -531,7 +563,7 @@ def _pelvis(cv: Canvas, body: Body, L, rng) -> None:
         tub = np.array([s * 0.042 * H, -0.028 * H, zh - 0.055 * H])
         isch_top = hip + [-s * 0.006 * H, -0.012 * H, -0.008 * H]
         _tube(cv, [isch_top, tub], 0.012 * H, site_id(f"ischium_{side}"), 0.8)
-        if _apophysis_open(body, "ischium"):
+        if apophysis_open(body, "ischium"):
             _ischial_apophysis(cv, body, isch_top, tub, 0.012 * H, site_id(f"ischium_{side}"))
         # pubis: superior ramus to the symphysis, inferior ramus back to the ischium
         sym = np.array([s * 0.009 * H, 0.038 * H, zh - 0.028 * H])
@@ -702,7 +734,7 @@ def _leg(cv: Canvas, body: Body, L, side: str, rng) -> None:
     _ell_plate(cv, knee + [0, 0.0195 * H, (PATELLA_POLE + 0.009) * H], [0.0085 * H, 0.0045 * H, 0.009 * H], None,
                site_id(f"patella_{side}"), 0.0 if body.age > 5 else 0.3)
     _add_long_bones(cv, body, rng, tib, fib)
-    if _apophysis_open(body, "tibial_tuberosity"):
+    if apophysis_open(body, "tibial_tuberosity"):
         _tibial_tuberosity(cv, body, tib)
     _foot(cv, body, ankle, side, rng)
 
@@ -715,9 +747,10 @@ def _foot(cv: Canvas, body: Body, ankle: np.ndarray, side: str, rng) -> None:
     red = 0.2 if body.age < 8 else 0.05
     _ell_plate(cv, ankle + [0, 0.002 * H, -0.014 * H], [0.011 * H, 0.013 * H, 0.008 * H], None,
                site_id(f"talus_{side}"), red)
-    calc = (ankle + [0, -0.014 * H, -0.03 * H], [0.010 * H, 0.021 * H, 0.010 * H], rotation([1, 0, 0], np.radians(-15)))
+    calc = (ankle + [0, -0.014 * H, -0.03 * H], [0.010 * H, 0.021 * H, 0.010 * H],
+            rotation([1, 0, 0], np.radians(body.calcaneus_pitch_deg)))  # the heel lowest, its front rising
     _ell_plate(cv, *calc, site_id(f"calcaneus_{side}"), red)
-    if _apophysis_open(body, "calcaneus"):
+    if apophysis_open(body, "calcaneus"):
         _calcaneal_apophysis(cv, body, *calc, site_id(f"calcaneus_{side}"))
     _ell_plate(cv, ankle + [0, 0.026 * H, -0.026 * H], [0.014 * H, 0.012 * H, 0.009 * H], None,
                site_id(f"midfoot_{side}"), red)

@@ -42,11 +42,12 @@ GENERATOR_VERSION = "1.8"  # 1.1: skull base/face inside the head (1.0 put it in
 # case.json without the timings (the same seed, the same bytes) and with lesions.in_view. With
 # lesions.{fluid_ceiling: false, collapse_fill: muscle, clavicle_epiphysis: true} a 1.7 case's images and labels are
 # 1.6's bit for bit
-# 1.8: the calcaneal, tibial-tuberosity and ischial apophyses, bright on STIR while open (body.apophyses; 1.7 drew
-# none, so the only normal bright plates were the long bones' physes, the iliac crest, the vertebral ring
-# apophyses and the triradiate cartilage). Drawn without random draws: with body.apophyses=false a 1.8 case is
-# 1.7's bit for bit
-GENERATOR_1_7_SETTINGS = ("body.apophyses=false",)  # --set these: a 1.8 case is 1.7's bit for bit
+# 1.8: the calcaneal, tibial-tuberosity and ischial apophyses, bright on STIR from their ossification until they
+# fuse, by sex (body.apophyses; 1.7 drew none, so its only normal bright plates were the long bones' physes, the
+# iliac crest, the vertebral ring apophyses and the triradiate cartilage), and the calcaneus pitched as in a real
+# foot, its front 18 degrees above the heel (body.calcaneus_pitch_deg; 1.7 tilted it the other way). Drawn without
+# random draws: with body.apophyses=false and body.calcaneus_pitch_deg=-15 a 1.8 case is 1.7's bit for bit
+GENERATOR_1_7_SETTINGS = ("body.apophyses=false", "body.calcaneus_pitch_deg=-15")  # --set these: 1.8 -> 1.7
 GENERATOR_1_6_SETTINGS = (*GENERATOR_1_7_SETTINGS, "lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
                           "lesions.clavicle_epiphysis=true")  # --set these: a 1.8 case is 1.6's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
