@@ -4,9 +4,9 @@
 
 The same test-set child (seed 500008: a 14-year-old boy) is made as a feet, a knees and a pelvis view, each once
 with the current defaults and once with `GENERATOR_1_7_SETTINGS`. For each view the slice that holds most of the
-right bone's plate 1.8 added (calcaneal and ischial: coronal, as acquired; tibial tuberosity: sagittal, where its
+plate 1.8 added to the bone of the side without a lesion (calcaneal and ischial: coronal, as acquired; tibial tuberosity: sagittal, where its
 tongue shows) is drawn from both images, on one grey
-scale, the added plates of the right bone outlined on the 1.8 image. Prints the number of added plate voxels per bone,
+scale (0 to the brightest voxel shown), that plate outlined on the 1.8 image. Prints the number of added plate voxels per bone,
 their median signal over the median of that bone's other voxels (how bright the apophyses are against their own
 marrow), how far from a plate the image changed at all (the slice profile and resampling spread a plate over
 neighbouring voxels; the calcaneus's new pitch moves the whole heel bone), and whether the lesion labels are
@@ -54,25 +54,27 @@ def draw(rows, seed: int, age: float, path: str) -> None:
     fig, axes = plt.subplots(len(rows), 2, figsize=(6.5, 3.3 * len(rows)))
     for (fov, bone, plane, arrays, added), ax_row in zip(rows, axes):
         axis = AXIS[plane]
-        right = added & (arrays["sites"] == site_id(f"{bone}_right"))
+        side = min(("right", "left"), key=lambda sd: int(((arrays["sites"] == site_id(f"{bone}_{sd}"))
+                                                          & (arrays["lesions"] > 0)).sum()))  # the side without a lesion
+        mine = added & (arrays["sites"] == site_id(f"{bone}_{side}"))
         other = tuple(a for a in range(3) if a != axis)
-        k = int(np.argmax(right.sum(axis=other)))  # the slice holding most of the right bone's plate
-        centre = np.argwhere(np.take(right, k, axis=axis)).mean(axis=0).astype(int)
+        k = int(np.argmax(mine.sum(axis=other)))  # the slice holding most of that plate
+        centre = np.argwhere(np.take(mine, k, axis=axis)).mean(axis=0).astype(int)
         zooms = np.asarray(arrays["zooms"])[list(other)]
         half = (40.0 / zooms).astype(int)  # 80 mm square
         crop = tuple(slice(max(0, c - h), c + h) for c, h in zip(centre, half))
-        vmax = float(np.percentile(arrays["image"], 99.5))
-        for ax, key, title in ((ax_row[0], "old", "generator 1.7"), (ax_row[1], "image", f"generator {GENERATOR_VERSION}")):
+        vmax = float(np.take(arrays["image"], k, axis=axis)[crop].max())  # the brightest voxel shown
+        for ax, key, title in ((ax_row[0], "old", "1.7"), (ax_row[1], "image", GENERATOR_VERSION)):
             sl = np.take(arrays[key], k, axis=axis)[crop]
             ax.imshow(sl.T[::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest", aspect=zooms[1] / zooms[0])
             if key == "image":
-                ax.contour(np.take(right, k, axis=axis)[crop].T[::-1].astype(float), levels=[0.5], colors="orange",
+                ax.contour(np.take(mine, k, axis=axis)[crop].T[::-1].astype(float), levels=[0.5], colors="orange",
                            linewidths=0.8)
-            where = ", anterior to the right" if plane == "sagittal" else ""
-            ax.set_title(f"{fov} view, right {bone}, {plane}{where}: {title}", fontsize=8)
+            where = ", front right" if plane == "sagittal" else ""
+            ax.set_title(f"{title}: {side} {bone}, {plane}{where}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"seed {seed} ({age:.0f} y): one slice per view, head at the top, the same grey scale; "
+    fig.suptitle(f"seed {seed} ({age:.0f} y): one slice per view, head at the top, each row on one grey scale; "
                  f"orange: the apophyseal plates generator {GENERATOR_VERSION} adds", fontsize=9)
     fig.savefig(path, dpi=80, bbox_inches="tight")
 
