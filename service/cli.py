@@ -196,6 +196,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              out: Path = typer.Option(Path("eval"), "--out", help="where per_case.csv, lesions.csv, sites.csv, "
                                                     "site_confusion.csv, summary.json, froc.png go"),
              device: str = typer.Option("auto", "--device", help="with --model: auto | cpu | cuda"),
+             precision: str = typer.Option("auto", "--precision", help="with --model: auto (bf16 where native) | "
+                                           "bf16 | fp32; the two can differ by a few lesions"),
              tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
@@ -219,7 +221,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
             ref = data / "cases" if (data / "cases").is_dir() else data
             images = sorted(ref.glob("*/image.nii.gz"))
             names = [p.parent.name for p in images]
-        predictor = _load_predictor(model, device=device, tta=tta)
+        predictor = _load_predictor(model, device=device, precision=precision, tta=tta)
         pred = out / "predictions"
         outcomes = predict_many(predictor, images, pred, names=names)
         errors = {o.name: o.error for o in outcomes if o.status == "failed"}

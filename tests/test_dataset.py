@@ -360,10 +360,15 @@ def test_evaluate_on_a_synth_folder_keeps_its_lesion_instances(tmp_path):
     os.link(root / "imagesTr" / "case_000001_0000.nii.gz", case / "image.nii.gz")
     out = tmp_path / "eval"
     res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
-                                   "--device", "cpu"])
+                                   "--device", "cpu", "--precision", "fp32"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert [(r["case"], int(r["n_ref"])) for r in rows] == [("case_000001", 2)]
+    report = json.loads((out / "predictions" / "case_000001" / "report.json").read_text())
+    assert report["model"]["device"] == "cpu fp32"  # the card records it (bf16 and fp32 can differ by a lesion)
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models/default", "--data", str(root), "--out", str(out),
+                                   "--precision", "half"])
+    assert res.exit_code == 2 and "precision must be auto, bf16 or fp32" in res.output
 
 
 def test_a_binary_label_caches_each_lesion_apart_and_old_caches_are_made_again(tmp_path):

@@ -5,7 +5,8 @@ did not (the same children made twice, e.g. generator 1.8's apophyses against 1.
 
 EVAL is a `wbmri evaluate --model` folder (its lesions.csv and predictions/); NEW and OLD are the two `wbmri synth`
 sets, case for case on the same grids. Prints the number of false positives, those whose voxels touch a plate voxel
-(physis.nii.gz) of NEW that OLD lacks, with their case, site and volume, and how many cases hold such plates.
+(physis.nii.gz) of NEW that OLD lacks, with their case, the site the model named and their volume, and how many cases
+hold such plates. Whether a false positive is new is for `wbmri compare` or lesions.csv of an evaluation on OLD.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.eval_dir / "lesions.csv", newline="") as fh:
         false_positives = [r for r in csv.DictReader(fh) if r["kind"] == "false_positive"]
+    scored = {p.name for p in (args.eval_dir / "predictions").iterdir()}
     added = {c.name: _physis(c) & ~_physis(args.old / "cases" / c.name) for c in sorted((args.new / "cases").iterdir())}
+    if scored - set(added):
+        raise SystemExit(f"{args.eval_dir} scored cases that {args.new} lacks: evaluate on that set")
     touching = []
     for row in false_positives:
         pred = np.asanyarray(nib.load(args.eval_dir / "predictions" / row["case"] / "lesions.nii.gz").dataobj)

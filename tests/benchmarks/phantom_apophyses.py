@@ -97,7 +97,10 @@ def main() -> None:
         print(f"{fov:7} {bone:10} added plate voxels {int(added.sum()):5d}, median signal {ratio:.2f}x the bone's "
               f"other voxels; voxels changed by > 1%: {int(moved.sum())}, the farthest {reach:.1f} mm from a plate; "
               f"lesion labels identical: {bool(np.array_equal(arrays['lesions'], arrays['lesions_old']))}")
-        rows.append((fov, bone, plane, arrays, added))
+        if added.any():
+            rows.append((fov, bone, plane, arrays, added))
+    if args.png and not rows:
+        raise SystemExit(f"seed {args.seed}'s child has none of these apophyses (too young or fused): no picture")
     if args.png:
         draw(rows, args.seed, age, args.png)
         print(f"picture: {args.png}")
