@@ -491,11 +491,10 @@ def _report_models(eval_dir: Path) -> list[dict]:
             for report in sorted((Path(eval_dir) / "predictions").glob("*/report.json"))]
 
 
-def _devices(evals: dict[str, Path]) -> dict[str, list[str]]:
-    """The devices and precisions (``cpu bf16``, ``cpu fp32``, ...) each evaluation's reports were made with: bf16 and
-    fp32 runs of one network can find a few lesions more or fewer."""
-    return {name: sorted({m.get("device", "unknown") for m in _report_models(Path(folder))})
-            for name, folder in evals.items()}
+def _devices(models: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """The devices and precisions (``cpu bf16``, ``cpu fp32``, ...) each evaluation's reports (``models``: their
+    :func:`_report_models`) were made with: bf16 and fp32 runs of one network can find a few lesions more or fewer."""
+    return {name: sorted({m.get("device", "unknown") for m in ms}) for name, ms in models.items()}
 
 
 def _made_by(models: list[dict]) -> list[dict]:
@@ -540,7 +539,7 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "", mi
     targets = target_check(metrics)
     card["metrics"] = {"frozen_synthetic_test_set": metrics, "software": SOFTWARE,
                        "command": command or (card.get("metrics") or {}).get("command", ""),
-                       "devices": _devices(evals)}
+                       "devices": _devices(models)}
     card["targets"] = targets
     card["limitations"] = _target_limitation(targets) + LIMITATIONS
     card.setdefault("data", {})["test_seeds"] = _test_sets(metrics, "seeds")
@@ -631,7 +630,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
             "real_patient_data": "none" if synthetic_only else "yes: see dataset_dirs",
         },
         "metrics": {"frozen_synthetic_test_set": metrics, "software": SOFTWARE, "command": eval_command,
-                    "devices": _devices(evals or {})},
+                    "devices": _devices({name: _report_models(Path(f)) for name, f in (evals or {}).items()})},
         "intended_use": INTENDED_USE,
         "targets": targets,
         "limitations": _target_limitation(targets) + LIMITATIONS,

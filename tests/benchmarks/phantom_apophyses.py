@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 
+import nibabel as nib
 import numpy as np
+from scipy.ndimage import distance_transform_edt
 
 from models.sites import site_id
 from training.config import SynthConfig, load_config
@@ -31,7 +33,6 @@ def added_plates(seed: int, fov: str, bone: str):
     generator has."""
     now = generate_case(seed, load_config(SynthConfig, None, []), fov=fov)
     old = generate_case(seed, load_config(SynthConfig, None, list(GENERATOR_1_7_SETTINGS)), fov=fov)
-    import nibabel as nib
     arrays = {"zooms": nib.as_closest_canonical(nib.Nifti1Image(now.sites, now.affine)).header.get_zooms()}
     arrays |= {k: _ras(v, now.affine) for k, v in (("image", now.image), ("old", old.image), ("sites", now.sites),
                                                    ("lesions", now.lesions), ("lesions_old", old.lesions), ("physis", now.physis),
@@ -43,7 +44,6 @@ def added_plates(seed: int, fov: str, bone: str):
 
 def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The array in RAS+ axis order (the generator draws the header orientation at random)."""
-    import nibabel as nib
     return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array), affine)).dataobj)
 
 
@@ -90,7 +90,6 @@ def main() -> None:
         rest = in_bone & ~added & (arrays["lesions"] == 0)
         img = arrays["image"].astype(np.float64)
         ratio = float(np.median(img[added]) / np.median(img[rest])) if added.any() else float("nan")
-        from scipy.ndimage import distance_transform_edt
         any_plate = (arrays["physis"] > 0) & (arrays["physis_old"] == 0)  # every bone's added plates
         moved = np.abs(img - arrays["old"]) > 0.01 * np.abs(arrays["old"].astype(np.float64)) + 1e-6
         reach = distance_transform_edt(~any_plate, sampling=arrays["zooms"])[moved].max() if moved.any() else 0.0

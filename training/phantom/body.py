@@ -216,9 +216,14 @@ def _tube(cv: Canvas, pts, r: float, sid: int, red_w: float, tissue_core: int | 
         paint(cv, b, m & (rho <= r * 0.62), core_t, None, marrow_w=red_w)
 
 
+def _plate_mm(openness: float) -> float:
+    """Thickness (mm) of a growth or apophyseal plate that is ``openness`` (0..1) open."""
+    return 1.6 + 1.8 * openness
+
+
 def physis_mm(body: Body) -> float:
-    """Thickness of an open growth plate or apophyseal plate: thicker the younger the child."""
-    return 1.6 + 1.8 * body.physis_open
+    """Thickness of the child's open long-bone growth plates: thicker the younger the child."""
+    return _plate_mm(body.physis_open)
 
 
 # Ages (years) from which an apophysis is ossified, around a bright cartilage plate, and at which that plate has
@@ -243,7 +248,7 @@ def apophysis_open(body: Body, which: str) -> bool:
 def apophysis_mm(body: Body, which: str) -> float:
     """Thickness of an apophyseal plate: as a growth plate's, thinning over its last three years before fusion."""
     fused = APOPHYSIS_AGES[which][body.sex][1]
-    return 1.6 + 1.8 * float(np.clip((fused - body.age) / 3.0, 0.15, 1.0))
+    return _plate_mm(float(np.clip((fused - body.age) / 3.0, 0.15, 1.0)))
 
 
 def _dome(tp: float, rho: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -273,9 +278,9 @@ def _tibial_tuberosity(cv: Canvas, body: Body, tib: LongBone) -> None:
     if res is None or tp is None:
         return
     b, m, t_raw, rho, _ = res
-    axis = tib.P[None, None, None, :] + np.clip(t_raw, 0, 1)[..., None] * (tib.D - tib.P)
-    front = b.y - axis[..., 1]  # anterior is +y
-    across = np.abs(b.x - axis[..., 0])
+    t, d = np.clip(t_raw, 0, 1), tib.D - tib.P
+    front = b.y - (tib.P[1] + t * d[1])  # from the nearest axis point; anterior is +y
+    across = np.abs(b.x - (tib.P[0] + t * d[0]))
     r = tib.radius(t_raw)
     below_plate = t_raw - (tp - _dome(tp, rho, r))  # >= 0 distal to the plate in this voxel's own column
     band = (below_plate * tib.length >= physis_mm(body) / 2) & (below_plate <= 0.08) & (across <= 0.45 * r)
