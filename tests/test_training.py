@@ -947,3 +947,35 @@ def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path):
         assert pull[near].all() if margin < 0 else not pull[near].any(), margin
     with pytest.raises(ConfigError, match="anchor_outside_lesions"):
         load_config(TrainConfig, TINY, ["loss.anchor_outside_lesions=-2"])
+
+
+def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path):
+    """``loss.plate_weight``: on and within ``plate_margin`` voxels of a growth plate the edema output learns from
+    its labels (down on the plate, up on a lesion over it) and the anchor no longer pulls; elsewhere only the anchor
+    does."""
+    shape = (1, 1, 9, 9, 9)
+    batch = {"edema": torch.zeros(shape, dtype=torch.uint8), "sites": torch.zeros(shape, dtype=torch.uint8),
+             "physis": torch.zeros(shape, dtype=torch.uint8)}
+    batch["physis"][..., 4, :, :] = 1  # a plate across the patch
+    batch["edema"][0, 0, 4, 4, 4] = 1  # a lesion on it
+    zone = torch.zeros(shape, dtype=torch.bool)
+    zone[..., 3:6, :, :] = True
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        "init=models/default", "loss.anchor_weight=1", "loss.plate_weight=1", "loss.plate_margin=1",
+        "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
+    voxel = torch.zeros(1, 3, 9, 9, 9, requires_grad=True)
+    loss, parts = compute_loss(voxel, torch.zeros(1, 67, 4, 4, 4), batch, cfg, torch.full(shape, 0.9))
+    loss.backward()
+    grad = voxel.grad[:, :1]
+    assert "edema_plates" in parts
+    lesion = batch["edema"] == 1
+    assert (grad[zone & ~lesion] > 0).all()  # label 0 on the plate: the logits are pushed down
+    assert (grad[lesion] < 0).all()  # the lesion over the plate: up
+    assert (grad[~zone] < 0).all()  # the anchor (0.9) pulls up away from the plate
+    cfg0 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        "init=models/default", "loss.anchor_weight=1", "loss.edema_weight=0", "loss.bone_weight=0",
+        "loss.physis_weight=0", "loss.sites_weight=0"])
+    assert "edema_plates" not in compute_loss(voxel.detach(), torch.zeros(1, 67, 4, 4, 4), batch, cfg0,
+                                              torch.full(shape, 0.9))[1]
+    with pytest.raises(ConfigError, match="plate_margin"):
+        load_config(TrainConfig, TINY, ["loss.plate_margin=9"])

@@ -316,6 +316,13 @@ class LossConfig(Strict):
                                         "only voxels more than n model-grid voxels from any lesion of the target, so "
                                         "edema_weight teaches the lesions (e.g. fainter ones) while normal marrow, "
                                         "where false positives arise, keeps the anchor model's answer")
+    plate_weight: float = Field(0.0, ge=0, description="edema BCE averaged over the voxels on or beside a growth "
+                                "plate or apophysis (the physis target, within plate_margin): teaches that normal "
+                                "plates are not edema and that lesions over them are, with a weight that does not "
+                                "shrink with the plates' few voxels; with anchor_weight the anchor lets go of these "
+                                "voxels. 0 = off")
+    plate_margin: int = Field(1, ge=0, le=5, description="plate_weight's voxels lie within this many model-grid "
+                              "voxels of a plate")
 
 
 class OptimConfig(Strict):

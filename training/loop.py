@@ -95,14 +95,24 @@ def sites_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.
     return ce + (1 - dsc[present]).mean()
 
 
+def _near(mask: torch.Tensor, margin: int) -> torch.Tensor:
+    """1 on voxels within ``margin`` voxels (a cube) of ``mask``'s, as float."""
+    mask = mask.float()
+    return F.max_pool3d(mask, 2 * margin + 1, stride=1, padding=margin) if margin else mask
+
+
 def anchor_mask(edema: torch.Tensor, margin: int) -> torch.Tensor:
     """Where ``loss.anchor_weight`` holds the edema output: everywhere (margin -1), or only on voxels more than
     ``margin`` voxels from any lesion voxel (and not unknown), so the lesions themselves learn from their labels."""
     if margin < 0:
         return torch.ones_like(edema, dtype=torch.float32)
-    lesion = (edema == 1).float()
-    near = F.max_pool3d(lesion, 2 * margin + 1, stride=1, padding=margin) if margin else lesion
-    return (1 - near) * (edema != UNKNOWN).float()
+    return (1 - _near(edema == 1, margin)) * (edema != UNKNOWN).float()
+
+
+def plate_mask(batch: dict[str, torch.Tensor], margin: int) -> torch.Tensor:
+    """Voxels within ``margin`` voxels of a growth plate or apophysis (the physis target) whose edema label is
+    known: where ``loss.plate_weight`` teaches the edema output from the labels."""
+    return _near(batch["physis"] == 1, margin) * (batch["edema"] != UNKNOWN).float()
 
 
 def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -110,7 +120,8 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
     compound loss per head); voxels whose target is unknown (255) are masked out. ``anchor``: the --init
     network's edema probabilities on the same patch (``loss.anchor_weight``), matched by BCE + soft Dice over
-    every voxel or, with ``loss.anchor_outside_lesions``, only away from the lesions."""
+    every voxel or, with ``loss.anchor_outside_lesions``, only away from the lesions; ``loss.plate_weight`` teaches
+    the edema output on and beside the growth plates and apophyses, which the anchor then lets go of."""
     lc = cfg.loss
     voxel = voxel.float()  # sites are cast after gathering the bone voxels (sites_loss)
     parts: dict[str, torch.Tensor] = {}
@@ -133,12 +144,17 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     half = torch.where(half == UNKNOWN, torch.full_like(half, -100), half)
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
     parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
+    plates = plate_mask(batch, lc.plate_margin) if lc.plate_weight > 0 else None
+    if plates is not None:
+        parts["edema_plates"] = _bce(voxel[:, EDEMA:EDEMA + 1], edema_t, plates)
     if anchor is not None:
         edema_logits, held = voxel[:, EDEMA:EDEMA + 1], anchor_mask(batch["edema"], lc.anchor_outside_lesions)
+        held = held if plates is None else held * (1 - plates)
         parts["edema_anchor"] = _bce(edema_logits, anchor, held) + soft_dice_loss(torch.sigmoid(edema_logits), anchor, held)
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
         + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] \
-        + lc.blob_weight * parts.get("edema_blob", 0) + lc.anchor_weight * parts.get("edema_anchor", 0)
+        + lc.blob_weight * parts.get("edema_blob", 0) + lc.anchor_weight * parts.get("edema_anchor", 0) \
+        + lc.plate_weight * parts.get("edema_plates", 0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -672,7 +688,8 @@ class Trainer:
                                                                  sort_keys=False))
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
-        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "bone",
+        cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "edema_plates",
+                "bone",
                 "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
                 "val_lesion_prec", "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction",
                 "val_min_confidence", "val_bone_dice"]
