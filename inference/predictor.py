@@ -20,7 +20,7 @@ from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
                              resolve_device, size_divisor, upsample_site_ids)
 from models.lesions import components, near_bone
-from models.nifti import DEFAULT_MAX_VOXELS, InputError, Volume, atomic_dir, case_name, load_volume, save_nifti
+from models.nifti import DEFAULT_MAX_VOXELS, Volume, atomic_dir, case_name, load_volume, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 from models.site_rules import BONE_THRESHOLD, apply_site_rules, bone_thresholds, sites_in_bone
 from models.spine import level_count_anchors

@@ -759,7 +759,6 @@ def _foot(cv: Canvas, body: Body, ankle: np.ndarray, side: str, rng) -> None:
         _calcaneal_apophysis(cv, body, *calc, site_id(f"calcaneus_{side}"))
     _ell_plate(cv, ankle + [0, 0.026 * H, -0.026 * H], [0.014 * H, 0.012 * H, 0.009 * H], None,
                site_id(f"midfoot_{side}"), red)
-    mt = site_id(f"metatarsals_{side}")
     toes = site_id(f"toes_{side}")
     for i in range(5):
         x = ankle[0] + s * (-0.6 + 0.3 * i) * fw
