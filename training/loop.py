@@ -689,8 +689,7 @@ class Trainer:
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "edema_plates",
-                "bone",
-                "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
+                "bone", "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
                 "val_lesion_prec", "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction",
                 "val_min_confidence", "val_bone_dice"]
         if not new:  # a run resumed from an older version keeps its file's columns
