@@ -109,12 +109,6 @@ def anchor_mask(edema: torch.Tensor, margin: int) -> torch.Tensor:
     return (1 - _near(edema == 1, margin)) * (edema != UNKNOWN).float()
 
 
-def plate_mask(batch: dict[str, torch.Tensor], margin: int) -> torch.Tensor:
-    """Voxels within ``margin`` voxels of a growth plate or apophysis (the physis target) whose edema label is
-    known: where ``loss.plate_weight`` teaches the edema output from the labels."""
-    return _near(batch["physis"] == 1, margin) * (batch["edema"] != UNKNOWN).float()
-
-
 def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                  anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
@@ -144,8 +138,9 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     half = torch.where(half == UNKNOWN, torch.full_like(half, -100), half)
     half = half[:, : sites.shape[2], : sites.shape[3], : sites.shape[4]]
     parts["sites"] = sites_loss(sites, half, lc.dice) if (half >= 0).any() else sites.sum() * 0
-    plates = plate_mask(batch, lc.plate_margin) if lc.plate_weight > 0 else None
-    if plates is not None:
+    plates = None  # loss.plate_weight: voxels within plate_margin of a growth plate or apophysis, edema label known
+    if lc.plate_weight > 0:
+        plates = _near(batch["physis"] == 1, lc.plate_margin) * known
         parts["edema_plates"] = _bce(voxel[:, EDEMA:EDEMA + 1], edema_t, plates)
     if anchor is not None:
         edema_logits, held = voxel[:, EDEMA:EDEMA + 1], anchor_mask(batch["edema"], lc.anchor_outside_lesions)
