@@ -23,7 +23,10 @@ EDEMA, BONE, PHYSIS = 0, 1, 2
 VOXEL_CHANNELS = ("edema", "bone", "physis")
 LOG_EPS = 0.03  # of the normalised image (body 99th percentile = 1): about background noise
 # The network's parts that training can hold fixed or train alone: part -> WbmriNet's child modules
-NETWORK_PARTS = {"body": ("body", "act"), "voxel": ("voxel",), "sites": ("sites",)}
+NETWORK_PARTS = {"body": ("body", "act"), "voxel": ("voxel",), "sites": ("sites",),
+                 # the U-Net's last, full-resolution up block: downstream of the site head's skip level, so training
+                 # it (with voxel) leaves the site logits to the bit (MONAI UNet: body.model[2])
+                 "top": ("body.model.2", "act")}
 NetworkPart = Literal[tuple(NETWORK_PARTS)]  # type: ignore[valid-type]
 
 
@@ -118,8 +121,23 @@ def fixed_modules(net: nn.Module, train_only) -> list[nn.Module]:
     statistics stay too; none when ``train_only`` is empty (the whole network trains)."""
     if not train_only:
         return []
-    keep = {child for part in train_only for child in NETWORK_PARTS[part]}
-    fixed = [m for name, m in net.named_children() if name not in keep]
+    keep = {path for part in train_only for path in NETWORK_PARTS[part]}
+    named = dict(net.named_modules())
+    if missing := sorted(keep - set(named)):
+        raise ValueError(f"optim.train_only {list(train_only)}: this network has no {missing} (top needs arch unet)")
+    fixed: list[nn.Module] = []
+
+    def hold(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path in keep:
+                continue
+            if any(k.startswith(path + ".") for k in keep):
+                hold(child, path + ".")  # a kept part lies inside: hold its siblings, not the whole
+            else:
+                fixed.append(child)
+
+    hold(net, "")
     for m in fixed:
         m.requires_grad_(False)
     return fixed

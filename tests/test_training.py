@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from models.card import load_bundle, save_bundle
 from models.lesions import MIN_SIGNAL_RATIO
-from models.networks import build_network
+from models.networks import build_network, fixed_modules
 from models.sites import site_id
 from training.config import ConfigError, SamplingConfig, TrainConfig, load_config
 from training.data import (JITTER_MARGIN, UNKNOWN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
@@ -156,6 +156,55 @@ def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
         load_config(TrainConfig, TINY, ["optim.train_only=[encoder]"])
 
 
+def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_bit(tmp_path):
+    """``optim.train_only=[top, voxel]``: the last full-resolution up block learns, everything the site head reads
+    (encoder, deeper decoder, half-resolution skip level) and the site head itself stay as they were."""
+    torch.manual_seed(3)
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        f"init={tmp_path / 'base'}", "optim.train_only=[top,voxel]", "optim.lr=0.01", "val_every=1000",
+        "precise_bn_batches=2"])
+    Trainer(cfg, quiet=True).train(progress=False)
+    was, now = load_bundle(tmp_path / "base").net, load_bundle(tmp_path / "run" / "final").net
+    moved = {k for k, v in was.state_dict().items() if not torch.equal(v, now.state_dict()[k])}
+    assert moved and all(k.startswith(("body.model.2.", "voxel.", "act.")) for k in moved), sorted(moved)
+    assert any(k.startswith("body.model.2.") for k in moved)
+    x = torch.randn(1, 1, *base_cfg.network.patch)
+    with torch.no_grad():
+        (v0, s0), (v1, s1) = was.eval()(x), now.eval()(x)
+    assert torch.equal(s0, s1) and not torch.equal(v0, v1)
+    basic = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["network.arch=basicunet",
+                                                                       "network.channels=[8,8,16,32,64,8]"])
+    with pytest.raises(ValueError, match="top needs arch unet"):
+        fixed_modules(build_network(basic.network), ["top"])
+    with pytest.raises(ConfigError, match="needs network.arch unet"):
+        load_config(TrainConfig, TINY, ["network.arch=basicunet", "network.channels=[8,8,16,32,64,8]",
+                                        "optim.train_only=[top,voxel]"])
+
+
+def test_the_anatomy_anchor_holds_bone_and_physis_to_the_anchor_model(tmp_path):
+    """``loss.anchor_anatomy_weight``: the bone and physis logits are pulled towards the anchor model's
+    probabilities on every voxel; off, they feel no pull when their own targets are off."""
+    shape = (1, 1, 6, 6, 6)
+    batch = {k: torch.zeros(shape, dtype=torch.uint8) for k in ("edema", "sites", "physis")}
+    anchor = torch.full((1, 3, 6, 6, 6), 0.9)
+    pulls = {}
+    for weight in (0, 1):
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+            "init=models/default", "loss.anchor_weight=1", f"loss.anchor_anatomy_weight={weight}",
+            "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
+        voxel = torch.zeros(1, 3, 6, 6, 6, requires_grad=True)
+        loss, parts = compute_loss(voxel, torch.zeros(1, 67, 3, 3, 3), batch, cfg, anchor)
+        loss.backward()
+        pulls[weight] = voxel.grad[:, 1:]
+        assert ("anatomy_anchor" in parts) == bool(weight)
+    assert (pulls[0] == 0).all()
+    assert (pulls[1] < 0).all()  # 0.9 above sigmoid(0): pulled up
+    with pytest.raises(ConfigError, match="set loss.anchor_weight too"):
+        load_config(TrainConfig, TINY, ["init=models/default", "loss.anchor_anatomy_weight=1"])
+
+
 def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_path):
     """``loss.anchor_weight`` holds the edema channel to the --init network while the rest learns: with the
     edema targets off in both runs, the anchored one's edema probabilities stay nearer the start."""
@@ -200,8 +249,8 @@ def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_p
     for anchor_from, want, other in ((None, "start", "keep"), (tmp_path / "keep", "keep", "start")):
         extra = [f"loss.anchor_from={anchor_from}"] if anchor_from else []
         anchor = Trainer(load_config(TrainConfig, TINY, overrides + extra), quiet=True)._anchor(x)
-        assert torch.allclose(anchor, edema(tmp_path / want), atol=1e-5)
-        assert not torch.allclose(anchor, edema(tmp_path / other), atol=1e-3)
+        assert torch.allclose(anchor[:, :1], edema(tmp_path / want), atol=1e-5)
+        assert not torch.allclose(anchor[:, :1], edema(tmp_path / other), atol=1e-3)
     with pytest.raises(ConfigError, match="loss.anchor_from"):
         Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'missing'}"]), quiet=True)
     p75 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["network.intensity_reference=p75"])

@@ -321,6 +321,10 @@ class LossConfig(Strict):
                                 "plates are not edema and that lesions over them are, with a weight that does not "
                                 "shrink with the plates' few voxels; with anchor_weight the anchor lets go of these "
                                 "voxels. 0 = off")
+    anchor_anatomy_weight: float = Field(0.0, ge=0, description="hold the bone and physis outputs to the anchor "
+                                         "model's too (BCE against its probabilities on every voxel), so a fine-tune "
+                                         "of the edema output leaves the bone map, and with it the site map's extent, "
+                                         "where it was; 0 = off, needs anchor_weight")
     plate_margin: int = Field(1, ge=0, le=5, description="plate_weight's voxels lie within this many model-grid "
                               "voxels of a plate")
 
@@ -336,7 +340,8 @@ class OptimConfig(Strict):
         [], description="train only these parts of the network (body: the U-Net; voxel: the edema, bone and physis "
         "head; sites: the site head) and hold the rest fixed, batch-norm statistics included; e.g. [sites] with "
         "--init teaches the site head anew while every edema, bone and physis output stays the --init model's "
-        "to the bit. Empty: the whole network")
+        "to the bit; [top, voxel]: the last full-resolution up block and the voxel head, which the site head does "
+        "not read (arch unet), so the site logits stay to the bit. Empty: the whole network")
     minutes: float = Field(0.0, ge=0, description="train for about this long instead (0: exactly `steps`): the step "
                            "count is set from the pace measured once the batch queue is full and re-set as the pace "
                            "changes, the schedule bending smoothly to end on time, and training stops, exporting as "
@@ -371,6 +376,11 @@ class TrainConfig(Strict):
     def _anchor_needs_init(self) -> "TrainConfig":
         if self.loss.anchor_weight > 0 and self.init is None:
             raise ValueError("loss.anchor_weight holds the edema output to the --init model's: set init too")
+        if self.loss.anchor_anatomy_weight > 0 and self.loss.anchor_weight <= 0:
+            raise ValueError("loss.anchor_anatomy_weight holds bone and physis to the anchor model: set "
+                             "loss.anchor_weight too")
+        if "top" in self.optim.train_only and self.network.arch != "unet":
+            raise ValueError("optim.train_only 'top' (the U-Net's last up block) needs network.arch unet")
         return self
 
     @model_validator(mode="after")

@@ -113,9 +113,10 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
                  anchor: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + batch Dice for edema and bone, BCE for physis, CE + Dice for sites at half resolution (nnU-Net's
     compound loss per head); voxels whose target is unknown (255) are masked out. ``anchor``: the --init
-    network's edema probabilities on the same patch (``loss.anchor_weight``), matched by BCE + soft Dice over
-    every voxel or, with ``loss.anchor_outside_lesions``, only away from the lesions; ``loss.plate_weight`` teaches
-    the edema output on and beside the growth plates and apophyses, which the anchor then lets go of."""
+    network's voxel probabilities on the same patch (edema first; ``loss.anchor_weight``): its edema is matched by
+    BCE + soft Dice over every voxel or, with ``loss.anchor_outside_lesions``, only away from the lesions, and its
+    bone and physis by BCE everywhere (``loss.anchor_anatomy_weight``); ``loss.plate_weight`` teaches the edema
+    output on and beside the growth plates and apophyses, which the anchor then lets go of."""
     lc = cfg.loss
     voxel = voxel.float()  # sites are cast after gathering the bone voxels (sites_loss)
     parts: dict[str, torch.Tensor] = {}
@@ -145,11 +146,15 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     if anchor is not None:
         edema_logits, held = voxel[:, EDEMA:EDEMA + 1], anchor_mask(batch["edema"], lc.anchor_outside_lesions)
         held = held if plates is None else held * (1 - plates)
-        parts["edema_anchor"] = _bce(edema_logits, anchor, held) + soft_dice_loss(torch.sigmoid(edema_logits), anchor, held)
+        kept = anchor[:, EDEMA:EDEMA + 1]
+        parts["edema_anchor"] = _bce(edema_logits, kept, held) + soft_dice_loss(torch.sigmoid(edema_logits), kept, held)
+        if lc.anchor_anatomy_weight > 0:
+            everywhere = torch.ones_like(kept)
+            parts["anatomy_anchor"] = sum(_bce(voxel[:, c:c + 1], anchor[:, c:c + 1], everywhere) for c in (BONE, PHYSIS))
     total = lc.edema_weight * (parts["edema_bce"] + parts.get("edema_dice", 0)) + lc.bone_weight * parts["bone"] \
         + lc.physis_weight * parts["physis"] + lc.sites_weight * parts["sites"] \
         + lc.blob_weight * parts.get("edema_blob", 0) + lc.anchor_weight * parts.get("edema_anchor", 0) \
-        + lc.plate_weight * parts.get("edema_plates", 0)
+        + lc.plate_weight * parts.get("edema_plates", 0) + lc.anchor_anatomy_weight * parts.get("anatomy_anchor", 0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -645,12 +650,13 @@ class Trainer:
         return {"step": self.step, "best_selection_f1": self.best, "loss": last_loss, **last_val}
 
     def _anchor(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The anchor network's edema probabilities on this batch (``loss.anchor_weight``), None when off."""
+        """The anchor network's voxel probabilities (edema, bone, physis) on this batch (``loss.anchor_weight``),
+        None when off."""
         if self.teacher is None:
             return None
         with torch.no_grad(), autocast_for(self.device, self.bf16):
             voxel, _ = self.teacher(x)
-        return torch.sigmoid(voxel[:, EDEMA:EDEMA + 1].float())
+        return torch.sigmoid(voxel.float())
 
     def _count_due(self, paced_steps: int, paced_s: float, first: bool) -> bool:
         """``optim.minutes``: whether to count the steps again from the pace since the last count. The first count
@@ -684,7 +690,7 @@ class Trainer:
 
     def _csv(self, path: Path, row: dict, new: bool) -> None:
         cols = ["step", "time_s", "lr", "loss", "edema_bce", "edema_dice", "edema_blob", "edema_anchor", "edema_plates",
-                "bone", "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
+                "anatomy_anchor", "bone", "physis", "sites", "val_edema_dice", "val_lesion_f1", "val_lesion_f1_selection", "val_lesion_sens",
                 "val_lesion_prec", "val_fp_per_scan", "val_site_acc", "val_threshold", "val_min_bone_fraction",
                 "val_min_confidence", "val_bone_dice"]
         if not new:  # a run resumed from an older version keeps its file's columns
