@@ -42,19 +42,23 @@ def draw(rows, seed: int, age: float, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(rows), 2, figsize=(7, 3.6 * len(rows)))
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 4.5 * len(rows)))
     for (fov, new, old, zooms, foci), ax_row in zip(rows, axes):
         k = int(np.argmax(foci.sum(axis=(0, 2))))  # the coronal slice the foci change most
-        vmax = float(new[:, k].max())
+        where = np.argwhere(foci[:, k])
+        margin = (np.array([30.0, 30.0]) / np.asarray(zooms)[[0, 2]]).astype(int)  # 30 mm around the foci
+        lo, hi = np.maximum(where.min(0) - margin, 0), where.max(0) + margin + 1
+        crop = (slice(lo[0], hi[0]), k, slice(lo[1], hi[1]))
+        vmax = float(new[crop].max())
         for ax, img, title in ((ax_row[0], old, "1.8"), (ax_row[1], new, GENERATOR_VERSION)):
-            ax.imshow(img[:, k].T[::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
+            ax.imshow(img[crop].T[::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
                       aspect=zooms[2] / zooms[0])
             ax.set_title(f"{title}: {fov}, coronal, patient's right on the left", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"seed {seed} ({age:.0f} y), no lesions: one slice per view, head at the top, each row on one grey "
                  f"scale; right: generator {GENERATOR_VERSION}'s normal marrow foci", fontsize=9)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
 def main() -> None:
