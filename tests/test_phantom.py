@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.sites import all_sites, by_code
+from models.sites import all_sites, by_code, site_id
 from training.config import ConfigError, LesionConfig, SynthConfig, load_config
 from training.phantom.generate import GENERATOR_1_6_SETTINGS, generate_case, synth_dataset, write_case
 from training.phantom.lesions import PELVIS, plan_lesions
@@ -217,29 +217,53 @@ def test_muscle_floor_lifts_faint_edema_in_fatty_marrow_only_when_set():
     assert SynthConfig().lesions.muscle_floor == 1.0
 
 
-def test_normal_foot_foci_are_symmetric_left_right():
-    from models.sites import site_id
+@pytest.mark.parametrize("region", ["foot", "knee", "pelvis"])
+def test_normal_marrow_foci_are_symmetric_left_right(region):
     from training.config import BodyConfig
-    from training.phantom.contrast import FOOT_FOCUS_BONES, foot_foci_gain, foot_marrow
+    from training.phantom.contrast import MARROW_FOCUS_REGIONS, _region_ids, marrow_foci_gain, region_marrow
     from training.phantom.generate import draw_skeleton
     from training.phantom.render import tissue_in
     body, cv = draw_skeleton(4, BodyConfig(), 3.0)
-    ids = {side: [site_id(f"{b}_{side}") for b in FOOT_FOCUS_BONES] for side in ("left", "right")}
-    foot = foot_marrow(cv)
+    landmark, reach = MARROW_FOCUS_REGIONS[region].landmark, MARROW_FOCUS_REGIONS[region].reach
+    marrow = region_marrow(cv, body, region)
     gain = np.ones(cv.shape, np.float32)
-    gain[foot] = foot_foci_gain(cv, body, foot, np.random.default_rng(9), boost=2.0)
+    gain[marrow] = marrow_foci_gain(cv, body, marrow, np.random.default_rng(9), 2.0, region)
     bright = gain > 1.0
-    # each left-foot voxel against the right-foot voxel at the mirrored ankle-centred position
-    left = np.argwhere(foot & tissue_in(cv.sites, ids["left"]))
+    # each left-side voxel against the right-side voxel at the mirrored landmark-centred position
+    left = np.argwhere(marrow & tissue_in(cv.sites, _region_ids(region, "left")))
     world = cv.origin + cv.spacing * left
-    mirrored = (world - body.landmarks["ankle_left"]) * [-1, 1, 1] + body.landmarks["ankle_right"]
+    mirrored = (world - body.landmarks[f"{landmark}_left"]) * [-1, 1, 1] + body.landmarks[f"{landmark}_right"]
     j = np.round((mirrored - cv.origin) / cv.spacing).astype(int)
     inside = np.all((j >= 0) & (j < cv.shape), axis=1)
     left, j = left[inside], j[inside]
-    both = foot[tuple(j.T)]
+    both = marrow[tuple(j.T)]
     agree = bright[tuple(left[both].T)] == bright[tuple(j[both].T)]
-    assert both.sum() > 50 and 0.05 < bright[foot].mean() < 0.95  # there are foci, and normal marrow between them
-    assert agree.mean() > 0.85, f"left and right foot foci agree on only {agree.mean():.0%} of mirrored voxels"
+    assert both.sum() > 50 and 0.05 < bright[marrow].mean() < 0.95  # there are foci, and normal marrow between them
+    assert agree.mean() > 0.85, f"left and right {region} foci agree on only {agree.mean():.0%} of mirrored voxels"
+    if reach is not None:  # near the landmark only: the knee's metaphyses, not the whole femur
+        pts = cv.origin + cv.spacing * np.argwhere(marrow)
+        near = np.minimum(*(np.linalg.norm(pts - body.landmarks[f"{landmark}_{s}"], axis=1) for s in ("left", "right")))
+        assert near.max() <= reach * body.H + 1e-3
+
+
+def test_knee_and_pelvic_foci_are_drawn_in_children_and_are_not_labelled():
+    """Generator 1.9's knee and pelvic foci: bright normal marrow (the gain over the same case without them), never
+    edema in the labels, recorded in case.json; with GENERATOR_1_8_SETTINGS the case is 1.8's, bit for bit."""
+    from scipy.ndimage import binary_dilation
+    from training.phantom.generate import GENERATOR_1_8_SETTINGS
+    settings = ["mimics.knee_foci_p_under16=1", "mimics.pelvic_foci_p_under16=1", "lesions.none_p=1",
+                "body.age_years=[8, 8]", "fov.p={whole_body: 1.0}", "acquisition.sequence_p={stir: 1}"]
+    with_foci = generate_case(31, load_config(SynthConfig, None, settings))
+    without = generate_case(31, load_config(SynthConfig, None, settings + list(GENERATOR_1_8_SETTINGS)))
+    assert with_foci.meta["knee_foci"] and with_foci.meta["pelvic_foci"]
+    assert not without.meta["knee_foci"] and not without.meta["pelvic_foci"]
+    assert not with_foci.lesions.any() and np.array_equal(with_foci.sites, without.sites)
+    ratio = with_foci.image.astype(np.float64) / np.maximum(without.image.astype(np.float64), 1e-3)
+    bones = np.isin(with_foci.sites, [site_id(f"{b}_{s}") for b in ("femur", "tibia", "ilium", "ischium", "pubis")
+                                      for s in ("left", "right")])
+    assert (bones & (ratio > 1.2)).sum() > 20, "the foci brighten knee and pelvic marrow"
+    near = binary_dilation(bones, iterations=2)  # the acquisition's blur spreads a focus by a voxel or two
+    assert not (ratio[~near] > 1.2).any(), "and nothing else"
 
 
 def test_cache_names_keep_their_digest_for_a_setting_added_at_its_default():
@@ -518,7 +542,7 @@ def _skeletons(age: float, sex: str, spacing: float = 2.0):
     """One child of ``age`` and ``sex`` drawn by generator 1.8 and with GENERATOR_1_7_SETTINGS (the same body)."""
     from training.config import BodyConfig
     from training.phantom.generate import GENERATOR_1_7_SETTINGS, draw_skeleton
-    assert GENERATOR_1_7_SETTINGS == ("body.apophyses=false", "body.calcaneus_pitch_deg=-15")
+    assert GENERATOR_1_7_SETTINGS[-2:] == ("body.apophyses=false", "body.calcaneus_pitch_deg=-15")
     cfg = dict(age_years=(age, age), female_p=1.0 if sex == "F" else 0.0)
     body, cv = draw_skeleton(500008, BodyConfig(**cfg), spacing)
     _, cv17 = draw_skeleton(500008, BodyConfig(**cfg, apophyses=False, calcaneus_pitch_deg=-15), spacing)

@@ -63,6 +63,17 @@ class MimicConfig(Strict):
     red_marrow_patch_p: float = Field(0.6, ge=0, le=1)
     foot_foci_p_under15: float = Field(0.59, ge=0, le=1)
     foot_foci_boost: Range = (1.6, 3.0)
+    knee_foci_p_under16: float = Field(0.25, ge=0, le=1, description="share of children under 16 with symmetric "
+                                       "bright marrow foci in the metaphyses around both knees (generator 1.9; the "
+                                       "clinical notes: 58.7% of healthy children have a major bright focus in the "
+                                       "limbs, the feet's foci being most of them)")
+    pelvic_foci_p_under16: float = Field(0.25, ge=0, le=1, description="share of children under 16 with symmetric "
+                                         "bright marrow foci around both acetabula and ischiopubic junctions "
+                                         "(generator 1.9; the clinical notes: 29.6% have one in the axial "
+                                         "skeleton, mostly the pelvis)")
+    marrow_foci_boost: Range = Field((1.4, 2.4), description="signal gain of the knee and pelvic foci over their "
+                                     "marrow: the range of real faint edema (median lesion 1.05-2.27 x normal "
+                                     "marrow), which is what makes them traps")
     effusion_p: float = Field(0.35, ge=0, le=1)
     slow_flow_p: float = Field(0.4, ge=0, le=1)
 

@@ -20,9 +20,10 @@ import numpy as np
 import yaml
 
 from training.config import SynthConfig, load_config
-from training.phantom.generate import GENERATOR_1_6_SETTINGS, GENERATOR_1_7_SETTINGS, generate_case
+from training.phantom.generate import (GENERATOR_1_6_SETTINGS, GENERATOR_1_7_SETTINGS, GENERATOR_1_8_SETTINGS,
+                                       generate_case)
 
-OLDER_SETTINGS = {"1.6": GENERATOR_1_6_SETTINGS, "1.7": GENERATOR_1_7_SETTINGS}
+OLDER_SETTINGS = {"1.6": GENERATOR_1_6_SETTINGS, "1.7": GENERATOR_1_7_SETTINGS, "1.8": GENERATOR_1_8_SETTINGS}
 
 
 def main() -> None:

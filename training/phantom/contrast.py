@@ -1,6 +1,8 @@
 """STIR contrast: tissue means, texture, marrow by age, normal mimics, lesion edema, contrast randomisation."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from models.sites import site_id
@@ -37,19 +39,51 @@ def tissue_means(rng: np.random.Generator, stir: StirConfig, rand: ContrastRando
 
 
 FOOT_FOCUS_BONES = ("calcaneus", "talus", "midfoot")  # where children's normal bright foot foci lie
+class FocusRegion(NamedTuple):
+    """Where normal bright marrow foci lie: the bones, the landmark (per side) their pattern is laid out around,
+    mirrored left-right, how far from it they reach (a share of body height; None: the whole bones) and the share
+    of the pattern's field below which marrow stays normal (higher: fewer, smaller foci)."""
+    bones: tuple[str, ...]
+    landmark: str
+    reach: float | None
+    level: float
 
 
-def foot_marrow(cv: Canvas) -> np.ndarray:
-    """Marrow voxels of the bones of both feet where normal bright foci can lie."""
-    ids = [site_id(f"{b}_{s}") for b in FOOT_FOCUS_BONES for s in ("left", "right")]
-    return tissue_in(cv.sites, ids) & tissue_in(cv.tissue, (RED, YELLOW))
+MARROW_FOCUS_REGIONS = {
+    "foot": FocusRegion(FOOT_FOCUS_BONES, "ankle", None, 0.55),
+    "knee": FocusRegion(("femur", "tibia"), "knee", 0.05, 0.7),  # the metaphyses on both sides of the knee
+    # around the acetabulum and the ischiopubic junction
+    "pelvis": FocusRegion(("ilium", "ischium", "pubis"), "hip", 0.07, 0.7),
+}
 
 
-def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConfig) -> dict[str, np.ndarray | None]:
-    """Normal bright findings: symmetric foot foci (< 15 y), joint effusions, slow-flow vessels."""
+def _region_ids(region: str, side: str) -> list[int]:
+    return [site_id(f"{b}_{side}") for b in MARROW_FOCUS_REGIONS[region].bones]
+
+
+def region_marrow(cv: Canvas, body: Body, region: str) -> np.ndarray:
+    """Marrow voxels of both sides of ``region`` (:data:`MARROW_FOCUS_REGIONS`) where normal bright foci can lie."""
+    landmark, reach = MARROW_FOCUS_REGIONS[region].landmark, MARROW_FOCUS_REGIONS[region].reach
+    out = np.zeros(cv.shape, bool)
+    marrow = tissue_in(cv.tissue, (RED, YELLOW))
+    for side in ("left", "right"):
+        sel = tissue_in(cv.sites, _region_ids(region, side)) & marrow
+        if reach is not None and sel.any():
+            idx = np.nonzero(sel)
+            world = cv.origin + cv.spacing * np.stack(idx, axis=1).astype(np.float32)
+            far = np.linalg.norm(world - np.asarray(body.landmarks[f"{landmark}_{side}"], np.float32), axis=1) \
+                > reach * body.H
+            sel[tuple(i[far] for i in idx)] = False
+        out |= sel
+    return out
+
+
+def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConfig) -> dict:
+    """Normal bright findings: symmetric foot foci (< 15 y), joint effusions, slow-flow vessels, and symmetric
+    knee and pelvic marrow foci (< 16 y; drawn last, so a case without them is generator 1.8's)."""
     out: dict[str, np.ndarray | None] = {"foot": None}
     if body.age < 15 and rng.random() < cfg.foot_foci_p_under15:
-        out["foot"] = foot_marrow(cv)
+        out["foot"] = region_marrow(cv, body, "foot")
     if rng.random() < cfg.effusion_p:
         for side in ("left", "right"):
             if rng.random() < 0.7:
@@ -60,34 +94,40 @@ def mimic_masks(cv: Canvas, body: Body, rng: np.random.Generator, cfg: MimicConf
                     b, m, _ = res
                     sel = m & tissue_in(cv.tissue[b.sl], (MUSCLE, FAT))
                     cv.tissue[b.sl][sel] = JOINT_FLUID
+    for region, p in (("knee", cfg.knee_foci_p_under16), ("pelvis", cfg.pelvic_foci_p_under16)):
+        if p > 0 and body.age < 16 and rng.random() < p:
+            out[region] = region_marrow(cv, body, region)
+            # the foci's own pattern stream: the rest of the case's contrast draws stay those of the case without
+            out[f"{region}_rng"] = np.random.default_rng(int(rng.integers(2 ** 63)))
     return out
 
 
-FOOT_FOCUS_CELL_MM = 12.0  # size of the foci's random pattern (a cell of the low-frequency field)
-FOOT_FOCUS_LEVEL = 0.55    # share of the field below which marrow stays normal
+FOCUS_CELL_MM = 12.0  # size of the foci's random pattern (a cell of the low-frequency field)
 
 
-def foot_foci_gain(cv: Canvas, body: Body, foot: np.ndarray, rng: np.random.Generator, boost: float) -> np.ndarray:
-    """Signal gain at the ``foot`` voxels: bright foci (x ``boost``) where one random low-frequency pattern, laid
-    out in ankle-centred coordinates mirrored left-right, exceeds a level. Both feet share the pattern, so the
-    foci are symmetric, as the normal foci of children's feet are (clinical notes); each side's level and boost
-    are jittered a little so the two sides are alike, not identical."""
+def marrow_foci_gain(cv: Canvas, body: Body, mask: np.ndarray, rng: np.random.Generator, boost: float,
+                     region: str = "foot") -> np.ndarray:
+    """Signal gain at the ``mask`` voxels of ``region``: bright foci (x ``boost``) where one random low-frequency
+    pattern, laid out in coordinates centred on the region's landmark and mirrored left-right, exceeds a level.
+    Both sides share the pattern, so the foci are symmetric, as the normal foci of children's marrow are (clinical
+    notes); each side's level and boost are jittered a little so the two sides are alike, not identical."""
     from scipy.ndimage import map_coordinates
-    idx = np.nonzero(foot)
+    landmark = MARROW_FOCUS_REGIONS[region].landmark
+    idx = np.nonzero(mask)
     world = cv.origin + cv.spacing * np.stack(idx, axis=1).astype(np.float32)
     local = np.zeros_like(world)
     side_of = np.zeros(len(world), np.int8)
-    foot_sites = cv.sites[idx]
+    mask_sites = cv.sites[idx]
     for k, side in enumerate(("left", "right")):
-        sel = np.isin(foot_sites, [site_id(f"{b}_{side}") for b in FOOT_FOCUS_BONES])
-        mirror = np.array([1.0 if side == "right" else -1.0, 1.0, 1.0], np.float32)  # lateral is +x on both feet
-        local[sel] = (world[sel] - np.asarray(body.landmarks[f"ankle_{side}"], np.float32)) * mirror
+        sel = np.isin(mask_sites, _region_ids(region, side))
+        mirror = np.array([1.0 if side == "right" else -1.0, 1.0, 1.0], np.float32)  # lateral is +x on both sides
+        local[sel] = (world[sel] - np.asarray(body.landmarks[f"{landmark}_{side}"], np.float32)) * mirror
         side_of[sel] = k
     lo = local.min(axis=0)
-    coarse_shape = tuple(int(n) for n in np.ceil((local.max(axis=0) - lo) / FOOT_FOCUS_CELL_MM) + 2)
+    coarse_shape = tuple(int(n) for n in np.ceil((local.max(axis=0) - lo) / FOCUS_CELL_MM) + 2)
     pattern = rng.uniform(0.0, 1.0, coarse_shape).astype(np.float32)
-    field = map_coordinates(pattern, list(((local - lo) / FOOT_FOCUS_CELL_MM).T), order=1, mode="nearest")
-    level = FOOT_FOCUS_LEVEL + rng.uniform(-0.03, 0.03, 2)
+    field = map_coordinates(pattern, list(((local - lo) / FOCUS_CELL_MM).T), order=1, mode="nearest")
+    level = MARROW_FOCUS_REGIONS[region].level + rng.uniform(-0.03, 0.03, 2)
     gain = boost * rng.uniform(0.9, 1.1, 2)
     return np.where(field > level[side_of], gain[side_of], 1.0).astype(np.float32)
 
@@ -107,7 +147,12 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
     # physes fade toward marrow as they close
     img[cv.tissue == PHYSIS] = lut[RED] + body.physis_open * (lut[PHYSIS] - lut[RED])
     if mimics.get("foot") is not None:
-        img[mimics["foot"]] *= foot_foci_gain(cv, body, mimics["foot"], rng, rng.uniform(*cfg.foot_foci_boost))
+        img[mimics["foot"]] *= marrow_foci_gain(cv, body, mimics["foot"], rng, rng.uniform(*cfg.foot_foci_boost))
+    for region in ("knee", "pelvis"):  # generator 1.9, from their own streams: every other voxel stays 1.8's
+        if mimics.get(region) is not None and mimics[region].any():
+            own = mimics[f"{region}_rng"]
+            img[mimics[region]] *= marrow_foci_gain(cv, body, mimics[region], own,
+                                                    own.uniform(*cfg.marrow_foci_boost), region)
     # slow flow: vessels sometimes bright
     if rng.random() < cfg.slow_flow_p:
         img[cv.tissue == BLOOD] *= rng.uniform(1.5, 3.0)

@@ -22,7 +22,7 @@ from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
-GENERATOR_VERSION = "1.8"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.9"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -47,9 +47,17 @@ GENERATOR_VERSION = "1.8"  # 1.1: skull base/face inside the head (1.0 put it in
 # iliac crest, the vertebral ring apophyses and the triradiate cartilage), and the calcaneus pitched as in a real
 # foot, its front 18 degrees above the heel (body.calcaneus_pitch_deg; 1.7 tilted it the other way). Drawn without
 # random draws: with body.apophyses=false and body.calcaneus_pitch_deg=-15 a 1.8 case is 1.7's bit for bit
-GENERATOR_1_7_SETTINGS = ("body.apophyses=false", "body.calcaneus_pitch_deg=-15")  # --set these: 1.8 -> 1.7
+# 1.9: normal bright marrow foci around the knees (femoral and tibial metaphyses) and in the pelvis (around the
+# acetabulum and the ischiopubic junction), symmetric left-right like the foot foci, in a quarter of children under
+# 16 each (mimics.knee_foci_p_under16, mimics.pelvic_foci_p_under16; the clinical notes: 58.7% of healthy children
+# have a major bright focus in the limbs, 29.6% in the axial skeleton, mostly the pelvis; 1.8 drew bright foci only
+# in the feet). They are drawn after every other draw of their streams: with both shares 0 a 1.9 case is 1.8's bit
+# for bit
+GENERATOR_1_8_SETTINGS = ("mimics.knee_foci_p_under16=0", "mimics.pelvic_foci_p_under16=0")  # 1.9 -> 1.8
+GENERATOR_1_7_SETTINGS = (*GENERATOR_1_8_SETTINGS, "body.apophyses=false",
+                          "body.calcaneus_pitch_deg=-15")  # --set these: 1.9 -> 1.7
 GENERATOR_1_6_SETTINGS = (*GENERATOR_1_7_SETTINGS, "lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
-                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.8 case is 1.6's bit for bit
+                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.9 case is 1.6's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
@@ -147,6 +155,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
         "seed": int(seed), "age_years": round(body.age, 2), "sex": body.sex, "height_cm": round(body.H / 10, 1),
         "subcutaneous_fat_mm": round(body.fat, 1), "physis_open": round(body.physis_open, 2),
         "pattern": pattern, "acquisition": acq.params, "foot_foci": mimics.get("foot") is not None,
+        "knee_foci": mimics.get("knee") is not None, "pelvic_foci": mimics.get("pelvis") is not None,
         "lesions": lesion_meta,
         "timings_s": {"anatomy": round(t_anat - t0, 3), "lesions_contrast": round(t_con - t_anat, 3),
                       "acquisition": round(t_acq - t_con, 3)},
