@@ -3,7 +3,8 @@
     .venv/bin/python tests/benchmarks/phantom_apophyses.py [--seed 500008] [--png data/phantom_apophyses.png]
 
 The same test-set child (seed 500008: a 14-year-old boy) is made as a feet, a knees and a pelvis view, each once
-with the current defaults and once with `GENERATOR_1_7_SETTINGS`. For each view the slice that holds most of the
+with generator 1.8 (`GENERATOR_1_8_SETTINGS`: 1.9's knee and pelvic foci off, so that only the plates
+differ) and once with `GENERATOR_1_7_SETTINGS`. For each view the slice that holds most of the
 plate 1.8 added to the bone of the side without a lesion (calcaneal and ischial: coronal, as acquired; tibial tuberosity: sagittal, where its
 tongue shows) is drawn from both images, on one grey
 scale (0 to the brightest voxel shown), that plate outlined on the 1.8 image. Prints the number of added plate voxels per bone,
@@ -22,7 +23,9 @@ from scipy.ndimage import distance_transform_edt
 
 from models.sites import site_id
 from training.config import SynthConfig, load_config
-from training.phantom.generate import GENERATOR_1_7_SETTINGS, GENERATOR_VERSION, generate_case
+from training.phantom.generate import GENERATOR_1_7_SETTINGS, GENERATOR_1_8_SETTINGS, generate_case
+
+VERSION = "1.8"  # the generator whose plates this draws (GENERATOR_1_8_SETTINGS)
 
 VIEWS = (("feet", "calcaneus", "coronal"), ("knees", "tibia", "sagittal"), ("pelvis", "ischium", "coronal"))
 AXIS = {"sagittal": 0, "coronal": 1}  # RAS axes
@@ -31,7 +34,7 @@ AXIS = {"sagittal": 0, "coronal": 1}  # RAS axes
 def added_plates(seed: int, fov: str, bone: str):
     """Both images of one view, and the voxels of ``bone`` (either side) whose physis label only the current
     generator has."""
-    now = generate_case(seed, load_config(SynthConfig, None, []), fov=fov)
+    now = generate_case(seed, load_config(SynthConfig, None, list(GENERATOR_1_8_SETTINGS)), fov=fov)
     old = generate_case(seed, load_config(SynthConfig, None, list(GENERATOR_1_7_SETTINGS)), fov=fov)
     arrays = {"zooms": nib.as_closest_canonical(nib.Nifti1Image(now.sites, now.affine)).header.get_zooms()}
     arrays |= {k: _ras(v, now.affine) for k, v in (("image", now.image), ("old", old.image), ("sites", now.sites),
@@ -64,7 +67,7 @@ def draw(rows, seed: int, age: float, path: str) -> None:
         half = (40.0 / zooms).astype(int)  # 80 mm square
         crop = tuple(slice(max(0, c - h), c + h) for c, h in zip(centre, half))
         vmax = float(np.take(arrays["image"], k, axis=axis)[crop].max())  # the brightest voxel shown
-        for ax, key, title in ((ax_row[0], "old", "1.7"), (ax_row[1], "image", GENERATOR_VERSION)):
+        for ax, key, title in ((ax_row[0], "old", "1.7"), (ax_row[1], "image", VERSION)):
             sl = np.take(arrays[key], k, axis=axis)[crop]
             ax.imshow(sl.T[::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest", aspect=zooms[1] / zooms[0])
             if key == "image":
@@ -75,7 +78,7 @@ def draw(rows, seed: int, age: float, path: str) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"seed {seed} ({age:.0f} y): one slice per view, head at the top, each row on one grey scale; "
-                 f"orange: the apophyseal plates generator {GENERATOR_VERSION} adds", fontsize=9)
+                 f"orange: the apophyseal plates generator {VERSION} adds", fontsize=9)
     fig.savefig(path, dpi=80, bbox_inches="tight")
 
 
