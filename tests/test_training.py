@@ -137,17 +137,21 @@ def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, 
                                                                            "network.spacing_mm=[6,6,6]"]))
 
 
-def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
+def _train_only(tmp_path: Path, parts: str) -> tuple[torch.nn.Module, torch.nn.Module, TrainConfig]:
+    """A fresh tiny network saved as ``base``, fine-tuned from it with ``optim.train_only=[parts]``: both networks
+    (base, final) and the base config."""
     torch.manual_seed(3)
     base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
     save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
     cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
-        f"init={tmp_path / 'base'}", "optim.train_only=[sites]", "optim.lr=0.01", "val_every=1000",
+        f"init={tmp_path / 'base'}", f"optim.train_only=[{parts}]", "optim.lr=0.01", "val_every=1000",
         "precise_bn_batches=2"])
-    trainer = Trainer(cfg, quiet=True)
-    trainer.train(progress=False)
-    was = load_bundle(tmp_path / "base").net.state_dict()
-    now = load_bundle(tmp_path / "run" / "final").net.state_dict()
+    Trainer(cfg, quiet=True).train(progress=False)
+    return load_bundle(tmp_path / "base").net, load_bundle(tmp_path / "run" / "final").net, base_cfg
+
+
+def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
+    was, now = (net.state_dict() for net in _train_only(tmp_path, "sites")[:2])
     held = [k for k in was if not k.startswith("sites.")]
     assert any("running_mean" in k for k in held)  # batch-norm statistics are among what must not move
     assert [k for k in held if not torch.equal(was[k], now[k])] == []
@@ -159,14 +163,7 @@ def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
 def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_bit(tmp_path):
     """``optim.train_only=[top, voxel]``: the last full-resolution up block learns, everything the site head reads
     (encoder, deeper decoder, half-resolution skip level) and the site head itself stay as they were."""
-    torch.manual_seed(3)
-    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
-    save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
-        f"init={tmp_path / 'base'}", "optim.train_only=[top,voxel]", "optim.lr=0.01", "val_every=1000",
-        "precise_bn_batches=2"])
-    Trainer(cfg, quiet=True).train(progress=False)
-    was, now = load_bundle(tmp_path / "base").net, load_bundle(tmp_path / "run" / "final").net
+    was, now, base_cfg = _train_only(tmp_path, "top,voxel")
     moved = {k for k, v in was.state_dict().items() if not torch.equal(v, now.state_dict()[k])}
     assert moved and all(k.startswith(("body.model.2.", "voxel.", "act.")) for k in moved), sorted(moved)
     assert any(k.startswith("body.model.2.") for k in moved)
