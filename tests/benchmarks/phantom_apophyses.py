@@ -37,7 +37,7 @@ def added_plates(seed: int, fov: str, bone: str):
     now = generate_case(seed, load_config(SynthConfig, None, list(GENERATOR_1_8_SETTINGS)), fov=fov)
     old = generate_case(seed, load_config(SynthConfig, None, list(GENERATOR_1_7_SETTINGS)), fov=fov)
     arrays = {"zooms": nib.as_closest_canonical(nib.Nifti1Image(now.sites, now.affine)).header.get_zooms()}
-    arrays |= {k: _ras(v, now.affine) for k, v in (("image", now.image), ("old", old.image), ("sites", now.sites),
+    arrays |= {k: in_ras(v, now.affine) for k, v in (("image", now.image), ("old", old.image), ("sites", now.sites),
                                                    ("lesions", now.lesions), ("lesions_old", old.lesions), ("physis", now.physis),
                                                    ("physis_old", old.physis))}
     in_bone = np.isin(arrays["sites"], [site_id(f"{bone}_{s}") for s in ("left", "right")])
@@ -45,7 +45,7 @@ def added_plates(seed: int, fov: str, bone: str):
     return arrays, added, in_bone, now.meta["age_years"]
 
 
-def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def in_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """The array in RAS+ axis order (the generator draws the header orientation at random)."""
     return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array), affine)).dataobj)
 

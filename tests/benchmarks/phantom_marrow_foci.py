@@ -19,13 +19,10 @@ import numpy as np
 from training.config import SynthConfig, load_config
 from training.phantom.generate import GENERATOR_1_8_SETTINGS, GENERATOR_VERSION, generate_case
 
+from phantom_apophyses import in_ras  # this folder: the scripts run as scripts
+
 VIEWS = ("knees", "pelvis")
 BOTH = ["mimics.knee_foci_p_under16=1", "mimics.pelvic_foci_p_under16=1", "lesions.none_p=1"]
-
-
-def _ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The array in RAS+ axis order (the generator draws the header orientation at random)."""
-    return np.asanyarray(nib.as_closest_canonical(nib.Nifti1Image(np.asarray(array), affine)).dataobj)
 
 
 def view(seed: int, fov: str, age: float | None):
@@ -34,8 +31,8 @@ def view(seed: int, fov: str, age: float | None):
     now = generate_case(seed, load_config(SynthConfig, None, BOTH + extra), fov=fov)
     old = generate_case(seed, load_config(SynthConfig, None, BOTH + extra + list(GENERATOR_1_8_SETTINGS)), fov=fov)
     zooms = nib.as_closest_canonical(nib.Nifti1Image(now.sites, now.affine)).header.get_zooms()
-    return (_ras(now.image, now.affine).astype(np.float64), _ras(old.image, old.affine).astype(np.float64),
-            _ras(now.physis, now.affine), zooms, now.meta["age_years"])
+    return (in_ras(now.image, now.affine).astype(np.float64), in_ras(old.image, old.affine).astype(np.float64),
+            in_ras(now.physis, now.affine), zooms, now.meta["age_years"])
 
 
 def draw(rows, seed: int, age: float, path: str) -> None:

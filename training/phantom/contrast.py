@@ -106,7 +106,7 @@ FOCUS_CELL_MM = 12.0  # size of the foci's random pattern (a cell of the low-fre
 
 
 def marrow_foci_gain(cv: Canvas, body: Body, mask: np.ndarray, rng: np.random.Generator, boost: float,
-                     region: str = "foot") -> np.ndarray:
+                     region: str) -> np.ndarray:
     """Signal gain at the ``mask`` voxels of ``region``: bright foci (x ``boost``) where one random low-frequency
     pattern, laid out in coordinates centred on the region's landmark and mirrored left-right, exceeds a level.
     Both sides share the pattern, so the foci are symmetric, as the normal foci of children's marrow are (clinical
@@ -147,7 +147,8 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
     # physes fade toward marrow as they close
     img[cv.tissue == PHYSIS] = lut[RED] + body.physis_open * (lut[PHYSIS] - lut[RED])
     if mimics.get("foot") is not None:
-        img[mimics["foot"]] *= marrow_foci_gain(cv, body, mimics["foot"], rng, rng.uniform(*cfg.foot_foci_boost))
+        img[mimics["foot"]] *= marrow_foci_gain(cv, body, mimics["foot"], rng, rng.uniform(*cfg.foot_foci_boost),
+                                                "foot")
     for region in ("knee", "pelvis"):  # generator 1.9, from their own streams: every other voxel stays 1.8's
         if mimics.get(region) is not None and mimics[region].any():
             own = mimics[f"{region}_rng"]
