@@ -261,7 +261,7 @@ def _bundle_trainer(bundle_dir: Path, cfg, run_config: Path, quiet: bool):
 
 # a run's config read to validate or recalibrate its bundle: no starting weights, no held network (the bundle's own
 # weights are used; an anchored fine-tune's config would otherwise ask for its --init model)
-NOT_TRAINING = ("init=null", "loss.anchor_weight=0", "loss.anchor_from=null")
+NOT_TRAINING = ("init=null", "loss.anchor_weight=0", "loss.anchor_anatomy_weight=0", "loss.anchor_from=null")
 
 
 def revalidate(bundle_dir: Path, run_config: Path, val_cases: int, tta: str | None = None,
