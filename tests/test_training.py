@@ -1020,6 +1020,15 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path)
     assert (grad[zone & ~lesion] > 0).all()  # label 0 on the plate: the logits are pushed down
     assert (grad[lesion] < 0).all()  # the lesion over the plate: up
     assert (grad[~zone] < 0).all()  # the anchor (0.9) pulls up away from the plate
+    heavier = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        "init=models/default", "loss.anchor_weight=1", "loss.plate_weight=1", "loss.plate_margin=1",
+        "loss.plate_pos_weight=4", "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0",
+        "loss.sites_weight=0"])
+    voxel4 = voxel.detach().clone().requires_grad_(True)
+    compute_loss(voxel4, torch.zeros(1, 67, 4, 4, 4), batch, heavier, torch.full(shape, 0.9))[0].backward()
+    grad4 = voxel4.grad[:, :1]
+    assert torch.allclose(grad4[lesion], 4 * grad[lesion])  # loss.plate_pos_weight: the lesion over the plate
+    assert torch.allclose(grad4[~lesion], grad[~lesion])  # ... and nothing else
     cfg0 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
         "init=models/default", "loss.anchor_weight=1", "loss.edema_weight=0", "loss.bone_weight=0",
         "loss.physis_weight=0", "loss.sites_weight=0"])

@@ -338,6 +338,9 @@ class LossConfig(Strict):
                                          "where it was; 0 = off, needs anchor_weight")
     plate_margin: int = Field(1, ge=0, le=5, description="plate_weight's voxels lie within this many model-grid "
                               "voxels of a plate")
+    plate_pos_weight: float = Field(1.0, gt=0, description="BCE weight of lesion voxels within plate_weight's "
+                                    "zone: the zone holds many more normal plate voxels than lesion voxels, and "
+                                    "teaching the plates alone made lesions beside them less confident")
 
 
 class OptimConfig(Strict):

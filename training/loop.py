@@ -142,7 +142,7 @@ def compute_loss(voxel: torch.Tensor, sites: torch.Tensor, batch: dict[str, torc
     plates = None  # loss.plate_weight: voxels within plate_margin of a growth plate or apophysis, edema label known
     if lc.plate_weight > 0:
         plates = _near(batch["physis"] == 1, lc.plate_margin) * known
-        parts["edema_plates"] = _bce(voxel[:, EDEMA:EDEMA + 1], edema_t, plates)
+        parts["edema_plates"] = _bce(voxel[:, EDEMA:EDEMA + 1], edema_t, plates, lc.plate_pos_weight)
     if anchor is not None:
         edema_logits, held = voxel[:, EDEMA:EDEMA + 1], anchor_mask(batch["edema"], lc.anchor_outside_lesions)
         held = held if plates is None else held * (1 - plates)
