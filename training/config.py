@@ -341,7 +341,7 @@ class LossConfig(Strict):
     plate_pos_weight: float = Field(1.0, gt=0, description="BCE weight of lesion voxels within plate_weight's "
                                     "zone: the zone holds many more normal plate voxels than lesion voxels, and "
                                     "teaching the plates alone made lesions beside them less confident (weighted 4x in "
-                                    "stage 33 they lost more: models/default/HISTORY.md)")
+                                    "stage 33, they lost more: models/default/HISTORY.md)")
 
 
 class OptimConfig(Strict):
