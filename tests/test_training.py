@@ -1009,9 +1009,10 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path)
     batch["edema"][0, 0, 4, 4, 4] = 1  # a lesion on it
     zone = torch.zeros(shape, dtype=torch.bool)
     zone[..., 3:6, :, :] = True
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+    plate_only = tiny_overrides(tmp_path) + [
         "init=models/default", "loss.anchor_weight=1", "loss.plate_weight=1", "loss.plate_margin=1",
-        "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
+        "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"]
+    cfg = load_config(TrainConfig, TINY, plate_only)
     voxel = torch.zeros(1, 3, 9, 9, 9, requires_grad=True)
     loss, parts = compute_loss(voxel, torch.zeros(1, 67, 4, 4, 4), batch, cfg, torch.full(shape, 0.9))
     loss.backward()
@@ -1021,10 +1022,7 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path)
     assert (grad[zone & ~lesion] > 0).all()  # label 0 on the plate: the logits are pushed down
     assert (grad[lesion] < 0).all()  # the lesion over the plate: up
     assert (grad[~zone] < 0).all()  # the anchor (0.9) pulls up away from the plate
-    heavier = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
-        "init=models/default", "loss.anchor_weight=1", "loss.plate_weight=1", "loss.plate_margin=1",
-        "loss.plate_pos_weight=4", "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0",
-        "loss.sites_weight=0"])
+    heavier = load_config(TrainConfig, TINY, plate_only + ["loss.plate_pos_weight=4"])
     voxel4 = voxel.detach().clone().requires_grad_(True)
     compute_loss(voxel4, torch.zeros(1, 67, 4, 4, 4), batch, heavier, torch.full(shape, 0.9))[0].backward()
     grad4 = voxel4.grad[:, :1]
