@@ -32,9 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "train" / "tiny.yaml"
 
 
-def tiny_overrides(tmp: Path) -> list[str]:
-    return [f"out_dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}", "synth.anatomy_mm=4",
+def tiny_overrides(tmp: Path, cache: Path | None = None) -> list[str]:
+    """A tiny run in ``tmp``; its phantoms are cached in ``cache`` (default: ``tmp / "cache"``)."""
+    return [f"out_dir={tmp / 'run'}", f"data.cache_dir={cache or tmp / 'cache'}", "synth.anatomy_mm=4",
             "synth.fov.p={whole_body: 1.0}", "synth.lesions.none_p=0"]
+
+
+@pytest.fixture(scope="module")
+def phantom_cache(tmp_path_factory) -> Path:
+    """One phantom cache for the runs of this module. Cached cases are keyed by generator settings, seed and grid
+    (:func:`training.data.phantom_cache_name`), so a run that asks for phantoms another run made reads them instead of
+    making them again; the tests that look into a cache keep their own."""
+    return tmp_path_factory.mktemp("phantom_cache")
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -74,8 +83,8 @@ def test_every_shipped_config_validates():
         load_config(TrainConfig, path, list(NOT_TRAINING))  # as `wbmri validate` and `recalibrate` read a run's config
 
 
-def test_loss_goes_down_on_a_fixed_batch(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     torch.manual_seed(0)
     case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
     rng = np.random.default_rng(0)
@@ -94,8 +103,8 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path):
     assert set(parts) >= {"edema_bce", "edema_dice", "bone", "physis", "sites"}
 
 
-def test_unknown_targets_are_masked(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+def test_unknown_targets_are_masked(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
     case["sites"][:] = 255
     case["physis"][:] = 255
@@ -122,38 +131,38 @@ def test_sites_loss_asks_which_bone_only_inside_bone():
     assert sites_loss(logits, torch.zeros_like(target), dice=True).item() == 0
 
 
-def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, capsys):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+def test_init_copies_matching_weights_and_starts_a_changed_head_fresh(tmp_path, capsys, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     old_cfg = cfg.network.model_copy(update={"sites_from": "final"})
     torch.manual_seed(1)
     old = build_network(old_cfg)
     save_bundle(tmp_path / "old", old, old_cfg, {"name": "old"})
-    trainer = Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"init={tmp_path / 'old'}"]))
+    trainer = Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [f"init={tmp_path / 'old'}"]))
     new, was = trainer.net.state_dict(), old.state_dict()
     body = [k for k in was if k.startswith("body.") or k.startswith("voxel.")]
     assert body and all(torch.equal(new[k].float(), was[k].float()) for k in body)
     assert new["sites.0.weight"].shape != was["sites.0.weight"].shape
     assert "sites.0.weight" in capsys.readouterr().out
     with pytest.raises(ValueError, match="mm"):
-        Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"init={tmp_path / 'old'}",
+        Trainer(load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [f"init={tmp_path / 'old'}",
                                                                            "network.spacing_mm=[6,6,6]"]))
 
 
-def _train_only(tmp_path: Path, parts: str) -> tuple[torch.nn.Module, torch.nn.Module, TrainConfig]:
+def _train_only(tmp_path: Path, cache: Path, parts: str) -> tuple[torch.nn.Module, torch.nn.Module, TrainConfig]:
     """A fresh tiny network saved as ``base``, fine-tuned from it with ``optim.train_only=[parts]``: both networks
     (base, final) and the base config."""
     torch.manual_seed(3)
-    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, cache))
     save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, cache) + [
         f"init={tmp_path / 'base'}", f"optim.train_only=[{parts}]", "optim.lr=0.01", "val_every=1000",
         "precise_bn_batches=2"])
     Trainer(cfg, quiet=True).train(progress=False)
     return load_bundle(tmp_path / "base").net, load_bundle(tmp_path / "run" / "final").net, base_cfg
 
 
-def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
-    was, now = (net.state_dict() for net in _train_only(tmp_path, "sites")[:2])
+def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path, phantom_cache):
+    was, now = (net.state_dict() for net in _train_only(tmp_path, phantom_cache, "sites")[:2])
     held = [k for k in was if not k.startswith("sites.")]
     assert any("running_mean" in k for k in held)  # batch-norm statistics are among what must not move
     assert [k for k in held if not torch.equal(was[k], now[k])] == []
@@ -162,10 +171,10 @@ def test_train_only_the_site_head_keeps_every_other_output_to_the_bit(tmp_path):
         load_config(TrainConfig, TINY, ["optim.train_only=[encoder]"])
 
 
-def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_bit(tmp_path):
+def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_bit(tmp_path, phantom_cache):
     """``optim.train_only=[top, voxel]``: the last full-resolution up block learns, everything the site head reads
     (encoder, deeper decoder, half-resolution skip level) and the site head itself stay as they were."""
-    was, now, base_cfg = _train_only(tmp_path, "top,voxel")
+    was, now, base_cfg = _train_only(tmp_path, phantom_cache, "top,voxel")
     moved = {k for k, v in was.state_dict().items() if not torch.equal(v, now.state_dict()[k])}
     assert moved and all(k.startswith(("body.model.2.", "voxel.", "act.")) for k in moved), sorted(moved)
     assert any(k.startswith("body.model.2.") for k in moved)
@@ -173,7 +182,7 @@ def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_
     with torch.no_grad():
         (v0, s0), (v1, s1) = was.eval()(x), now.eval()(x)
     assert torch.equal(s0, s1) and not torch.equal(v0, v1)
-    basic = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["network.arch=basicunet",
+    basic = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["network.arch=basicunet",
                                                                        "network.channels=[8,8,16,32,64,8]"])
     with pytest.raises(ValueError, match="top needs arch unet"):
         fixed_modules(build_network(basic.network), ["top"])
@@ -182,7 +191,7 @@ def test_training_the_top_block_and_the_voxel_head_keeps_the_site_logits_to_the_
                                         "optim.train_only=[top,voxel]"])
 
 
-def test_the_anatomy_anchor_holds_bone_and_physis_to_the_anchor_model(tmp_path):
+def test_the_anatomy_anchor_holds_bone_and_physis_to_the_anchor_model(tmp_path, phantom_cache):
     """``loss.anchor_anatomy_weight``: the bone and physis logits are pulled towards the anchor model's
     probabilities on every voxel; off, they feel no pull when their own targets are off."""
     shape = (1, 1, 6, 6, 6)
@@ -190,7 +199,7 @@ def test_the_anatomy_anchor_holds_bone_and_physis_to_the_anchor_model(tmp_path):
     anchor = torch.full((1, 3, 6, 6, 6), 0.9)
     pulls = {}
     for weight in (0, 1):
-        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
             "init=models/default", "loss.anchor_weight=1", f"loss.anchor_anatomy_weight={weight}",
             "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
         voxel = torch.zeros(1, 3, 6, 6, 6, requires_grad=True)
@@ -204,11 +213,11 @@ def test_the_anatomy_anchor_holds_bone_and_physis_to_the_anchor_model(tmp_path):
         load_config(TrainConfig, TINY, ["init=models/default", "loss.anchor_anatomy_weight=1"])
 
 
-def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_path):
+def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_path, phantom_cache):
     """``loss.anchor_weight`` holds the edema channel to the --init network while the rest learns: with the
     edema targets off in both runs, the anchored one's edema probabilities stay nearer the start."""
     torch.manual_seed(3)
-    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     save_bundle(tmp_path / "base", build_network(base_cfg.network), base_cfg.network, {"name": "base"})
     case = phantom_model_case(5, base_cfg.synth, base_cfg.network.spacing_mm)
     x = make_batch([case], np.random.default_rng(0), base_cfg, None)["image"]
@@ -220,7 +229,7 @@ def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_
     start = edema(tmp_path / "base")
     drift = {}
     for weight in (0.0, 5.0):
-        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
             f"out_dir={tmp_path / str(weight)}", f"init={tmp_path / 'base'}", "loss.edema_weight=0",
             f"loss.anchor_weight={weight}", "optim.lr=0.01", "optim.steps=10", "val_every=1000"])
         Trainer(cfg, quiet=True).train(progress=False)
@@ -232,10 +241,10 @@ def test_an_anchored_fine_tune_keeps_the_edema_output_near_the_init_model_s(tmp_
         load_config(TrainConfig, TINY, ["loss.anchor_weight=1"])
 
 
-def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_path):
+def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_path, phantom_cache):
     """``loss.anchor_from``: a run that starts from one model's weights can keep another model's edema output."""
     torch.manual_seed(4)
-    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     for name in ("start", "keep"):
         save_bundle(tmp_path / name, build_network(base_cfg.network), base_cfg.network, {"name": name})
     x = torch.randn(1, 1, *base_cfg.network.patch)
@@ -244,7 +253,7 @@ def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_p
         with torch.no_grad():
             return torch.sigmoid(load_bundle(folder).net.eval()(x)[0][:, :1])
 
-    overrides = tiny_overrides(tmp_path) + [f"init={tmp_path / 'start'}", "loss.anchor_weight=1", "precision=fp32"]
+    overrides = tiny_overrides(tmp_path, phantom_cache) + [f"init={tmp_path / 'start'}", "loss.anchor_weight=1", "precision=fp32"]
     for anchor_from, want, other in ((None, "start", "keep"), (tmp_path / "keep", "keep", "start")):
         extra = [f"loss.anchor_from={anchor_from}"] if anchor_from else []
         anchor = Trainer(load_config(TrainConfig, TINY, overrides + extra), quiet=True)._anchor(x)
@@ -252,15 +261,15 @@ def test_anchor_from_holds_the_edema_output_to_another_model_than_the_init(tmp_p
         assert not torch.allclose(anchor[:, :1], edema(tmp_path / other), atol=1e-3)
     with pytest.raises(ConfigError, match="loss.anchor_from"):
         Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'missing'}"]), quiet=True)
-    p75 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["network.intensity_reference=p75"])
+    p75 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["network.intensity_reference=p75"])
     save_bundle(tmp_path / "p75", build_network(p75.network), p75.network, {"name": "p75"})
     with pytest.raises(ConfigError, match="intensity reference"):
         Trainer(load_config(TrainConfig, TINY, overrides + [f"loss.anchor_from={tmp_path / 'p75'}"]), quiet=True)
 
 
-def test_validate_reads_the_config_of_an_anchored_fine_tune(tmp_path):
+def test_validate_reads_the_config_of_an_anchored_fine_tune(tmp_path, phantom_cache):
     """`wbmri validate runs/X/final` with the run's own config.yaml, of a run that held its edema to a model."""
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     save_bundle(tmp_path / "base", build_network(cfg.network), cfg.network, {"name": "base"})
     run_cfg = cfg.model_dump(mode="json") | {"init": str(tmp_path / "base")}
     run_cfg["loss"] |= {"anchor_weight": 2.0, "anchor_from": str(tmp_path / "base")}
@@ -302,11 +311,11 @@ def test_operating_point_interval_is_a_bootstrap_over_validation_cases():
     assert lumpy["lesion_sens"][0] < 0.9 < lumpy["lesion_sens"][1] == 1.0
 
 
-def test_an_untrained_network_flagging_the_whole_volume_is_not_a_good_checkpoint(tmp_path):
+def test_an_untrained_network_flagging_the_whole_volume_is_not_a_good_checkpoint(tmp_path, phantom_cache):
     """Under the evaluation's matching rule one lesion over the whole body detects every reference lesion without
     a false positive (F1 1.0, edema Dice ~0): such a checkpoint was kept as best, and nothing later beat it."""
     from models.networks import EDEMA
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["data.val_cases=2"])
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["data.val_cases=2"])
     trainer = Trainer(cfg, quiet=True)
     trainer.setup_data()
     with torch.no_grad():
@@ -320,10 +329,10 @@ def test_an_untrained_network_flagging_the_whole_volume_is_not_a_good_checkpoint
     assert improves((0.6, 0.3), (val["lesion_f1_selection"], val["edema_dice"]))
 
 
-def test_a_run_from_before_the_selection_f1_chooses_its_best_checkpoint_anew_on_resume(tmp_path):
+def test_a_run_from_before_the_selection_f1_chooses_its_best_checkpoint_anew_on_resume(tmp_path, phantom_cache):
     """last.pt records which figure its best is; an older run's best (lesion F1, possibly an untrained network's
     1.0 that nothing could beat) is not compared with selection F1."""
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     trainer = Trainer(cfg, quiet=True)
     trainer.best, trainer.best_dice = 1.0, 0.0001
     trainer._save(tmp_path / "last.pt")
@@ -473,8 +482,8 @@ def test_crop_pads_outside_the_volume():
     assert (patch["sites"] == 255).all()
 
 
-def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     result = Trainer(cfg, quiet=True).train(progress=False)
     run = tmp_path / "run"
     assert result["step"] == cfg.optim.steps
@@ -509,10 +518,10 @@ def test_trainer_writes_run_folder_and_exports_a_bundle(tmp_path):
     assert shipped["version"].endswith(f".{best_step}")
 
 
-def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
-    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["val_every=1000"])
+def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path, phantom_cache):
+    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["val_every=1000"])
     Trainer(first, quiet=True).train(progress=False)
-    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"out_dir={tmp_path / 'ft'}", "optim.steps=2",
+    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [f"out_dir={tmp_path / 'ft'}", "optim.steps=2",
                                                                         f"init={tmp_path / 'run' / 'final'}"])
     Trainer(second, quiet=True).train(progress=False)
     card = load_bundle(export_bundle(tmp_path / "ft", tmp_path / "shipped", "final")).card
@@ -522,7 +531,7 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
 
     # a third stage fine-tuned from the exported bundle (as from models/default, whose run folder is not shipped)
     # reads the earlier stages from that bundle's card
-    third = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [f"out_dir={tmp_path / 'ft2'}", "optim.steps=3",
+    third = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [f"out_dir={tmp_path / 'ft2'}", "optim.steps=3",
                                                                        f"init={tmp_path / 'shipped'}"])
     Trainer(third, quiet=True).train(progress=False)
     card3 = load_bundle(export_bundle(tmp_path / "ft2", tmp_path / "shipped3", "final")).card
@@ -538,8 +547,8 @@ def test_export_counts_the_stage_a_fine_tune_started_from(tmp_path):
 
 
 @pytest.mark.parametrize("signal_rule", [{"min_signal_ratio": 0.8}, {}], ids=["with", "from-before-the-rule"])
-def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_from(tmp_path, signal_rule):
-    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["val_every=1000"])
+def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_from(tmp_path, signal_rule, phantom_cache):
+    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["val_every=1000"])
     Trainer(first, quiet=True).train(progress=False)
     start = tmp_path / "run" / "final"
     card = json.loads((start / "card.json").read_text())
@@ -548,7 +557,7 @@ def test_a_fine_tune_without_validation_keeps_the_rules_of_the_model_it_started_
                           **signal_rule, "bone": 0.6, "bone_thin": 0.2}
     card["inference"] = {"tta": "flip_lr_anatomy"}
     (start / "card.json").write_text(json.dumps(card))
-    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+    second = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
         f"out_dir={tmp_path / 'ft'}", "optim.steps=2", "data.val_cases=0", f"init={start}"])
     Trainer(second, quiet=True).train(progress=False)
     tuned = load_bundle(tmp_path / "ft" / "final").card
@@ -583,8 +592,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", "train", "--config", str(TINY), *args]
 
 
-def test_resume_after_kill(tmp_path):
-    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+def test_resume_after_kill(tmp_path, phantom_cache):
+    over = [a for o in tiny_overrides(tmp_path, phantom_cache) for a in ("--set", o)]
     run = tmp_path / "run"
     proc = subprocess.Popen(_cli(*over, "--set", "optim.steps=400", "--set", "checkpoint_every=2",
                                  "--set", "val_every=1000"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -613,8 +622,8 @@ def test_resume_after_kill(tmp_path):
     assert torch.load(run / "last.pt", weights_only=True)["step"] == step_at_kill + 3
 
 
-def test_a_run_folder_is_not_started_over_or_resumed_from_nothing_unless_told(tmp_path):
-    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)] + ["--set", "optim.steps=1",
+def test_a_run_folder_is_not_started_over_or_resumed_from_nothing_unless_told(tmp_path, phantom_cache):
+    over = [a for o in tiny_overrides(tmp_path, phantom_cache) for a in ("--set", o)] + ["--set", "optim.steps=1",
                                                                          "--set", "val_every=1000"]
     run = tmp_path / "run"
     nothing = subprocess.run(_cli(*over, "--resume"), capture_output=True, text=True, timeout=300)
@@ -666,8 +675,8 @@ def test_case_cache_keeps_the_most_recent_cases_within_its_budget(tmp_path):
     assert nothing.get(paths[1])["image"][0, 0, 0] == 1 and len(nothing) == 0
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+def test_ddp_two_cpu_processes(tmp_path, phantom_cache):
+    over = [a for o in tiny_overrides(tmp_path, phantom_cache) for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
            "-m", "service.cli", "train", "--config", str(TINY), *over, "--set", "optim.steps=4",
@@ -679,8 +688,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 
-def test_ddp_processes_share_the_step_count_a_time_budget_sets(tmp_path):
-    over = [a for o in tiny_overrides(tmp_path) for a in ("--set", o)]
+def test_ddp_processes_share_the_step_count_a_time_budget_sets(tmp_path, phantom_cache):
+    over = [a for o in tiny_overrides(tmp_path, phantom_cache) for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "service.cli", "train", "--config", str(TINY), *over, "--set", "optim.steps=100000",
@@ -733,8 +742,8 @@ def test_blob_loss_weighs_every_lesion_alike():
     assert float(blob_dice_loss(torch.zeros_like(t), torch.zeros_like(blobs), known)) == 0.0
 
 
-def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["loss.blob_weight=1.0", "sampling.lesion_p=1.0", "sampling.rare_site_p=0"])
+def test_blob_loss_is_part_of_the_loss_when_asked(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["loss.blob_weight=1.0", "sampling.lesion_p=1.0", "sampling.rare_site_p=0"])
     case = phantom_model_case(5, cfg.synth, cfg.network.spacing_mm)
     batch = make_batch([case], np.random.default_rng(0), cfg, None)
     assert "blobs" in batch and int(batch["blobs"].max()) >= 1
@@ -809,10 +818,10 @@ def test_affine_theta_turns_a_non_cubic_patch_rigidly():
     assert np.argwhere(out[0, 0].numpy() > 0.5).tolist() == [[4, 12, 25]]
 
 
-def test_batch_augmentation_keeps_labels_whole_and_does_nothing_at_probability_zero(tmp_path):
+def test_batch_augmentation_keeps_labels_whole_and_does_nothing_at_probability_zero(tmp_path, phantom_cache):
     from training.config import AugmentConfig
     from training.data import augment_batch
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path))
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
     case = phantom_model_case(100000, cfg.synth, cfg.network.spacing_mm)
     batch = make_batch([case] * 4, np.random.default_rng(0), cfg, None)
     assert "blobs" not in batch or batch["blobs"].dtype == torch.int16
@@ -827,15 +836,15 @@ def test_batch_augmentation_keeps_labels_whole_and_does_nothing_at_probability_z
     assert all(torch.equal(again[k], moved[k]) for k in moved)  # the generator decides every draw
 
 
-def test_training_with_augmentation_on_the_device_lowers_nothing_to_nan(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["augment.on_device=true", "augment.p=1.0"])
+def test_training_with_augmentation_on_the_device_lowers_nothing_to_nan(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["augment.on_device=true", "augment.p=1.0"])
     trainer = Trainer(cfg, quiet=True)
     result = trainer.train(progress=False)
     assert trainer.augment is None and result["step"] == cfg.optim.steps and np.isfinite(result["loss"])
 
 
-def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path, capsys):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["optim.steps=100000", "optim.minutes=0.25",
+def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path, capsys, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["optim.steps=100000", "optim.minutes=0.25",
                                                                      "checkpoint_every=50", "val_every=100000"])
     t0 = time.time()
     result = Trainer(cfg).train(progress=False)
@@ -847,8 +856,8 @@ def test_a_time_budget_sets_the_step_count_so_the_schedule_ends_on_time(tmp_path
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_a_slow_machine_counts_its_steps_early(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["optim.minutes=10"])
+def test_a_slow_machine_counts_its_steps_early(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["optim.minutes=10"])
     trainer = Trainer(cfg, quiet=True)
     assert not trainer._count_due(5, 20.0, first=True)  # 5 steps in 20 s of a 600 s budget: measure on
     assert trainer._count_due(5, 31.0, first=True)  # over a twentieth of the budget: count now
@@ -878,8 +887,8 @@ def test_a_re_counted_time_budget_bends_the_learning_rate_without_a_jump():
     assert all(b <= a + 1e-12 for a, b in zip(bent[:-1], bent[1:])) and bent[-1] < 1e-8  # falls, and ends on time
 
 
-def test_precise_bn_averages_every_batch_s_statistics_and_leaves_the_weights(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["precision=fp32", "data.val_cases=0"])
+def test_precise_bn_averages_every_batch_s_statistics_and_leaves_the_weights(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["precision=fp32", "data.val_cases=0"])
     trainer = Trainer(cfg, quiet=True)
     trainer.setup_data()
     norms = [m for m in trainer.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -899,8 +908,8 @@ def test_precise_bn_averages_every_batch_s_statistics_and_leaves_the_weights(tmp
     assert torch.equal(norms[-1].running_var, first)
 
 
-def test_recalibrate_writes_a_new_bundle_with_re_estimated_statistics(tmp_path):
-    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["optim.steps=2", "val_every=1000"])
+def test_recalibrate_writes_a_new_bundle_with_re_estimated_statistics(tmp_path, phantom_cache):
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["optim.steps=2", "val_every=1000"])
     Trainer(cfg, quiet=True).train(progress=False)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "service.cli", "recalibrate", str(run / "final"), "--batches", "3"]
@@ -972,10 +981,10 @@ def test_the_anchor_can_leave_the_lesions_to_their_labels():
     assert anchor_mask(edema, 1)[0, 0, 4, 4, 6] == 1 and anchor_mask(edema, 2)[0, 0, 4, 4, 6] == 0
 
 
-def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path):
+def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path, phantom_cache):
     """The anchor term's pull on the edema logits: everywhere with -1; with n it stops n voxels from each lesion,
     so there only the lesion labels (edema_weight) teach."""
-    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + ["sampling.lesion_p=1", "sampling.rare_site_p=0"])
+    base_cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["sampling.lesion_p=1", "sampling.rare_site_p=0"])
     case = phantom_model_case(5, base_cfg.synth, base_cfg.network.spacing_mm)
     batch = make_batch([case], np.random.default_rng(0), base_cfg, None)
     lesion = batch["edema"] == 1
@@ -986,7 +995,7 @@ def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path):
     sites = torch.randn(1, 67, *(n // 2 for n in lesion.shape[2:]))
     anchor = torch.rand_like(lesion, dtype=torch.float32)
     for margin in (-1, 1):
-        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+        cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
             "init=models/default", "loss.anchor_weight=1", f"loss.anchor_outside_lesions={margin}",
             "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"])
         voxel = logits.clone().requires_grad_()
@@ -998,7 +1007,7 @@ def test_an_anchor_outside_the_lesions_leaves_them_to_their_labels(tmp_path):
         load_config(TrainConfig, TINY, ["loss.anchor_outside_lesions=-2"])
 
 
-def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path):
+def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path, phantom_cache):
     """``loss.plate_weight``: on and within ``plate_margin`` voxels of a growth plate the edema output learns from
     its labels (down on the plate, up on a lesion over it) and the anchor no longer pulls; elsewhere only the anchor
     does."""
@@ -1009,7 +1018,7 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path)
     batch["edema"][0, 0, 4, 4, 4] = 1  # a lesion on it
     zone = torch.zeros(shape, dtype=torch.bool)
     zone[..., 3:6, :, :] = True
-    plate_only = tiny_overrides(tmp_path) + [
+    plate_only = tiny_overrides(tmp_path, phantom_cache) + [
         "init=models/default", "loss.anchor_weight=1", "loss.plate_weight=1", "loss.plate_margin=1",
         "loss.edema_weight=0", "loss.bone_weight=0", "loss.physis_weight=0", "loss.sites_weight=0"]
     cfg = load_config(TrainConfig, TINY, plate_only)
@@ -1028,7 +1037,7 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path)
     grad4 = voxel4.grad[:, :1]
     assert torch.allclose(grad4[lesion], 4 * grad[lesion])  # loss.plate_pos_weight: the lesion over the plate
     assert torch.allclose(grad4[~lesion], grad[~lesion])  # ... and nothing else
-    cfg0 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path) + [
+    cfg0 = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
         "init=models/default", "loss.anchor_weight=1", "loss.edema_weight=0", "loss.bone_weight=0",
         "loss.physis_weight=0", "loss.sites_weight=0"])
     assert "edema_plates" not in compute_loss(voxel.detach(), torch.zeros(1, 67, 4, 4, 4), batch, cfg0,
