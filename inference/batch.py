@@ -125,10 +125,13 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
     outcomes: list[CaseOutcome] = []
     names = list(names) if names is not None else case_names(inputs)
     dupes = {n for n in names if names.count(n) > 1}
+    console = Console(stderr=True)  # stdout stays free for scripts
+    # a bar is drawn only on a terminal: in a log (nohup, a scheduler, CI) each finished case gets a line instead
+    lines = progress and not console.is_terminal
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), disable=not progress) as bar:  # stdout stays free for scripts
+                  console=console, disable=not progress or lines) as bar:
         task = bar.add_task("predict", total=len(inputs))
-        for path, name in zip(inputs, names):
+        for i, (path, name) in enumerate(zip(inputs, names), start=1):
             bar.update(task, description=f"predict {name}")
             t0 = time.perf_counter()
             if name in dupes:
@@ -151,7 +154,15 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                     outcomes.append(CaseOutcome(name, str(path), "failed", seconds=round(time.perf_counter() - t0, 2),
                                                 error=error))
             bar.advance(task)
+            if lines:
+                console.print(progress_line(outcomes[-1], i, len(inputs)), markup=False, highlight=False, soft_wrap=True)
     return outcomes
+
+
+def progress_line(outcome: CaseOutcome, index: int, total: int) -> str:
+    """One finished case, for a log: ``predict 3/50 case_7: done, 2 lesions, 17.3 s``."""
+    what = f"{outcome.lesions} lesion{'' if outcome.lesions == 1 else 's'}, " if outcome.status == "done" else ""
+    return f"predict {index}/{total} {outcome.name}: {outcome.status}, {what}{outcome.seconds:.1f} s"
 
 
 def summary_table(outcomes: list[CaseOutcome]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -264,6 +265,11 @@ def test_cli_predict_exit_status_and_summary(tmp_path, tiny_model_dir, good_file
     assert proc.returncode == 1, proc.stderr
     assert "2D" in proc.stderr and "done" in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("failed two_d: ") and "2D" in line]
+    # stderr is a pipe, not a terminal: a line per finished case, in order, instead of a progress bar
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("predict ")]
+    assert re.fullmatch(r"predict 1/2 good: done, \d+ lesions?, \d+\.\d s", progress[0]), progress
+    assert re.fullmatch(r"predict 2/2 two_d: failed, \d+\.\d s", progress[1]) and len(progress) == 2, progress
+    assert not re.search(r"━ \d+/\d+ ", proc.stderr), proc.stderr  # no progress bar in a log
     assert (out / "good" / "report.json").is_file() and not (out / "two_d").exists()
     # again: the finished case is skipped, saying why
     proc = subprocess.run([sys.executable, "-m", "service.cli", "predict", str(good_file), "--out", str(out),
