@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.card import result_identity, sha256_file
-from models.nifti import NIFTI_SUFFIXES, InputError, case_names
+from models.nifti import NIFTI_SUFFIXES, RESULT_FILES, InputError, case_names, check_replaceable
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
 REPLACED_MESSAGE = "replaced the result of another file of this name (another sha256) in its folder"
@@ -31,30 +31,55 @@ def is_nifti_name(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def _visible(path: Path) -> bool:
+    """Not a hidden file: macOS copies leave ``._scan.nii.gz`` companions (resource forks) beside every scan."""
+    return not path.name.startswith(".")
+
+
 def _folder_inputs(folder: Path) -> list[Path]:
-    """The *.nii / *.nii.gz files directly in ``folder`` (any case); with none, the ``CASE/image.nii(.gz)`` of its
-    case folders (the phantom layout; several are named by their folders: :func:`models.nifti.case_names`)."""
-    files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti_name(f.name))
+    """The *.nii / *.nii.gz files directly in ``folder`` (any case, hidden ones left out); with none, the
+    ``CASE/image.nii(.gz)`` of its case folders (the phantom layout; several are named by their folders:
+    :func:`models.nifti.case_names`)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and is_nifti_name(f.name) and _visible(f))
     if files:
         return files
-    return sorted(f for case in folder.iterdir() if case.is_dir() for f in case.iterdir()
+    return sorted(f for case in folder.iterdir() if case.is_dir() and _visible(case) for f in case.iterdir()
                   if f.is_file() and f.name.lower() in ("image.nii", "image.nii.gz"))
 
 
+INPUT_HINT = ("a folder gives the .nii / .nii.gz files directly in it, or, with none, the image.nii.gz of each case "
+              "folder in it; use a glob such as 'DIR/**/*.nii.gz' to search deeper")
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (:func:`_folder_inputs`) and glob patterns, in a stable order without duplicates."""
+    """Files, folders (:func:`_folder_inputs`) and glob patterns, in a stable order without duplicates (one file
+    given twice, under two spellings, counts once). An existing file is taken as it is, even with ``[`` or ``*`` in
+    its name. InputError names every argument that is empty or gives no NIfTI file: a batch must not quietly
+    leave out what was asked for."""
     out: list[Path] = []
+    seen: set[Path] = set()
+    empty: list[str] = []
     for item in inputs:
         p = Path(item)
+        if not item.strip():
+            empty.append(repr(item))
+            continue
         if p.is_dir():
             found = _folder_inputs(p)
-        elif any(ch in item for ch in "*?["):
-            found = sorted(Path(g) for g in glob.glob(item, recursive=True) if is_nifti_name(g))
+        elif not p.exists() and any(ch in item for ch in "*?["):
+            found = sorted(Path(g) for g in glob.glob(item, recursive=True)
+                           if is_nifti_name(g) and _visible(Path(g)))
         else:
             found = [p]
+        if not found:
+            empty.append(item)
         for f in found:
-            if f not in out:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
                 out.append(f)
+    if empty:
+        raise InputError(f"no NIfTI input found in {', '.join(empty)} ({INPUT_HINT})")
     return out
 
 
@@ -67,12 +92,13 @@ def _saved_report(out_dir: Path, name: str) -> dict | None:
 
 
 def is_done(out_dir: Path, name: str, model: dict | None = None, source: Path | None = None) -> bool:
-    """A case folder is complete when its report exists; when ``model`` (a predictor's ``model_info``) is given, it
-    must have been made by the same weights, test-time augmentation, lesion rules and software version
+    """A case folder is complete when it holds every contract file and a readable report; when ``model`` (a
+    predictor's ``model_info``) is given, it must have been made by the same weights, test-time augmentation, lesion
+    rules and software version
     (:func:`models.card.result_identity`), and when ``source`` is given, from a file of the same sha256 (a scan
     replaced under the same name is analysed again): other results are redone, not reused."""
     report = _saved_report(out_dir, name)
-    if report is None:
+    if report is None or not all((out_dir / name / f).is_file() for f in RESULT_FILES):
         return False
     if model is not None and result_identity(report.get("model", {})) != result_identity(model):
         return False
@@ -86,6 +112,10 @@ def _drop_result_of_another_file(out_dir: Path, name: str, source: Path) -> bool
     folder = out_dir / name
     report = _saved_report(out_dir, name)
     if report is None:
+        return False
+    try:
+        check_replaceable(folder)
+    except FileExistsError:  # a user's own files beside the report: not ours to delete
         return False
     try:
         if report.get("study", {}).get("sha256") == sha256_file(source):
@@ -140,6 +170,7 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                 outcomes.append(CaseOutcome(name, str(path), "skipped"))
             else:
                 try:
+                    check_replaceable(out_dir / name)  # before the minutes of work, not after
                     result = predictor.predict(path, name=name)
                     earlier = (_saved_report(out_dir, name) or {}).get("study", {}).get("sha256")
                     result.save(out_dir, overwrite=True)
@@ -148,7 +179,8 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                     outcomes.append(CaseOutcome(name, str(path), "done", result.report["summary"]["lesion_count"],
                                                 round(time.perf_counter() - t0, 2), note=note))
                 except Exception as exc:  # one broken case must not stop the batch
-                    error = str(exc) if isinstance(exc, InputError) else f"internal error: {type(exc).__name__}: {exc}"
+                    error = (str(exc) if isinstance(exc, (InputError, FileExistsError))
+                             else f"internal error: {type(exc).__name__}: {exc}")
                     if _drop_result_of_another_file(out_dir, name, path):
                         error += f"; the earlier result in {out_dir / name}, made from another file, was removed"
                     outcomes.append(CaseOutcome(name, str(path), "failed", seconds=round(time.perf_counter() - t0, 2),

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,12 +162,15 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     return shape  # type: ignore[return-value]
 
 
-def load_volume(source: str | os.PathLike | nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS,
+def load_volume(source: str | os.PathLike | nib.Nifti1Pair, max_voxels: int = DEFAULT_MAX_VOXELS,
                 label: bool = False) -> Volume:
     """Read and validate a NIfTI-1/2 file (or an in-memory image) into a :class:`Volume`. A ``label`` map may be
     constant (a lesion-free case's edema mask is all zero); an image may not."""
-    if isinstance(source, (nib.Nifti1Image, nib.Nifti2Image)):
+    if isinstance(source, nib.Nifti1Pair):  # NIfTI-1 and -2, single file or pair
         data, affine = _voxels(source, max_voxels)
+    elif isinstance(source, nib.spatialimages.SpatialImage):
+        raise InputError(f"a {type(source).__name__} is not a NIfTI image: save it as .nii.gz (nibabel: "
+                         "nib.save(nib.Nifti1Image(img.get_fdata(), img.affine), 'scan.nii.gz')) or pass the file's path")
     else:
         data, affine = _read_file(Path(source), max_voxels)
     if not np.all(np.isfinite(data)):
@@ -266,12 +270,41 @@ def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+RESULT_FILES = ("report.json", "lesions.nii.gz", "sites.nii.gz", "overlay.png")  # OUT/<case>/ of the output contract
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace ``folder`` unless it is absent or an earlier result: a readable report.json and nothing but
+    the contract's files. Anything else (the input scans themselves when --out is their folder, a user's own files)
+    is not wbmri's to delete: FileExistsError, and nothing is written."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a result folder: nothing was written over it")
+    other = sorted(p.name for p in folder.iterdir() if p.name not in RESULT_FILES)
+    try:
+        json.loads((folder / "report.json").read_text())
+        readable = True
+    except (OSError, ValueError):
+        readable = False
+    if other or not readable:
+        held = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "") if other else "no readable report.json"
+        raise FileExistsError(f"{folder} exists and is not a wbmri result ({held}), so it was left as it is and this "
+                              "case was not written: give another output folder (not the inputs' own)")
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces ``final`` only when the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    while True:  # not tempfile.mkdtemp, whose folders are 0700 whatever the umask: results are for others to read
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.partial"
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         if final.exists():

@@ -28,6 +28,16 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (``docker stop``, ``timeout``, a scheduler's time limit) into a normal exit, as Ctrl-C is: the
+    half-written ``.CASE.xxxx.partial`` folder of the case being written is removed on the way out."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 @app.command()
 def synth(n: int = typer.Option(10, "--n", min=1, help="number of cases"),
           out: Path = typer.Option(..., "--out", help="output folder (nnU-Net raw layout plus case folders)"),
@@ -165,12 +175,14 @@ def predict(inputs: List[str] = typer.Argument(..., help="NIfTI files, folders (
             tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
             overwrite: bool = _flag("--overwrite", help="redo cases whose folder is complete")) -> None:
     """Segment marrow edema, name each lesion's site, measure it, and write the contract files per case."""
+    _exit_on_sigterm()
     from rich.console import Console
     from inference.batch import check_out_dir, expand_inputs, predict_many, summary_table
-    files = expand_inputs(inputs)
-    if not files:
-        _fail("no NIfTI inputs found (a folder gives the .nii / .nii.gz files directly in it, or, with none, the "
-              "image.nii.gz of each case folder in it; use a glob such as 'DIR/**/*.nii.gz' to search deeper)")
+    from models.nifti import InputError
+    try:
+        files = expand_inputs(inputs)
+    except InputError as exc:
+        _fail(str(exc))
     try:
         check_out_dir(out)
     except NotADirectoryError as exc:
@@ -201,6 +213,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
              tta: Optional[str] = typer.Option(None, "--tta", help=TTA_HELP),
              min_ml: float = typer.Option(0.5, "--min-ml", help="lesion size for the detection targets")) -> None:
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
+    _exit_on_sigterm()
     import json as _json
     from training.evaluate import evaluate_folders
     errors: dict[str, str] = {}
@@ -229,6 +242,8 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         _fail("give --pred and --ref, or --model and --data")
     if model is None and not pred.is_dir():
         _fail(f"cannot evaluate: --pred {pred} is not a folder of predicted case folders")
+    if not ref.is_dir():
+        _fail(f"cannot evaluate: --ref {ref} is not a folder of reference case folders")
     try:
         summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
     except (FileNotFoundError, ValueError) as exc:

@@ -9,10 +9,8 @@ from typing import Sequence
 
 import httpx
 
-from models.nifti import atomic_dir, case_names
+from models.nifti import RESULT_FILES, atomic_dir, case_names, check_replaceable
 
-RESULT_FILES = (("report", "report.json"), ("lesions", "lesions.nii.gz"), ("sites", "sites.nii.gz"),
-                ("overlay", "overlay.png"))
 RETRY_STATUSES = (429, 503)
 
 
@@ -98,10 +96,12 @@ class _Batch:
         return job
 
     def download(self, sub: Submission, name: str) -> None:
-        """Fetch the four result files into ``out_dir/<name>/`` (complete or absent)."""
+        """Fetch the four result files into ``out_dir/<name>/`` (complete or absent; a folder there that is not an
+        earlier result is left alone and the study fails)."""
+        check_replaceable(self.out_dir / name)
         with atomic_dir(self.out_dir / name) as tmp:
-            for key, fname in RESULT_FILES:
-                url = f"/v1/jobs/{sub.job_id}/{'report' if key == 'report' else fname}"
+            for fname in RESULT_FILES:
+                url = f"/v1/jobs/{sub.job_id}/{'report' if fname == 'report.json' else fname}"
                 with self.client.stream("GET", url) as resp:
                     if resp.status_code != 200:
                         resp.read()

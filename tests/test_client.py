@@ -51,6 +51,14 @@ def test_submit_uploads_waits_and_downloads(server, tmp_path):
                   progress=False)
     assert subs[0].ok and not subs[1].ok
     assert [httpx.get(f"{server.url}/v1/jobs/{s.job_id}").status_code for s in subs] == [404, 404]
+    # a folder of the user's where a result would go is left alone; the study stays on the server, not lost
+    mine = tmp_path / "out3" / "a"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    sub = submit([files[0]], url=server.url, out_dir=tmp_path / "out3", poll_s=0.2, delete=True, progress=False)[0]
+    assert sub.state == "failed" and "not a wbmri result" in sub.error and sub.out is None
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+    assert httpx.get(f"{server.url}/v1/jobs/{sub.job_id}").json()["state"] == "done"
 
 
 def test_submit_reports_unreachable_server_and_missing_files(tmp_path):

@@ -215,7 +215,9 @@ def test_other_commands_report_missing_paths_in_one_line(tmp_path):
                          (["evaluate", "--pred", str(tmp_path / "p"), "--ref", str(tmp_path / "r"),
                            "--out", str(tmp_path / "ev")], "cannot evaluate"),
                          (["evaluate", "--pred", str(tmp_path / "p"), "--ref", "data/README.md",
-                           "--out", str(tmp_path / "ev")], "is not a folder of predicted case folders")):
+                           "--out", str(tmp_path / "ev")], "is not a folder of predicted case folders"),
+                         (["evaluate", "--pred", "data", "--ref", "data/README.md",
+                           "--out", str(tmp_path / "ev")], "is not a folder of reference case folders")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and phrase in res.output and "Traceback" not in res.output, (args, res.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == []

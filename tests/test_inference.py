@@ -247,6 +247,86 @@ def test_expand_inputs_files_folders_globs(tmp_path, good_file):
     assert case_name("x/y/scan_0000.nii") == "scan_0000" and case_name("x/.nii.gz") == "study"
 
 
+def test_expand_inputs_takes_odd_names_once_and_names_what_it_cannot_find(tmp_path, good_file):
+    odd = tmp_path / "patient [2].nii.gz"  # an existing file is a file, not a glob pattern
+    nib.save(blob_volume(), str(odd))
+    assert expand_inputs([str(odd)]) == [odd]
+    spelled_twice = [str(good_file), str(tmp_path / "." / "good.nii.gz")]  # one file, two spellings: one input
+    assert expand_inputs(spelled_twice) == [good_file]
+    (tmp_path / "._good.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork beside the scan
+    assert expand_inputs([str(tmp_path)]) == [good_file, odd]
+    assert expand_inputs([str(tmp_path / "*.nii.gz")]) == [good_file, odd]
+    for missing in ("", str(tmp_path / "nothing*.nii.gz"), str(tmp_path / "empty_folder")):
+        (tmp_path / "empty_folder").mkdir(exist_ok=True)
+        with pytest.raises(InputError, match="no NIfTI input found in"):
+            expand_inputs([str(good_file), missing])
+
+
+def test_a_folder_that_is_not_a_result_is_never_written_over(tmp_path, predictor):
+    """--out the inputs' own folder (CASE/image.nii.gz): each case's folder holds its scan, not a result. The case
+    fails with a message, before its prediction, and the scan and the notes beside it stay as they were."""
+    cases = tmp_path / "same"
+    for case in ("patientA", "patientB"):
+        (cases / case).mkdir(parents=True)
+        nib.save(blob_volume(), str(cases / case / "image.nii.gz"))
+        (cases / case / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in cases.rglob("*") if p.is_file()}
+    outcomes = predict_many(predictor, expand_inputs([str(cases)]), cases, progress=False)
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    assert all("is not a wbmri result" in o.error and "notes.txt" in o.error for o in outcomes), outcomes
+    assert {p: p.read_bytes() for p in cases.rglob("*") if p.is_file()} == before
+    assert not [p for p in cases.iterdir() if p.name.startswith(".")]
+    # a result folder with a file of the user's beside it is not replaced either, nor removed after a failure
+    out = tmp_path / "out"
+    good = cases / "patientA" / "image.nii.gz"
+    assert predict_many(predictor, [good], out, names=["a"], progress=False)[0].status == "done"
+    (out / "a" / "measurements.csv").write_text("mine")
+    redo = predict_many(predictor, [good], out, names=["a"], overwrite=True, progress=False)[0]
+    assert redo.status == "failed" and "measurements.csv" in redo.error
+    assert (out / "a" / "measurements.csv").read_text() == "mine" and (out / "a" / "report.json").is_file()
+    with pytest.raises(FileExistsError, match="not a wbmri result"):
+        predictor.predict(good, name="patientB").save(cases)  # the Python API refuses as the batch does
+
+
+def test_a_result_folder_missing_a_file_is_not_done(tmp_path, predictor, good_file):
+    out = tmp_path / "out"
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    (out / "good" / "lesions.nii.gz").unlink()
+    assert predict_many(predictor, [good_file], out, progress=False)[0].status == "done"
+    assert (out / "good" / "lesions.nii.gz").is_file()
+
+
+def test_result_folders_follow_the_umask(tmp_path, predictor, good_file):
+    old = os.umask(0o022)
+    try:
+        folder = predictor.predict(good_file).save(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755  # tempfile.mkdtemp would leave 0700: nobody else could read it
+
+
+def test_sigterm_mid_write_leaves_no_partial_folder(tmp_path):
+    """``docker stop`` or a scheduler's time limit while a case is written: the command exits (128 + 15) and the
+    half-written ``.CASE.xxxx.partial`` folder goes with it, as on Ctrl-C."""
+    code = ("import os, signal, sys\nfrom pathlib import Path\nfrom models.nifti import atomic_dir\n"
+            "from service.cli import _exit_on_sigterm\n_exit_on_sigterm()\n"
+            "with atomic_dir(Path(sys.argv[1]) / 'case') as tmp:\n"
+            "    (tmp / 'lesions.nii.gz').write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    (tmp / 'sites.nii.gz').write_bytes(b'never')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_in_memory_images_other_than_nifti_are_refused_clearly(predictor):
+    img = blob_volume()
+    pair = nib.Nifti1Pair(img.get_fdata().astype(np.float32), img.affine)
+    assert predictor.predict(pair, name="pair").lesions.shape == img.shape
+    mgh = nib.MGHImage(img.get_fdata().astype(np.float32), img.affine)
+    with pytest.raises(InputError, match="MGHImage is not a NIfTI image"):
+        predictor.predict(mgh, name="mgh")
+
+
 def test_device_selection_on_cpu():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu").type == "cpu"

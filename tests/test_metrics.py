@@ -309,6 +309,8 @@ def build_folders(root: Path) -> tuple[Path, Path]:
                affine=shifted)
     # a prediction without reference
     write_case(pred / "case_z", rd, None, None, [])
+    # the half-written folder a killed run leaves: not a case
+    write_case(pred / ".case_a.1f2e3d4c.partial", rd, None, None, [])
     return pred, ref
 
 

@@ -418,7 +418,10 @@ def reference_detections(lesions_csv: Path, min_ml: float = 0.0) -> dict[tuple[s
 
 
 def _case_dirs(root: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and (p / "lesions.nii.gz").is_file()}
+    """The case folders of ``root``: those holding a lesions.nii.gz, hidden ones (a ``.NAME.xxxx.partial`` folder
+    that a killed run left) not counted."""
+    return {p.name: p for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / "lesions.nii.gz").is_file()}
 
 
 def _predictions_of(name: str, preds: dict[str, Path]) -> list[str]:
