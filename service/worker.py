@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import traceback
@@ -26,6 +27,7 @@ from service.store import Job, JobStore
 log = logging.getLogger("wbmri.service")
 INSTANCE = secrets.token_hex(4)  # tells this server process from an earlier one with the same pid
 HOST = socket.gethostname()
+STORE_RETRY_S = 5.0  # a failed job-store write is tried again this often
 
 
 # ------------------------------------------------------------------------------------------ child process side
@@ -197,30 +199,53 @@ class Runner(threading.Thread):
         self._wake.set()
 
     def run(self) -> None:
+        """Claim and run jobs until stopped. Nothing ends this loop but :meth:`stop`: a job store that fails (a full
+        disk, a database locked by another process) is waited out, so the service never stops taking jobs while
+        /readyz says it is ready."""
         while not self._halt.is_set():
-            if not self._child_ok():
-                if not self._spawn():
-                    self._halt.wait(30.0 if self.load_error else 0.1)
-                    continue
-            self._wake.clear()
             try:
-                job = self.store.claim(self.owner)
+                self._step()
             except Exception:
-                log.exception("worker %d: claiming a job failed", self.index)
-                job = None
-            if job is None:
-                self._wake.wait(0.5)
-                continue
-            try:
-                self._process(job)
-            except Exception:
-                log.exception("worker %d: job %s: internal error", self.index, job.id)
-                self.store.fail(job.id, self.owner, "internal error in the service; see the server log", "error")
-                self._kill()
-            finally:
-                self.current = None
-                self.notify(job.id)
+                log.exception("worker %d: the job store failed; trying again in %g s", self.index, STORE_RETRY_S)
+                self._halt.wait(STORE_RETRY_S)
         self._kill()
+
+    def _step(self) -> None:
+        if not self._child_ok():
+            if not self._spawn():
+                self._halt.wait(30.0 if self.load_error else 0.1)
+            return
+        self._wake.clear()
+        job = self.store.claim(self.owner)
+        if job is None:
+            self._wake.wait(0.5)
+            return
+        try:
+            self._process(job)
+        except Exception as exc:
+            log.exception("worker %d: job %s: internal error", self.index, job.id)
+            self._kill()
+            if isinstance(exc, sqlite3.Error):  # the job store failed, not the job: it runs again
+                self._until_stored(lambda: self.store.requeue(job.id, self.owner))
+            else:
+                self._until_stored(lambda: self.store.fail(job.id, self.owner,
+                                                           "internal error in the service; see the server log",
+                                                           "error"))
+        finally:
+            self.current = None
+            self.notify(job.id)
+
+    def _until_stored(self, write: Callable[[], Any]) -> None:
+        """Retry a job-store write every STORE_RETRY_S until it succeeds or the service stops (a job left running
+        then is re-queued by the next start's recovery)."""
+        while True:
+            try:
+                write()
+                return
+            except sqlite3.Error:
+                log.exception("worker %d: the job store failed; trying again in %g s", self.index, STORE_RETRY_S)
+                if self._halt.wait(STORE_RETRY_S):
+                    return
 
     def _process(self, job: Job) -> None:
         """Drive one job to done, failed or back to the queue."""
@@ -339,7 +364,7 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
-        return any(r.model_info is not None and r.load_error is None for r in self.runners)
+        return any(r.is_alive() and r.model_info is not None and r.load_error is None for r in self.runners)
 
     @property
     def model_info(self) -> dict | None:
