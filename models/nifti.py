@@ -25,6 +25,10 @@ import numpy as np
 
 DEFAULT_MAX_VOXELS = 120_000_000  # about 480 MB as float32; a 2 mm adult whole body is under 40 M
 MIN_EXTENT_MM = 24.0  # eight voxels of the 3 mm model grid: less is a crop, not a study
+# Larger than any body: a tall adult's whole body is about 2,000 x 500 x 300 mm (300 L). A few voxels with a huge
+# spacing pass the voxel budget but would be resampled to billions of model-grid voxels (tens of GB).
+MAX_EXTENT_MM = 2500.0
+MAX_FOV_LITRES = 1000.0
 
 
 class InputError(ValueError):
@@ -159,6 +163,11 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     if np.any(extent < MIN_EXTENT_MM):
         raise InputError(f"the field of view is {' x '.join(f'{e:.0f}' for e in extent)} mm: too small to analyse "
                          f"(at least {MIN_EXTENT_MM:g} mm along every axis)")
+    litres = float(np.prod(extent)) / 1e6
+    if np.any(extent > MAX_EXTENT_MM) or litres > MAX_FOV_LITRES:
+        raise InputError(f"the field of view is {' x '.join(f'{e:.0f}' for e in extent)} mm ({litres:,.0f} L): "
+                         f"larger than any body (at most {MAX_EXTENT_MM:g} mm along an axis and {MAX_FOV_LITRES:g} L); "
+                         "check the voxel spacing in the header")
     return shape  # type: ignore[return-value]
 
 

@@ -155,6 +155,10 @@ BAD = {
     "negative_dims": (lambda: raw_header_file((-5, 10, 10)), "s.nii", "dimensions"),
     "no_orientation": (lambda: _without_orientation(blob_volume()), "s.nii.gz", "no orientation"),
     "tiny_fov": (lambda: nifti_bytes(blob_volume((10, 10, 10))), "s.nii.gz", "too small to analyse"),  # 20 mm
+    # 100 voxels at 50 mm along x: a 5 m field of view, no body (the same check stops 50 mm on every axis, whose
+    # 3 mm model grid would be 1667^3 voxels, 17 GB as float32)
+    "huge_fov": (lambda: raw_header_file((100, 100, 100), srow_x=[50, 0, 0, 0]),
+                 "s.nii", "larger than any body"),
 }
 
 
@@ -180,7 +184,7 @@ def test_bad_upload_is_4xx_with_message(client, kind, tmp_path):
     assert r.status_code in (400, 413, 422), (r.status_code, r.text)
     detail = r.json()["detail"]
     assert phrase.lower() in detail.lower(), detail
-    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation", "tiny_fov"):  # the library's exact message
+    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation", "tiny_fov", "huge_fov"):  # the library's exact message
         path = tmp_path / name
         path.write_bytes(payload)
         with pytest.raises(InputError) as exc:
