@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -29,7 +30,8 @@ from models.nifti import InputError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.settings import Settings, load_settings
 from service.store import Job, JobStore, QueueFull
-from service.upload import MULTIPART_SLACK, UploadRejected, new_job_id, receive, verify_with_nibabel
+from service.upload import (MULTIPART_SLACK, NO_SPACE, NO_SPACE_MESSAGE, UploadRejected, new_job_id, receive,
+                            verify_with_nibabel)
 from service.worker import WorkerPool, owner_dead
 
 log = logging.getLogger("wbmri.service")
@@ -292,6 +294,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "supports and does not replace clinical judgement.")
     app.state.service = svc
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """Any unforeseen error still answers the documented ``{"detail": "message"}`` (the traceback goes to the
+        server log, which holds no header text)."""
+        return JSONResponse({"detail": "internal error in the service; see the server log"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         """A bad query or path parameter gets the documented ``{"detail": "message"}``, not FastAPI's list."""
@@ -339,7 +347,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                          400: {"model": Problem}, 401: {"model": Problem}, 413: {"model": Problem},
                          415: {"model": Problem}, 422: {"model": Problem},
                          429: {"model": Problem, "description": "queue full; see Retry-After"},
-                         503: {"model": Problem, "description": "not ready; see Retry-After"}})
+                         503: {"model": Problem, "description": "not ready, or the job store busy; see Retry-After"},
+                         507: {"model": Problem, "description": "the server's disk is full; nothing was kept"}})
     async def post_study(request: Request,
                          wait: float = Query(0.0, ge=0, le=MAX_WAIT_QUERY,
                                              description="seconds to wait for the result (capped by the server)")
@@ -371,6 +380,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except QueueFull:
             return _reject(svc, 429, f"the queue is full ({settings.max_queue} studies); retry later",
                            {"Retry-After": str(svc.retry_after())})
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk, or the job store locked or full
+            if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
+                raise
+            log.error("upload not stored: %s", exc)
+            full = isinstance(exc, OSError) or "full" in str(exc)
+            return _reject(svc, 507 if full else 503, NO_SPACE_MESSAGE if full else
+                           "the job store is busy; nothing was kept: retry later", {"Retry-After": "30"})
         finally:
             got.path.unlink(missing_ok=True)
         log.info("job %s accepted: %d bytes, shape %s", job.id, job.size_bytes, job.shape)

@@ -5,6 +5,7 @@ The voxel data itself (NaN, constant image) is checked later, in the job, by :fu
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -20,6 +21,10 @@ import nibabel as nib
 import numpy as np
 
 from models.nifti import InputError, check_header, header_from_bytes
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_MESSAGE = ("the server has no space left to store the study; nothing was kept: retry later, or tell its "
+                    "operator (the data folder's disk is full)")
 
 try:  # python-multipart >= 0.0.13
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -282,6 +287,8 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, incoming: Pat
         except Exception as exc:  # a malformed multipart body
             if isinstance(exc, ClientDisconnect):
                 raise UploadRejected(400, "the upload was interrupted") from None
+            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                raise UploadRejected(507, NO_SPACE_MESSAGE) from None
             if exc.__class__.__module__.split(".")[0] in ("python_multipart", "multipart"):
                 raise UploadRejected(400, f"malformed multipart body ({type(exc).__name__})") from None
             raise

@@ -5,11 +5,13 @@ import gzip
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 
 import httpx
 import nibabel as nib
 import numpy as np
+import pytest
 
 from service.testing import ServerProcess
 
@@ -126,3 +128,25 @@ def test_a_locked_job_store_is_waited_out_and_the_job_runs_again(tiny_model_dir,
         b = upload(c, 7).json()["id"]
         assert wait_state(c, b, ("done", "failed"))["state"] == "done"
         assert c.get("/readyz").status_code == 200
+
+
+def test_a_full_disk_refuses_the_upload_in_json_and_keeps_serving(tiny_model_dir, tmp_path):
+    """The data folder on a 4 MB file system: a 6 MB study cannot be staged. The client gets 507 with the documented
+    ``{"detail": ...}``, nothing is left half-written, and a small study is taken right after."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(data)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs a small file system: mounting tmpfs needs root (" + mounted.stderr.decode().strip() + ")")
+    try:
+        with ServerProcess(data, tiny_model_dir) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+            rng = np.random.default_rng(0)
+            big = nib.Nifti1Image(rng.random((112, 112, 112), dtype=np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+            r = c.post("/v1/studies", files={"file": ("big.nii", big.to_bytes())})
+            assert r.status_code == 507 and "no space left" in r.json()["detail"], (r.status_code, r.text)
+            assert list((data / "incoming").iterdir()) == []
+            small = upload(c, 8)
+            assert small.status_code == 202, small.text
+            assert wait_state(c, small.json()["id"], ("done", "failed"))["state"] == "done"
+    finally:
+        subprocess.run(["umount", str(data)], capture_output=True)
