@@ -30,8 +30,8 @@ from models.nifti import InputError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.settings import Settings, load_settings
 from service.store import Job, JobStore, QueueFull
-from service.upload import (MULTIPART_SLACK, NO_SPACE, NO_SPACE_MESSAGE, UploadRejected, new_job_id, receive,
-                            verify_with_nibabel)
+from service.upload import (MULTIPART_SLACK, NO_SPACE, NO_SPACE_MESSAGE, STAGING, UploadRejected, done_staging,
+                            new_job_id, receive, verify_with_nibabel)
 from service.worker import WorkerPool, owner_dead
 
 log = logging.getLogger("wbmri.service")
@@ -248,7 +248,7 @@ class Service:
             n = store.purge(s.retention_days * 86400)
             if n:
                 log.info("retention: removed %d studies older than %g days", n, s.retention_days)
-        store.cleanup(min_age_s=max(300.0, min(s.job_timeout_s, 3600.0) + 60))
+        store.cleanup(min_age_s=max(300.0, min(s.job_timeout_s, 3600.0) + 60), receiving=frozenset(STAGING))
 
     def _maintain(self) -> None:
         while not self._stop.is_set():
@@ -388,7 +388,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _reject(svc, 507 if full else 503, NO_SPACE_MESSAGE if full else
                            "the job store is busy; nothing was kept: retry later", {"Retry-After": "30"})
         finally:
-            got.path.unlink(missing_ok=True)
+            done_staging(got.path)
         log.info("job %s accepted: %d bytes, shape %s", job.id, job.size_bytes, job.shape)
         if svc.pool:
             svc.pool.wake()

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 STATES = ("queued", "running", "done", "failed")
 ACTIVE = ("queued", "running")
@@ -329,9 +329,10 @@ class JobStore:
             self.delete(job_id)
         return len(ids)
 
-    def cleanup(self, min_age_s: float = 300.0) -> int:
+    def cleanup(self, min_age_s: float = 300.0, receiving: Collection[str] = ()) -> int:
         """Remove files older than ``min_age_s`` that belong to no job: orphan uploads and results, stale partial
-        result folders, abandoned incoming uploads. Returns how many were removed."""
+        result folders, abandoned incoming uploads (but not those still ``receiving``, named without suffixes: a
+        client may pause). Returns how many were removed."""
         known = self.ids()
         removed = 0
         cutoff = time.time() - min_age_s
@@ -343,6 +344,8 @@ class JobStore:
                 continue
             job_id = path.name.split(".")[0] if path.parent != self.results or not path.name.startswith(".") else ""
             if path.parent != self.incoming and job_id in known:
+                continue
+            if path.parent == self.incoming and job_id in receiving:
                 continue
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -22,6 +22,9 @@ import numpy as np
 
 from models.nifti import InputError, check_header, header_from_bytes
 
+# The names (without suffixes) of the files in incoming/ that this process is still receiving or checking: the
+# store's clean-up leaves them alone however long a client pauses (``done_staging`` ends it)
+STAGING: set[str] = set()
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NO_SPACE_MESSAGE = ("the server has no space left to store the study; nothing was kept: retry later, or tell its "
                     "operator (the data folder's disk is full)")
@@ -243,6 +246,7 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, incoming: Pat
     parser = MultipartParser(boundary_of(content_type), parts.callbacks())
     check = NiftiStreamCheck(max_voxels)
     staged = incoming / f"{secrets.token_hex(16)}.part"
+    STAGING.add(staged.stem)
     fh = open(staged, "wb")
     total = written = 0
     pending: list[bytes] = []
@@ -295,9 +299,16 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, incoming: Pat
     except BaseException:
         fh.close()
         staged.unlink(missing_ok=True)
+        STAGING.discard(staged.stem)
         raise
     ext = ".nii.gz" if check.gz else ".nii"
     return Received(staged, sanitise_filename(parts.filename), ext, written, [int(s) for s in shape[:3]])
+
+
+def done_staging(path: Path) -> None:
+    """The staged upload at ``path`` is gone (stored as a job, or refused): remove it and its :data:`STAGING` mark."""
+    path.unlink(missing_ok=True)
+    STAGING.discard(path.stem)
 
 
 def _fsync_close(fh) -> None:

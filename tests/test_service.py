@@ -480,3 +480,35 @@ def test_the_store_keeps_studies_to_its_user_and_forgets_a_deleted_file_name(tmp
         assert b"Doe_Jane_1234" not in held, "the deleted study's file name is still in the database files"
     finally:
         store.close()
+
+
+def test_clean_up_leaves_an_upload_that_is_still_being_received(tmp_path):
+    """A client that pauses mid-upload for longer than the clean-up age keeps its staged file: the maintenance
+    clean-up runs while the body is half received, and the upload completes afterwards."""
+    import asyncio
+    from service.store import JobStore
+    from service.upload import STAGING, done_staging, receive
+    store = JobStore(tmp_path / "d")
+    payload = nifti_bytes(blob_volume())
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.nii.gz\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n--b--\r\n")
+    removed = []
+
+    async def pausing_client():
+        yield body[:5000]
+        await asyncio.sleep(0)  # the pause: the maintenance clean-up runs now, as if the file were old
+        removed.append(store.cleanup(min_age_s=0, receiving=frozenset(STAGING)))
+        yield body[5000:]
+
+    try:
+        got = asyncio.run(receive(pausing_client(), "multipart/form-data; boundary=b", store.incoming, 10 ** 8,
+                                  10 ** 8))
+        assert removed == [0] and got.path.is_file() and got.size_bytes == len(payload)
+        assert got.path.stem in STAGING
+        done_staging(got.path)
+        assert got.path.stem not in STAGING and not got.path.exists()
+        abandoned = store.incoming / ("a" * 32 + ".part")  # an upload no request is receiving: removed
+        abandoned.write_bytes(b"x")
+        assert store.cleanup(min_age_s=0, receiving=frozenset(STAGING)) == 1 and not abandoned.exists()
+    finally:
+        store.close()
