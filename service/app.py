@@ -129,6 +129,14 @@ class Waiters:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, set[asyncio.Event]] = {}
+        self.stopping = False  # the server is shutting down: every wait answers now, with the job as it stands
+
+    def stop(self) -> None:
+        """Thread-safe; called when the server begins to shut down (SIGTERM), so that no ?wait request holds the
+        shutdown up and then gets cut off without its job's id."""
+        self.stopping = True
+        for job_id in list(self._events):
+            self.notify(job_id)
 
     def notify(self, job_id: str) -> None:
         """Thread-safe; called by the workers."""
@@ -152,7 +160,7 @@ class Waiters:
             while True:
                 job = store.get(job_id)
                 left = end - time.monotonic()
-                if job is None or job.finished or left <= 0:
+                if job is None or job.finished or left <= 0 or self.stopping:
                     return job
                 try:
                     await asyncio.wait_for(ev.wait(), min(left, 1.0))

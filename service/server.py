@@ -58,8 +58,16 @@ def run(config_file: str | Path | None = None, **overrides: object) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             proxy_headers=False, server_header=False, timeout_keep_alive=10,
                             timeout_graceful_shutdown=20)
-    server = uvicorn.Server(config)
-    server.run()
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling ``?wait`` requests to answer as soon as shutdown begins: they would otherwise
+        hold it up and be cut off without their job's id."""
+
+        def handle_exit(self, sig, frame) -> None:
+            app.state.service.waiters.stop()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

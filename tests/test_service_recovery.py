@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 
 import httpx
@@ -100,10 +102,28 @@ def test_time_limit_and_graceful_shutdown(tiny_model_dir, tmp_path):
         # graceful stop (SIGTERM) while a job runs puts it back in the queue, not counting the attempt
         second = upload(c, 5).json()["id"]
         wait_state(c, second, ("running",))
+        # ... and a ?wait request pending then answers at once with its job's id (202), not a 500 after 20 s
+        answer: dict = {}
+
+        def waiting_upload() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c2:
+                t0 = time.monotonic()
+                r = c2.post("/v1/studies?wait=100", files={"file": ("s9.nii.gz", study(9))})
+                answer.update(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
+        waiting = threading.Thread(target=waiting_upload)
+        waiting.start()
+        end = time.monotonic() + 5  # its job queued behind the running one (which times out 1.5 s after it started)
+        while c.get("/readyz").json()["jobs"]["queued"] < 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the request is now waiting
         srv.proc.send_signal(signal.SIGTERM)
+        waiting.join(60)
         srv.proc.wait(30)
+    assert answer["status"] == 202 and answer["seconds"] < 12, answer
+    third = json.loads(answer["text"])["id"]
     con = sqlite3.connect(data / "jobs.sqlite3")
     state, attempts = con.execute("SELECT state, attempts FROM jobs WHERE id = ?", (second,)).fetchone()
+    assert con.execute("SELECT state FROM jobs WHERE id = ?", (third,)).fetchone()[0] == "queued"
     con.close()
     assert (state, attempts) == ("queued", 0)
 
