@@ -206,11 +206,13 @@ class Runner(threading.Thread):
             try:
                 self._step()
             except Exception:
-                log.exception("worker %d: the job store failed; trying again in %g s", self.index, STORE_RETRY_S)
+                log.exception("worker %d: an error outside any job's analysis (the job store?); trying again in %g s",
+                              self.index, STORE_RETRY_S)
                 self._halt.wait(STORE_RETRY_S)
         self._kill()
 
     def _step(self) -> None:
+        """One turn of the loop: (re)start the child if needed, claim a job, drive it to its end."""
         if not self._child_ok():
             if not self._spawn():
                 self._halt.wait(30.0 if self.load_error else 0.1)
