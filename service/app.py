@@ -226,7 +226,7 @@ class Service:
 
     def start(self) -> None:
         s = self.settings
-        self.store = JobStore(s.data_dir)
+        self.store = JobStore(s.data_dir, busy_timeout_s=s.db_busy_timeout_s)
         requeued, failed = self.store.recover(owner_dead, s.stale_after_s, s.max_attempts)
         if requeued or failed:
             log.warning("recovered interrupted jobs: %d re-queued, %d failed after %d attempts", requeued, failed,

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(300.0, gt=0, description="how often retention and clean-up run")
     heartbeat_s: float = Field(2.0, gt=0, description="running jobs refresh their heartbeat this often")
     stale_after_s: float = Field(120.0, gt=0, description="a running job without heartbeat this long is re-queued")
+    db_busy_timeout_s: float = Field(30.0, gt=0, description="a job-store write waits this long for another "
+                                                              "process's lock before it fails (and is retried)")
     api_keys: SecretStr = Field(SecretStr(""), description="comma-separated bearer tokens")
     api_key_file: Path | None = Field(None, description="file with one bearer token per line (# comments)")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")

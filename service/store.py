@@ -99,8 +99,9 @@ class Job:
 class JobStore:
     """Thread-safe (one connection behind a lock) and safe to share between processes (SQLite locking)."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, busy_timeout_s: float = 30.0):
         self.root = Path(data_dir).resolve()
+        self.busy_timeout_s = busy_timeout_s  # how long a write waits for another connection's lock
         self.incoming = self.root / "incoming"
         self.uploads = self.root / "uploads"
         self.results = self.root / "results"
@@ -119,11 +120,11 @@ class JobStore:
         self._readers: list[sqlite3.Connection] = []
 
     def _connect(self, check_same_thread: bool) -> sqlite3.Connection:
-        db = sqlite3.connect(self.root / DB_NAME, timeout=30, isolation_level=None,
+        db = sqlite3.connect(self.root / DB_NAME, timeout=self.busy_timeout_s, isolation_level=None,
                              check_same_thread=check_same_thread)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA busy_timeout=30000")
+        db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
         db.execute("PRAGMA secure_delete=ON")  # a deleted job's file name is overwritten, not left in free pages
         return db
 
