@@ -401,7 +401,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if svc.pool:
             svc.pool.wake()
         if wait > 0:
-            job = await svc.waiters.wait(job.id, st, min(wait, settings.max_wait_s)) or job
+            waited = await svc.waiters.wait(job.id, st, min(wait, settings.max_wait_s))
+            if waited is None:
+                raise HTTPException(404, "the study was deleted while this request waited for it")
+            job = waited
         return _job_response(st, job, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, dependencies=auth, responses=errors, tags=["jobs"],
@@ -460,12 +463,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {**svc.pool.card, "runtime": {**svc.pool.model_info, "caution": model_caution(svc.pool.card)}}
 
     # ---------------------------------------------------------------------------------------- operations
-    @app.get("/healthz", response_model=Health, tags=["service"], summary="Liveness")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health, tags=["service"], summary="Liveness")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=Readiness, tags=["service"], summary="Ready once the model is loaded",
-             responses={503: {"model": Readiness}})
+    @app.api_route("/readyz", methods=["GET", "HEAD"], response_model=Readiness, tags=["service"],
+                   summary="Ready once the model is loaded", responses={503: {"model": Readiness}})
     def readyz() -> Response:
         reason = svc.not_ready_reason()
         body = Readiness(ready=reason is None, reason=reason, model=svc.pool.model_info if svc.pool else None,

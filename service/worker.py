@@ -311,7 +311,9 @@ class Runner(threading.Thread):
             if msg[0] == "failed":
                 self._failed(job, msg[1], msg[2], {"run": round(run_s, 3)})
                 return
-            # the child process died under the job
+            # the child process died under the job; its exit code is known once it is reaped
+            if self._proc is not None:
+                self._proc.join(5)
             code = self._proc.exitcode if self._proc is not None else None
             self._kill()
             self.metrics.worker_restarts.inc(reason="crash")

@@ -109,6 +109,8 @@ def test_health_ready_model(client):
     assert ready.json()["model"]["tta"] == "flip_lr_anatomy", "the service's setting overrides the card (none)"
     card = client.get("/v1/model").json()
     assert card["name"] == "wbmri-tiny-test" and card["runtime"]["sha256"]
+    # load balancers probe with HEAD too
+    assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 200
 
 
 def test_phantom_upload_to_results(client, server, phantom_file, tmp_path):

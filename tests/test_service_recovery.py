@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import nibabel as nib
@@ -172,3 +173,47 @@ def test_a_full_disk_refuses_the_upload_in_json_and_keeps_serving(tiny_model_dir
             assert wait_state(c, small.json()["id"], ("done", "failed"))["state"] == "done"
     finally:
         subprocess.run(["umount", str(data)], capture_output=True)
+
+
+def worker_pid(server_pid: int) -> int:
+    """The pid of the server's inference worker (a spawned child process)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise LookupError(f"no worker process under {server_pid}")
+
+
+def test_a_worker_killed_mid_job_is_restarted_and_the_job_runs_again(tiny_model_dir, tmp_path):
+    """kill -9 of the inference process alone (the out-of-memory killer's way): the server restarts it, says how
+    it ended, and runs the job again; a ?wait request for a study deleted meanwhile gets 404, not a stale 202."""
+    data = tmp_path / "data"
+    with ServerProcess(data, tiny_model_dir, env={"WBMRI_JOB_DELAY_S": 4}) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        a = upload(c, 11).json()["id"]
+        wait_state(c, a, ("running",))
+        os.kill(worker_pid(srv.proc.pid), signal.SIGKILL)
+        job = wait_state(c, a, ("done", "failed"), timeout=120)
+        assert job["state"] == "done" and job["attempts"] == 2, job
+        assert "worker process died (exit code -9); re-queued" in srv.log_path.read_text()
+        answer: dict = {}
+
+        def waiting_upload() -> None:
+            with httpx.Client(base_url=srv.url, timeout=60) as c2:
+                r = c2.post("/v1/studies?wait=60", files={"file": ("s12.nii.gz", study(12))})
+                answer.update(status=r.status_code, text=r.text)
+        waiting = threading.Thread(target=waiting_upload)
+        waiting.start()
+        end, pending = time.monotonic() + 20, None
+        while pending is None and time.monotonic() < end:
+            time.sleep(0.1)
+            con = sqlite3.connect(data / "jobs.sqlite3")
+            pending = con.execute("SELECT id FROM jobs WHERE id != ?", (a,)).fetchone()
+            con.close()
+        assert c.delete(f"/v1/jobs/{pending[0]}").status_code == 204
+        waiting.join(60)
+        assert answer["status"] == 404 and "deleted while this request waited" in answer["text"], answer
