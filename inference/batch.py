@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import glob
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from models.card import result_identity, sha256_file
-from models.nifti import NIFTI_SUFFIXES, RESULT_FILES, InputError, case_names, check_replaceable
+from models.nifti import NIFTI_SUFFIXES, RESULT_FILES, InputError, case_names, check_replaceable, saved_report
 
 SKIPPED_MESSAGE = "already done with this model (--overwrite to redo it)"
 REPLACED_MESSAGE = "replaced the result of another file of this name (another sha256) in its folder"
@@ -83,21 +82,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _saved_report(out_dir: Path, name: str) -> dict | None:
-    """The report of a complete case folder (folders are written atomically), None without a readable one."""
-    try:
-        return json.loads((out_dir / name / "report.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def is_done(out_dir: Path, name: str, model: dict | None = None, source: Path | None = None) -> bool:
     """A case folder is complete when it holds every contract file and a readable report; when ``model`` (a
     predictor's ``model_info``) is given, it must have been made by the same weights, test-time augmentation, lesion
-    rules and software version
-    (:func:`models.card.result_identity`), and when ``source`` is given, from a file of the same sha256 (a scan
-    replaced under the same name is analysed again): other results are redone, not reused."""
-    report = _saved_report(out_dir, name)
+    rules and software version (:func:`models.card.result_identity`), and when ``source`` is given, from a file of
+    the same sha256 (a scan replaced under the same name is analysed again): other results are redone, not reused."""
+    report = saved_report(out_dir / name)
     if report is None or not all((out_dir / name / f).is_file() for f in RESULT_FILES):
         return False
     if model is not None and result_identity(report.get("model", {})) != result_identity(model):
@@ -110,12 +100,11 @@ def _drop_result_of_another_file(out_dir: Path, name: str, source: Path) -> bool
     failed run, the folder must not pass for this file's result. A folder without a report is not wbmri's result
     and is left alone. Returns whether it was removed."""
     folder = out_dir / name
-    report = _saved_report(out_dir, name)
-    if report is None:
-        return False
     try:
-        check_replaceable(folder)
-    except FileExistsError:  # a user's own files beside the report: not ours to delete
+        report = check_replaceable(folder)
+    except FileExistsError:  # no report, or a user's own files beside one: not ours to delete
+        return False
+    if report is None:
         return False
     try:
         if report.get("study", {}).get("sha256") == sha256_file(source):
@@ -170,9 +159,9 @@ def predict_many(predictor, inputs: list[Path], out_dir: Path, overwrite: bool =
                 outcomes.append(CaseOutcome(name, str(path), "skipped"))
             else:
                 try:
-                    check_replaceable(out_dir / name)  # before the minutes of work, not after
+                    earlier_report = check_replaceable(out_dir / name)  # before the minutes of work, not after
                     result = predictor.predict(path, name=name)
-                    earlier = (_saved_report(out_dir, name) or {}).get("study", {}).get("sha256")
+                    earlier = (earlier_report or {}).get("study", {}).get("sha256")
                     result.save(out_dir, overwrite=True)
                     note = (REPLACED_MESSAGE if earlier and earlier != result.report["study"].get("sha256")
                             else None)

@@ -20,8 +20,7 @@ from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
                              resolve_device, size_divisor, upsample_site_ids)
 from models.lesions import components, near_bone
-from models.nifti import (DEFAULT_MAX_VOXELS, Volume, atomic_dir, case_name, check_replaceable, load_volume,
-                          save_nifti)
+from models.nifti import DEFAULT_MAX_VOXELS, Volume, case_name, load_volume, result_dir, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 from models.site_rules import BONE_THRESHOLD, apply_site_rules, bone_thresholds, sites_in_bone
 from models.spine import level_count_anchors
@@ -60,10 +59,9 @@ class Result:
         final = Path(out_dir) / self.name
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} exists (use overwrite)")
-        check_replaceable(final)
         t0 = time.perf_counter()
         png = render_overlay(self.image, self.lesions, self.sites, self.affine, self.report)
-        with atomic_dir(final) as tmp:
+        with result_dir(final) as tmp:
             save_nifti(tmp / "lesions.nii.gz", self.lesions, self.affine, np.uint16)
             save_nifti(tmp / "sites.nii.gz", self.sites, self.affine, np.uint8)
             (tmp / "overlay.png").write_bytes(png)

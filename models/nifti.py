@@ -282,24 +282,30 @@ def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 RESULT_FILES = ("report.json", "lesions.nii.gz", "sites.nii.gz", "overlay.png")  # OUT/<case>/ of the output contract
 
 
-def check_replaceable(folder: Path) -> None:
+def saved_report(folder: Path) -> dict | None:
+    """The report.json of a result folder, None without a readable one."""
+    try:
+        return json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_replaceable(folder: Path) -> dict | None:
     """Refuse to replace ``folder`` unless it is absent or an earlier result: a readable report.json and nothing but
     the contract's files. Anything else (the input scans themselves when --out is their folder, a user's own files)
-    is not wbmri's to delete: FileExistsError, and nothing is written."""
+    is not wbmri's to delete: FileExistsError, and nothing is written. Returns the earlier result's report (None
+    without a folder)."""
     if not folder.exists():
-        return
+        return None
     if not folder.is_dir():
         raise FileExistsError(f"{folder} is a file, not a result folder: nothing was written over it")
     other = sorted(p.name for p in folder.iterdir() if p.name not in RESULT_FILES)
-    try:
-        json.loads((folder / "report.json").read_text())
-        readable = True
-    except (OSError, ValueError):
-        readable = False
-    if other or not readable:
+    report = saved_report(folder)
+    if other or report is None:
         held = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "") if other else "no readable report.json"
         raise FileExistsError(f"{folder} exists and is not a wbmri result ({held}), so it was left as it is and this "
                               "case was not written: give another output folder (not the inputs' own)")
+    return report
 
 
 @contextmanager
@@ -323,6 +329,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+@contextmanager
+def result_dir(final: Path) -> Iterator[Path]:
+    """:func:`atomic_dir` for a case's result folder (``OUT/<case>/``): what is at ``final`` is replaced only when it is
+    an earlier result (:func:`check_replaceable`)."""
+    check_replaceable(Path(final))
+    with atomic_dir(final) as tmp:
+        yield tmp
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, dtype: type | None = None) -> None:
     """Write a NIfTI-1 file (gzip when the name ends in .gz) with a clean header: no free text is copied."""

@@ -30,8 +30,8 @@ from models.nifti import InputError
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.settings import Settings, load_settings
 from service.store import Job, JobStore, QueueFull
-from service.upload import (MULTIPART_SLACK, NO_SPACE, NO_SPACE_MESSAGE, STAGING, UploadRejected, done_staging,
-                            new_job_id, receive, verify_with_nibabel)
+from service.upload import (MULTIPART_SLACK, NO_SPACE_MESSAGE, STAGING, UploadRejected, done_staging, new_job_id,
+                            no_space, receive, verify_with_nibabel)
 from service.worker import WorkerPool, owner_dead
 
 log = logging.getLogger("wbmri.service")
@@ -388,13 +388,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except QueueFull:
             return _reject(svc, 429, f"the queue is full ({settings.max_queue} studies); retry later",
                            {"Retry-After": str(svc.retry_after())})
-        except (OSError, sqlite3.OperationalError) as exc:  # a full disk, or the job store locked or full
-            if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk, or the job store locked
+            if no_space(exc):
+                log.error("upload not stored: %s", exc)
+                return _reject(svc, 507, NO_SPACE_MESSAGE, {"Retry-After": "30"})
+            if isinstance(exc, OSError):
                 raise
             log.error("upload not stored: %s", exc)
-            full = isinstance(exc, OSError) or "full" in str(exc)
-            return _reject(svc, 507 if full else 503, NO_SPACE_MESSAGE if full else
-                           "the job store is busy; nothing was kept: retry later", {"Retry-After": "30"})
+            return _reject(svc, 503, "the job store is busy; nothing was kept: retry later", {"Retry-After": "30"})
         finally:
             done_staging(got.path)
         log.info("job %s accepted: %d bytes, shape %s", job.id, job.size_bytes, job.shape)

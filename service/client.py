@@ -9,7 +9,7 @@ from typing import Sequence
 
 import httpx
 
-from models.nifti import RESULT_FILES, atomic_dir, case_names, check_replaceable
+from models.nifti import RESULT_FILES, case_names, result_dir
 
 RETRY_STATUSES = (429, 503)
 
@@ -98,8 +98,7 @@ class _Batch:
     def download(self, sub: Submission, name: str) -> None:
         """Fetch the four result files into ``out_dir/<name>/`` (complete or absent; a folder there that is not an
         earlier result is left alone and the study fails)."""
-        check_replaceable(self.out_dir / name)
-        with atomic_dir(self.out_dir / name) as tmp:
+        with result_dir(self.out_dir / name) as tmp:
             for fname in RESULT_FILES:
                 url = f"/v1/jobs/{sub.job_id}/{'report' if fname == 'report.json' else fname}"
                 with self.client.stream("GET", url) as resp:

@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import secrets
+import sqlite3
 import struct
 import unicodedata
 import zlib
@@ -25,7 +26,6 @@ from models.nifti import InputError, check_header, header_from_bytes
 # The names (without suffixes) of the files in incoming/ that this process is still receiving or checking: the
 # store's clean-up leaves them alone however long a client pauses (``done_staging`` ends it)
 STAGING: set[str] = set()
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 NO_SPACE_MESSAGE = ("the server has no space left to store the study; nothing was kept: retry later, or tell its "
                     "operator (the data folder's disk is full)")
 
@@ -291,7 +291,7 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, incoming: Pat
         except Exception as exc:  # a malformed multipart body
             if isinstance(exc, ClientDisconnect):
                 raise UploadRejected(400, "the upload was interrupted") from None
-            if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            if no_space(exc):
                 raise UploadRejected(507, NO_SPACE_MESSAGE) from None
             if exc.__class__.__module__.split(".")[0] in ("python_multipart", "multipart"):
                 raise UploadRejected(400, f"malformed multipart body ({type(exc).__name__})") from None
@@ -303,6 +303,14 @@ async def receive(stream: AsyncIterator[bytes], content_type: str, incoming: Pat
         raise
     ext = ".nii.gz" if check.gz else ".nii"
     return Received(staged, sanitise_filename(parts.filename), ext, written, [int(s) for s in shape[:3]])
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says the data folder's disk is full: the system's ENOSPC or EDQUOT, or SQLite's "database or
+    disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def done_staging(path: Path) -> None:
