@@ -73,3 +73,14 @@ def lesion_instances(mask: np.ndarray, voxel_ml: float, min_ml: float, near: np.
     ``min_confidence`` (on the validation phantoms false positives had a lower mean probability than most true
     lesions)."""
     return components(mask, near, prob).select(voxel_ml, min_ml, min_bone_fraction, min_confidence)
+
+
+def lesion_ids(labels: np.ndarray) -> np.ndarray:
+    """Lesion ids 1..K (int32) from a label map: its own ids, renumbered in id order, when it has several; else (a
+    binary mask, which may hold any number of lesions, as nnU-Net labels and other tools' masks do) its 26-connected
+    components in scan order. Values of 0 or below are background."""
+    ids, inverse = np.unique(np.where(labels > 0, labels, 0), return_inverse=True)
+    compact = (inverse.reshape(labels.shape) + (0 if ids[0] == 0 else 1)).astype(np.int32)
+    if compact.max() <= 1:
+        return components(compact > 0).labels.astype(np.int32)
+    return compact

@@ -480,6 +480,26 @@ def test_reference_sites_derived_from_site_map_without_json(tmp_path):
     assert case.warnings
 
 
+def test_another_tools_binary_mask_is_scored_as_its_connected_lesions(tmp_path):
+    """A 0/1 lesions.nii.gz with no report beside it (another tool's output) holds one lesion per 26-connected
+    component: two hits and one false positive here, not a single lesion overlapping both references."""
+    shp = (N,) * 3
+    ref = box(shp, slice(1, 4), slice(1, 4), slice(1, 4), value=1)
+    box(shp, slice(10, 13), slice(10, 13), slice(10, 13), value=2, out=ref)
+    write_case(tmp_path / "ref" / "c", ref, site_map(), "case.json",
+               [{"id": 1, "site": "femur_left"}, {"id": 2, "site": "tibia_right"}])
+    pred = (ref > 0).astype(np.uint16)
+    pred[14:16, 0:2, 0:2] = 1  # away from both: a false positive
+    pred[4, 4, 4] = 1  # touches the first blob at a corner: the same lesion
+    write_case(tmp_path / "pred" / "c", pred, site_map(), None, [])
+    case = load_case(tmp_path / "pred" / "c")
+    assert int(case.lesions.max()) == 3 and any("binary mask" in w for w in case.warnings)
+    s = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", quiet=True)
+    counts = s["lesions"]["all"]
+    assert (counts["n_ref"], counts["n_tp"], counts["n_fp"]) == (2, 2, 1)
+    assert s["site_accuracy"]["site"] == 1.0
+
+
 def test_grid_mismatch_is_a_clear_error():
     check_same_grid((4, 4, 4), AFF, (4, 4, 4), AFF + 5e-4)  # within tolerance
     with pytest.raises(GridMismatchError, match=r"shape \(4, 4, 4\) vs \(4, 4, 5\)"):

@@ -16,6 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from models.lesions import lesion_ids
 from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
                               SubregionAgreement, bootstrap_ci, confusion_of, detection_counts, dice, dice_by_site,
@@ -110,6 +111,7 @@ def load_case(folder: Path) -> LabelCase:
 
     Lesions without a site in the JSON get the site they overlap most in the sites map (soft_tissue when none;
     unknown, and left out of the site figures, when there is no sites map); lesions without a confidence get 1.0.
+    A binary map (0/1) with no JSON beside it, as other tools write, is taken as its 26-connected lesions.
     """
     lesions, affine = _read_labels(folder / "lesions.nii.gz")
     case = LabelCase(lesions=lesions, affine=affine, sites=None)
@@ -118,11 +120,15 @@ def load_case(folder: Path) -> LabelCase:
         sites, s_aff = _read_labels(sites_path)
         check_same_grid(sites.shape, s_aff, lesions.shape, affine, "sites vs lesions")
         case.sites = sites
-    ids = {int(i) for i in np.unique(lesions[lesions > 0])}
     listed = _json_lesions(folder)
     if listed is None:
         case.warnings.append("no report.json or case.json: lesion sites derived from sites.nii.gz")
         listed = []
+        if lesions.max(initial=0) == 1:  # another tool's binary mask: one lesion per 26-connected component
+            case.lesions = lesions = lesion_ids(lesions)
+            case.warnings.append(f"lesions.nii.gz is a binary mask: taken as its {int(lesions.max())} "
+                                 "26-connected lesions")
+    ids = {int(i) for i in np.unique(lesions[lesions > 0])}
     for entry in listed:
         lid = int(entry["id"])
         if lid not in ids:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import nibabel as nib
 import numpy as np
 
+from models.lesions import lesion_ids
 from models.nifti import InputError, Volume, load_volume, read_grid
 from models.sites import all_sites
 from training.evaluate import AFFINE_TOL
@@ -166,14 +167,6 @@ def _integer_labels(data: np.ndarray) -> np.ndarray:
     return rounded.astype(np.int64)
 
 
-def _compact_ids(labels: np.ndarray) -> np.ndarray:
-    """Lesion ids renumbered 1..K in id order (0 and negatives stay background)."""
-    labels = np.where(labels > 0, labels, 0)
-    ids, inverse = np.unique(labels, return_inverse=True)
-    offset = 0 if ids[0] == 0 else 1
-    return (inverse.reshape(labels.shape) + offset).astype(np.int32)
-
-
 def _in_file(path: Path, read: Callable[[], Any]) -> Any:
     """``read()``, with an :class:`InputError` prefixed by the file's folder and name."""
     try:
@@ -216,16 +209,6 @@ def read_case(case: CaseFiles) -> tuple[Volume, np.ndarray, np.ndarray | None, n
     naming the file otherwise."""
     image = _in_file(case.image, lambda: load_volume(case.image, label=False))
     return image, *read_labels(case, image.data.shape, image.affine)
-
-
-def lesion_ids(labels: np.ndarray) -> np.ndarray:
-    """Lesion ids 1..K from a label: its own ids when it has several, else (a binary mask, which may hold any
-    number of lesions, as nnU-Net labels do) its 26-connected components."""
-    from models.lesions import components
-    ids = _compact_ids(labels)
-    if ids.max() <= 1:
-        return components(ids > 0).labels.astype(np.int32)
-    return ids
 
 
 def write_references(folder: Path, out: Path) -> dict[str, Path]:
