@@ -667,3 +667,66 @@ def test_an_existing_set_of_other_settings_is_refused_naming_them(tmp_path):
     synth_dataset(1, tmp_path / "s", seed=3, overrides=["fov.p={feet: 1.0}", "anatomy_mm=4"])
     with pytest.raises(ValueError, match=r"other settings \(anatomy_mm\)"):
         synth_dataset(1, tmp_path / "s", seed=4, overrides=["fov.p={feet: 1.0}", "anatomy_mm=3"])
+
+
+def _isc_skeletons(age: float, sex: str):
+    """One child drawn with and without its ischiopubic synchondroses (generator 1.10 and GENERATOR_1_9_SETTINGS)."""
+    from training.config import BodyConfig
+    from training.phantom.generate import draw_skeleton
+    cfg = dict(age_years=(age, age), female_p=1.0 if sex == "F" else 0.0)
+    body, cv = draw_skeleton(500008, BodyConfig(**cfg), 2.0)
+    _, cv19 = draw_skeleton(500008, BodyConfig(**cfg, ischiopubic_synchondrosis=False), 2.0)
+    return body, cv, cv19
+
+
+def test_ischiopubic_synchondroses_are_plates_where_the_pubic_ramus_meets_the_ischium_until_they_fuse():
+    """A 3-year-old girl's synchondroses are open on both sides: a growth-plate band in her pubis or ischium at the
+    junction, mirrored left-right; a 16-year-old's fused years ago, and her skeleton is generator 1.9's bit for bit."""
+    from training.phantom.render import PHYSIS
+    from training.phantom.body import ISC_FUSION_AGES
+    body, cv, cv19 = _isc_skeletons(3.0, "F")
+    assert [sc.side for sc in body.synchondroses] == ["right", "left"]
+    added = (cv.tissue == PHYSIS) & (cv19.tissue != PHYSIS)
+    for sc in body.synchondroses:
+        lo, hi = ISC_FUSION_AGES["F"]
+        assert sc.open and lo - 0.5 <= sc.fusion_age <= hi + 0.5
+        ids = [site_id(f"pubis_{sc.side}"), site_id(f"ischium_{sc.side}")]
+        pts = cv.origin + cv.spacing * np.argwhere(added)
+        mine = np.linalg.norm(pts - sc.centre, axis=1) <= 2 * sc.radius
+        assert mine.sum() >= 5, f"{sc.side}: no plate drawn"
+        assert np.isin(cv.sites[tuple(np.argwhere(added)[mine].T)], ids).all()
+    right, left = (sc.centre for sc in body.synchondroses)
+    assert right[0] > 0 > left[0] and abs(right[0] + left[0]) < 2 and np.allclose(right[1:], left[1:], atol=2)
+    assert not (added & ~np.isin(cv.sites, [site_id(f"{b}_{s}") for b in ("pubis", "ischium")
+                                            for s in ("left", "right")])).any()
+    body16, cv16, cv16_19 = _isc_skeletons(16.0, "F")
+    assert not any(sc.open or sc.swollen or sc.bright_marrow for sc in body16.synchondroses)
+    assert np.array_equal(cv16.tissue, cv16_19.tissue) and np.array_equal(cv16.sites, cv16_19.sites)
+
+
+def test_a_fusing_ischiopubic_synchondrosis_is_bright_and_swollen_and_not_a_lesion():
+    """Seed 34 at 9 years (a boy) draws his right synchondrosis swollen, its marrow and the muscle beside it bright,
+    and his left one an open plate only: on STIR the right fusion zone is brighter than the same voxels without
+    synchondroses (generator 1.9), the left one is not, no lesion is labelled, the sites change only on the right
+    (the swelling), and case.json only by the synchondroses' own entry."""
+    from training.phantom.generate import GENERATOR_1_9_SETTINGS
+    settings = ["lesions.none_p=1", "body.age_years=[9, 9]", "acquisition.sequence_p={stir: 1}"]
+    now = generate_case(34, load_config(SynthConfig, None, settings), fov="pelvis")
+    old = generate_case(34, load_config(SynthConfig, None, settings + list(GENERATOR_1_9_SETTINGS)), fov="pelvis")
+    right, left = now.meta["ischiopubic_synchondroses"]
+    assert right["swollen"] and right["bright_marrow"] and right["bright_soft_tissue"] and right["open"]
+    assert left["open"] and not (left["swollen"] or left["bright_marrow"] or left["bright_soft_tissue"])
+    assert "ischiopubic_synchondroses" not in old.meta
+    assert {k: v for k, v in now.meta.items() if k not in ("ischiopubic_synchondroses", "timings_s")} == \
+        {k: v for k, v in old.meta.items() if k != "timings_s"}
+    assert not now.lesions.any() and not old.lesions.any()
+    gain = now.image.astype(np.float64) / np.maximum(old.image.astype(np.float64), 1e-6)
+    changed = np.abs(now.image.astype(np.float64) - old.image) > 1e-6 * np.abs(old.image) + 1e-6
+    for side, brighter in (("right", True), ("left", False)):
+        bone = np.isin(now.sites, [site_id(f"pubis_{side}"), site_id(f"ischium_{side}")])
+        bright_bone = changed & bone & (gain > 1.2) & (now.physis == 0)
+        assert (bright_bone.sum() > 200) == brighter, f"{side}: {int(bright_bone.sum())} brighter marrow voxels"
+    grown = now.sites != old.sites
+    assert 0 < grown.sum() < 2000 and set(np.unique(now.sites[grown])) <= {site_id("pubis_right"),
+                                                                            site_id("ischium_right")}
+    assert (now.physis > old.physis).sum() > 20  # both plates are growth-plate labels (the physis target)

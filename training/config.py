@@ -35,6 +35,10 @@ class BodyConfig(Strict):
     calcaneus_pitch_deg: float = Field(18.0, ge=-30, le=40, description="how steeply the calcaneus's long axis rises "
                                        "from the heel forward (calcaneal pitch, about 20 degrees in a standing foot; "
                                        "generator 1.8); generators up to 1.7 drew -15, the heel higher than the front")
+    ischiopubic_synchondrosis: bool = Field(True, description="the ischiopubic synchondroses: a cartilage plate "
+                                            "until they fuse (4-9 y in girls, 7-13 y in boys) and, around fusion, "
+                                            "a swollen fusion zone with bright marrow and muscle (generator 1.10; "
+                                            "false: generators up to 1.9)")
 
 
 class StirConfig(Strict):
@@ -74,6 +78,10 @@ class MimicConfig(Strict):
     marrow_foci_boost: Range = Field((1.4, 2.4), description="signal gain of the knee and pelvic foci over their "
                                      "marrow: the range of real faint edema (median lesion 1.05-2.27 x normal "
                                      "marrow), which is what makes them traps")
+    synchondrosis_boost: Range = Field((1.4, 2.4), description="signal gain of the ischiopubic fusion zone's "
+                                       "marrow where it is bright (generator 1.10; as marrow_foci_boost)")
+    synchondrosis_muscle_boost: Range = Field((1.3, 1.8), description="signal gain of the muscle beside a bright "
+                                              "ischiopubic fusion zone (generator 1.10)")
     effusion_p: float = Field(0.35, ge=0, le=1)
     slow_flow_p: float = Field(0.4, ge=0, le=1)
 

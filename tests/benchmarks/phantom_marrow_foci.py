@@ -3,7 +3,8 @@
     .venv/bin/python tests/benchmarks/phantom_marrow_foci.py [--seed 500002] [--png data/phantom_marrow_foci.png]
 
 One child (the seed's, its age held under 16) is made as a knees and a pelvis view, once with both foci drawn
-(`mimics.knee_foci_p_under16=1`, `mimics.pelvic_foci_p_under16=1`) and once with `GENERATOR_1_8_SETTINGS` (none),
+(`mimics.knee_foci_p_under16=1`, `mimics.pelvic_foci_p_under16=1`, and `GENERATOR_1_9_SETTINGS`, so that only
+the foci differ) and once with `GENERATOR_1_8_SETTINGS` (none),
 no lesions. For each view the coronal slice (as acquired) that the foci change most is drawn from both images on
 one grey scale (0 to the brightest voxel shown). Prints, per view, the share of the region's marrow the foci
 brighten, their median signal over the same voxels without them, and against the median of the view's physes
@@ -17,18 +18,19 @@ import nibabel as nib
 import numpy as np
 
 from training.config import SynthConfig, load_config
-from training.phantom.generate import GENERATOR_1_8_SETTINGS, GENERATOR_VERSION, generate_case
+from training.phantom.generate import GENERATOR_1_8_SETTINGS, GENERATOR_1_9_SETTINGS, generate_case
 
 from phantom_apophyses import in_ras  # this folder: the scripts run as scripts
 
 VIEWS = ("knees", "pelvis")
 BOTH = ["mimics.knee_foci_p_under16=1", "mimics.pelvic_foci_p_under16=1", "lesions.none_p=1"]
+VERSION = "1.9"  # the generator whose foci this draws (GENERATOR_1_9_SETTINGS: 1.10's synchondroses off)
 
 
 def view(seed: int, fov: str, age: float | None):
     """Both images of one view in RAS order, the physis labels, the voxel sizes, and the child's age."""
     extra = [f"body.age_years=[{age}, {age}]"] if age is not None else []
-    now = generate_case(seed, load_config(SynthConfig, None, BOTH + extra), fov=fov)
+    now = generate_case(seed, load_config(SynthConfig, None, BOTH + extra + list(GENERATOR_1_9_SETTINGS)), fov=fov)
     old = generate_case(seed, load_config(SynthConfig, None, BOTH + extra + list(GENERATOR_1_8_SETTINGS)), fov=fov)
     zooms = nib.as_closest_canonical(nib.Nifti1Image(now.sites, now.affine)).header.get_zooms()
     return (in_ras(now.image, now.affine).astype(np.float64), in_ras(old.image, old.affine).astype(np.float64),
@@ -47,14 +49,14 @@ def draw(rows, seed: int, age: float, path: str) -> None:
         lo, hi = np.maximum(where.min(0) - margin, 0), where.max(0) + margin + 1
         crop = (slice(lo[0], hi[0]), k, slice(lo[1], hi[1]))
         vmax = float(new[crop].max())
-        for ax, img, title in ((ax_row[0], old, "1.8"), (ax_row[1], new, GENERATOR_VERSION)):
-            ax.imshow(img[crop].T[::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
+        for ax, img, title in ((ax_row[0], old, "1.8"), (ax_row[1], new, VERSION)):
+            ax.imshow(img[crop].T[::-1, ::-1], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
                       aspect=zooms[2] / zooms[0])
             ax.set_title(f"{title}: {fov}, coronal, patient's right on the left", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"seed {seed} ({age:.0f} y), no lesions: one slice per view, head at the top, each row on one grey "
-                 f"scale; right: generator {GENERATOR_VERSION}'s normal marrow foci", fontsize=9)
+                 f"scale; right: generator {VERSION}'s normal marrow foci", fontsize=9)
     fig.savefig(path, dpi=90, bbox_inches="tight")
 
 

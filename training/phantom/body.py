@@ -15,7 +15,7 @@ from training.config import BodyConfig
 
 from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
                      LIVER, LUNG, MUSCLE, PHYSIS, RED, SKIN, SPLEEN, YELLOW, Canvas, capsule, ellipsoid,
-                     paint, rotation)
+                     paint, rotation, tissue_in)
 
 # CDC 2000 growth charts, 50th percentile stature (cm) at whole years 3..17
 _AGES = np.arange(3, 18)
@@ -72,6 +72,25 @@ class Vertebra:
 
 
 @dataclass
+class Synchondrosis:
+    """One side's ischiopubic synchondrosis (:func:`ischiopubic_synchondroses`): where it lies and how it looks."""
+    side: str
+    fusion_age: float
+    centre: np.ndarray       # where the inferior pubic ramus meets the ischium (world mm)
+    axis: np.ndarray         # unit vector along the ramus, towards the ischium
+    radius: float            # the ramus's radius (mm)
+    open: bool               # a cartilage plate across the ramus (before fusion)
+    swollen: bool            # fusiform swelling of the fusion zone
+    bright_marrow: bool      # the fusion zone's marrow bright on STIR (contrast.synchondrosis_gain)
+    bright_soft_tissue: bool  # the muscle beside it too
+
+    def as_dict(self) -> dict:
+        return {"side": self.side, "fusion_age": round(self.fusion_age, 2), "open": self.open,
+                "swollen": self.swollen, "bright_marrow": self.bright_marrow,
+                "bright_soft_tissue": self.bright_soft_tissue}
+
+
+@dataclass
 class Body:
     age: float
     sex: str
@@ -82,6 +101,11 @@ class Body:
     spine: str              # BodyConfig.spine: proportions of the vertebral levels (SPINE_SEGMENTS)
     apophyses: bool = True  # BodyConfig.apophyses: calcaneal, tibial-tuberosity and ischial apophyses (1.8)
     calcaneus_pitch_deg: float = 18.0  # BodyConfig.calcaneus_pitch_deg (1.8; 1.7 drew -15)
+    ischiopubic: bool = True  # BodyConfig.ischiopubic_synchondrosis (1.10)
+    # per side: the inferior pubic ramus (from the symphysis to the ischium, its radius) and the ischium (its top,
+    # the tuberosity, its radius), where the ischiopubic synchondrosis lies (_pelvis records them)
+    rami: dict[str, tuple] = field(default_factory=dict)
+    synchondroses: list[Synchondrosis] = field(default_factory=list)
     long_bones: dict[str, LongBone] = field(default_factory=dict)
     vertebrae: dict[str, Vertebra] = field(default_factory=dict)
     landmarks: dict[str, float] = field(default_factory=dict)
@@ -100,7 +124,8 @@ def sample_body(rng: np.random.Generator, cfg: BodyConfig) -> Body:
     closure = 15.0 if sex == "F" else 16.5
     physis_open = float(np.clip((closure + 1.0 - age) / 3.0, 0.15, 1.0))
     red_w_diaphysis = float(np.clip(1.0 - (age - 2.0) / 8.0, 0.05, 0.9))
-    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine, cfg.apophyses, cfg.calcaneus_pitch_deg)
+    return Body(age, sex, height, fat, red_w_diaphysis, physis_open, cfg.spine, cfg.apophyses, cfg.calcaneus_pitch_deg,
+                cfg.ischiopubic_synchondrosis)
 
 
 # --------------------------------------------------------------------------------------------- shape helpers
@@ -306,6 +331,67 @@ def _ischial_apophysis(cv: Canvas, body: Body, start, tub, r: float, sid: int) -
     near_end = (1.0 - t_raw) * float(np.linalg.norm(d)) <= r
     shell = np.abs((r - rho) - 4.5) <= apophysis_mm(body, "ischium") / 2
     paint(cv, b, m & shell & facing & near_end & (cv.sites[b.sl] == sid), PHYSIS, sid)
+
+
+# The ischiopubic synchondrosis, the cartilage joint between the inferior pubic ramus and the ischium, fuses between 4
+# and 9 years in girls and between 7 and 13 in boys (CT of 184 children, most often at 7-10; Clin Anat 2019), often
+# one side before the other. Around its fusion it is a classic mimic of osteomyelitis on MRI: of 28 children of 4-16
+# years (Herneth et al. 2000), 61% showed it, with the fusion zone bright on STIR or T2 FS (74-89% of those),
+# fusiform swelling (68%) and bright adjacent soft tissue (57%).
+ISC_FUSION_AGES = {"F": (4.0, 9.0), "M": (7.0, 13.0)}
+ISC_FLARE_YEARS = (2.5, 1.5)  # how long before and after its fusion the fusion zone can be swollen and bright
+ISC_SWELLING_P, ISC_MARROW_P, ISC_SOFT_TISSUE_P = 0.68, 0.8, 0.57  # within that window (Herneth et al.)
+
+
+def ischiopubic_synchondroses(cv: Canvas, body: Body, rng: np.random.Generator) -> None:
+    """Draw both ischiopubic synchondroses (:data:`ISC_FUSION_AGES`): a cartilage plate across the ramus where it
+    meets the ischium while open, and around fusion a fusiform swelling; the bright marrow and muscle are drawn with
+    the contrast (``contrast.synchondrosis_gain``). Each side fuses at its own age, near the other's. Every draw is
+    made whatever the child's age, so a child's draws do not depend on it."""
+    lo, hi = ISC_FUSION_AGES[body.sex]
+    base = rng.uniform(lo, hi)
+    for side in ("right", "left"):
+        fusion = float(np.clip(base + rng.normal(0.0, 0.75), lo - 0.5, hi + 0.5))
+        u_swell, u_marrow, u_soft = rng.random(3)
+        near_fusion = fusion - ISC_FLARE_YEARS[0] <= body.age < fusion + ISC_FLARE_YEARS[1]
+        sym, end, r, isch_top, tub, r_isch = body.rami[side]
+        axis = (end - sym) / np.linalg.norm(end - sym)
+        # the junction: the first point of the ramus, from the symphysis, within the ischium's radius of its axis
+        steps = np.linspace(0.0, float(np.linalg.norm(end - sym)), 200)
+        pts = sym + steps[:, None] * axis
+        d = isch_top - tub
+        t = np.clip((pts - tub) @ d / float(d @ d), 0.0, 1.0)
+        inside = np.linalg.norm(pts - (tub + t[:, None] * d), axis=1) <= r_isch
+        centre = pts[int(np.argmax(inside))] if inside.any() else end
+        sc = Synchondrosis(side, fusion, centre, axis, r, open=body.age < fusion,
+                           swollen=bool(near_fusion and u_swell < ISC_SWELLING_P),
+                           bright_marrow=bool(near_fusion and u_marrow < ISC_MARROW_P),
+                           bright_soft_tissue=bool(near_fusion and u_soft < ISC_SOFT_TISSUE_P))
+        _draw_synchondrosis(cv, body, sc)
+        body.synchondroses.append(sc)
+
+
+def _draw_synchondrosis(cv: Canvas, body: Body, sc: Synchondrosis) -> None:
+    """The swelling (a spindle of 1.4x the ramus's radius over 2.5 radii each way, pubis on the symphysis's side
+    of the plate and ischium beyond) and, while open, the plate across it (growth-plate thickness, its site kept)."""
+    s = sc.side
+    pid, iid = site_id(f"pubis_{s}"), site_id(f"ischium_{s}")
+    reach = 2.5 * sc.radius
+    if sc.swollen:
+        for sign, sid in ((-1.0, pid), (1.0, iid)):
+            res = capsule(cv, sc.centre, sc.centre + sign * reach * sc.axis, 1.4 * sc.radius, sc.radius)
+            if res is None:
+                continue
+            b, m, _, rho, rad = res
+            paint(cv, b, m & (cv.sites[b.sl] == 0), CORTEX, sid)  # outside any bone: the ramus keeps its sites
+            paint(cv, b, m & (rho <= rad - 1.6) & tissue_in(cv.sites[b.sl], (pid, iid)), RED, None, marrow_w=0.8)
+    if sc.open:
+        half = 0.5 * _plate_mm(1.0) if body.age < sc.fusion_age - 2 else 0.5 * _plate_mm(0.3)
+        res = capsule(cv, sc.centre - half * sc.axis, sc.centre + half * sc.axis, 1.4 * sc.radius, 1.4 * sc.radius)
+        if res is not None:
+            b, m, t_raw, _, _ = res
+            plate = m & (t_raw >= 0) & (t_raw <= 1) & tissue_in(cv.sites[b.sl], (pid, iid))
+            paint(cv, b, plate, PHYSIS, None)
 
 
 # --------------------------------------------------------------------------------------------- the body plan
@@ -574,7 +660,9 @@ def _pelvis(cv: Canvas, body: Body, L, rng) -> None:
         sym = np.array([s * 0.009 * H, 0.038 * H, zh - 0.028 * H])
         pid = site_id(f"pubis_{side}")
         _tube(cv, [hip + [-s * 0.01 * H, 0.012 * H, -0.004 * H], sym], 0.0085 * H, pid, 0.8)
-        _tube(cv, [sym + [0, -0.004 * H, -0.008 * H], tub + [-s * 0.004 * H, 0.012 * H, 0.004 * H]], 0.0065 * H, pid, 0.8)
+        ramus = (sym + [0, -0.004 * H, -0.008 * H], tub + [-s * 0.004 * H, 0.012 * H, 0.004 * H], 0.0065 * H)
+        _tube(cv, list(ramus[:2]), ramus[2], pid, 0.8)
+        body.rami[side] = (*ramus, isch_top, tub, 0.012 * H)
         # joint: cartilage shell and the triradiate cartilage of the open acetabulum
         res = ellipsoid(cv, hip, [r_head + 2.2] * 3)
         if res:

@@ -8,7 +8,7 @@ import numpy as np
 from models.sites import site_id
 from training.config import ContrastRandomisation, MimicConfig, StirConfig
 
-from .body import Body
+from .body import Body, Synchondrosis
 from .render import (BLADDER, BLOOD, BOWEL, BRAIN, CARTILAGE, CORD, CORTEX, CSF, DISC, FAT, JOINT_FLUID, KIDNEY,
                      LIVER, LUNG, MUSCLE, PHYSIS, RED, SKIN, SPLEEN, TISSUES, YELLOW, Canvas, ellipsoid,
                      field_at, smooth_field, tissue_in)
@@ -132,6 +132,27 @@ def marrow_foci_gain(cv: Canvas, body: Body, mask: np.ndarray, rng: np.random.Ge
     return np.where(field > level[side_of], gain[side_of], 1.0).astype(np.float32)
 
 
+def synchondrosis_gain(cv: Canvas, sc: Synchondrosis, img: np.ndarray, marrow_boost: float,
+                       muscle_boost: float) -> None:
+    """Brighten an ischiopubic fusion zone in place: its marrow (pubis and ischium) by up to ``marrow_boost``, full
+    within 1.5 ramus radii of the junction and fading to none at 3.5, and the muscle against it by up to
+    ``muscle_boost``, full within 1 radius and none at 2; only what the synchondrosis draws (``bright_marrow``,
+    ``bright_soft_tissue``)."""
+    far = 3.5 * sc.radius
+    b = cv.box(sc.centre - far, sc.centre + far)
+    if b is None:
+        return
+    d = np.sqrt((b.x - sc.centre[0]) ** 2 + (b.y - sc.centre[1]) ** 2 + (b.z - sc.centre[2]) ** 2) / sc.radius
+    tissue, sites, sub = cv.tissue[b.sl], cv.sites[b.sl], img[b.sl]
+    for bright, m, boost, (near_r, far_r) in (
+            (sc.bright_marrow, tissue_in(tissue, (RED, YELLOW))
+             & tissue_in(sites, (site_id(f"pubis_{sc.side}"), site_id(f"ischium_{sc.side}"))), marrow_boost, (1.5, 3.5)),
+            (sc.bright_soft_tissue, (tissue == MUSCLE) & (sites == 0), muscle_boost, (1.0, 2.0))):
+        if bright:
+            weight = np.clip((far_r - d[m]) / (far_r - near_r), 0.0, 1.0)
+            sub[m] *= (1.0 + (boost - 1.0) * weight).astype(sub.dtype)
+
+
 def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratios: dict[int, float],
                lesion_labels: np.ndarray, mimics: dict, rng: np.random.Generator, stir: StirConfig,
                cfg: MimicConfig, muscle_floor: float = 1.0, fluid_ceiling: bool = True) -> np.ndarray:
@@ -154,6 +175,12 @@ def synthesize(cv: Canvas, body: Body, lut: np.ndarray, edema: np.ndarray, ratio
             own = mimics[f"{region}_rng"]
             img[mimics[region]] *= marrow_foci_gain(cv, body, mimics[region], own,
                                                     own.uniform(*cfg.marrow_foci_boost), region)
+    synchondroses = [sc for sc in body.synchondroses if sc.bright_marrow or sc.bright_soft_tissue]
+    if synchondroses:  # generator 1.10, from its own stream
+        own = mimics["synchondrosis_rng"]
+        for sc in synchondroses:
+            synchondrosis_gain(cv, sc, img, own.uniform(*cfg.synchondrosis_boost),
+                               own.uniform(*cfg.synchondrosis_muscle_boost))
     # slow flow: vessels sometimes bright
     if rng.random() < cfg.slow_flow_p:
         img[cv.tissue == BLOOD] *= rng.uniform(1.5, 3.0)

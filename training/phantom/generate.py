@@ -13,16 +13,17 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from models.lesions import voxel_volume_ml
 from models.nifti import atomic_dir, save_nifti
 from training.config import BodyConfig, SynthConfig, load_config
 
 from .acquire import Dixon, acquire
-from .body import Body, build_skeleton, sample_body
+from .body import Body, build_skeleton, ischiopubic_synchondroses, sample_body
 from .contrast import mimic_masks, synthesize, tissue_means
 from .lesions import apply_collapse, plan_lesions, render_lesion
 from .render import MUSCLE, PHYSIS, Canvas, drawn_or_only
 
-GENERATOR_VERSION = "1.9"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
+GENERATOR_VERSION = "1.10"  # 1.1: skull base/face inside the head (1.0 put it in the neck); 1.2: contrast.gamma
 # applied (cases without contrast randomisation are bit-identical to 1.1); 1.3: normal foot foci symmetric left-right
 # (1.2 drew each foot's pattern independently; cases without foot foci are bit-identical to 1.2)
 # 1.4: knee and elbow joints: flat tibial plateau and radial head, broad femoral and humeral condyles, a joint
@@ -53,11 +54,19 @@ GENERATOR_VERSION = "1.9"  # 1.1: skull base/face inside the head (1.0 put it in
 # have a major bright focus in the limbs, 29.6% in the axial skeleton, mostly the pelvis; 1.8 drew bright foci only
 # in the feet). They are drawn after every other draw of their streams: with both shares 0 a 1.9 case is 1.8's bit
 # for bit
-GENERATOR_1_8_SETTINGS = ("mimics.knee_foci_p_under16=0", "mimics.pelvic_foci_p_under16=0")  # 1.9 -> 1.8
+# 1.10: the ischiopubic synchondroses (body.ischiopubic_synchondrosis; 1.9 drew the inferior pubic ramus as one
+# bone with the ischium at every age): a cartilage plate across the ramus where it meets the ischium until it fuses
+# (4-9 y in girls, 7-13 y in boys, each side at its own age), and from 2.5 years before to 1.5 after fusion a
+# fusiform swelling (68%), bright marrow (80%) and bright muscle beside it (57%), the commonest mimic of osteomyelitis
+# in a child's pelvis (body.ISC_FUSION_AGES). Drawn from streams of their own after everything else of their stage:
+# with body.ischiopubic_synchondrosis=false a 1.10 case is 1.9's bit for bit
+GENERATOR_1_9_SETTINGS = ("body.ischiopubic_synchondrosis=false",)  # 1.10 -> 1.9
+GENERATOR_1_8_SETTINGS = (*GENERATOR_1_9_SETTINGS, "mimics.knee_foci_p_under16=0",
+                          "mimics.pelvic_foci_p_under16=0")  # 1.10 -> 1.8
 GENERATOR_1_7_SETTINGS = (*GENERATOR_1_8_SETTINGS, "body.apophyses=false",
-                          "body.calcaneus_pitch_deg=-15")  # --set these: 1.9 -> 1.7
+                          "body.calcaneus_pitch_deg=-15")  # --set these: 1.10 -> 1.7
 GENERATOR_1_6_SETTINGS = (*GENERATOR_1_7_SETTINGS, "lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
-                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.9 case is 1.6's bit for bit
+                          "lesions.clavicle_epiphysis=true")  # --set these: a 1.10 case is 1.6's bit for bit
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
 
 
@@ -87,12 +96,15 @@ def draw_skeleton(seed: int, body_cfg: BodyConfig, spacing_mm: float) -> tuple[B
     body = sample_body(rng, body_cfg)
     cv = canvas_for(body, spacing_mm)
     build_skeleton(cv, body, rng, body_cfg)
+    if body.ischiopubic:  # generator 1.10, from its own stream: the rest of the skeleton is 1.9's
+        ischiopubic_synchondroses(cv, body, _stream(seed, "synchondrosis"))
     return body, cv
 
 
 # the random stream of each stage of a case after the body and skeleton (which draw from the seed alone); since
 # generator 1.4 (1.0-1.3 drew everything but the lesion plan from the seed's stream, one stage after another)
-STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5, "sequence": 6, "dixon": 7}
+STREAMS = {"lesion_plan": 1, "mimics": 2, "lesions": 3, "contrast": 4, "acquisition": 5, "sequence": 6, "dixon": 7,
+           "synchondrosis": 8, "synchondrosis_signal": 9}
 
 
 def _stream(seed: int, stage: str) -> np.random.Generator:
@@ -110,6 +122,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
     label = np.zeros(cv.shape, np.uint16)
     edema = np.zeros(cv.shape, np.float32)
     mimics = mimic_masks(cv, body, _stream(seed, "mimics"), cfg.mimics)
+    mimics["synchondrosis_rng"] = _stream(seed, "synchondrosis_signal")
     draw = _stream(seed, "lesions")
     kept = []
     for plan in plans:
@@ -140,7 +153,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
                   _stream(seed, "acquisition"), cfg.acquisition, cfg.fov, fov, muscle_mean=float(lut[MUSCLE]),
                   sequence=sequence, dixon=dixon)
     lesions = acq.labels["lesions"].astype(np.uint16)
-    vox_ml = float(abs(np.linalg.det(acq.affine[:3, :3]))) / 1000.0
+    vox_ml = voxel_volume_ml(acq.affine)
     counts = np.bincount(lesions.ravel(), minlength=len(kept) + 1)
     lesion_meta = []
     for plan in kept:
@@ -156,6 +169,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
         "subcutaneous_fat_mm": round(body.fat, 1), "physis_open": round(body.physis_open, 2),
         "pattern": pattern, "acquisition": acq.params, "foot_foci": mimics.get("foot") is not None,
         "knee_foci": mimics.get("knee") is not None, "pelvic_foci": mimics.get("pelvis") is not None,
+        **({"ischiopubic_synchondroses": [sc.as_dict() for sc in body.synchondroses]} if body.ischiopubic else {}),
         "lesions": lesion_meta,
         "timings_s": {"anatomy": round(t_anat - t0, 3), "lesions_contrast": round(t_con - t_anat, 3),
                       "acquisition": round(t_acq - t_con, 3)},
