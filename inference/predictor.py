@@ -19,7 +19,7 @@ from models import SOFTWARE
 from models.card import ModelBundle, load_bundle, sha256_file
 from models.networks import (BONE, EDEMA, PHYSIS, TTA_MODES, autocast_for, cpu_supports_bf16, forward_tta,
                              resolve_device, size_divisor, upsample_site_ids)
-from models.lesions import components, near_bone
+from models.lesions import components, near_bone, voxel_volume_ml
 from models.nifti import DEFAULT_MAX_VOXELS, Volume, case_name, load_volume, result_dir, save_nifti
 from models.preprocessing import GridMap, normalise, plan_grid, to_input_grid, to_model_grid
 from models.site_rules import BONE_THRESHOLD, apply_site_rules, bone_thresholds, sites_in_bone
@@ -225,7 +225,7 @@ class Predictor:
         lesions, conf, items = measure_hyperintense(lesions, sites, vol.data, vol.affine, physis, conf,
                                                     self.min_signal_ratio)
         spacing = vol.spacing
-        vox_ml = float(abs(np.linalg.det(vol.affine[:3, :3]))) / 1000.0
+        vox_ml = voxel_volume_ml(vol.affine)
         warnings = study_warnings(vol.data, sites, lesions, spacing)
         level_note = level_warning(anchors, items)
         if level_note:

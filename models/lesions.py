@@ -14,6 +14,17 @@ CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected: voxels touching at an e
 MIN_SIGNAL_RATIO = 0.9
 
 
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """One voxel's volume in mL: |det| of the affine's 3x3 (mm^3; a sheared grid's too) / 1000."""
+    return abs(float(np.linalg.det(np.asarray(affine, float)[:3, :3]))) / 1000.0
+
+
+def volume_ml(n_voxels, voxel_ml: float):
+    """Volume of ``n_voxels`` voxels in mL, rounded to 1e-9 mL: so that a lesion of exactly a size cut-off (100
+    voxels of 1 x 1 x 5 mm, 0.5 mL) is not put below it by the float error of the voxel volume (0.004999...)."""
+    return np.round(np.asarray(n_voxels) * voxel_ml, 9)
+
+
 def near_bone(bone: np.ndarray) -> np.ndarray:
     """Voxels in bone or touching it (one 26-connected step): where a marrow lesion may lie."""
     return ndimage.binary_dilation(bone, structure=CONNECTIVITY)
@@ -30,7 +41,7 @@ class Components:
     def keep(self, voxel_ml: float, min_ml: float, min_bone_fraction: float = 0.0,
              min_confidence: float = 0.0) -> np.ndarray:
         """Per component id, whether it passes every rule (index 0, the background, never does)."""
-        keep = self.sizes * voxel_ml >= min_ml
+        keep = volume_ml(self.sizes, voxel_ml) >= min_ml
         if self.in_bone is not None and min_bone_fraction > 0:
             keep &= self.in_bone >= min_bone_fraction * self.sizes
         if self.confidence is not None and min_confidence > 0:

@@ -71,6 +71,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from scipy.spatial.distance import pdist
 
+from models.lesions import voxel_volume_ml, volume_ml
 from models.preprocessing import body_mask_threshold
 from models.site_rules import MULTI_PIECE_BONES
 from models.sites import SOFT_TISSUE, THIN_BONES, Site, by_code, by_id
@@ -211,7 +212,7 @@ class _Scene:
         self.lesions, self.sites, self.image, self.physis = lesions, sites, image, physis
         self.affine = np.asarray(affine, float)
         self.spacing = voxel_spacing(self.affine)
-        self.voxel_ml = float(np.prod(self.spacing)) / 1000.0
+        self.voxel_ml = voxel_volume_ml(self.affine)  # a sheared grid's voxels are smaller than their edges' product
         self.site_boxes = ndimage.find_objects(_labels(sites))
         self.site_counts = np.bincount(sites.ravel(), minlength=len(by_id()) + 1)
         self.body_thr = body_mask_threshold(image)
@@ -360,12 +361,19 @@ class _Scene:
         return bone
 
     def _first_end_is_distal(self, site: Site, end_a: np.ndarray, end_b: np.ndarray) -> bool:
-        """True when ``end_a`` (the low end of the principal axis) is the distal end."""
+        """True when ``end_a`` (the low end of the principal axis) is the distal end: the end nearer the bone's
+        proximal neighbours (the centre of each one's largest piece), where one lies beyond the middle half of the
+        bone's length (a stray piece of "ischium" inside a femoral shaft says nothing of which end is which); else
+        by the bone's usual position (the lower end is distal)."""
         refs = []
+        along = end_b - end_a
         for bone in _PROXIMAL_NEIGHBOURS.get(site.bone, ()):
             for code in (f"{bone}_{site.side}", bone):
-                if code in by_code() and (c := self.centroid(by_code()[code].id)) is not None:
-                    refs.append(c)
+                if code in by_code() and len(pts := self.main_piece_points(by_code()[code].id)[1]):
+                    c = pts.mean(axis=0)
+                    t = float((c - end_a) @ along / max(float(along @ along), 1e-6))
+                    if not 0.25 < t < 0.75:
+                        refs.append(c)
                     break
         if refs:
             ref = np.mean(refs, axis=0)
@@ -641,7 +649,7 @@ def _measure_one(scene: _Scene, lid: int, sl: tuple[slice, ...], confidence: flo
     out = {
         "id": int(lid),
         "physis_fraction": None if scene.physis is None else round(float(scene.physis[sl][mask].mean()), 4),
-        "volume_ml": round(n * scene.voxel_ml, 4),
+        "volume_ml": round(float(volume_ml(n, scene.voxel_ml)), 4),
         "max_diameter_mm": round(_max_diameter(mask, off, scene), 2),
         "centroid_ras_mm": [round(float(v), 2) for v in centroid],
         "signal_ratio_marrow": _ratio(lesion_signal, marrow),

@@ -358,9 +358,33 @@ def spine_finding(summary: Mapping[str, Any]) -> str:
     return "no lesion found (the model finds few spine lesions)" if weak else "no lesion found"
 
 
+WARNING_ROOM = 0.30  # the most of the table's height the warnings take; the lesion rows get the rest
+
+
+def _warning_texts(warnings: Sequence[str], room: float) -> tuple[list[str], float]:
+    """The wrapped warnings that fit in ``room`` (axes height; at most 5, the rest named as more in report.json) and
+    the height they take, the heading included."""
+    texts, height = [], 0.028
+    for k, w in enumerate(warnings[:5]):
+        text = _wrap(f"• {w}", 95)
+        need = 0.02 * (1 + text.count("\n")) + 0.006
+        if height + need + 0.026 > room and k > 0:
+            break
+        texts.append(text)
+        height += need
+    if len(texts) < len(warnings):
+        texts.append(f"… and {len(warnings) - len(texts)} more warning(s): see report.json")
+        height += 0.026
+    return texts, height
+
+
 def _draw_table(ax, report: Mapping[str, Any]) -> None:
+    """Summary, lesion table with its legend, and warnings, top to bottom inside ``ax``: the warnings get up to
+    WARNING_ROOM of the height and the lesion rows what is left, so nothing runs below the axes (into the
+    disclaimer and the model's caution under them)."""
     ax.set_axis_off()
     lesions = list(report.get("lesions", []))
+    warnings, warnings_height = _warning_texts(list(report.get("warnings", [])), WARNING_ROOM)
     y = 1.0
     for line in _summary_lines(report):
         ax.text(0, y, line, transform=ax.transAxes, color=TEXT, fontsize=10, va="top")
@@ -374,9 +398,12 @@ def _draw_table(ax, report: Mapping[str, Any]) -> None:
                 va="top")
         y -= 0.04
     else:
-        max_rows = 30
         size = 9.0 if len(lesions) <= 22 else 8.0
         dy = 0.026 if len(lesions) <= 22 else 0.022
+        legend = 0.15
+        # rows that fit above the legend and the warnings: the header, the lesions, and a "more" line if cut
+        fit = int((y - legend - (warnings_height if warnings else 0.0)) / dy) - 1
+        max_rows = max(3, min(30, fit if fit >= len(lesions) else fit - 1))
         for text, colour in _table_lines(lesions, max_rows):
             ax.text(0, y, text, transform=ax.transAxes, color=colour, fontsize=size, va="top", family="monospace")
             y -= dy
@@ -392,12 +419,10 @@ def _draw_table(ax, report: Mapping[str, Any]) -> None:
                       "ST: extends into soft tissue.  L/R: patient's side.",
                 transform=ax.transAxes, color=MUTED_TEXT, fontsize=8, va="top")
         y -= 0.14
-    warnings = list(report.get("warnings", []))
     if warnings:
         ax.text(0, y, "Warnings:", transform=ax.transAxes, color="#ffb340", fontsize=9, va="top", fontweight="bold")
         y -= 0.028
-        for w in warnings[:5]:
-            text = _wrap(f"• {w}", 95)
+        for text in warnings:
             ax.text(0, y, text, transform=ax.transAxes, color="#ffb340", fontsize=8, va="top")
             y -= 0.02 * (1 + text.count("\n")) + 0.006
 

@@ -215,7 +215,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
     """Score predictions against references: Dice, lesion detection (FROC), site accuracy."""
     _exit_on_sigterm()
     import json as _json
-    from training.evaluate import evaluate_folders
+    from training.evaluate import evaluate_folders, size_tag
     errors: dict[str, str] = {}
     if model is not None or data is not None:
         if data is None:
@@ -248,7 +248,7 @@ def evaluate(pred: Optional[Path] = typer.Option(None, "--pred", help="folder of
         summary = evaluate_folders(pred, ref, out, min_ref_ml=min_ml, prediction_errors=errors)
     except (FileNotFoundError, ValueError) as exc:
         _fail(f"cannot evaluate: {exc}")
-    shown = {k: summary[k] for k in ("n_cases", "edema_dice", "sensitivity_ge_0p5ml", "site_accuracy",
+    shown = {k: summary[k] for k in ("n_cases", "edema_dice", f"sensitivity_ge_{size_tag(min_ml)}", "site_accuracy",
                                      "mean_site_dice", "vertebral_level_accuracy", "fp_per_scan_no_reference_lesions")
              if k in summary}
     shown["by_region"] = {region: f"{r['detected']} of {r['n_ref']} found, {r['fp']} false positive(s)"

@@ -251,6 +251,10 @@ def test_site_and_side_agreement():
     assert (a.n, a.n_site, a.n_side) == (5, 2, 4)
     assert a.site_accuracy == pytest.approx(0.4) and a.side_accuracy == pytest.approx(0.8)
     assert site_agreement([]).site_accuracy is None
+    # a soft-tissue lesion has its side only in the report: both soft tissue, sides told apart (they were not)
+    b = site_agreement([("soft_tissue", "soft_tissue", "right", "left"), ("soft_tissue", "femur_left", "right", None),
+                        ("soft_tissue", "femur_left", "left", None), ("femur_left", "femur_left", "right", "right")])
+    assert (b.n, b.n_site, b.n_side) == (4, 2, 2), "the code's side wins over a contradicting report side"
 
 
 # ---------------------------------------------------------------- folders
@@ -500,6 +504,26 @@ def test_another_tools_binary_mask_is_scored_as_its_connected_lesions(tmp_path):
     assert s["site_accuracy"]["site"] == 1.0
 
 
+def test_a_lesion_of_exactly_a_size_cut_off_counts_at_or_above_it(tmp_path):
+    """On 1 x 1 x 5 mm voxels (|det| / 1000 = 0.004999... in floats) 200 voxels are 1.0 mL and 100 are 0.5 mL:
+    the first is >= 1 mL, the second < 1 mL and >= 0.5 mL, as lesions.csv prints them."""
+    aff = np.diag([1.0, 1.0, 5.0, 1.0])
+    ref = box((20, 20, 20), slice(0, 10), slice(0, 10), slice(0, 2), value=1)
+    box((20, 20, 20), slice(12, 17), slice(12, 17), slice(10, 14), value=2, out=ref)
+    assert (ref == 1).sum() == 200 and (ref == 2).sum() == 100
+    write_case(tmp_path / "ref" / "c", ref, None, "case.json", [{"id": 1}, {"id": 2}], affine=aff)
+    write_case(tmp_path / "pred" / "c", ref, None, "report.json", [{"id": 1}, {"id": 2}], affine=aff)
+    s = evaluate_folders(tmp_path / "pred", tmp_path / "ref", tmp_path / "eval", quiet=True)
+    assert {k: v["n_ref"] for k, v in s["lesions"].items()} == {"all": 2, "lt_1ml": 1, "ge_1ml": 1, "ge_0p5ml": 2}
+    assert s["froc"]["n_ref"] == 2
+    # the command prints the sensitivity at the size it was asked for
+    from typer.testing import CliRunner
+    from service.cli import app
+    res = CliRunner().invoke(app, ["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                                   "--out", str(tmp_path / "eval1"), "--min-ml", "1"])
+    assert res.exit_code == 0 and '"sensitivity_ge_1ml": 1.0' in res.output, res.output
+
+
 def test_grid_mismatch_is_a_clear_error():
     check_same_grid((4, 4, 4), AFF, (4, 4, 4), AFF + 5e-4)  # within tolerance
     with pytest.raises(GridMismatchError, match=r"shape \(4, 4, 4\) vs \(4, 4, 5\)"):
@@ -582,5 +606,5 @@ def test_a_reference_lesion_without_a_site_is_left_out_of_site_accuracy():
     ref[4:6, 4:6, 4:6] = 2
     m = match_lesions(pred, ref)
     pairs = matched_site_pairs(m, {1: "femur_left", 2: "tibia_left"}, {1: "femur_left"})  # lesion 2: site unknown
-    assert pairs == [("femur_left", "femur_left")]
+    assert pairs == [("femur_left", "femur_left", None, None)]
     assert site_agreement(pairs).n == 1

@@ -287,3 +287,34 @@ def test_an_overlay_without_lesions_slices_a_spine_view_through_the_spine():
     spine[0:2, 0:2, 0:5] = by_code()["femur_left"].id
     assert _mostly_spine(spine) and not _mostly_spine(np.where(spine == 0, by_code()["femur_left"].id, spine))
     assert not _mostly_spine(None)
+
+
+@pytest.mark.parametrize("n_lesions, n_warnings", [(3, 7), (26, 4), (38, 6)])
+def test_the_lesion_table_and_its_warnings_stay_above_the_disclaimer(report, n_lesions, n_warnings):
+    """However many lesions and warnings, every line of the table's panel lies inside it, above the footer that
+    carries the disclaimer and the model's caution (warnings once ran into them); what does not fit is named as
+    more in report.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from models.viz import _draw_table
+    les = report["lesions"][0]
+    rep = {**report, "lesions": [{**les, "id": i} for i in range(1, n_lesions + 1)],
+           "warnings": [f"Warning {k}: " + "a long explanation of what the reader should check " * 3
+                        for k in range(n_warnings)]}
+    fig = plt.figure(figsize=(16, 10))
+    ax = fig.add_axes((0.635, 0.065, 0.36, 0.855))  # where render_overlay puts it
+    _draw_table(ax, rep)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bottom = ax.get_window_extent(renderer).y0
+    lowest = min(t.get_window_extent(renderer).y0 for t in ax.texts)
+    texts = [t.get_text() for t in ax.texts]
+    plt.close(fig)
+    assert lowest >= bottom - 1, f"text {bottom - lowest:.0f} px below the panel"
+    assert any(t.startswith("• Warning 0") for t in texts)
+    listed = sum(1 for t in texts if t.startswith("• Warning"))
+    more = [t for t in texts if "more warning" in t]
+    assert listed + (int(more[0].split()[2]) if more else 0) == n_warnings and (n_warnings <= 5 or more)
+    shown = sum(1 for t in texts if t.strip().split(" ")[0].isdigit())
+    assert shown == n_lesions or any(f"{n_lesions - shown} more lesions" in t for t in texts)

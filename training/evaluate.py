@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from models.lesions import lesion_ids
+from models.lesions import lesion_ids, voxel_volume_ml
 from models.sites import SOFT_TISSUE, by_code, by_id
 from training.metrics import (MATCHING_RULE, DetectionCounts, FrocCase, Matching, SiteAgreement,
                               SubregionAgreement, bootstrap_ci, confusion_of, detection_counts, dice, dice_by_site,
@@ -49,6 +49,7 @@ class LabelCase:
     sites: np.ndarray | None
     lesion_site: dict[int, str] = field(default_factory=dict)
     lesion_subregion: dict[int, str] = field(default_factory=dict)
+    lesion_side: dict[int, str] = field(default_factory=dict)
     confidence: dict[int, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -137,6 +138,8 @@ def load_case(folder: Path) -> LabelCase:
             case.lesion_site[lid] = str(entry["site"])
         if entry.get("subregion"):
             case.lesion_subregion[lid] = str(entry["subregion"])
+        if entry.get("side") in ("left", "right", "midline"):
+            case.lesion_side[lid] = str(entry["side"])
         if entry.get("confidence") is not None:
             case.confidence[lid] = float(entry["confidence"])
     missing = ids - case.lesion_site.keys()
@@ -253,7 +256,7 @@ def _score_case(pred: LabelCase | None, ref: LabelCase, voxel_ml: float, min_ref
     m = match_lesions(pred.lesions, ref.lesions, voxel_ml=voxel_ml)
     bins = {k: detection_counts(m, lo, hi) for k, (lo, hi) in _size_bins(min_ref_ml).items()}
     fc = froc_case(m, pred.confidence, min_ml=min_ref_ml)
-    agree = site_agreement(matched_site_pairs(m, pred.lesion_site, ref.lesion_site))
+    agree = site_agreement(matched_site_pairs(m, pred.lesion_site, ref.lesion_site, pred.lesion_side, ref.lesion_side))
     parts = subregion_agreement(m, pred.lesion_site, ref.lesion_site, pred.lesion_subregion, ref.lesion_subregion)
     site_dices: dict[int, float] = {}
     confusion: dict[tuple[int, int], float] = {}
@@ -513,7 +516,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, out_dir: Path, min_ref_ml: f
                     pred, error = None, str(exc)
             if error:
                 failures.append({"case": name, "error": error})
-            voxel_ml = abs(float(np.linalg.det(ref.affine[:3, :3]))) / 1000.0
+            voxel_ml = voxel_volume_ml(ref.affine)
             score = _score_case(pred, ref, voxel_ml, min_ref_ml)
             bins, fc, agree, row = score.bins, score.froc, score.agree, score.row
             lesion_rows += [{"case": name, **r} for r in score.lesion_rows]

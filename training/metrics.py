@@ -11,6 +11,7 @@ from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from models.lesions import volume_ml
 from models.sites import by_code, vertebral_level_ids
 
 MIN_OVERLAP_FRACTION = 0.1
@@ -190,8 +191,8 @@ def match_lesions(pred: np.ndarray, ref: np.ndarray, voxel_ml: float = 1e-3, min
         for _, r in lst:
             detected[r] = True
     return Matching(pred_to_ref=pred_to_ref, pred_hits=pred_hits, ref_detected=detected,
-                    ref_volume_ml={r: c * voxel_ml for r, c in rv.items()},
-                    pred_volume_ml={p: c * voxel_ml for p, c in pv.items()})
+                    ref_volume_ml={r: float(volume_ml(c, voxel_ml)) for r, c in rv.items()},
+                    pred_volume_ml={p: float(volume_ml(c, voxel_ml)) for p, c in pv.items()})
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -382,24 +383,32 @@ class SiteAgreement:
         return _ratio(self.n_side, self.n)
 
 
-def site_agreement(pairs: Iterable[tuple[str, str]]) -> SiteAgreement:
+SitePair = tuple  # (predicted code, reference code[, predicted side, reference side]): sides as the JSON gives them
+
+
+def site_agreement(pairs: Iterable[SitePair]) -> SiteAgreement:
     """Compare (predicted, reference) site codes: the site is right when the codes are equal (the code includes the
-    side, e.g. femur_left); the side is right when the codes are equal or both sides are known and equal."""
+    side, e.g. femur_left). The side is the code's; for a code without one (soft_tissue) the side the pair carries
+    (the report's ``side``), if any. It is right when both sides are known and equal, or else when the codes are."""
     n = n_site = n_side = 0
-    for pred_code, ref_code in pairs:
+    for pred_code, ref_code, *sides in pairs:
         n += 1
         same = pred_code == ref_code
         n_site += same
-        ps, rs = side_of(pred_code), side_of(ref_code)
-        n_side += same or (ps is not None and ps == rs)
+        given = (sides + [None, None])[:2]
+        ps, rs = side_of(pred_code) or given[0], side_of(ref_code) or given[1]
+        n_side += (ps == rs) if ps is not None and rs is not None else same
     return SiteAgreement(n, n_site, n_side)
 
 
-def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str],
-                       ref_sites: Mapping[int, str]) -> list[tuple[str, str]]:
-    """(predicted site, reference site) for every true-positive prediction and the reference lesion it is assigned to,
-    where both sites are known (a reference without a site map names none: nothing to score)."""
-    return [(pred_sites[p], ref_sites[r]) for p, r in m.pred_to_ref.items()
+def matched_site_pairs(m: Matching, pred_sites: Mapping[int, str], ref_sites: Mapping[int, str],
+                       pred_sides: Mapping[int, str] | None = None,
+                       ref_sides: Mapping[int, str] | None = None) -> list[SitePair]:
+    """(predicted site, reference site, predicted side, reference side) for every true-positive prediction and the
+    reference lesion it is assigned to, where both sites are known (a reference without a site map names none:
+    nothing to score); a side is None where the JSON gives none."""
+    pred_sides, ref_sides = pred_sides or {}, ref_sides or {}
+    return [(pred_sites[p], ref_sites[r], pred_sides.get(p), ref_sides.get(r)) for p, r in m.pred_to_ref.items()
             if r is not None and p in pred_sites and r in ref_sites]
 
 
