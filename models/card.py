@@ -71,6 +71,16 @@ def save_bundle(folder: Path, net: torch.nn.Module, config: NetworkConfig, card:
     return folder
 
 
+def locate_bundle(folder: Path | str) -> Path:
+    """A bundle folder as named in a config (``init: models/default``): as given, or, where that is relative and
+    not there, under the repository root (so a config written in the repository works when run from elsewhere)."""
+    folder = Path(folder)
+    repo = DEFAULT_MODEL_DIR.parents[1]
+    if not folder.is_absolute() and not folder.exists() and (repo / folder).exists():
+        return repo / folder
+    return folder
+
+
 def load_card(folder: Path | None = None) -> dict[str, Any]:
     folder = Path(folder) if folder else DEFAULT_MODEL_DIR
     return json.loads((folder / CARD).read_text())

@@ -70,6 +70,8 @@ class NetworkConfig(BaseModel):
             raise ValueError("basicunet needs 6 channels, e.g. [16,16,32,64,128,16]")
         if min(self.channels, default=0) < 1 or min(self.strides, default=0) < 1:
             raise ValueError("network.channels and network.strides must be positive")
+        if min(self.spacing_mm) <= 0 or min(self.patch) < 1:
+            raise ValueError("network.spacing_mm and network.patch must be positive")
         return self
 
 

@@ -88,6 +88,8 @@ def _check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
     moments, so only the resume check is made: a later rank may already see rank 0's first files."""
     import os
     import shutil
+    if run.exists() and not run.is_dir():
+        _fail(f"--out-dir {run} is a file, not a run folder: give another --out-dir")
     if resume:
         if not (run / "last.pt").is_file():
             _fail(f"--resume: {run} holds no last.pt to continue from (leave out --resume to start a new run there)")
@@ -95,8 +97,11 @@ def _check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not any((run / name).exists() for name in RUN_RESULTS):
         return
     if not overwrite:
-        _fail(f"{run} holds a run already: continue it with --resume, start again there with --overwrite, or give "
-              "another --out-dir")
+        if (run / "last.pt").is_file():
+            _fail(f"{run} holds a run already: continue it with --resume, start again there with --overwrite, or "
+                  "give another --out-dir")
+        _fail(f"{run} holds a run that stopped before its first checkpoint (nothing to --resume): start again there "
+              "with --overwrite, or give another --out-dir")
     for name in RUN_OUTPUTS:
         target = run / name
         if target.is_dir():
@@ -119,7 +124,7 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
                                   "checkpoints, metrics and TensorBoard events are removed first)")) -> None:
     """Train (or fine-tune) the network; every setting lives in one validated YAML schema."""
     from training.config import ConfigError, TrainConfig, load_config
-    from training.loop import Trainer
+    from training.loop import Trainer, resume_config
     from training.nnunet import DatasetError
     overrides = list(set_)
     if init is not None:
@@ -146,12 +151,19 @@ def train(config: Optional[Path] = typer.Option(None, "--config", help="training
                        f"{cfg.data.cache_dir}")
             return
         _check_run_folder(Path(cfg.out_dir), resume, overwrite)
+        if resume:
+            cfg, notes = resume_config(cfg, Path(cfg.out_dir) / "last.pt")
+            for note in notes:
+                typer.echo(note, err=True)
         result = Trainer(cfg, resume=resume).train()
     except ConfigError as exc:
         _fail(str(exc))
     except (DatasetError, FileNotFoundError) as exc:
         _fail(f"cannot train on this data: {exc}")
-    typer.echo(f"done: step {result['step']}, best validation lesion F1 {result['best_selection_f1']:.3f} (each prediction detecting one lesion); run folder {cfg.out_dir}")
+    best = result["best_selection_f1"]
+    chosen = ("no validation, so best/ is final/" if best is None else
+              f"best validation lesion F1 {best:.3f} (each prediction detecting one lesion)")
+    typer.echo(f"done: step {result['step']}, {chosen}; run folder {cfg.out_dir}")
 
 
 def _load_predictor(model: Optional[Path], **options):

@@ -144,6 +144,19 @@ def test_dataset_json_that_wbmri_cannot_follow_is_refused(tmp_path, dataset_json
     assert "dataset.json" in str(err.value)
 
 
+def test_an_nnunet_v1_dataset_json_is_read(tmp_path):
+    """nnU-Net v1's dataset.json (modality; labels from values to names; no file_ending) trains as v2's does; a
+    v1 file with two foreground classes is still refused (v1's labels were read as names: 'background' counted)."""
+    root = make_dataset(tmp_path / "ds")
+    v1 = {"name": "MyCNO", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "edema"}, "numTraining": 2,
+          "training": [{"image": "./imagesTr/PAT01.nii.gz", "label": "./labelsTr/PAT01.nii.gz"}]}
+    (root / "dataset.json").write_text(json.dumps(v1))
+    assert _cached_edema(root, tmp_path).any()
+    (root / "dataset.json").write_text(json.dumps({**v1, "labels": {"0": "background", "1": "edema", "2": "bone"}}))
+    with pytest.raises(DatasetError, match=r"2 foreground classes \(edema, bone\)"):
+        nnunet_cases(root, SPACING, tmp_path / "cache2")
+
+
 def test_files_that_would_silently_drop_out_are_listed_with_the_dataset_json_problems(tmp_path):
     root = make_dataset(tmp_path / "ds", names=("PAT01", "PAT02", "PAT03"))
     _save(root / "labelsTr" / "PAT09.nii.gz", _label())  # a label without its image

@@ -25,6 +25,7 @@ from training.config import ConfigError, SamplingConfig, TrainConfig, load_confi
 from training.data import (JITTER_MARGIN, UNKNOWN, crop, jitter_centre, lesion_blobs, make_batch, mimic_mask, phantom_model_case,
                            sample_centre)
 from training.export import export_bundle, revalidate
+from training.phantom.generate import GENERATOR_VERSION
 from training.loop import (Trainer, advance_schedule, anchor_mask, blob_dice_loss, compute_loss, improves, lr_at,
                            operating_point, operating_point_ci, sites_loss, validation_groups)
 
@@ -72,6 +73,10 @@ def test_config_errors_are_clear(tmp_path):
         load_config(TrainConfig, TINY, ["data.dataset_dirs=[unclosed"])
     with pytest.raises(ConfigError, match="strides needs one entry fewer than network.channels"):
         load_config(TrainConfig, TINY, ["network.channels=[16,32]"])
+    with pytest.raises(ConfigError, match="seed"):
+        load_config(TrainConfig, TINY, ["seed=-1"])
+    with pytest.raises(ConfigError, match="spacing_mm and network.patch must be positive"):
+        load_config(TrainConfig, TINY, ["network.spacing_mm=[0,0,0]"])
     cfg = load_config(TrainConfig, TINY, ["optim.lr=0.01", "sampling.batch_size=3", "optim.steps=1e3"])
     assert cfg.optim.lr == 0.01 and cfg.sampling.batch_size == 3 and cfg.optim.steps == 1000
 
@@ -1044,3 +1049,111 @@ def test_the_plate_term_teaches_the_plates_and_the_anchor_lets_them_go(tmp_path,
                                               torch.full(shape, 0.9))[1]
     with pytest.raises(ConfigError, match="plate_margin"):
         load_config(TrainConfig, TINY, ["loss.plate_margin=9"])
+
+
+def test_resuming_a_finished_or_early_stopped_run_changes_nothing(tmp_path, phantom_cache):
+    """A finished run resumed takes no step and leaves final/ (weights, validated lesion rules) as it was; one that
+    stopped early takes no further step either. (Resumed, both once re-exported final/ with the config's default
+    rules and no validation, and the early-stopped one trained an unvalidated step.)"""
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache))
+    Trainer(cfg, quiet=True).train(progress=False)
+    final = tmp_path / "run" / "final"
+    before = {f.name: f.read_bytes() for f in final.iterdir()}
+    assert "validation" in json.loads(before["card.json"])
+    result = Trainer(cfg, resume=True, quiet=True).train(progress=False)
+    assert result["step"] == cfg.optim.steps
+    assert {f.name: f.read_bytes() for f in final.iterdir()} == before
+    assert result["threshold"] == json.loads(before["card.json"])["thresholds"]["edema"], "the last validation kept"
+
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ck["bad_vals"] = 5  # as a run that stopped early leaves it
+    torch.save(ck, tmp_path / "run" / "last.pt")
+    longer = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["early_stop_patience=2",
+                                                                                      f"optim.steps={cfg.optim.steps + 3}"])
+    assert Trainer(longer, resume=True, quiet=True).train(progress=False)["step"] == cfg.optim.steps
+    assert {f.name: f.read_bytes() for f in final.iterdir()} == before
+
+
+def test_without_validation_best_follows_the_last_step_across_a_resume(tmp_path, phantom_cache):
+    """With no validation nothing chooses a best checkpoint: best/ is the last step's, after a resume too (it kept
+    the first segment's, which wbmri export ships by default)."""
+    over = tiny_overrides(tmp_path, phantom_cache) + ["data.val_cases=0"]
+    Trainer(load_config(TrainConfig, TINY, over + ["optim.steps=2"]), quiet=True).train(progress=False)
+    result = Trainer(load_config(TrainConfig, TINY, over + ["optim.steps=4"]), resume=True,
+                     quiet=True).train(progress=False)
+    assert result["best_selection_f1"] is None
+    assert load_bundle(tmp_path / "run" / "best").card["training_steps"] == 4
+    assert load_bundle(tmp_path / "run" / "final").card["training_steps"] == 4
+
+
+def test_resume_keeps_the_run_s_init_and_refuses_another_network(tmp_path, phantom_cache):
+    """--resume without the --init the run started with continues with the run's (its lesion rules and lineage
+    come from it; they were dropped); a network or train_only that differs from the run's is refused in one line."""
+    from training.loop import resume_config
+    first = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["val_every=1000"])
+    Trainer(first, quiet=True).train(progress=False)
+    start = tmp_path / "run" / "final"
+    over = tiny_overrides(tmp_path, phantom_cache) + [f"out_dir={tmp_path / 'ft'}", "data.val_cases=0",
+                                                      "optim.steps=2"]
+    Trainer(load_config(TrainConfig, TINY, over + [f"init={start}"]), quiet=True).train(progress=False)
+    checkpoint = tmp_path / "ft" / "last.pt"
+    cfg, notes = resume_config(load_config(TrainConfig, TINY, over + ["optim.steps=3"]), checkpoint)
+    assert cfg.init == start and notes and "--init" in notes[0]
+    assert resume_config(load_config(TrainConfig, TINY, over + [f"init={start}"]), checkpoint)[1] == []
+    with pytest.raises(ConfigError, match=r"network .*optim.train_only"):
+        resume_config(load_config(TrainConfig, TINY, over + ["network.features=8", "optim.train_only=[sites]"]),
+                      checkpoint)
+
+
+def test_export_names_the_model_and_says_what_it_learned_from(tmp_path, phantom_cache):
+    """The card carries the config's name (every export was 'wbmri-default', so a user's model was reported as the
+    shipped one), the machine it trained on, the generator of its phantoms, no seed ranges where there were no
+    cases, and, trained on real scans, no claim that none was used."""
+    from training.export import REAL_DATA_LIMITATION
+    cfg = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + ["data.val_cases=0",
+                                                                                   "optim.steps=1"])
+    Trainer(cfg, quiet=True).train(progress=False)
+    card = load_bundle(export_bundle(tmp_path / "run", tmp_path / "mine", "final")).card
+    assert card["name"] == "wbmri-tiny" and card["training"]["hardware"].startswith("cpu: ")
+    assert card["data"]["generator_version"] == GENERATOR_VERSION
+    assert card["data"]["validation_seeds"] == "none (no validation)"
+    assert card["limitations"][0] != REAL_DATA_LIMITATION  # phantoms only
+    real = tmp_path / "MyCNO"
+    real.mkdir()
+    (real / "dataset.json").write_text(json.dumps({"name": "MyCNO", "numTraining": 2}))
+    conf = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    conf["data"].update(dataset_dirs=[str(real)], phantom_cases=0)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(conf))
+    card = load_bundle(export_bundle(tmp_path / "run", tmp_path / "mine2", "final")).card
+    assert REAL_DATA_LIMITATION in card["limitations"] and not any("no real patient scan" in x
+                                                                     for x in card["limitations"])
+    assert card["data"]["train_pool_seeds"] == "none (no phantom pool)"
+    with pytest.raises(ValueError, match="own final/ bundle"):
+        export_bundle(tmp_path / "run", tmp_path / "run" / "final", "final")
+
+
+def test_train_command_errors_are_one_line(tmp_path, phantom_cache):
+    """A device that is not there or not a device, an --out-dir that is a file, and a run folder a killed run left
+    before its first checkpoint: exit 2 and one line each (the first two were tracebacks, the last advised a
+    --resume that then said there was nothing to resume)."""
+    from typer.testing import CliRunner
+    from service.cli import app
+    over = [a for o in tiny_overrides(tmp_path, phantom_cache) for a in ("--set", o)]
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--config", str(TINY), *over, "--device", "gpu"])
+    assert res.exit_code == 2 and "device must be auto, cpu or cuda" in res.output, res.output
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["train", "--config", str(TINY), *over, "--out-dir", str(tmp_path / "afile")])
+    assert res.exit_code == 2 and "is a file, not a run folder" in res.output
+    tiny = load_config(TrainConfig, TINY)
+    bundle = save_bundle(tmp_path / "bundle", build_network(tiny.network), tiny.network, {"name": "x"})
+    weights = next(bundle.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated: fails the card's sha256
+    res = runner.invoke(app, ["train", "--config", str(TINY), *over, "--init", str(bundle)])
+    assert res.exit_code == 2 and "--init: " in res.output and "sha256 does not match" in res.output, res.output
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    res = runner.invoke(app, ["train", "--config", str(TINY), *over, "--out-dir", str(killed)])
+    assert res.exit_code == 2 and "before its first checkpoint" in res.output and "--overwrite" in res.output
+    assert "Traceback" not in res.output

@@ -374,7 +374,7 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     name: str = "wbmri-default"
     out_dir: Path = Path("runs/default")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     threads: int = Field(0, ge=0, description="torch threads (0: all cores)")

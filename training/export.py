@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import shutil
 from pathlib import Path
 from typing import Sequence
 
-import torch
 import yaml
 
 from models import SOFTWARE
-from models.card import CARD, WEIGHTS, load_bundle, result_identity, sha256_file
+from models.card import CARD, WEIGHTS, load_bundle, locate_bundle, result_identity, sha256_file
 from training.evaluate import TARGET_FP_PER_SCAN, TARGET_SENSITIVITY
 from training.phantom.generate import GENERATOR_VERSION
 
@@ -116,6 +114,10 @@ def _target_limitation(rows: list[dict]) -> list[str]:
             "where you can."]
 
 
+REAL_DATA_LIMITATION = (
+    "Trained on phantoms and on the labelled scans named in data.dataset_dirs: its accuracy on other centres' "
+    "scanners, protocols and patients is unknown until measured on labelled scans it did not train on (`wbmri "
+    "evaluate --model ... --data ...`); the figures of the shipped default model below do not describe it.")
 LIMITATIONS = [
     "Trained on a synthetic phantom only (analytic anatomy, simulated STIR contrast and acquisition); no real "
     "patient scan was used. Accuracy on real scans is unknown until measured on labelled local data: fine-tune "
@@ -401,6 +403,7 @@ def _earlier_stages(cfg: dict) -> list[dict]:
     init = cfg.get("init")
     if not init:
         return []
+    init = locate_bundle(init)  # as training found it (a config's models/default, from any folder)
     earlier = _run_config_of(Path(init))
     if earlier is None:
         return _stages_from_card(Path(init)) if (Path(init) / CARD).is_file() else []
@@ -424,10 +427,13 @@ def _validation_seeds(cfg: dict) -> str:
     none (``data.val_cases: 0``), those of the --init model whose rules it keeps, followed back along the runs. A
     card's own entry that already names where its rules came from is kept as it is."""
     data = cfg.get("data") or {}
-    if data.get("val_cases", 0) > 0 or not cfg.get("init"):
+    if data.get("val_cases", 0) > 0:
         first = int(data.get("val_seed", 900000))
         return f"{first}..{first + int(data.get('val_cases', 0)) - 1}"
-    init = Path(cfg["init"])
+    if not cfg.get("init"):
+        held_out = data.get("val_dataset_dirs") or []
+        return f"none: rules from {', '.join(map(str, held_out))}" if held_out else "none (no validation)"
+    init = locate_bundle(cfg["init"])
     card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
     run_cfg = _run_config_of(init)
     if (card.get("validation") or {}).get("val_seeds"):
@@ -568,6 +574,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     run_dir, dest = Path(run_dir), Path(dest)
     src = run_dir / which
     bundle = load_bundle(src)
+    if dest.resolve() == src.resolve():
+        raise ValueError(f"--to {dest} is the run's own {which}/ bundle: give another folder")
     metrics = _summaries(evals or {}, min_cases)  # before anything is written
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     wall, steps = training_wall_time(run_dir / "metrics.csv")
@@ -582,7 +590,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
     synthetic_only = all(d["synthetic"] for d in datasets)
     card = {
-        "name": "wbmri-default",
+        "name": cfg.get("name") or "wbmri-default",
         "version": f"1.{_minor_version(bundle.config)}.{total_steps}",
         "architecture": {
             "family": "MONAI UNet body + two heads", "parameters": n_params,
@@ -620,17 +628,17 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         "training": {
             "config": cfg, "steps": steps, "selected_checkpoint": which, "selected_checkpoint_step": selected,
             "earlier_stages": stages, "total_steps": total_steps, "total_wall_time_s": round(total_wall, 1),
-            "wall_time_s": round(wall, 1), "hardware": f"{platform.machine()} CPU, 2 cores, no GPU "
-                                                        f"(torch {torch.__version__})",
+            "wall_time_s": round(wall, 1), "hardware": bundle.card.get("trained_on", "not recorded"),
             "throughput": throughput or {"s_per_step": round(wall / max(1, steps), 2),
                                          "samples_per_s": round(steps * cfg["sampling"]["batch_size"] / max(1.0, wall), 3)},
             "validation_at_selection": bundle.card.get("validation"),
         },
         "data": {
             "synthetic_only": synthetic_only, "generator": "wbmri-phantom",
-            "generator_version": GENERATOR_VERSION,
-            "train_pool_seeds": f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
-                                " (the cases generated before training stopped; see data/README.md)",
+            "generator_version": bundle.card.get("generator_version", GENERATOR_VERSION),
+            "train_pool_seeds": (f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
+                                 " (the cases generated before training stopped; see data/README.md)"
+                                 if cfg["data"].get("phantom_cases") else "none (no phantom pool)"),
             "validation_seeds": (bundle.card.get("validation") or {}).get("val_seeds") or _validation_seeds(cfg),
             "test_seeds": _test_sets(metrics, "seeds"),
             "test_generator_versions": _test_sets(metrics, "generator_version"),
@@ -641,7 +649,8 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                     "devices": _devices({name: _report_models(Path(f)) for name, f in (evals or {}).items()})},
         "intended_use": INTENDED_USE,
         "targets": targets,
-        "limitations": _target_limitation(targets) + LIMITATIONS,
+        "limitations": _target_limitation(targets) + (LIMITATIONS if synthetic_only else
+                                                      [REAL_DATA_LIMITATION] + LIMITATIONS[1:]),
         "weights_sha256": sha256_file(dest / WEIGHTS),
     }
     (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")

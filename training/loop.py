@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from scipy import ndimage
 
-from models.card import DEFAULT_MODEL_DIR, load_bundle, save_bundle
+from models.card import load_bundle, locate_bundle, save_bundle
 from models.lesions import MIN_SIGNAL_RATIO, Components, components, near_bone
 from models.site_rules import BONE_THRESHOLD, bone_thresholds, sites_in_bone
 from models.networks import (BONE, EDEMA, PHYSIS, autocast_for, build_network, cpu_supports_bf16, fixed_modules,
@@ -25,6 +26,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import (UNKNOWN, BatchStream, PhantomPool, augment_batch, build_augment, load_npz, nnunet_cases,
                            phantom_cache_name, ready_files, with_reference)
 from training.nnunet import DatasetError
+from training.phantom.generate import GENERATOR_VERSION
 
 
 def _dist() -> tuple[int, int]:
@@ -204,6 +206,7 @@ def operating_point_ci(per_case: np.ndarray) -> dict[str, tuple[float, float] | 
 
 
 SELECTION_METRIC = "lesion_f1_selection"  # the validation figure best/ is kept on (recorded in last.pt)
+VAL_RULES = ("val_threshold", "val_min_ml", "val_bone_fraction", "val_min_confidence")  # set by validate()
 
 
 def improves(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
@@ -274,6 +277,39 @@ def share_workers(pools: list[PhantomPool], workers: int) -> None:
         pool.workers = max(1, count) if n else 0
 
 
+# what a resumed run must share with the run it continues (its weights and optimiser state were made for them)
+RESUME_KEYS = ("network", "init", "optim.train_only", "loss.anchor_from")
+
+
+def resume_config(cfg: TrainConfig, checkpoint: Path) -> tuple[TrainConfig, list[str]]:
+    """The config to resume ``checkpoint`` with: ``cfg``, with the run's own ``init`` when ``cfg`` names none (its
+    lesion rules, TTA and lineage come from it), and notes saying so. A :class:`ConfigError` names every key of
+    :data:`RESUME_KEYS` in which ``cfg`` differs from the run's (steps, time, validation and logging may change)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("config")
+    if not saved:
+        return cfg, []
+    now = json.loads(cfg.model_dump_json())
+    notes = []
+    if now.get("init") is None and saved.get("init") is not None:
+        cfg = cfg.model_copy(update={"init": Path(saved["init"])})
+        now["init"] = saved["init"]
+        notes.append(f"--resume: the run was started with --init {saved['init']}; continuing with it")
+
+    def at(d: dict, key: str):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+    def same(k: str) -> bool:
+        a, b = at(saved, k), at(now, k)
+        return a == b or (k == "init" and a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+    differ = [f"{k} (the run: {at(saved, k)!r}; now: {at(now, k)!r})" for k in RESUME_KEYS if not same(k)]
+    if differ:
+        raise ConfigError(f"--resume: this config differs from the run in {checkpoint.parent} in "
+                          f"{'; '.join(differ)}. Resume with the run's own config (--config "
+                          f"{checkpoint.parent / 'config.yaml'}), or start a new run")
+    return cfg, notes
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False):
         self.cfg = cfg
@@ -281,7 +317,10 @@ class Trainer:
         self.quiet = quiet or self.rank != 0
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        try:
+            self.device = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise ConfigError(f"device: {exc}") from None
         torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed patch size: pick the fastest kernels once
         self.bf16 = use_bf16(cfg, self.device)
         torch.manual_seed(cfg.seed + self.rank)
@@ -308,18 +347,17 @@ class Trainer:
         self.bad_vals = 0
         self.sched_frac = 0.0   # how far along the schedule after warm-up (optim.minutes, see advance_schedule)
         self.bn_step = -1       # the step whose batch-norm statistics precise_bn last re-estimated
+        self.last_val: dict = {}  # the latest validation's figures (kept in last.pt, so a resumed run has them)
         if resume and (self.out / "last.pt").exists():
             self._load(self.out / "last.pt")
 
     def _bundle(self, folder: Path, flag: str):
         """A model bundle named by ``flag`` (``--init``, ``loss.anchor_from``); relative paths may also be read from
         the repository root (e.g. finetune.yaml's models/default, run from elsewhere). The spacing must match."""
-        folder = Path(folder)
-        if not folder.is_absolute() and not folder.exists() and (DEFAULT_MODEL_DIR.parents[1] / folder).exists():
-            folder = DEFAULT_MODEL_DIR.parents[1] / folder
+        folder = locate_bundle(folder)
         try:
             bundle = load_bundle(folder)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, ValueError) as exc:  # missing, or weights that fail the card's sha256
             raise ConfigError(f"{flag}: {exc}") from None
         if tuple(bundle.config.spacing_mm) != tuple(self.cfg.network.spacing_mm):
             raise ConfigError(f"{flag} {folder}: trained at {bundle.config.spacing_mm} mm, this run uses "
@@ -503,7 +541,9 @@ class Trainer:
         tmp = path.with_suffix(".tmp")
         torch.save({"model": self.net.state_dict(), "opt": self.opt.state_dict(), "step": self.step, "best": self.best,
                     "best_dice": self.best_dice, "best_metric": SELECTION_METRIC,
-                    "bad_vals": self.bad_vals, "sched_frac": self.sched_frac, "config": json.loads(self.cfg.model_dump_json())}, tmp)
+                    "bad_vals": self.bad_vals, "sched_frac": self.sched_frac, "config": json.loads(self.cfg.model_dump_json()),
+                    "val_rules": {k: getattr(self, k) for k in VAL_RULES if hasattr(self, k)},
+                    "last_val": json.dumps(self.last_val, default=float)}, tmp)
         os.replace(tmp, path)
 
     def _load(self, path: Path) -> None:
@@ -515,6 +555,10 @@ class Trainer:
         if ck.get("best_metric") != SELECTION_METRIC:  # a run from before wbmri 0.2.17 kept its best by lesion F1,
             self.best, self.best_dice = -1.0, -1.0     # which an untrained network could hold at 1.0: chosen anew
         self.sched_frac = float(ck.get("sched_frac", schedule_share(self.step, self.cfg.optim)))
+        for k, v in (ck.get("val_rules") or {}).items():  # the lesion rules its last validation chose
+            if k in VAL_RULES:
+                setattr(self, k, v)
+        self.last_val = json.loads(ck.get("last_val") or "{}")
 
     def export(self, folder: Path, metrics: dict | None = None, extra: dict | None = None) -> Path:
         """A bundle of the current weights. Lesion rules come from this run's validation; without one, a fine-tuned
@@ -538,6 +582,10 @@ class Trainer:
             card["inference"] = inherited["inference"]
         if metrics:
             card["validation"] = metrics
+        card["trained_on"] = (f"{self.device.type}: {platform.machine()}, {os.cpu_count()} CPU cores"
+                              + (f", {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "")
+                              + f", {self.world} process(es), torch {torch.__version__}")
+        card["generator_version"] = GENERATOR_VERSION  # of the phantoms it trained on (made by this code)
         if extra:
             card.update(extra)
         return save_bundle(folder, self.net, self.cfg.network, card)
@@ -557,7 +605,8 @@ class Trainer:
         writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(self.out / "tb"))
+            # events logged after the checkpoint a resumed run starts from are dropped, not shown twice
+            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.step else None)
         csv_path = self.out / "metrics.csv"
         if csv_path.exists() and self.rank == 0:
             _trim_csv(csv_path, self.step)  # rows logged after the checkpoint we resume from would be repeated
@@ -566,14 +615,16 @@ class Trainer:
         if progress and not self.quiet:
             from tqdm import tqdm
             bar = tqdm(total=cfg.optim.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        last_val: dict = {}
         last_loss = float("nan")  # stays NaN when a finished run is resumed (no step left to take)
+        first_step = self.step
         t_start = time.time()
         self.train_mode()
         batches = self._batches()
         pace_from = self.step + 4 * cfg.data.loader_workers + 20  # loader processes fill their queues first
         pace_t0, first_count = None, True
         while self.step < cfg.optim.steps:
+            if cfg.early_stop_patience and self.bad_vals >= cfg.early_stop_patience:
+                break  # (also a resumed run that had stopped early: it takes no further step)
             if cfg.optim.minutes:
                 if self.step == pace_from:
                     pace_t0 = time.time()
@@ -612,7 +663,7 @@ class Trainer:
                         writer.add_scalar(f"train/{k}", v, self.step)
                 if self.step % cfg.val_every == 0 or self.step == cfg.optim.steps:
                     self.precise_bn(cfg.precise_bn_batches)
-                    last_val = self.validate() if self.val_cases else {}
+                    self.last_val = last_val = self.validate() if self.val_cases else {}
                     for k, v in last_val.items():
                         if isinstance(v, (int, float)) and v is not None:
                             writer.add_scalar(f"val/{k}", v, self.step)
@@ -633,21 +684,22 @@ class Trainer:
                 new_csv = False
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.optim.steps:
                     self._save(self.out / "last.pt")
-            if cfg.early_stop_patience and self.bad_vals >= cfg.early_stop_patience:
-                break
         if bar:
             bar.close()
         if self.rank == 0:
-            if cfg.precise_bn_batches and self.bn_step != self.step:  # stopped between validations
-                self.precise_bn(cfg.precise_bn_batches)
-            self._save(self.out / "last.pt")
-            self.export(self.out / "final", last_val)
-            if not (self.out / "best").exists():
-                self.export(self.out / "best", last_val)
+            trained = self.step > first_step
+            if trained or not (self.out / "final").exists():  # a finished run resumed: its bundles stay as they are
+                if cfg.precise_bn_batches and self.bn_step != self.step:  # stopped between validations
+                    self.precise_bn(cfg.precise_bn_batches)
+                self._save(self.out / "last.pt")
+                self.export(self.out / "final", self.last_val)
+            if (trained and not self.val_cases) or not (self.out / "best").exists():  # nothing chose one: the last
+                self.export(self.out / "best", self.last_val)
             writer.close()
         for pool in self.pools:
             pool.stop()
-        return {"step": self.step, "best_selection_f1": self.best, "loss": last_loss, **last_val}
+        return {"step": self.step, "best_selection_f1": self.best if self.val_cases else None, "loss": last_loss,
+                **self.last_val}
 
     def _anchor(self, x: torch.Tensor) -> torch.Tensor | None:
         """The anchor network's voxel probabilities (edema, bone, physis) on this batch (``loss.anchor_weight``),

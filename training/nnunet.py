@@ -57,6 +57,19 @@ def raise_problems(problems: list[str], heading: str) -> None:
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")  # nnU-Net v2's (v1's "modality" for channel_names)
 
 
+def _as_v2(ds: dict) -> dict:
+    """An nnU-Net v1 dataset.json (``modality``, ``labels`` from values to names such as {"0": "background", "1":
+    "edema"}, no ``file_ending``: always .nii.gz) in v2's terms; a v2 file as it is."""
+    if "modality" not in ds or "channel_names" in ds:
+        return ds
+    out = {**ds, "channel_names": ds["modality"]}
+    labels = ds.get("labels")
+    if isinstance(labels, dict) and labels and all(str(k).isdigit() for k in labels):
+        out["labels"] = {str(name): int(value) for value, name in labels.items()}
+    out.setdefault("file_ending", ".nii.gz")
+    return out
+
+
 def dataset_json_problems(folder: Path) -> tuple[dict, list[str]]:
     """The parsed ``dataset.json`` (empty when unreadable) and what in it wbmri cannot follow."""
     path = folder / "dataset.json"
@@ -66,8 +79,9 @@ def dataset_json_problems(folder: Path) -> tuple[dict, list[str]]:
         return {}, [f"not valid JSON ({exc.msg} at line {exc.lineno})"]
     if not isinstance(ds, dict):
         return {}, ["must hold a JSON object"]
+    ds = _as_v2(ds)
     problems = [f"no {key!r} key (nnU-Net's dataset.json names {', '.join(REQUIRED_KEYS)})"
-                for key in REQUIRED_KEYS if key not in ds and not (key == "channel_names" and "modality" in ds)]
+                for key in REQUIRED_KEYS if key not in ds]
     if "labels" in ds and not isinstance(ds["labels"], dict):
         problems.append("'labels' must map class names to values, e.g. {\"background\": 0, \"edema\": 1}")
     ending = ds.get("file_ending", ".nii.gz")
