@@ -717,8 +717,9 @@ def test_a_fusing_ischiopubic_synchondrosis_is_bright_and_swollen_and_not_a_lesi
     assert right["swollen"] and right["bright_marrow"] and right["bright_soft_tissue"] and right["open"]
     assert left["open"] and not (left["swollen"] or left["bright_marrow"] or left["bright_soft_tissue"])
     assert "ischiopubic_synchondroses" not in old.meta
-    assert {k: v for k, v in now.meta.items() if k not in ("ischiopubic_synchondroses", "timings_s")} == \
-        {k: v for k, v in old.meta.items() if k != "timings_s"}
+    assert (now.meta["generator_version"], old.meta["generator_version"]) == ("1.10", "1.9")  # 1.9's case, as 1.9
+    drop = ("ischiopubic_synchondroses", "timings_s", "generator_version")
+    assert {k: v for k, v in now.meta.items() if k not in drop} == {k: v for k, v in old.meta.items() if k not in drop}
     assert not now.lesions.any() and not old.lesions.any()
     gain = now.image.astype(np.float64) / np.maximum(old.image.astype(np.float64), 1e-6)
     changed = np.abs(now.image.astype(np.float64) - old.image) > 1e-6 * np.abs(old.image) + 1e-6
@@ -730,3 +731,15 @@ def test_a_fusing_ischiopubic_synchondrosis_is_bright_and_swollen_and_not_a_lesi
     assert 0 < grown.sum() < 2000 and set(np.unique(now.sites[grown])) <= {site_id("pubis_right"),
                                                                             site_id("ischium_right")}
     assert (now.physis > old.physis).sum() > 20  # both plates are growth-plate labels (the physis target)
+
+
+def test_settings_that_reproduce_an_older_generator_are_recorded_as_it():
+    """case.json and dataset.json name the generator whose cases the settings make: 1.10's defaults 1.10, with
+    GENERATOR_1_9_SETTINGS 1.9 (its cases bit for bit), and so on back to 1.6; a partial set of them, 1.10."""
+    from training.phantom.generate import (GENERATOR_1_6_SETTINGS, GENERATOR_1_7_SETTINGS, GENERATOR_1_8_SETTINGS,
+                                           GENERATOR_1_9_SETTINGS, GENERATOR_VERSION, generator_version_of)
+    made = {name: generator_version_of(load_config(SynthConfig, None, list(settings))) for name, settings in
+            (("now", ()), ("1.9", GENERATOR_1_9_SETTINGS), ("1.8", GENERATOR_1_8_SETTINGS),
+             ("1.7", GENERATOR_1_7_SETTINGS), ("1.6", GENERATOR_1_6_SETTINGS), ("part", GENERATOR_1_8_SETTINGS[1:]))}
+    assert made == {"now": GENERATOR_VERSION, "1.9": "1.9", "1.8": "1.8", "1.7": "1.7", "1.6": "1.6",
+                    "part": GENERATOR_VERSION}

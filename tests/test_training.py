@@ -1086,7 +1086,7 @@ def test_without_validation_best_follows_the_last_step_across_a_resume(tmp_path,
     assert load_bundle(tmp_path / "run" / "final").card["training_steps"] == 4
 
 
-def test_resume_keeps_the_run_s_init_and_refuses_another_network(tmp_path, phantom_cache):
+def test_resume_keeps_the_run_s_init_and_refuses_another_network(tmp_path, phantom_cache, monkeypatch):
     """--resume without the --init the run started with continues with the run's (its lesion rules and lineage
     come from it; they were dropped); a network or train_only that differs from the run's is refused in one line."""
     from training.loop import resume_config
@@ -1099,6 +1099,12 @@ def test_resume_keeps_the_run_s_init_and_refuses_another_network(tmp_path, phant
     checkpoint = tmp_path / "ft" / "last.pt"
     cfg, notes = resume_config(load_config(TrainConfig, TINY, over + ["optim.steps=3"]), checkpoint)
     assert cfg.init == start and notes and "--init" in notes[0]
+    assert resume_config(load_config(TrainConfig, TINY, over + [f"init={start}"]), checkpoint)[1] == []
+    monkeypatch.chdir(tmp_path)  # the same bundle by a relative path
+    assert resume_config(load_config(TrainConfig, TINY, over + ["init=run/final"]), checkpoint)[1] == []
+    ck = torch.load(checkpoint, weights_only=True)  # a run started before settings that have defaults now
+    del ck["config"]["optim"]["train_only"], ck["config"]["network"]["intensity_reference"]
+    torch.save(ck, checkpoint)
     assert resume_config(load_config(TrainConfig, TINY, over + [f"init={start}"]), checkpoint)[1] == []
     with pytest.raises(ConfigError, match=r"network .*optim.train_only"):
         resume_config(load_config(TrainConfig, TINY, over + ["network.features=8", "optim.train_only=[sites]"]),
@@ -1128,6 +1134,12 @@ def test_export_names_the_model_and_says_what_it_learned_from(tmp_path, phantom_
     assert REAL_DATA_LIMITATION in card["limitations"] and not any("no real patient scan" in x
                                                                      for x in card["limitations"])
     assert card["data"]["train_pool_seeds"] == "none (no phantom pool)"
+    # a model fine-tuned from it on phantoms alone has still learned from real scans
+    ft = load_config(TrainConfig, TINY, tiny_overrides(tmp_path, phantom_cache) + [
+        f"out_dir={tmp_path / 'ft'}", "data.val_cases=0", "optim.steps=1", f"init={tmp_path / 'mine2'}"])
+    Trainer(ft, quiet=True).train(progress=False)
+    card = load_bundle(export_bundle(tmp_path / "ft", tmp_path / "mine3", "final")).card
+    assert REAL_DATA_LIMITATION in card["limitations"] and card["data"]["synthetic_only"] is False
     with pytest.raises(ValueError, match="own final/ bundle"):
         export_bundle(tmp_path / "run", tmp_path / "run" / "final", "final")
 

@@ -413,6 +413,27 @@ def _earlier_stages(cfg: dict) -> list[dict]:
                                          "wall_time_s": round(wall, 1), "network": earlier.get("network")}]
 
 
+def _init_synthetic_only(cfg: dict) -> bool:
+    """Whether the stages before a run (its --init bundle and that bundle's own) learned from phantoms alone: an
+    exported bundle's card says so; a run's export, its run's dataset folders and its own --init."""
+    if not cfg.get("init"):
+        return True
+    init = locate_bundle(cfg["init"])
+    card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
+    if "synthetic_only" in (card.get("data") or {}):
+        return bool(card["data"]["synthetic_only"])
+    run_cfg = _run_config_of(init)
+    if not run_cfg:
+        return True
+    return (all(_dataset_source(Path(d))["synthetic"] for d in (run_cfg.get("data") or {}).get("dataset_dirs") or [])
+            and _init_synthetic_only(run_cfg))
+
+
+def limitations(synthetic_only: bool) -> list[str]:
+    """The card's standing limitations; a model that learned from real scans too does not claim it used none."""
+    return LIMITATIONS if synthetic_only else [REAL_DATA_LIMITATION] + LIMITATIONS[1:]
+
+
 def _run_config_of(bundle: Path) -> dict | None:
     """The config of the run a bundle was exported from (runs/NAME/final: runs/NAME/config.yaml, {} when missing);
     None for a bundle that is not a run's export (e.g. models/default)."""
@@ -555,7 +576,7 @@ def rescore_card(bundle_dir: Path, evals: dict[str, Path], command: str = "", mi
                        "command": command or (card.get("metrics") or {}).get("command", ""),
                        "devices": _devices(models)}
     card["targets"] = targets
-    card["limitations"] = _target_limitation(targets) + LIMITATIONS
+    card["limitations"] = _target_limitation(targets) + limitations((card.get("data") or {}).get("synthetic_only", True))
     card.setdefault("data", {})["test_seeds"] = _test_sets(metrics, "seeds")
     card["data"]["test_generator_versions"] = _test_sets(metrics, "generator_version")
     if "validation" in card:
@@ -588,7 +609,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
     n_params = sum(p.numel() for p in bundle.net.parameters())
     targets = target_check(metrics)
     datasets = [_dataset_source(Path(d)) for d in cfg["data"].get("dataset_dirs") or []]
-    synthetic_only = all(d["synthetic"] for d in datasets)
+    synthetic_only = all(d["synthetic"] for d in datasets) and _init_synthetic_only(cfg)
     card = {
         "name": cfg.get("name") or "wbmri-default",
         "version": f"1.{_minor_version(bundle.config)}.{total_steps}",
@@ -635,7 +656,9 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
         },
         "data": {
             "synthetic_only": synthetic_only, "generator": "wbmri-phantom",
-            "generator_version": bundle.card.get("generator_version", GENERATOR_VERSION),
+            # the generator of the phantoms it trained on, recorded at training (bundles from before: this code's)
+            "generator_version": bundle.card.get("generator_version",
+                                                 GENERATOR_VERSION if cfg["data"].get("phantom_cases") else None),
             "train_pool_seeds": (f"{cfg['data']['phantom_seed']}..{cfg['data']['phantom_seed'] + cfg['data']['phantom_cases'] - 1}"
                                  " (the cases generated before training stopped; see data/README.md)"
                                  if cfg["data"].get("phantom_cases") else "none (no phantom pool)"),
@@ -649,8 +672,7 @@ def export_bundle(run_dir: Path, dest: Path, which: str = "best", evals: dict[st
                     "devices": _devices({name: _report_models(Path(f)) for name, f in (evals or {}).items()})},
         "intended_use": INTENDED_USE,
         "targets": targets,
-        "limitations": _target_limitation(targets) + (LIMITATIONS if synthetic_only else
-                                                      [REAL_DATA_LIMITATION] + LIMITATIONS[1:]),
+        "limitations": _target_limitation(targets) + limitations(synthetic_only),
         "weights_sha256": sha256_file(dest / WEIGHTS),
     }
     (dest / CARD).write_text(json.dumps(card, indent=2) + "\n")

@@ -26,7 +26,7 @@ from training.config import ConfigError, TrainConfig
 from training.data import (UNKNOWN, BatchStream, PhantomPool, augment_batch, build_augment, load_npz, nnunet_cases,
                            phantom_cache_name, ready_files, with_reference)
 from training.nnunet import DatasetError
-from training.phantom.generate import GENERATOR_VERSION
+from training.phantom.generate import generator_version_of
 
 
 def _dist() -> tuple[int, int]:
@@ -284,10 +284,17 @@ RESUME_KEYS = ("network", "init", "optim.train_only", "loss.anchor_from")
 def resume_config(cfg: TrainConfig, checkpoint: Path) -> tuple[TrainConfig, list[str]]:
     """The config to resume ``checkpoint`` with: ``cfg``, with the run's own ``init`` when ``cfg`` names none (its
     lesion rules, TTA and lineage come from it), and notes saying so. A :class:`ConfigError` names every key of
-    :data:`RESUME_KEYS` in which ``cfg`` differs from the run's (steps, time, validation and logging may change)."""
+    :data:`RESUME_KEYS` in which ``cfg`` differs from the run's (steps, time, validation and logging may change).
+    The run's config is read as the schema reads it, so settings added since it started take their defaults; bundle
+    paths are compared where training finds them (:func:`models.card.locate_bundle`)."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("config")
     if not saved:
         return cfg, []
+    from pydantic import ValidationError
+    try:
+        saved = json.loads(TrainConfig.model_validate(saved).model_dump_json())
+    except ValidationError:  # a setting since removed or renamed: compare what is there as it is
+        pass
     now = json.loads(cfg.model_dump_json())
     notes = []
     if now.get("init") is None and saved.get("init") is not None:
@@ -299,9 +306,12 @@ def resume_config(cfg: TrainConfig, checkpoint: Path) -> tuple[TrainConfig, list
         for part in key.split("."):
             d = d.get(part) if isinstance(d, dict) else None
         return d
-    def same(k: str) -> bool:
-        a, b = at(saved, k), at(now, k)
-        return a == b or (k == "init" and a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
+    def same(key: str) -> bool:
+        a, b = at(saved, key), at(now, key)
+        if key in ("init", "loss.anchor_from") and a is not None and b is not None:
+            return locate_bundle(a).resolve() == locate_bundle(b).resolve()
+        return a == b
     differ = [f"{k} (the run: {at(saved, k)!r}; now: {at(now, k)!r})" for k in RESUME_KEYS if not same(k)]
     if differ:
         raise ConfigError(f"--resume: this config differs from the run in {checkpoint.parent} in "
@@ -585,7 +595,8 @@ class Trainer:
         card["trained_on"] = (f"{self.device.type}: {platform.machine()}, {os.cpu_count()} CPU cores"
                               + (f", {torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "")
                               + f", {self.world} process(es), torch {torch.__version__}")
-        card["generator_version"] = GENERATOR_VERSION  # of the phantoms it trained on (made by this code)
+        if self.cfg.data.phantom_cases or self.cfg.data.val_cases or self.cfg.data.extra_pools:  # phantoms it learned from
+            card["generator_version"] = generator_version_of(self.cfg.synth)
         if extra:
             card.update(extra)
         return save_bundle(folder, self.net, self.cfg.network, card)

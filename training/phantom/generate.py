@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from models.lesions import voxel_volume_ml
 from models.nifti import atomic_dir, save_nifti
-from training.config import BodyConfig, SynthConfig, load_config
+from training.config import BodyConfig, SynthConfig, apply_overrides, load_config
 
 from .acquire import Dixon, acquire
 from .body import Body, build_skeleton, ischiopubic_synchondroses, sample_body
@@ -67,7 +67,22 @@ GENERATOR_1_7_SETTINGS = (*GENERATOR_1_8_SETTINGS, "body.apophyses=false",
                           "body.calcaneus_pitch_deg=-15")  # --set these: 1.10 -> 1.7
 GENERATOR_1_6_SETTINGS = (*GENERATOR_1_7_SETTINGS, "lesions.fluid_ceiling=false", "lesions.collapse_fill=muscle",
                           "lesions.clavicle_epiphysis=true")  # --set these: a 1.10 case is 1.6's bit for bit
+# the older generators whose cases these settings reproduce bit for bit, newest first
+REPRODUCED = (("1.9", GENERATOR_1_9_SETTINGS), ("1.8", GENERATOR_1_8_SETTINGS), ("1.7", GENERATOR_1_7_SETTINGS),
+              ("1.6", GENERATOR_1_6_SETTINGS))
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synth" / "default.yaml"
+
+
+def generator_version_of(cfg: SynthConfig) -> str:
+    """The generator whose cases ``cfg`` makes: GENERATOR_VERSION, or the oldest of :data:`REPRODUCED` whose
+    settings it holds (1.10 with ``body.ischiopubic_synchondrosis=false`` makes 1.9's cases, case.json included),
+    as case.json and dataset.json record it."""
+    version = GENERATOR_VERSION
+    for older, settings in REPRODUCED:
+        if SynthConfig.model_validate(apply_overrides(json.loads(cfg.model_dump_json()), list(settings))) != cfg:
+            break
+        version = older
+    return version
 
 
 @dataclass
@@ -164,7 +179,7 @@ def generate_case(seed: int, cfg: SynthConfig, fov: str | None = None, name: str
         lesion_meta.append(d)
     t_acq = time.perf_counter()
     meta = {
-        "generator": "wbmri-phantom", "generator_version": GENERATOR_VERSION, "config_version": cfg.version,
+        "generator": "wbmri-phantom", "generator_version": generator_version_of(cfg), "config_version": cfg.version,
         "seed": int(seed), "age_years": round(body.age, 2), "sex": body.sex, "height_cm": round(body.H / 10, 1),
         "subcutaneous_fat_mm": round(body.fat, 1), "physis_open": round(body.physis_open, 2),
         "pattern": pattern, "acquisition": acq.params, "foot_foci": mimics.get("foot") is not None,
@@ -244,7 +259,7 @@ def write_dataset_json(out: Path, names: list[str], cfg: SynthConfig, seed: int)
         "name": "wbmri-phantom", "description": "Synthetic paediatric whole-body STIR with CNO marrow edema",
         "channel_names": {"0": "STIR"}, "labels": {"background": 0, "edema": 1},
         "numTraining": len(names), "file_ending": ".nii.gz",
-        "generator_version": GENERATOR_VERSION, "config": json.loads(cfg.model_dump_json()), "first_seed": seed,
+        "generator_version": generator_version_of(cfg), "config": json.loads(cfg.model_dump_json()), "first_seed": seed,
         "extra": {"cases/<name>/sites.nii.gz": "bone sites (models/contract/sites.tsv)",
                   "cases/<name>/lesions.nii.gz": "lesion instances", "cases/<name>/physis.nii.gz": "growth plates"},
     }
@@ -282,9 +297,9 @@ def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
         stored = SynthConfig.model_validate(ds.get("config"))
     except ValidationError:
         stored = None
-    if ds.get("generator_version") != GENERATOR_VERSION:
-        raise ValueError(f"{out} holds cases of phantom generator {ds.get('generator_version')}, this is "
-                         f"{GENERATOR_VERSION}: a set must not mix them; use a new folder")
+    if ds.get("generator_version") != generator_version_of(cfg):
+        raise ValueError(f"{out} holds cases of phantom generator {ds.get('generator_version')}, these settings "
+                         f"make {generator_version_of(cfg)}'s: a set must not mix them; use a new folder")
     if stored != cfg:
         changed = _changed_settings(json.loads(stored.model_dump_json()) if stored else {},
                                     json.loads(cfg.model_dump_json()))
