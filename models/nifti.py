@@ -132,6 +132,12 @@ def _check_raw_spacing(raw: nib.Nifti1Header) -> None:
         raise InputError(f"voxel spacing {tuple(round(float(z), 4) for z in pixdim)} mm is zero or negative")
 
 
+def parsed_header(shape: tuple[int, ...], affine: np.ndarray, dtype: np.dtype) -> SimpleNamespace:
+    """What :func:`header_from_bytes` read, in the form :func:`check_header` takes (an image's shape, affine and
+    voxel type), so that a header is checked before its voxels arrive."""
+    return SimpleNamespace(shape=shape, affine=affine, get_data_dtype=lambda: dtype)
+
+
 def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[int, int, int]:
     """Validate shape, dimensionality, voxel budget and spacing from the header alone; return the 3D shape."""
     shape = tuple(int(s) for s in img.shape)
@@ -144,6 +150,11 @@ def check_header(img: nib.Nifti1Image, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
         shape = shape[:3]
     if min(shape) < 2:
         raise InputError(f"image shape {shape} has an axis of length 1: a 2D slice, not a volume")
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.names or dtype.kind not in "iuf":  # RGB24 / RGBA32 (fields), complex, boolean
+        kind = "colour (RGB)" if dtype.names else {"c": "complex", "b": "boolean"}.get(dtype.kind, str(dtype))
+        raise InputError(f"voxels are {kind} values, not grey-scale intensities: give the STIR or T2 fat-suppressed "
+                         "series itself (a screenshot or colour export cannot be analysed)")
     n = int(np.prod(shape, dtype=np.int64))
     if n > max_voxels:
         raise InputError(f"image has {n:,} voxels (shape {shape}), over the budget of {max_voxels:,}")
@@ -209,8 +220,7 @@ def _checked_header(path: Path, max_voxels: int) -> _Header:
         gz = fh.read(2) == b"\x1f\x8b"
     head = _read_head(path, gz)
     shape, affine, dtype, offset = header_from_bytes(head)  # a small gzip file can inflate to a huge volume
-    return _Header(head, gz, check_header(SimpleNamespace(shape=shape, affine=affine), max_voxels), affine, dtype,
-                   offset)
+    return _Header(head, gz, check_header(parsed_header(shape, affine, dtype), max_voxels), affine, dtype, offset)
 
 
 def read_grid(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[tuple[int, int, int], np.ndarray]:

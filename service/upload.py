@@ -15,13 +15,12 @@ import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import AsyncIterator
 
 import nibabel as nib
 import numpy as np
 
-from models.nifti import InputError, check_header, header_from_bytes
+from models.nifti import InputError, check_header, header_from_bytes, parsed_header
 
 # The names (without suffixes) of the files in incoming/ that this process is still receiving or checking: the
 # store's clean-up leaves them alone however long a client pauses (``done_staging`` ends it)
@@ -143,7 +142,7 @@ class NiftiStreamCheck:
     def _check_header(self) -> None:
         shape, affine, dtype, offset = header_from_bytes(self.head)
         self.shape = shape
-        check_header(SimpleNamespace(shape=shape, affine=affine), self.max_voxels)
+        check_header(parsed_header(shape, affine, dtype), self.max_voxels)
         n = int(np.prod(shape, dtype=np.int64))
         self.expected = offset + n * int(dtype.itemsize)
 

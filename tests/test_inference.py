@@ -83,6 +83,11 @@ def write_bad(tmp_path, kind: str):
         bare = nib.Nifti1Image(img.get_fdata().astype(np.float32), None)
         bare.header.set_zooms((3.0, 3.0, 3.0))  # valid spacing, but qform and sform codes 0: no orientation
         nib.save(bare, str(path))
+    elif kind == "rgb":
+        rgb = np.zeros((40, 40, 40), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    elif kind == "complex":
+        nib.save(nib.Nifti1Image(np.ones((40, 40, 40), np.complex64), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
     elif kind == "absurd_dims_truncated":
         hdr = nib.Nifti1Header()
         hdr.set_data_shape((4000, 4000, 4000))
@@ -108,7 +113,7 @@ BAD = {"not_nifti": "not a readable NIfTI", "truncated_gzip": "gzip", "corrupt_g
        "four_d": "4D with 5 volumes", "nan": "NaN", "zero_spacing": "spacing",
        "zero_spacing_qform": "zero or negative", "all_zero": "constant",
        "absurd_dims": "over the budget", "absurd_dims_truncated": "over the budget",
-       "no_orientation": "no orientation"}
+       "no_orientation": "no orientation", "rgb": "colour (RGB) values", "complex": "complex values"}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))

@@ -161,6 +161,9 @@ BAD = {
     # 3 mm model grid would be 1667^3 voxels, 17 GB as float32)
     "huge_fov": (lambda: raw_header_file((100, 100, 100), srow_x=[50, 0, 0, 0]),
                  "s.nii", "larger than any body"),
+    # a colour export (RGB24): refused by its header, before its voxels arrive
+    "rgb": (lambda: nifti_bytes(np.zeros((40, 40, 40), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])),
+            "s.nii.gz", "colour (RGB) values"),
 }
 
 
@@ -186,7 +189,7 @@ def test_bad_upload_is_4xx_with_message(client, kind, tmp_path):
     assert r.status_code in (400, 413, 422), (r.status_code, r.text)
     detail = r.json()["detail"]
     assert phrase.lower() in detail.lower(), detail
-    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation", "tiny_fov", "huge_fov"):  # the library's exact message
+    if kind in ("2d", "4d_many", "zero_spacing", "absurd_dims", "no_orientation", "tiny_fov", "huge_fov", "rgb"):  # the library's exact message
         path = tmp_path / name
         path.write_bytes(payload)
         with pytest.raises(InputError) as exc:
