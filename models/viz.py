@@ -449,8 +449,9 @@ def render_overlay(image: np.ndarray, lesions: np.ndarray, sites: np.ndarray | N
     fig = _new_figure(16, 10)
     study = report.get("study", {})
     n = len(les_list)
-    fig.text(0.01, 0.975, f"Bone-marrow edema, MRI — {study.get('filename', '')}", color=TEXT,
-             fontsize=15, fontweight="bold", va="top")
+    name = str(study.get("filename", ""))
+    name = name if len(name) <= 60 else name[:40] + "…" + name[-19:]  # the lesion count beside it stays readable
+    fig.text(0.01, 0.975, f"Bone-marrow edema, MRI — {name}", color=TEXT, fontsize=15, fontweight="bold", va="top")
     fig.text(0.99, 0.975, f"{n} lesion{'s' if n != 1 else ''} detected", color=TEXT, fontsize=15, va="top", ha="right")
     rows, cols = views[0].shape
     if rows * views[0].aspect < 1.3 * cols:  # a wide partial view (knees, pelvis, feet): the two views stacked

@@ -222,11 +222,15 @@ def test_bad_upload_shows_the_message(server, browser, tmp_path):
     b.wait_for("document.readyState === 'complete' && !!document.getElementById('file')")
     bad = tmp_path / "notes.nii"
     bad.write_bytes(b"definitely not an image\n" * 50)
+    # the address still names an earlier study (as after one that failed): a new upload must not keep it
+    b.js("history.replaceState(null, '', '#job=' + 'a'.repeat(32)); location.hash")
     doc = b.page("DOM.getDocument")["root"]["nodeId"]
     node = b.page("DOM.querySelector", {"nodeId": doc, "selector": "#file"})["nodeId"]
     b.page("DOM.setFileInputFiles", {"nodeId": node, "files": [str(bad)]})
     msg = b.wait_for("!document.getElementById('error').hidden && document.getElementById('error').textContent")
     assert "not accepted" in msg and "not a readable NIfTI file" in msg
+    assert b.js("location.hash") == "", "the refused upload left the earlier study in the address"
+    assert b.js("document.getElementById('file').value") == "", "the same file could not be chosen again to retry"
     if SCREENSHOT_DIR:
         b.screenshot(Path(SCREENSHOT_DIR) / "web_error.png")
 
@@ -245,7 +249,7 @@ def test_failed_analysis_shows_the_message_and_can_be_deleted(server, browser, t
     b.page("DOM.setFileInputFiles", {"nodeId": node, "files": [str(blank)]})
     msg = b.wait_for("!document.getElementById('failed-actions').hidden && document.getElementById('error').textContent",
                      timeout=60)
-    assert "analysis failed" in msg and "constant" in msg
+    assert "analysis of blank_study.nii.gz failed" in msg and "constant" in msg
     con = sqlite3.connect(server.data_dir / "jobs.sqlite3")
     try:
         (job_id,) = con.execute("SELECT id FROM jobs WHERE filename = ?", (blank.name,)).fetchone()

@@ -129,7 +129,9 @@
         (rt.device ? ' · ' + rt.device : '');
       $('model-caution').textContent = rt.caution || '';
       show('model-caution', Boolean(rt.caution));
-    } catch (e) { /* the page still works without it */ }
+    } catch (e) {  // the page still works without it; a key that was given and refused is said so
+      if (state.token && e.message.includes('API key')) setError('That API key was not accepted.');
+    }
   }
 
   // ----------------------------------------------------------------------------------------------- upload
@@ -139,6 +141,8 @@
     resetResult();
     setError('');
     state.job = null;
+    remember(null);
+    $('file').value = '';  // so that choosing the same file again (a retry) uploads it again
     $('progress-name').textContent = file.name;
     setProgress('Uploading', 0);
     const xhr = new XMLHttpRequest();
@@ -188,7 +192,8 @@
     if (job.state === 'done') { showResult(job); return; }
     if (job.state === 'failed') {
       show('progress', false);
-      setError('The analysis failed: ' + (job.error || 'unknown error'));
+      const name = job.filename || $('progress-name').textContent;
+      setError('The analysis' + (name ? ' of ' + name : '') + ' failed: ' + (job.error || 'unknown error'));
       show('failed-actions', true);
       return;
     }
@@ -209,11 +214,13 @@
       setError('');
       follow(await res.json());
     } catch (e) {
-      // the server may be restarting: accepted jobs survive it, so keep asking for a while
+      // the server may be restarting: accepted jobs survive it, so keep asking (every 2 s, after 2 minutes every 15 s)
+      if (e.message.includes('API key')) { setError(e.message); return; }
       state.misses = (state.misses || 0) + 1;
-      if (state.misses > 60 || e.message.includes('API key')) { setError(e.message); return; }
-      setError('The server is not answering; still trying…');
-      state.pollTimer = setTimeout(poll, 2000);
+      setError(state.misses > 60
+        ? 'The server has not answered for over 2 minutes; still trying every 15 s (the study is kept on the server).'
+        : 'The server is not answering; still trying…');
+      state.pollTimer = setTimeout(poll, state.misses > 60 ? 15000 : 2000);
     }
   }
 
@@ -359,6 +366,7 @@
       setError('');
       $('file').value = '';
       const note = el('p', 'The study and all its results were deleted from the server.', 'deleted');
+      note.setAttribute('role', 'status');
       $('upload-card').append(note);
       setTimeout(() => note.remove(), 6000);
     } catch (e) {
