@@ -260,6 +260,7 @@ def test_failed_analysis_shows_the_message_and_can_be_deleted(server, browser, t
     assert "Confirm" in b.js("document.getElementById('delete-failed').textContent")
     b.js("document.getElementById('delete-failed').click()")
     b.wait_for("document.getElementById('failed-actions').hidden && document.body.innerText.includes('were deleted')")
+    assert b.js("document.activeElement.id") == "drop", "after a delete the focus is where the next study is chosen"
     assert not _console_problems(b.events), _console_problems(b.events)
     assert b.js(f"fetch('/v1/jobs/{job_id}').then(r => r.status)") == 404
 

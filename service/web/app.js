@@ -367,6 +367,7 @@
       $('file').value = '';
       const note = el('p', 'The study and all its results were deleted from the server.', 'deleted');
       note.setAttribute('role', 'status');
+      $('drop').focus();  // keyboard users land where the next study is chosen, not on the page body
       $('upload-card').append(note);
       setTimeout(() => note.remove(), 6000);
     } catch (e) {
