@@ -405,17 +405,27 @@ def _dataset_source(folder: Path) -> dict:
     return out
 
 
+def _init_bundle(cfg: dict) -> tuple[Path, dict, dict | None] | None:
+    """A run's ``init`` bundle as training found it (a config's models/default, from any folder), its card ({}
+    without one) and the config of the run it was exported from (None when it is not a run's export); None
+    without an init."""
+    if not cfg.get("init"):
+        return None
+    init = locate_bundle(cfg["init"])
+    card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
+    return init, card, _run_config_of(init)
+
+
 def _earlier_stages(cfg: dict) -> list[dict]:
     """Training that the run's ``init`` bundle came from: from its run folder when it is a run's export
     (runs/NAME/final), else from its card (an exported bundle such as models/default)."""
-    init = cfg.get("init")
-    if not init:
+    found = _init_bundle(cfg)
+    if found is None:
         return []
-    init = locate_bundle(init)  # as training found it (a config's models/default, from any folder)
-    earlier = _run_config_of(Path(init))
+    init, card, earlier = found
     if earlier is None:
-        return _stages_from_card(Path(init)) if (Path(init) / CARD).is_file() else []
-    run = Path(init).parent
+        return _stages_from_card(init, card) if card else []
+    run = init.parent
     wall, steps = training_wall_time(run / "metrics.csv")
     return _earlier_stages(earlier) + [{"run": str(run), "bundle": str(init), "steps": steps,
                                          "wall_time_s": round(wall, 1), "network": earlier.get("network")}]
@@ -424,13 +434,12 @@ def _earlier_stages(cfg: dict) -> list[dict]:
 def _init_synthetic_only(cfg: dict) -> bool:
     """Whether the stages before a run (its --init bundle and that bundle's own) learned from phantoms alone: an
     exported bundle's card says so; a run's export, its run's dataset folders and its own --init."""
-    if not cfg.get("init"):
+    found = _init_bundle(cfg)
+    if found is None:
         return True
-    init = locate_bundle(cfg["init"])
-    card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
+    _, card, run_cfg = found
     if "synthetic_only" in (card.get("data") or {}):
         return bool(card["data"]["synthetic_only"])
-    run_cfg = _run_config_of(init)
     if not run_cfg:
         return True
     return (all(_dataset_source(Path(d))["synthetic"] for d in (run_cfg.get("data") or {}).get("dataset_dirs") or [])
@@ -462,9 +471,7 @@ def _validation_seeds(cfg: dict) -> str:
     if not cfg.get("init"):
         held_out = data.get("val_dataset_dirs") or []
         return f"none: rules from {', '.join(map(str, held_out))}" if held_out else "none (no validation)"
-    init = locate_bundle(cfg["init"])
-    card = json.loads((init / CARD).read_text()) if (init / CARD).is_file() else {}
-    run_cfg = _run_config_of(init)
+    init, card, run_cfg = _init_bundle(cfg)
     if (card.get("validation") or {}).get("val_seeds"):
         seeds = card["validation"]["val_seeds"]
     elif run_cfg:
@@ -475,10 +482,9 @@ def _validation_seeds(cfg: dict) -> str:
     return seeds if "inherited" in seeds else f"{seeds} (the lesion rules are inherited from {source})"
 
 
-def _stages_from_card(bundle_dir: Path) -> list[dict]:
+def _stages_from_card(bundle_dir: Path, card: dict) -> list[dict]:
     """Training stages recorded in an exported bundle's card (e.g. fine-tuning from the shipped ``models/default``,
     whose run folder is not in the repository): its own earlier stages, then the run that made it."""
-    card = json.loads((bundle_dir / CARD).read_text())
     tr = card.get("training") or {}
     if not tr:
         return []

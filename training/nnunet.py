@@ -87,7 +87,7 @@ def dataset_json_problems(folder: Path) -> tuple[dict, list[str]]:
     ending = ds.get("file_ending", ".nii.gz")
     if ending not in ENDINGS:
         problems.append(f"file_ending {ending!r}: wbmri reads NIfTI ({' or '.join(ENDINGS)})")
-    channels = ds.get("channel_names", ds.get("modality"))
+    channels = ds.get("channel_names")  # v1's modality, after _as_v2
     if isinstance(channels, dict) and len(channels) != 1:
         problems.append(f"channel_names has {len(channels)} channels: wbmri uses one image (STIR or T2 "
                         "fat-suppressed) as NAME_0000")

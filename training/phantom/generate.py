@@ -297,9 +297,10 @@ def existing_cases(out: Path, cfg: SynthConfig) -> tuple[list[str], int | None]:
         stored = SynthConfig.model_validate(ds.get("config"))
     except ValidationError:
         stored = None
-    if ds.get("generator_version") != generator_version_of(cfg):
+    version = generator_version_of(cfg)
+    if ds.get("generator_version") != version:
         raise ValueError(f"{out} holds cases of phantom generator {ds.get('generator_version')}, these settings "
-                         f"make {generator_version_of(cfg)}'s: a set must not mix them; use a new folder")
+                         f"make {version}'s: a set must not mix them; use a new folder")
     if stored != cfg:
         changed = _changed_settings(json.loads(stored.model_dump_json()) if stored else {},
                                     json.loads(cfg.model_dump_json()))
